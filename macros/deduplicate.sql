@@ -1,0 +1,195 @@
+{#
+    Deduplication in two steps, so the wide rows are never sorted:
+    1. dedup_key_groups: one pass over the narrow key and keep columns finds, per natural key,
+       the tie-breaker of the row to keep and how many rows share the key;
+    2. dedup_kept_rows: fetches only those rows, by their tie-breaker (an index lookup each).
+    Sorting the full rows (DISTINCT ON, row_number()) of a 10M-row, 9 GB table took 24 s on
+    these machines; this takes about one sequential scan.
+#}
+
+{% macro dedup_key_groups(upstream) %}
+    {{ return(adapter.dispatch("dedup_key_groups", "dedup")(upstream)) }}
+{% endmacro %}
+
+{% macro default__dedup_key_groups(upstream) %}
+    {%- set relation = ref(upstream) -%}
+    {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
+    {%- set spec = dedup_spec_for_model(upstream) -%}
+    {%- set keys = dedup_columns(spec.natural_key) -%}
+    {%- set tiebreaker = adapter.quote(spec.tiebreaker) -%}
+    {%- set keep_columns = spec.keep | map(attribute="column") | reject("in", spec.natural_key) | unique | list -%}
+    {#- With nulls: distinct, a row with a NULL key is a group of its own, as in a UNIQUE constraint. -#}
+    {%- set null_row = "case when " ~ dedup_any_null(spec.natural_key) ~ " then " ~ tiebreaker ~ " end" -%}
+    {%- set group_columns = keys ~ (", dedup_null_row" if spec.nulls == "distinct" else "") -%}
+    {%- set keep_order = [] -%}
+    {%- for entry in spec.keep -%}
+        {%- do keep_order.append(adapter.quote(entry.column) ~ " " ~ entry.order) -%}
+    {%- endfor %}
+
+with source_rows as (
+
+    select
+        {{ keys }},
+        {{ dedup_columns(keep_columns) }}
+        {%- if spec.nulls == "distinct" %},
+        {{ null_row }} as dedup_null_row
+        {%- endif %}
+    from {{ relation }}
+
+),
+
+{% if spec.keep | length == 1 -%}
+{#- A keep rule on the tie-breaker alone is a max() or min(): a hash aggregate, no sort. -#}
+key_groups as (
+
+    select
+        {{ group_columns }},
+        {{ "max" if spec.keep[0].order == "desc" else "min" }}({{ tiebreaker }}) as dedup_kept,
+        count(*) as dedup_rows
+    from source_rows
+    group by {{ group_columns }}
+
+)
+{%- else -%}
+{#- A lexicographic keep rule needs an order: sort the narrow rows only. -#}
+key_groups as (
+
+    select distinct on ({{ group_columns }})
+        {{ group_columns }},
+        {{ tiebreaker }} as dedup_kept,
+        count(*) over (partition by {{ group_columns }}) as dedup_rows
+    from source_rows
+    order by {{ group_columns }}, {{ keep_order | join(", ") }}
+
+)
+{%- endif %}
+
+select * from key_groups
+{%- endmacro %}
+
+
+{% macro dedup_kept_rows(upstream, key_groups) %}
+    {{ return(adapter.dispatch("dedup_kept_rows", "dedup")(upstream, key_groups)) }}
+{% endmacro %}
+
+{% macro default__dedup_kept_rows(upstream, key_groups) %}
+    {%- set relation = ref(upstream) -%}
+    {%- set groups = ref(key_groups) -%}
+    {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
+    {%- set spec = dedup_spec_for_model(upstream) -%}
+    {%- set tiebreaker = adapter.quote(spec.tiebreaker) %}
+
+with source_rows as (
+
+    select * from {{ relation }}
+
+),
+
+kept_ids as (
+
+    select dedup_kept from {{ groups }}
+
+),
+
+kept_rows as (
+
+    select source_rows.*
+    from source_rows
+    where source_rows.{{ tiebreaker }} in (select kept_ids.dedup_kept from kept_ids)
+
+)
+
+select * from kept_rows
+{%- endmacro %}
+
+
+{% macro dedup_removed_rows(upstream, kept) %}
+    {{ return(adapter.dispatch("dedup_removed_rows", "dedup")(upstream, kept)) }}
+{% endmacro %}
+
+{% macro default__dedup_removed_rows(upstream, kept) %}
+    {%- set relation = ref(upstream) -%}
+    {%- set kept_relation = ref(kept) -%}
+    {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
+    {%- set spec = dedup_spec_for_model(upstream) -%}
+    {%- set tiebreaker = adapter.quote(spec.tiebreaker) %}
+{#- The anti-join is on the tie-breaker, unique and NOT NULL, never on the nullable natural key:
+    NOT EXISTS on a key with NULLs would silently keep every NULL-key row. #}
+with source_rows as (
+
+    select * from {{ relation }}
+
+),
+
+kept_rows as (
+
+    select {{ tiebreaker }} from {{ kept_relation }}
+
+),
+
+removed_rows as (
+
+    select source_rows.*
+    from source_rows
+    where not exists (
+        select from kept_rows
+        where kept_rows.{{ tiebreaker }} = source_rows.{{ tiebreaker }}
+    )
+
+)
+
+select * from removed_rows
+{%- endmacro %}
+
+
+{% macro dedup_audit(key_groups_models) %}
+    {{ return(adapter.dispatch("dedup_audit", "dedup")(key_groups_models)) }}
+{% endmacro %}
+
+{% macro default__dedup_audit(key_groups_models) %}
+    {#- The seed's table 2.1 per table, from the key groups: no second scan of any source. -#}
+    {%- set relations = [] -%}
+    {%- for name in key_groups_models -%}
+        {%- do relations.append(ref(name)) -%}
+    {%- endfor -%}
+    {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
+with
+{% for name in key_groups_models -%}
+{%- set spec = dedup_spec_for_model(name) %}
+{{ name }} as (
+
+    select
+        {{ dedup_string_literal(spec.source) }} as source_table,
+        sum(dedup_rows) as total_rows,
+        count(*) as unique_rows,
+        coalesce(sum(dedup_rows) filter (where {{ dedup_any_null(spec.natural_key) }}), 0)
+            as null_key_rows
+    from {{ relations[loop.index0] }}
+
+),
+{% endfor %}
+tables as (
+{%- for name in key_groups_models %}
+    select * from {{ name }}
+    {%- if not loop.last %}
+    union all
+    {%- endif %}
+{%- endfor %}
+),
+
+final as (
+
+    select
+        source_table,
+        total_rows,
+        unique_rows,
+        total_rows - unique_rows as duplicate_rows,
+        round(100.0 * (total_rows - unique_rows) / nullif(total_rows, 0), 2) as duplicate_pct,
+        round(1.0 * total_rows / nullif(unique_rows, 0), 1) as duplication_factor,
+        null_key_rows
+    from tables
+
+)
+
+select * from final
+{%- endmacro %}

@@ -1,0 +1,46 @@
+{#
+    Fails on every natural key that the UNIQUE constraint `runner swap` adds would reject, with
+    the same NULL semantics:
+      not_distinct: NULLs are equal (UNIQUE NULLS NOT DISTINCT); GROUP BY already treats them so;
+      distinct:     a key with a NULL never conflicts (plain UNIQUE), so such rows are skipped;
+      forbidden:    a NULL in the key is a failure of its own, as under NOT NULL.
+#}
+{% test dedup_natural_key_unique(model) %}
+    {%- set spec = dedup_spec_for_relation(model) if execute else {"natural_key": ["parsing"], "nulls": "not_distinct"} -%}
+    {%- set keys = dedup_columns(spec.natural_key) %}
+
+with duplicate_keys as (
+
+    select
+        {{ keys }},
+        count(*) as rows_with_key,
+        'duplicate key' as problem
+    from {{ model }}
+    {%- if spec.nulls == "distinct" %}
+    where not {{ dedup_any_null(spec.natural_key) }}
+    {%- endif %}
+    group by {{ keys }}
+    having count(*) > 1
+
+)
+{%- if spec.nulls == "forbidden" %},
+
+null_keys as (
+
+    select
+        {{ keys }},
+        1 as rows_with_key,
+        'null in natural key' as problem
+    from {{ model }}
+    where {{ dedup_any_null(spec.natural_key) }}
+
+)
+
+select * from duplicate_keys
+union all
+select * from null_keys
+{%- else %}
+
+select * from duplicate_keys
+{%- endif %}
+{% endtest %}

@@ -1,0 +1,1 @@
+{{ dedup_key_groups('stg_breezeway__reservation_guests') }}

@@ -1,0 +1,7 @@
+with source as (
+
+    select * from {{ source('breezeway', 'reservation_guests') }}
+
+)
+
+select * from source

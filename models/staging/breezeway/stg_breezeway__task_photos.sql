@@ -1,0 +1,7 @@
+with source as (
+
+    select * from {{ source('breezeway', 'task_photos') }}
+
+)
+
+select * from source

@@ -1,0 +1,7 @@
+with source as (
+
+    select * from {{ source('breezeway', 'task_requirements') }}
+
+)
+
+select * from source

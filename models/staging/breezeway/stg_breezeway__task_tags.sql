@@ -1,0 +1,7 @@
+with source as (
+
+    select * from {{ source('breezeway', 'task_tags') }}
+
+)
+
+select * from source

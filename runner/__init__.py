@@ -1,0 +1,1 @@
+"""Swap deduplicated tables built by dbt into a live PostgreSQL schema, safely."""
