@@ -1,0 +1,210 @@
+"""What dbt knows, read from its artifacts: no database access here.
+
+The natural key, keep rule and NULL policy of each live table are declared once, in the dbt YAML
+of its source table; `target/manifest.json` carries them here, and `target/run_results.json` says
+whether the latest build built every model the swap needs and passed every test on them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.errors import RunnerError
+
+DEDUPLICATED_TAG = "deduplicated"
+KEY_GROUPS_TAG = "key_groups"
+NULL_POLICIES = ("not_distinct", "distinct", "forbidden")
+PASSING = {"success", "pass"}
+
+
+@dataclass(frozen=True)
+class Relation:
+    schema: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+@dataclass(frozen=True)
+class KeepColumn:
+    column: str
+    descending: bool
+
+
+@dataclass(frozen=True)
+class DedupSpec:
+    """How one live table is deduplicated, as its source declares under config.meta.dedup."""
+
+    natural_key: tuple[str, ...]
+    keep: tuple[KeepColumn, ...]
+    nulls: str
+
+    @property
+    def tiebreaker(self) -> str:
+        return self.keep[-1].column
+
+
+@dataclass(frozen=True)
+class DedupTarget:
+    """A live table and the dbt models that replace it."""
+
+    source: str
+    """The dbt source table, as source_name.table_name."""
+    live: Relation
+    deduplicated: Relation
+    key_groups: Relation
+    spec: DedupSpec
+    model_id: str
+
+    @property
+    def name(self) -> str:
+        return self.live.name
+
+
+def parse_spec(source_label: str, meta: dict) -> DedupSpec:
+    """Validate a source's meta.dedup the way the dbt macros do, naming what is wrong."""
+    where = f"source {source_label}"
+    spec = meta.get("dedup")
+    if not isinstance(spec, dict):
+        raise RunnerError(f"{where} has no meta.dedup: declare natural_key, keep and nulls")
+    unknown = sorted(set(spec) - {"natural_key", "keep", "nulls"})
+    if unknown:
+        raise RunnerError(f"{where}: unknown meta.dedup keys {unknown}; expected natural_key, "
+                          "keep, nulls")
+    natural_key = spec.get("natural_key")
+    if not isinstance(natural_key, list) or not natural_key or not all(
+        isinstance(column, str) and column for column in natural_key
+    ):
+        raise RunnerError(f"{where}: natural_key must be a non-empty list of column names")
+    keep = spec.get("keep")
+    if not isinstance(keep, list) or not keep:
+        raise RunnerError(f"{where}: keep must be a non-empty list of {{column, order}}")
+    keep_columns = []
+    for entry in keep:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("column"), str)
+            or entry.get("order") not in ("asc", "desc")
+        ):
+            raise RunnerError(f"{where}: each keep entry needs column and order (asc or desc), "
+                              f"got {entry!r}")
+        keep_columns.append(KeepColumn(entry["column"], entry["order"] == "desc"))
+    nulls = spec.get("nulls", "not_distinct")
+    if nulls not in NULL_POLICIES:
+        raise RunnerError(f"{where}: nulls must be one of {', '.join(NULL_POLICIES)}, "
+                          f"got {nulls!r}")
+    return DedupSpec(tuple(natural_key), tuple(keep_columns), nulls)
+
+
+def _load(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise RunnerError(f"{path} not found: run `dbt build` first ({what})")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise RunnerError(f"{path} is unreadable ({error}): run `dbt build` again") from error
+
+
+def _upstream_sources(manifest: dict, node_id: str) -> set[str]:
+    found: set[str] = set()
+    pending = [node_id]
+    seen: set[str] = set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current in manifest["sources"]:
+            found.add(current)
+        elif current in manifest["nodes"]:
+            pending.extend(manifest["nodes"][current]["depends_on"]["nodes"])
+    return found
+
+
+def _relation(node: dict) -> Relation:
+    return Relation(node["schema"], node.get("alias") or node.get("identifier") or node["name"])
+
+
+def load_targets(target_dir: Path) -> list[DedupTarget]:
+    """Every deduplicated model in the manifest, with the live table it replaces."""
+    manifest = _load(target_dir / "manifest.json", "the runner reads dbt's manifest")
+    targets = []
+    for node_id, node in sorted(manifest["nodes"].items()):
+        if node["resource_type"] != "model" or DEDUPLICATED_TAG not in node.get("tags", []):
+            continue
+        sources = _upstream_sources(manifest, node_id)
+        if len(sources) != 1:
+            raise RunnerError(f"model {node['name']} must read exactly one source table, "
+                              f"reads {sorted(sources) or 'none'}")
+        source = manifest["sources"][sources.pop()]
+        label = f"{source['source_name']}.{source['name']}"
+        meta = source.get("config", {}).get("meta") or source.get("meta") or {}
+        key_groups = [
+            manifest["nodes"][upstream]
+            for upstream in node["depends_on"]["nodes"]
+            if KEY_GROUPS_TAG in manifest["nodes"].get(upstream, {}).get("tags", [])
+        ]
+        if len(key_groups) != 1:
+            raise RunnerError(f"model {node['name']} must read exactly one model tagged "
+                              f"{KEY_GROUPS_TAG}")
+        targets.append(
+            DedupTarget(
+                source=label,
+                live=_relation(source),
+                deduplicated=_relation(node),
+                key_groups=_relation(key_groups[0]),
+                spec=parse_spec(label, meta),
+                model_id=node_id,
+            )
+        )
+    if not targets:
+        raise RunnerError(f"no model tagged {DEDUPLICATED_TAG} in {target_dir}/manifest.json: "
+                          "run `dbt build` in the project that deduplicates your tables")
+    return targets
+
+
+def select_targets(targets: list[DedupTarget], names: list[str] | None) -> list[DedupTarget]:
+    """The targets named by --select (live table or source names), or all of them."""
+    if not names:
+        return targets
+    chosen = []
+    for name in names:
+        matches = [t for t in targets if name in (t.live.name, t.source, str(t.live))]
+        if not matches:
+            known = ", ".join(t.live.name for t in targets)
+            raise RunnerError(f"--select {name}: no deduplicated table of that name; "
+                              f"known: {known}")
+        chosen += [t for t in matches if t not in chosen]
+    return chosen
+
+
+def check_build(target_dir: Path, targets: list[DedupTarget]) -> None:
+    """Refuse unless the latest dbt run built each target and passed every test that guards it."""
+    manifest = _load(target_dir / "manifest.json", "the runner reads dbt's manifest")
+    results = _load(target_dir / "run_results.json", "the runner checks the latest build")
+    run_id = results.get("metadata", {}).get("invocation_id")
+    if run_id != manifest.get("metadata", {}).get("invocation_id"):
+        raise RunnerError("target/manifest.json and target/run_results.json come from different "
+                          "dbt runs: run `dbt build` again")
+    status = {result["unique_id"]: result["status"] for result in results.get("results", [])}
+    for target in targets:
+        guarded = {target.model_id} | set(manifest["nodes"][target.model_id]["depends_on"]["nodes"])
+        guarded |= _upstream_sources(manifest, target.model_id)
+        needed = [target.model_id] + [
+            node_id
+            for node_id, node in manifest["nodes"].items()
+            if node["resource_type"] == "test"
+            and guarded & set(node["depends_on"]["nodes"])
+        ]
+        for node_id in needed:
+            name = manifest["nodes"][node_id]["name"]
+            if node_id not in status:
+                raise RunnerError(f"{name} did not run in the latest dbt invocation: run "
+                                  f"`dbt build` (it must build and test {target.live.name})")
+            if status[node_id] not in PASSING:
+                raise RunnerError(f"{name} has status {status[node_id]} in the latest dbt build: "
+                                  f"fix it and run `dbt build` again before swapping "
+                                  f"{target.live.name}")

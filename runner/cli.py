@@ -1,0 +1,218 @@
+"""The `runner` command: a thin layer over the library. Errors become one line and exit 1."""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from runner import demo, swap
+from runner.database import connect, database, uses_embedded
+from runner.dbt import run_dbt
+from runner.embedded import EmbeddedPostgres, default_data_dir
+from runner.errors import RunnerError
+
+console = Console()
+DEMO_SCALE = 0.01
+
+
+def _fails_cleanly(command):
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RunnerError as error:
+            raise click.ClickException(str(error)) from error
+
+    return wrapper
+
+
+def _duration_ms(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min)?\s*", text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration such as 500ms, 5s or 1min")
+    value, unit = float(match.group(1)), match.group(2) or "ms"
+    return int(value * {"ms": 1, "s": 1000, "min": 60_000}[unit])
+
+
+project_dir_option = click.option(
+    "--project-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+    show_default=True, help="The dbt project (its target/ holds the build's artifacts).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Deduplicate PostgreSQL tables with dbt, then swap the clean tables in safely.
+
+    Without PGHOST in the environment every command uses an embedded PostgreSQL server of its
+    own, with its data under .runner/ in the project.
+    """
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if num_bytes < 1024 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return ""
+
+
+def _print_summary(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> None:
+    schemas = sorted({str(p.target.live.schema) for p in result.plans})
+    table = Table(title=f"runner swap: {', '.join(schemas)}")
+    for header in ("table", "action", "rows before", "rows after", "removed", "size before",
+                   "size after"):
+        table.add_column(header, justify="left" if header in ("table", "action") else "right")
+    for plan in result.plans:
+        before, after = sizes.get(plan.target.live.name, (0, 0))
+        table.add_row(
+            plan.target.live.name, plan.action, f"{plan.counts.rows:,}", f"{plan.counts.keys:,}",
+            f"{plan.counts.duplicates:,}", _size(before), _size(after),
+        )
+    console.print(table)
+    archives = [str(p.archive) for p in result.plans if p.archive]
+    if archives:
+        console.print(f"Live tables locked for {result.lock_ms:.0f} ms. Every original row is "
+                      f"kept in {', '.join(archives)}.")
+
+
+def _sizes(conn, result: swap.SwapResult) -> dict[str, tuple[int, int]]:
+    sizes = {}
+    for plan in result.plans:
+        live = plan.target.live
+        after = conn.execute("select pg_total_relation_size(format('%%I.%%I', %s::text, %s::text))",
+                             (live.schema, live.name)).fetchone()[0]
+        before = after
+        if plan.archive:
+            before = conn.execute(
+                "select pg_total_relation_size(format('%%I.%%I', %s::text, %s::text))",
+                (plan.archive.schema, plan.archive.name)).fetchone()[0]
+        sizes[live.name] = (before, after)
+    return sizes
+
+
+def _swap(options: swap.SwapOptions, dry_run: bool) -> None:
+    with connect() as conn:
+        plans = swap.make_plans(conn, options)
+        if dry_run:
+            click.echo(swap.render(conn, plans, options))
+            return
+        result = swap.execute(conn, plans, options)
+        if all(p.action == "nothing" for p in plans):
+            click.echo("Nothing to do: every table is deduplicated and its natural key enforced.")
+            return
+        _print_summary(result, _sizes(conn, result))
+
+
+@cli.command(name="swap")
+@project_dir_option
+@click.option("--select", "select", multiple=True,
+              help="Only these live tables (repeatable); all deduplicated models by default.")
+@click.option("--dry-run", is_flag=True, help="Print every statement, in order; change nothing.")
+@click.option("--lock-timeout", default="5s", show_default=True,
+              help="Longest wait for the live tables' lock before giving up with no change.")
+@click.option("--archive-schema", default=swap.DEFAULT_ARCHIVE_SCHEMA, show_default=True,
+              help="Where the original tables are kept, with every row they had.")
+@_fails_cleanly
+def swap_command(project_dir: Path, select: tuple[str, ...], dry_run: bool, lock_timeout: str,
+                 archive_schema: str) -> None:
+    """Swap the tables `dbt build` deduplicated into the live schema and add their UNIQUE
+    constraints, all in one transaction; refuses unless the latest build passed."""
+    options = swap.SwapOptions(
+        target_dir=project_dir / "target", select=list(select) or None,
+        archive_schema=archive_schema, lock_timeout_ms=_duration_ms(lock_timeout),
+    )
+    with database(project_dir):
+        _swap(options, dry_run)
+
+
+@cli.command()
+@click.option("--scale", type=float, default=DEMO_SCALE, show_default=True,
+              help="1.0 is the incident's 38 million child rows.")
+@click.option("--replace", is_flag=True, help="Drop the demo schema first if it exists.")
+@project_dir_option
+@_fails_cleanly
+def generate(scale: float, replace: bool, project_dir: Path) -> None:
+    """Create the demo schema `breezeway` with duplicates the way the ETL made them."""
+    with database(project_dir), connect() as conn:
+        started = time.perf_counter()
+        demo.generate(conn, scale, replace=replace)
+        total = sum(c.total for c in demo.expected_counts(scale).values())
+        click.echo(f"Generated {total:,} child rows at scale {scale} in "
+                   f"{time.perf_counter() - started:.1f} s.")
+
+
+@cli.command(name="demo")
+@click.option("--scale", type=float, default=DEMO_SCALE, show_default=True,
+              help="1.0 is the incident's 38 million child rows.")
+@project_dir_option
+@_fails_cleanly
+def demo_command(scale: float, project_dir: Path) -> None:
+    """The whole job on the embedded server: demo data, dbt build, runner swap, summary."""
+    if not uses_embedded():
+        raise RunnerError("runner demo replaces the breezeway schema, so it only runs on the "
+                          "embedded server: unset PGHOST (or use `runner generate` deliberately)")
+    timings = {}
+    with database(project_dir):
+        with connect() as conn:
+            started = time.perf_counter()
+            demo.generate(conn, scale, replace=True)
+            timings["generate demo data"] = time.perf_counter() - started
+        started = time.perf_counter()
+        run_dbt(["build"], project_dir)
+        timings["dbt build"] = time.perf_counter() - started
+        started = time.perf_counter()
+        _swap(swap.SwapOptions(target_dir=project_dir / "target"), dry_run=False)
+        timings["runner swap"] = time.perf_counter() - started
+    console.print("  ".join(f"{step}: {seconds:.1f} s" for step, seconds in timings.items()))
+
+
+@cli.group()
+def db() -> None:
+    """The embedded PostgreSQL server (data under .runner/ in the project)."""
+
+
+@db.command()
+@project_dir_option
+@_fails_cleanly
+def start(project_dir: Path) -> None:
+    """Start it and leave it running; `eval "$(runner db env)"` then points dbt at it."""
+    server = EmbeddedPostgres(default_data_dir(project_dir))
+    server.start()
+    click.echo(f"Embedded PostgreSQL running on {server.conninfo['host']}:{server.port}.")
+
+
+@db.command()
+@project_dir_option
+@_fails_cleanly
+def stop(project_dir: Path) -> None:
+    """Stop it."""
+    server = EmbeddedPostgres(default_data_dir(project_dir))
+    if server.is_running():
+        server.stop(force=True)
+        click.echo("Embedded PostgreSQL stopped.")
+    else:
+        click.echo("Embedded PostgreSQL is not running.")
+
+
+@db.command()
+@project_dir_option
+@_fails_cleanly
+def env(project_dir: Path) -> None:
+    """Print `export` lines for the running server, for dbt and psql."""
+    server = EmbeddedPostgres(default_data_dir(project_dir))
+    if not server.is_running():
+        raise RunnerError("the embedded server is not running: `runner db start` first")
+    server.start()
+    for name, value in server.environ().items():
+        click.echo(f"export {name}={value}")
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,369 @@
+"""The swap as a list of statements, built from facts alone: no database access here.
+
+For each table that has duplicates, a shadow table is built beside the live one with everything
+LIKE can copy, filled from dbt's deduplicated table, given the live table's indexes under
+temporary names and proven equal to the live rows it keeps. Under the lock the live table moves
+to the archive schema (nothing is copied: the original rows stay exactly as they were) and the
+shadow takes its name, indexes, sequence, owner, grants, comment and dependent views.
+
+`--dry-run` prints these statements; `runner.swap` runs them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from psycopg import sql
+
+from runner.artifacts import DedupTarget, Relation
+from runner.catalog import LiveTable
+from runner.errors import RunnerError
+
+MAX_IDENTIFIER_BYTES = 63
+PRIVILEGES = {
+    "SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN",
+}
+
+
+def pg_name(*parts: str) -> str:
+    """Join parts with "__"; past PostgreSQL's 63-byte limit, cut and add a hash of the whole."""
+    name = "__".join(parts)
+    encoded = name.encode()
+    if len(encoded) <= MAX_IDENTIFIER_BYTES:
+        return name
+    digest = hashlib.sha1(encoded).hexdigest()[:8]
+    head = encoded[: MAX_IDENTIFIER_BYTES - len(digest) - 1].decode(errors="ignore")
+    return f"{head}_{digest}"
+
+
+def constraint_name(table: str) -> str:
+    return pg_name(table, "natural_key")
+
+
+def archive_name(table: str, stamp: datetime) -> str:
+    return pg_name(table, stamp.strftime("%Y%m%d%H%M%S"))
+
+
+@dataclass(frozen=True)
+class Step:
+    why: str
+    statement: sql.Composed
+    check: bool = False
+    """A query whose first column must be true; the other columns explain a failure."""
+
+
+@dataclass(frozen=True)
+class BuildCounts:
+    """What dbt's key groups say of the live table as the build saw it."""
+
+    rows: int
+    keys: int
+
+    @property
+    def duplicates(self) -> int:
+        return self.rows - self.keys
+
+
+@dataclass
+class TablePlan:
+    target: DedupTarget
+    action: str
+    """swap, constraint (no duplicates, only the constraint is missing), or nothing."""
+    counts: BuildCounts
+    archive: Relation | None = None
+    constraint: str = ""
+    concurrent: list[Step] = field(default_factory=list)
+    """Run before the transaction, outside it: CREATE INDEX CONCURRENTLY cannot run inside one."""
+    prepare: list[Step] = field(default_factory=list)
+    """In the transaction, before the live table is locked."""
+    cutover: list[Step] = field(default_factory=list)
+    """In the transaction, under ACCESS EXCLUSIVE on the live table."""
+
+
+def _checksum(source: sql.Composable, columns: sql.Composable) -> sql.Composed:
+    """Row count and an order-independent checksum of the rows' text, 60 bits of md5 a row."""
+    return sql.SQL(
+        "select count(*) as n, coalesce(sum(('x' || substr(md5(r::text), 1, 15))::bit(60)::bigint),"
+        " 0) as checksum from (select {columns} from {source}) as r"
+    ).format(columns=columns, source=source)
+
+
+def refuse_unsupported(live: LiveTable) -> None:
+    """What this version cannot carry over to the new table: stop before changing anything."""
+    name = str(live.relation)
+    problems = []
+    if live.kind != "r":
+        problems.append("it is not a plain table (partitioned or foreign)")
+    if live.triggers:
+        problems.append(f"it has triggers ({', '.join(live.triggers)})")
+    if live.row_security or live.policies:
+        problems.append("it has row-level security")
+    if live.referenced_by:
+        problems.append(f"foreign keys point at it ({', '.join(live.referenced_by)})")
+    if any(column.identity for column in live.columns):
+        problems.append("it has an identity column")
+    if live.materialized_views:
+        problems.append(f"materialized views read it ({', '.join(live.materialized_views)})")
+    if live.published:
+        problems.append("it is in a publication")
+    if live.replica_identity == "i":
+        problems.append("its replica identity is an index")
+    if problems:
+        raise RunnerError(f"runner swap cannot yet carry {name} over: {'; '.join(problems)}; "
+                          "deduplicate it by hand or leave it out with --select")
+
+
+def check_columns(target: DedupTarget, live: LiveTable, built: list[tuple[str, str]]) -> None:
+    if not built:
+        raise RunnerError(f"{target.deduplicated} does not exist: run `dbt build`")
+    expected = [(c.name, c.type) for c in live.columns]
+    if built != expected:
+        raise RunnerError(f"{target.deduplicated} has columns {built} but {live.relation} has "
+                          f"{expected}: the live table changed since the build; run `dbt build`")
+    missing = [c for c in target.spec.natural_key if c not in live.column_names()]
+    if missing:
+        raise RunnerError(f"natural key column(s) {missing} of {target.source} are not columns of "
+                          f"{live.relation}: fix natural_key in the dbt YAML")
+
+
+def _unique_index(target: DedupTarget, name: str, table: sql.Composable,
+                  concurrently: bool = False) -> sql.Composed:
+    return sql.SQL("create unique index {concurrently}{name} on {table} ({keys}){nulls}").format(
+        concurrently=sql.SQL("concurrently " if concurrently else ""),
+        name=sql.Identifier(name),
+        table=table,
+        keys=sql.SQL(", ").join(sql.Identifier(c) for c in target.spec.natural_key),
+        nulls=sql.SQL(" nulls not distinct" if target.spec.nulls == "not_distinct" else ""),
+    )
+
+
+def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: datetime,
+               archive_schema: str) -> TablePlan:
+    spec = target.spec
+    live_id = sql.Identifier(live.relation.schema, live.relation.name)
+    name = constraint_name(live.relation.name)
+    if live.enforcing_index(spec) is not None and counts.duplicates == 0:
+        return TablePlan(target, "nothing", counts)
+    refuse_unsupported(live)
+    pending_index = pg_name(live.relation.name, "natural_key_new")
+    lock_check = Step(
+        "the live table has the rows the build deduplicated: no row arrived or left since",
+        sql.SQL("select count(*) = {rows}, count(*) as live_rows, {rows} as built_from"
+                " from {live}").format(rows=sql.Literal(counts.rows), live=live_id),
+        check=True,
+    )
+    if counts.duplicates == 0:
+        return TablePlan(
+            target, "constraint", counts, constraint=name,
+            concurrent=[
+                Step("a leftover of an interrupted run would block the name",
+                     sql.SQL("drop index concurrently if exists {}").format(
+                         sql.Identifier(live.relation.schema, pending_index))),
+                Step("build the unique index without blocking writers",
+                     _unique_index(target, pending_index, live_id, concurrently=True)),
+            ],
+            cutover=[
+                lock_check,
+                Step("the index becomes the natural key's constraint",
+                     sql.SQL("alter table {} add constraint {} unique using index {}").format(
+                         live_id, sql.Identifier(name), sql.Identifier(pending_index))),
+            ],
+        )
+
+    schema = live.relation.schema
+    shadow = pg_name(live.relation.name, "dedup_new")
+    shadow_id = sql.Identifier(schema, shadow)
+    archive = Relation(archive_schema, archive_name(live.relation.name, stamp))
+    archive_id = sql.Identifier(archive.schema, archive.name)
+    insert_columns = sql.SQL(", ").join(
+        sql.Identifier(c.name) for c in live.columns if not c.generated
+    )
+    all_columns = sql.SQL(", ").join(sql.Identifier(c) for c in live.column_names())
+    key_groups = sql.Identifier(target.key_groups.schema, target.key_groups.name)
+    tiebreaker = sql.Identifier(spec.tiebreaker)
+    options = sql.SQL("")
+    if live.options:
+        options = sql.SQL(" with ({})").format(sql.SQL(", ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(k), sql.Literal(v))
+            for k, v in (option.split("=", 1) for option in live.options)
+        ))
+
+    plan = TablePlan(target, "swap", counts, archive=archive, constraint=name)
+    plan.prepare += [
+        Step("a leftover of an interrupted run would block the name",
+             sql.SQL("drop table if exists {}").format(shadow_id)),
+        Step("the new table: columns, defaults, NOT NULL, CHECK, storage, statistics, comments",
+             sql.SQL("create table {shadow} (like {live} including all excluding indexes){opts}")
+             .format(shadow=shadow_id, live=live_id, opts=options)),
+        Step("fill it with the rows dbt kept",
+             sql.SQL("insert into {shadow} ({cols}) select {cols} from {built}").format(
+                 shadow=shadow_id, cols=insert_columns,
+                 built=sql.Identifier(target.deduplicated.schema, target.deduplicated.name))),
+        Step("prove the new table holds exactly the live rows the keep rule names",
+             sql.SQL(
+                 "select new.n = old.n and new.checksum = old.checksum and new.n = {keys},"
+                 " new.n as new_rows, old.n as live_rows_kept, {keys} as natural_keys"
+                 " from ({new}) as new, ({old}) as old"
+             ).format(
+                 keys=sql.Literal(counts.keys),
+                 new=_checksum(shadow_id, all_columns),
+                 old=_checksum(
+                     sql.SQL("{live} where {tb} in (select dedup_kept from {groups})").format(
+                         live=live_id, tb=tiebreaker, groups=key_groups),
+                     all_columns,
+                 ),
+             ),
+             check=True),
+        Step("the natural key's unique index, built before the lock",
+             _unique_index(target, pending_index, shadow_id)),
+    ]
+    renames = []
+    for position, index in enumerate(live.indexes):
+        pending = pg_name(live.relation.name, f"dedup_new_{position}")
+        archived = pg_name(archive.name, f"{position}")
+        if index.constraint:
+            plan.prepare.append(Step(
+                f"rebuild {index.constraint} on the new table under a temporary name",
+                sql.SQL("alter table {} add constraint {} {}").format(
+                    shadow_id, sql.Identifier(pending), sql.SQL(index.constraint_definition))))
+            plan.cutover.append(Step(
+                f"free the name {index.constraint} in the live schema",
+                sql.SQL("alter table {} rename constraint {} to {}").format(
+                    live_id, sql.Identifier(index.constraint), sql.Identifier(archived))))
+            renames.append(Step(
+                f"{index.constraint} keeps its name",
+                sql.SQL("alter table {} rename constraint {} to {}").format(
+                    live_id, sql.Identifier(pending), sql.Identifier(index.constraint))))
+        else:
+            if not index.method.startswith("USING "):
+                raise RunnerError(f"cannot read the definition of index {index.name} on "
+                                  f"{live.relation}: recreate it by hand after the swap")
+            plan.prepare.append(Step(
+                f"rebuild index {index.name} on the new table under a temporary name",
+                sql.SQL("create {unique}index {name} on {shadow} {method}").format(
+                    unique=sql.SQL("unique " if index.unique else ""),
+                    name=sql.Identifier(pending), shadow=shadow_id,
+                    method=sql.SQL(index.method))))
+            plan.cutover.append(Step(
+                f"free the name {index.name} in the live schema",
+                sql.SQL("alter index {} rename to {}").format(
+                    sql.Identifier(schema, index.name), sql.Identifier(archived))))
+            renames.append(Step(
+                f"{index.name} keeps its name",
+                sql.SQL("alter index {} rename to {}").format(
+                    sql.Identifier(schema, pending), sql.Identifier(index.name))))
+    for fk_name, definition in live.foreign_keys:
+        plan.prepare.append(Step(
+            f"foreign key {fk_name}, validated on the few kept rows",
+            sql.SQL("alter table {} add constraint {} {}").format(
+                shadow_id, sql.Identifier(fk_name), sql.SQL(definition))))
+
+    plan.cutover.insert(0, lock_check)
+    plan.cutover += [
+        Step(f"sequence {seq} stays with the table it numbers",
+             sql.SQL("alter sequence {} owned by {}.{}").format(
+                 sql.Identifier(seq_schema, seq), shadow_id, sql.Identifier(column)))
+        for seq_schema, seq, column in live.owned_sequences
+    ]
+    plan.cutover += [
+        Step("keep the original table, every row of it, in the archive schema",
+             sql.SQL("alter table {} set schema {}").format(
+                 live_id, sql.Identifier(archive_schema))),
+        Step("under a name that says what it is and when",
+             sql.SQL("alter table {} rename to {}").format(
+                 sql.Identifier(archive_schema, live.relation.name),
+                 sql.Identifier(archive.name))),
+        Step("the new table takes the live name",
+             sql.SQL("alter table {} rename to {}").format(
+                 shadow_id, sql.Identifier(live.relation.name))),
+        *renames,
+        Step("the natural key's constraint, from the index built before the lock",
+             sql.SQL("alter table {} add constraint {} unique using index {}").format(
+                 live_id, sql.Identifier(name), sql.Identifier(pending_index))),
+        Step("same owner",
+             sql.SQL("alter table {} owner to {}").format(live_id, sql.Identifier(live.owner))),
+    ]
+    for grant in live.grants:
+        if grant.privilege not in PRIVILEGES:
+            raise RunnerError(f"unknown privilege {grant.privilege} on {live.relation}")
+        plan.cutover.append(Step(
+            f"grant {grant.privilege} to {grant.grantee or 'PUBLIC'}",
+            sql.SQL("grant {} on {} to {}{}").format(
+                sql.SQL(grant.privilege), live_id,
+                sql.Identifier(grant.grantee) if grant.grantee else sql.SQL("public"),
+                sql.SQL(" with grant option" if grant.grantable else ""))))
+    if live.comment is not None:
+        plan.cutover.append(Step("same comment", sql.SQL("comment on table {} is {}").format(
+            live_id, sql.Literal(live.comment))))
+    if live.replica_identity in ("f", "n"):
+        plan.cutover.append(Step("same replica identity", sql.SQL(
+            "alter table {} replica identity {}").format(
+                live_id, sql.SQL("full" if live.replica_identity == "f" else "nothing"))))
+    for view in live.views:
+        view_options = sql.SQL("")
+        if view.options:
+            view_options = sql.SQL(" with ({})").format(sql.SQL(", ").join(
+                sql.SQL("{} = {}").format(sql.Identifier(k), sql.Literal(v))
+                for k, v in (option.split("=", 1) for option in view.options)))
+        plan.cutover.append(Step(
+            f"view {view.relation} reads the new table",
+            sql.SQL("create or replace view {}{} as {}").format(
+                sql.Identifier(view.relation.schema, view.relation.name), view_options,
+                sql.SQL(view.definition.rstrip().rstrip(";")))))
+    plan.cutover += [
+        Step("the live table holds one row per natural key",
+             sql.SQL("select count(*) = {keys}, count(*) as live_rows, {keys} as natural_keys"
+                     " from {live}").format(keys=sql.Literal(counts.keys), live=live_id),
+             check=True),
+        Step("the archive holds every original row",
+             sql.SQL("select count(*) = {rows}, count(*) as archived_rows, {rows} as original_rows"
+                     " from {archive}").format(rows=sql.Literal(counts.rows), archive=archive_id),
+             check=True),
+    ]
+    return plan
+
+
+SWAP_LOG = "swap_log"
+
+
+def log_table(archive_schema: str) -> sql.Composed:
+    return sql.SQL(
+        "create table if not exists {} ("
+        "swapped_at timestamptz not null default now(), live_schema text not null,"
+        " live_table text not null, action text not null, archive_table text,"
+        " constraint_name text not null, rows_before bigint not null, rows_after bigint not null,"
+        " bytes_before bigint not null, bytes_after bigint not null)"
+    ).format(sql.Identifier(archive_schema, SWAP_LOG))
+
+
+def log_entry(plan: TablePlan, archive_schema: str) -> sql.Composed:
+    live = plan.target.live
+    live_id = sql.Identifier(live.schema, live.name)
+    before = (
+        sql.SQL("pg_total_relation_size({}::regclass)").format(sql.Literal(
+            sql.Identifier(plan.archive.schema, plan.archive.name).as_string()))
+        if plan.archive else sql.SQL("pg_total_relation_size({}::regclass)").format(
+            sql.Literal(live_id.as_string()))
+    )
+    return sql.SQL(
+        "insert into {log} (live_schema, live_table, action, archive_table, constraint_name,"
+        " rows_before, rows_after, bytes_before, bytes_after)"
+        " values ({schema}, {table}, {action}, {archive}, {constraint}, {before_rows},"
+        " {after_rows}, {before}, pg_total_relation_size({live}::regclass))"
+    ).format(
+        log=sql.Identifier(archive_schema, SWAP_LOG),
+        schema=sql.Literal(live.schema), table=sql.Literal(live.name),
+        action=sql.Literal(plan.action),
+        archive=sql.Literal(plan.archive.name if plan.archive else None),
+        constraint=sql.Literal(plan.constraint),
+        before_rows=sql.Literal(plan.counts.rows), after_rows=sql.Literal(plan.counts.keys),
+        before=before, live=sql.Literal(live_id.as_string()),
+    )
+
+
+def lock_statement(plans: list[TablePlan]) -> sql.Composed:
+    """One LOCK for every table, so the runner never holds some while it queues for others."""
+    return sql.SQL("lock table {} in access exclusive mode").format(sql.SQL(", ").join(
+        sql.Identifier(p.target.live.schema, p.target.live.name) for p in plans))
