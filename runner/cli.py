@@ -42,8 +42,18 @@ def _duration_ms(text: str) -> int:
 
 project_dir_option = click.option(
     "--project-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-    show_default=True, help="The dbt project (its target/ holds the build's artifacts).",
+    show_default=True, help="The dbt project.",
 )
+target_path_option = click.option(
+    "--target-path", type=click.Path(file_okay=False, path_type=Path), envvar="DBT_TARGET_PATH",
+    help="Where dbt wrote its artifacts, as dbt's own option [default: PROJECT_DIR/target].",
+)
+
+
+def _target_dir(project_dir: Path, target_path: Path | None) -> Path:
+    if target_path is None:
+        return project_dir / "target"
+    return target_path if target_path.is_absolute() else project_dir / target_path
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -112,6 +122,7 @@ def _swap(options: swap.SwapOptions, dry_run: bool) -> None:
 
 @cli.command(name="swap")
 @project_dir_option
+@target_path_option
 @click.option("--select", "select", multiple=True,
               help="Only these live tables (repeatable); all deduplicated models by default.")
 @click.option("--dry-run", is_flag=True, help="Print every statement, in order; change nothing.")
@@ -120,12 +131,12 @@ def _swap(options: swap.SwapOptions, dry_run: bool) -> None:
 @click.option("--archive-schema", default=swap.DEFAULT_ARCHIVE_SCHEMA, show_default=True,
               help="Where the original tables are kept, with every row they had.")
 @_fails_cleanly
-def swap_command(project_dir: Path, select: tuple[str, ...], dry_run: bool, lock_timeout: str,
-                 archive_schema: str) -> None:
+def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
+                 dry_run: bool, lock_timeout: str, archive_schema: str) -> None:
     """Swap the tables `dbt build` deduplicated into the live schema and add their UNIQUE
     constraints, all in one transaction; refuses unless the latest build passed."""
     options = swap.SwapOptions(
-        target_dir=project_dir / "target", select=list(select) or None,
+        target_dir=_target_dir(project_dir, target_path), select=list(select) or None,
         archive_schema=archive_schema, lock_timeout_ms=_duration_ms(lock_timeout),
     )
     with database(project_dir):
@@ -152,8 +163,9 @@ def generate(scale: float, replace: bool, project_dir: Path) -> None:
 @click.option("--scale", type=float, default=DEMO_SCALE, show_default=True,
               help="1.0 is the incident's 38 million child rows.")
 @project_dir_option
+@target_path_option
 @_fails_cleanly
-def demo_command(scale: float, project_dir: Path) -> None:
+def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> None:
     """The whole job on the embedded server: demo data, dbt build, runner swap, summary."""
     if not uses_embedded():
         raise RunnerError("runner demo replaces the breezeway schema, so it only runs on the "
@@ -165,10 +177,11 @@ def demo_command(scale: float, project_dir: Path) -> None:
             demo.generate(conn, scale, replace=True)
             timings["generate demo data"] = time.perf_counter() - started
         started = time.perf_counter()
-        run_dbt(["build"], project_dir)
+        target_dir = _target_dir(project_dir, target_path)
+        run_dbt(["build", "--target-path", str(target_dir)], project_dir)
         timings["dbt build"] = time.perf_counter() - started
         started = time.perf_counter()
-        _swap(swap.SwapOptions(target_dir=project_dir / "target"), dry_run=False)
+        _swap(swap.SwapOptions(target_dir=target_dir), dry_run=False)
         timings["runner swap"] = time.perf_counter() - started
     console.print("  ".join(f"{step}: {seconds:.1f} s" for step, seconds in timings.items()))
 

@@ -188,7 +188,11 @@ _CHILD_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
     "business_events": [
         # NULL request ids are the first rows: distinct events that were never given one.
         ("request_id", "uuid", "case when k is null then null else md5('request' || k)::uuid end"),
-        ("event_type", "text", "(array['booking','payment','review'])[(coalesce(k, i) % 3 + 1)::int]"),
+        (
+            "event_type",
+            "text",
+            "(array['booking','payment','review'])[(coalesce(k, i) % 3 + 1)::int]",
+        ),
         ("ts", "timestamptz not null", "timestamptz '2025-01-01 00:00+00'"
          " + coalesce(r * interval '1 hour' + k * interval '1 millisecond',"
          " i * interval '1 second')"),

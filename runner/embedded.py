@@ -45,9 +45,13 @@ SERVER_SETTINGS = {
 _PROBLEM_LINE = re.compile(r"\b(FATAL|PANIC|ERROR|error):")
 
 
+DATA_DIR_ENV = "RUNNER_DATA_DIR"
+
+
 def default_data_dir(project_dir: Path) -> Path:
-    """Where the project's own cluster lives; `.runner/` is git-ignored."""
-    return project_dir / ".runner" / "pg"
+    """Where the project's own cluster lives: $RUNNER_DATA_DIR, or the git-ignored `.runner/`."""
+    configured = os.environ.get(DATA_DIR_ENV)
+    return Path(configured) if configured else project_dir / ".runner" / "pg"
 
 
 def _has_binaries(directory: Path) -> bool:

@@ -126,8 +126,8 @@ def _run(conn: psycopg.Connection, steps: list[Step]) -> None:
             continue
         row = cursor.fetchone()
         if not row or row[0] is not True:
-            details = ", ".join(f"{column.name}={value}"
-                                for column, value in zip(cursor.description[1:], row[1:], strict=True))
+            explained = zip(cursor.description[1:], row[1:], strict=True)
+            details = ", ".join(f"{column.name}={value}" for column, value in explained)
             raise RunnerError(f"check failed, nothing was changed: {step.why} ({details})")
 
 

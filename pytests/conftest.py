@@ -1,0 +1,142 @@
+"""One embedded PostgreSQL server for the whole suite, started here: the tests never skip.
+
+The demo data is generated once and built by dbt once; a test that changes anything works on its
+own copy, made with CREATE DATABASE ... TEMPLATE, which costs a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from click.testing import CliRunner, Result
+from psycopg import sql
+
+from runner import demo
+from runner.cli import cli
+from runner.embedded import EmbeddedPostgres
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+TEST_SCALE = 0.003
+
+
+@contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """dbt reads its connection from os.environ through profiles.yml: set it for a block."""
+    previous = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def run_dbt(args: list[str], env: dict[str, str], target_dir: Path):
+    """dbt in-process against the database in env; returns dbt's result object."""
+    from dbt.cli.main import dbtRunner
+
+    with environment(env):
+        return dbtRunner().invoke([
+            *args, "--project-dir", str(PROJECT_DIR), "--profiles-dir", str(PROJECT_DIR),
+            "--target-path", str(target_dir), "--quiet",
+        ])
+
+
+@dataclass
+class Database:
+    """A database of the test server, with the dbt artifacts that describe it."""
+
+    env: dict[str, str]
+    target_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.env["PGDATABASE"]
+
+    def connect(self) -> psycopg.Connection:
+        return psycopg.connect(autocommit=True, **{
+            "host": self.env["PGHOST"], "port": self.env["PGPORT"],
+            "user": self.env["PGUSER"], "dbname": self.name,
+        })
+
+    def scalar(self, query, params=None):
+        with self.connect() as conn:
+            return conn.execute(query, params).fetchone()[0]
+
+    def runner(self, *args: str) -> Result:
+        """The CLI as a user runs it against this database, with this build's artifacts."""
+        return CliRunner().invoke(
+            cli, [*args], env={**self.env, "DBT_TARGET_PATH": str(self.target_dir)},
+            catch_exceptions=False,
+        )
+
+    def dbt(self, *args: str):
+        return run_dbt(list(args), self.env, self.target_dir)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[EmbeddedPostgres]:
+    # Not pytest's tmp_path: that is 0700, and as root the server runs as nobody.
+    base = Path(tempfile.mkdtemp(prefix="runner-tests-"))
+    base.chmod(0o755)
+    postgres = EmbeddedPostgres(base / "pg", dbname="postgres")
+    postgres.start()
+    yield postgres
+    postgres.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _create_database(server: EmbeddedPostgres, name: str, template: str | None = None) -> None:
+    with psycopg.connect(autocommit=True, **server.conninfo) as conn:
+        conn.execute(sql.SQL("create database {}{}").format(
+            sql.Identifier(name),
+            sql.SQL(" template {}").format(sql.Identifier(template)) if template else sql.SQL(""),
+        ))
+
+
+@pytest.fixture(scope="session")
+def pg_env(server: EmbeddedPostgres) -> dict[str, str]:
+    """libpq variables for a database holding the demo data at TEST_SCALE, never changed."""
+    _create_database(server, "demo_source")
+    env = {**server.environ(), "PGDATABASE": "demo_source"}
+    with psycopg.connect(autocommit=True, **{**server.conninfo, "dbname": "demo_source"}) as conn:
+        demo.generate(conn, TEST_SCALE)
+    return env
+
+
+@pytest.fixture(scope="session")
+def built(server: EmbeddedPostgres, pg_env: dict[str, str],
+          tmp_path_factory: pytest.TempPathFactory) -> Database:
+    """The demo data after one `dbt build`: read it, never change it (use `fresh`)."""
+    _create_database(server, "built", template="demo_source")
+    database = Database({**pg_env, "PGDATABASE": "built"}, tmp_path_factory.mktemp("target"))
+    result = database.dbt("build")
+    assert result.success, result.exception
+    return database
+
+
+_copies = itertools.count()
+
+
+@pytest.fixture
+def fresh(server: EmbeddedPostgres, built: Database, tmp_path: Path) -> Iterator[Database]:
+    """A private copy of the built database, with a private copy of its dbt artifacts."""
+    name = f"copy_{next(_copies)}"
+    _create_database(server, name, template=built.name)
+    target_dir = tmp_path / "target"
+    shutil.copytree(built.target_dir, target_dir)
+    yield Database({**built.env, "PGDATABASE": name}, target_dir)
+    with psycopg.connect(autocommit=True, **server.conninfo) as conn:
+        conn.execute(sql.SQL("drop database {} with (force)").format(sql.Identifier(name)))

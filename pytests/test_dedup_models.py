@@ -1,0 +1,121 @@
+"""The dbt models and tests, on demo data whose right answers the generator states."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TEST_SCALE, Database
+
+from runner import demo
+
+TABLES = [table.name for table in demo.CHILD_TABLES]
+
+
+def test_audit_reports_the_generators_counts_exactly(built: Database) -> None:
+    with built.connect() as conn:
+        rows = conn.execute(
+            "select source_table, total_rows, unique_rows, duplicate_rows, null_key_rows,"
+            " duplicate_pct, duplication_factor from dedup_audit.audit_duplicates"
+        ).fetchall()
+    expected = demo.expected_counts(TEST_SCALE)
+    audited = {row[0]: row[1:] for row in rows}
+    assert set(audited) == {f"breezeway.{name}" for name in TABLES}
+    for name, counts in expected.items():
+        total, unique, duplicates, null_keys, pct, factor = audited[f"breezeway.{name}"]
+        assert (total, unique, duplicates, null_keys) == (
+            counts.total, counts.unique, counts.duplicates, counts.null_keys
+        ), name
+        assert float(pct) == pytest.approx(100 * counts.duplicates / counts.total, abs=0.005)
+        assert float(factor) == pytest.approx(counts.total / counts.unique, abs=0.05)
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_the_kept_row_of_every_key_is_the_one_the_keep_rule_names(built: Database,
+                                                                   table: str) -> None:
+    with built.connect() as conn:
+        kept = {row[0] for row in conn.execute(f"select id from dedup.{table}")}
+    assert kept == demo.expected_kept_ids(table, TEST_SCALE)
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_kept_and_removed_rows_partition_the_source(built: Database, table: str) -> None:
+    with built.connect() as conn:
+        source = conn.execute(f"select count(*), count(distinct id) from breezeway.{table}")
+        source_rows, source_ids = source.fetchone()
+        union_ids = conn.execute(
+            f"select count(*), count(distinct id) from (select id from dedup.{table}"
+            f" union all select id from dedup.removed_{table}) as both_sides"
+        ).fetchone()
+    assert union_ids == (source_rows, source_ids)
+
+
+def test_null_email_guests_collapse_to_one_per_reservation(built: Database) -> None:
+    layout = demo.Layout.at(
+        next(t for t in demo.CHILD_TABLES if t.name == "reservation_guests"), TEST_SCALE
+    )
+    with built.connect() as conn:
+        kept_null = conn.execute(
+            "select count(*), count(distinct reservation_pk) from dedup.reservation_guests"
+            " where guest_email is null"
+        ).fetchone()
+        live_null = conn.execute(
+            "select count(*) from breezeway.reservation_guests where guest_email is null"
+        ).fetchone()[0]
+    assert live_null > len(layout.null_email_keys()) > 0
+    assert kept_null == (len(layout.null_email_keys()), len(layout.null_email_keys()))
+
+
+def test_events_without_a_request_id_are_all_kept(built: Database) -> None:
+    with built.connect() as conn:
+        live_null, kept_null = conn.execute(
+            "select (select count(*) from breezeway.business_events where request_id is null),"
+            " (select count(*) from dedup.business_events where request_id is null)"
+        ).fetchone()
+    assert live_null == kept_null > 1
+
+
+def test_every_dbt_test_passed_and_guards_every_table(built: Database) -> None:
+    results = json.loads((built.target_dir / "run_results.json").read_text())
+    tests = {r["unique_id"]: r["status"] for r in results["results"]
+             if r["unique_id"].startswith("test.")}
+    assert tests and set(tests.values()) == {"pass"}
+    for table in TABLES:
+        for kind in ("dedup_natural_key_unique", "dedup_reconciles", "dedup_tiebreaker_unique"):
+            assert any(kind in test and table in test for test in tests), (kind, table)
+
+
+def _failing_tests(database: Database, select: str) -> set[str]:
+    result = database.dbt("test", "--select", select)
+    return {r.node.name for r in result.result.results if r.status == "fail"}
+
+
+def test_an_injected_duplicate_fails_the_uniqueness_test(fresh: Database) -> None:
+    assert _failing_tests(fresh, "property_photos") == set()
+    with fresh.connect() as conn:
+        conn.execute("insert into dedup.property_photos select * from dedup.property_photos"
+                     " order by id limit 1")
+    failing = _failing_tests(fresh, "property_photos")
+    assert "dedup_natural_key_unique_property_photos_" in failing
+
+
+def test_uniqueness_tests_mean_what_the_constraints_will_mean_for_nulls(fresh: Database) -> None:
+    with fresh.connect() as conn:
+        # nulls: distinct (business_events): another event without request_id is no conflict.
+        conn.execute("insert into dedup.business_events (id, request_id, event_type, ts)"
+                     " values (-1, null, 'booking', now())")
+        # nulls: not_distinct (reservation_guests): a second NULL-email guest on a reservation
+        # that has one is a duplicate.
+        conn.execute("insert into dedup.reservation_guests select -1, reservation_pk, null,"
+                     " 'Another guest', phone, last_sync_time from dedup.reservation_guests"
+                     " where guest_email is null limit 1")
+    failing = _failing_tests(fresh, "business_events reservation_guests")
+    assert "dedup_natural_key_unique_reservation_guests_" in failing
+    assert "dedup_natural_key_unique_business_events_" not in failing
+
+
+def test_a_lost_row_fails_reconciliation(fresh: Database) -> None:
+    with fresh.connect() as conn:
+        conn.execute("delete from dedup.task_photos where id = (select min(id) from"
+                     " dedup.task_photos)")
+    assert "dedup_reconciles_task_photos" in _failing_tests(fresh, "task_photos")

@@ -1,0 +1,217 @@
+"""runner swap against a real server: the result, what it keeps, and what it refuses."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import psycopg
+import pytest
+from conftest import TEST_SCALE, Database
+
+from runner import demo
+from runner.plan import constraint_name
+
+SWAPPED = [t.name for t in demo.CHILD_TABLES if t.name != "task_tags"]
+
+DESCRIBE = """
+select jsonb_build_object(
+    'columns', (select jsonb_agg(jsonb_build_array(attname, format_type(atttypid, atttypmod),
+                    attnotnull, pg_get_expr(d.adbin, d.adrelid)) order by attnum)
+                from pg_attribute left join pg_attrdef as d on d.adrelid = attrelid
+                    and d.adnum = attnum
+                where attrelid = c.oid and attnum > 0 and not attisdropped),
+    'indexes', (select jsonb_object_agg(i.relname, pg_get_indexdef(x.indexrelid))
+                from pg_index as x join pg_class as i on i.oid = x.indexrelid
+                where x.indrelid = c.oid),
+    'constraints', (select jsonb_object_agg(conname, pg_get_constraintdef(oid))
+                    from pg_constraint where conrelid = c.oid),
+    'grants', (select jsonb_agg(a::text order by a::text) from aclexplode(c.relacl) as a),
+    'owner', pg_get_userbyid(c.relowner),
+    'comment', obj_description(c.oid, 'pg_class'),
+    'options', c.reloptions,
+    'replica_identity', c.relreplident,
+    'sequence', pg_get_serial_sequence(c.oid::regclass::text, 'id'),
+    'views', (select jsonb_object_agg(v.oid::regclass::text, pg_get_viewdef(v.oid))
+              from pg_depend as d join pg_rewrite as r on r.oid = d.objid
+              join pg_class as v on v.oid = r.ev_class
+              where d.refobjid = c.oid and v.oid <> c.oid)
+)
+from pg_class as c
+where c.oid = %s::regclass
+"""
+
+
+def describe(conn: psycopg.Connection, table: str) -> dict:
+    return conn.execute(DESCRIBE, (f"breezeway.{table}",)).fetchone()[0]
+
+
+def schema_state(database: Database) -> list:
+    with database.connect() as conn:
+        return conn.execute(
+            "select n.nspname, c.relname, c.relkind from pg_class as c"
+            " join pg_namespace as n on n.oid = c.relnamespace"
+            " where n.nspname in ('breezeway', 'dedup_archive') order by 1, 2"
+        ).fetchall()
+
+
+def test_swap_leaves_one_row_per_key_with_the_constraint_and_the_same_table(
+        fresh: Database) -> None:
+    with fresh.connect() as conn:
+        before = {table: describe(conn, table) for table in SWAPPED}
+    result = fresh.runner("swap")
+    assert result.exit_code == 0, result.output
+    expected = demo.expected_counts(TEST_SCALE)
+    with fresh.connect() as conn:
+        for table in SWAPPED:
+            after = describe(conn, table)
+            name = constraint_name(table)
+            # The only differences: the natural key's constraint, and its index.
+            assert after["constraints"].pop(name).startswith("UNIQUE")
+            assert name in after["indexes"].pop(name)
+            assert after == before[table], table
+            kept = [r[0] for r in conn.execute(f"select id from breezeway.{table}")]
+            assert len(kept) == expected[table].unique
+            assert set(kept) == demo.expected_kept_ids(table, TEST_SCALE)
+            archived = conn.execute(
+                "select archive_table, rows_before, rows_after from dedup_archive.swap_log"
+                " where live_table = %s", (table,)
+            ).fetchone()
+            assert archived[1:] == (expected[table].total, expected[table].unique)
+            archive_rows = conn.execute(
+                f'select count(*) from dedup_archive."{archived[0]}"').fetchone()[0]
+            assert archive_rows == expected[table].total
+        # task_tags had no duplicates and its constraint all along: untouched.
+        assert conn.execute("select count(*) from dedup_archive.swap_log"
+                            " where live_table = 'task_tags'").fetchone()[0] == 0
+
+
+def test_after_the_swap_the_etl_cannot_duplicate_again(fresh: Database) -> None:
+    assert fresh.runner("swap").exit_code == 0
+    with fresh.connect() as conn:
+        # The ETL's own statement, replaying every row it already loaded: no target, no effect.
+        replayed = conn.execute(
+            "insert into breezeway.property_photos (property_pk, photo_id, url, thumbnail_url,"
+            " caption, sort_order, exif) select property_pk, photo_id, url, thumbnail_url,"
+            " caption, sort_order, exif from breezeway.property_photos on conflict do nothing"
+        ).rowcount
+        assert replayed == 0
+        # The id sequence still numbers the table, after every id the original table used.
+        new_id = conn.execute(
+            "insert into breezeway.property_photos (property_pk, photo_id) values (1, 'new')"
+            " returning id").fetchone()[0]
+        assert new_id > demo.expected_counts(TEST_SCALE)["property_photos"].total
+        # nulls: not_distinct: a second guest without email on the same reservation conflicts.
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("insert into breezeway.reservation_guests (reservation_pk, guest_email)"
+                         " select reservation_pk, null from breezeway.reservation_guests"
+                         " where guest_email is null limit 1")
+        # nulls: distinct: events without a request id never conflict.
+        inserted = conn.execute(
+            "insert into breezeway.business_events (request_id, event_type, ts)"
+            " values (null, 'booking', now()), (null, 'booking', now())").rowcount
+        assert inserted == 2
+
+
+def test_a_second_swap_after_a_new_build_has_nothing_to_do(fresh: Database) -> None:
+    assert fresh.runner("swap").exit_code == 0
+    assert fresh.dbt("build").success
+    result = fresh.runner("swap")
+    assert result.exit_code == 0
+    assert result.output.strip() == (
+        "Nothing to do: every table is deduplicated and its natural key enforced."
+    )
+
+
+def test_dry_run_prints_every_statement_and_changes_nothing(fresh: Database) -> None:
+    before = schema_state(fresh)
+    result = fresh.runner("swap", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("lock table ") == 1
+    assert "alter table \"breezeway\".\"property_photos\" set schema \"dedup_archive\";" in (
+        result.output)
+    assert result.output.rstrip().endswith("commit;")
+    assert schema_state(fresh) == before
+
+
+def test_select_swaps_only_the_named_tables(fresh: Database) -> None:
+    result = fresh.runner("swap", "--select", "task_photos")
+    assert result.exit_code == 0, result.output
+    with fresh.connect() as conn:
+        swapped = conn.execute("select live_table from dedup_archive.swap_log").fetchall()
+    assert swapped == [("task_photos",)]
+
+
+def _refused(database: Database, *args: str) -> str:
+    before = schema_state(database)
+    result = database.runner("swap", *args)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert schema_state(database) == before
+    return lines[0]
+
+
+def test_refuses_without_build_results(fresh: Database) -> None:
+    (fresh.target_dir / "run_results.json").unlink()
+    assert "run_results.json not found: run `dbt build` first" in _refused(fresh)
+
+
+def test_refuses_when_a_test_failed_in_the_latest_build(fresh: Database) -> None:
+    path = fresh.target_dir / "run_results.json"
+    results = json.loads(path.read_text())
+    for result in results["results"]:
+        if result["unique_id"].startswith("test.dedup.dedup_reconciles_task_photos"):
+            result["status"] = "fail"
+    path.write_text(json.dumps(results))
+    message = _refused(fresh)
+    assert "dedup_reconciles_task_photos has status fail" in message
+    assert "task_photos" in message
+
+
+def test_refuses_when_the_live_table_changed_since_the_build(fresh: Database) -> None:
+    with fresh.connect() as conn:
+        conn.execute("insert into breezeway.task_photos (task_pk, photo_id) values (1, 'late')")
+    message = _refused(fresh)
+    assert "no row arrived or left since" in message
+    assert "live_rows=" in message
+
+
+def test_refuses_an_unknown_table_in_select(fresh: Database) -> None:
+    assert "--select nope: no deduplicated table of that name" in _refused(
+        fresh, "--select", "nope")
+
+
+def test_gives_up_on_a_held_lock_and_names_the_holder(fresh: Database) -> None:
+    holder_ready = threading.Event()
+    release = threading.Event()
+
+    def hold_lock() -> None:
+        with fresh.connect() as conn, conn.transaction():
+            conn.execute("lock table breezeway.task_photos in access share mode")
+            holder_ready.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        holder_ready.wait(10)
+        with fresh.connect() as conn:
+            holder_pid = conn.execute(
+                "select pid from pg_locks where relation = 'breezeway.task_photos'::regclass"
+                " and mode = 'AccessShareLock' and pid <> pg_backend_pid()").fetchone()[0]
+        message = _refused(fresh, "--lock-timeout", "200ms")
+    finally:
+        release.set()
+        holder.join()
+    assert "could not lock the live tables within 200 ms, nothing was changed" in message
+    assert f"pid {holder_pid}" in message
+
+
+def test_refuses_when_the_built_rows_differ_from_the_live_rows(fresh: Database) -> None:
+    # Counts still reconcile, so only the checksum of the rows can tell.
+    with fresh.connect() as conn:
+        conn.execute("update dedup.property_photos set caption = 'edited'"
+                     " where id = (select min(id) from dedup.property_photos)")
+    message = _refused(fresh)
+    assert "prove the new table holds exactly the live rows the keep rule names" in message
