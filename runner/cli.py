@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from runner.dbt import run_dbt
 from runner.embedded import EmbeddedPostgres, default_data_dir
 from runner.errors import RunnerError
 
-console = Console()
+# Off a terminal rich would assume 80 columns and squeeze the table.
+console = Console(width=None if sys.stdout.isatty() else 120)
 DEMO_SCALE = 0.01
 
 
@@ -88,8 +90,8 @@ def _print_summary(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -
     console.print(table)
     archives = [str(p.archive) for p in result.plans if p.archive]
     if archives:
-        console.print(f"Live tables locked for {result.lock_ms:.0f} ms. Every original row is "
-                      f"kept in {', '.join(archives)}.")
+        click.echo(f"Live tables locked for {result.lock_ms:.0f} ms. Every original row is "
+                   f"kept in {', '.join(archives)}.")
 
 
 def _sizes(conn, result: swap.SwapResult) -> dict[str, tuple[int, int]]:
@@ -183,7 +185,7 @@ def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> N
         started = time.perf_counter()
         _swap(swap.SwapOptions(target_dir=target_dir), dry_run=False)
         timings["runner swap"] = time.perf_counter() - started
-    console.print("  ".join(f"{step}: {seconds:.1f} s" for step, seconds in timings.items()))
+    click.echo("  ".join(f"{step}: {seconds:.1f} s" for step, seconds in timings.items()))
 
 
 @cli.group()
