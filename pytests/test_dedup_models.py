@@ -119,3 +119,22 @@ def test_a_lost_row_fails_reconciliation(fresh: Database) -> None:
         conn.execute("delete from dedup.task_photos where id = (select min(id) from"
                      " dedup.task_photos)")
     assert "dedup_reconciles_task_photos" in _failing_tests(fresh, "task_photos")
+
+
+def test_docs_show_the_lineage_from_sources_through_models_to_tests(fresh: Database) -> None:
+    result = fresh.dbt("docs", "generate")
+    assert result.success
+    manifest = json.loads((fresh.target_dir / "manifest.json").read_text())
+    catalog = json.loads((fresh.target_dir / "catalog.json").read_text())
+    children = manifest["child_map"]
+    source = "source.dedup.breezeway.property_photos"
+    staging = "model.dedup.stg_breezeway__property_photos"
+    key_groups = "model.dedup.int_property_photos_grouped_by_key"
+    kept = "model.dedup.property_photos"
+    assert staging in children[source]
+    assert key_groups in children[staging]
+    assert kept in children[key_groups]
+    assert "model.dedup.removed_property_photos" in children[kept]
+    assert any(child.startswith("test.dedup.dedup_natural_key_unique_property_photos")
+               for child in children[kept])
+    assert kept in catalog["nodes"] and source in catalog["sources"]
