@@ -15,13 +15,25 @@
     {%- set relation = ref(upstream) -%}
     {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
     {%- set spec = dedup_spec_for_model(upstream) -%}
-    {%- set keys = dedup_columns(spec.natural_key) -%}
     {%- set tiebreaker = adapter.quote(spec.tiebreaker) -%}
     {%- set keep_columns = spec.keep | map(attribute="column") | reject("in", spec.natural_key) | unique | list -%}
     {#- With nulls: distinct, a row with a NULL key is a group of its own, as in a UNIQUE constraint. -#}
     {%- set null_row = "case when " ~ dedup_any_null(spec.natural_key) ~ " then " ~ tiebreaker ~ " end" -%}
-    {%- set group_columns = keys ~ (", dedup_null_row" if spec.nulls == "distinct" else "") -%}
+    {%- set group_list = [] -%}
+    {%- for column in spec.natural_key -%}
+        {%- do group_list.append(adapter.quote(column)) -%}
+    {%- endfor -%}
+    {%- if spec.nulls == "distinct" -%}
+        {%- do group_list.append("dedup_null_row") -%}
+    {%- endif -%}
+    {%- set group_columns = group_list | join(", ") -%}
+    {#- The same columns as select targets, one to a line. -#}
+    {%- set group_targets = group_list | join(",\n        ") -%}
+    {#- The group columns sort ascending, the default, spelled out as the keep columns' order is. -#}
     {%- set keep_order = [] -%}
+    {%- for column in group_list -%}
+        {%- do keep_order.append(column ~ " asc") -%}
+    {%- endfor -%}
     {%- for entry in spec.keep -%}
         {%- do keep_order.append(adapter.quote(entry.column) ~ " " ~ entry.order) -%}
     {%- endfor %}
@@ -29,8 +41,9 @@
 with source_rows as (
 
     select
-        {{ keys }},
-        {{ dedup_columns(keep_columns) }}
+        {%- for column in spec.natural_key + keep_columns %}
+        {{ adapter.quote(column) }}{{ "," if not loop.last else "" }}
+        {%- endfor %}
         {%- if spec.nulls == "distinct" %},
         {{ null_row }} as dedup_null_row
         {%- endif %}
@@ -43,7 +56,7 @@ with source_rows as (
 key_groups as (
 
     select
-        {{ group_columns }},
+        {{ group_targets }},
         {{ "max" if spec.keep[0].order == "desc" else "min" }}({{ tiebreaker }}) as dedup_kept,
         count(*) as dedup_rows
     from source_rows
@@ -55,11 +68,11 @@ key_groups as (
 key_groups as (
 
     select distinct on ({{ group_columns }})
-        {{ group_columns }},
+        {{ group_targets }},
         {{ tiebreaker }} as dedup_kept,
         count(*) over (partition by {{ group_columns }}) as dedup_rows
     from source_rows
-    order by {{ group_columns }}, {{ keep_order | join(", ") }}
+    order by {{ keep_order | join(", ") }}
 
 )
 {%- endif %}
@@ -169,17 +182,21 @@ with
 ),
 {% endfor %}
 tables as (
-{%- for name in key_groups_models %}
+{% for name in key_groups_models %}
     select * from {{ name }}
     {%- if not loop.last %}
     union all
     {%- endif %}
 {%- endfor %}
+
 ),
 
+{# The columns keep the report's order, documented in _audit__models.yml, over sqlfluff's ST06
+   (plain columns before calculations). sqlfluff reports all macro output on the model's line 1,
+   so this noqa covers only ST06 in audit_duplicates. -#}
 final as (
 
-    select
+    select -- noqa: ST06
         source_table,
         total_rows,
         unique_rows,

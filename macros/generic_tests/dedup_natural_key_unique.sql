@@ -7,12 +7,18 @@
 #}
 {% test dedup_natural_key_unique(model) %}
     {%- set spec = dedup_spec_for_relation(model) if execute else {"natural_key": ["parsing"], "nulls": "not_distinct"} -%}
-    {%- set keys = dedup_columns(spec.natural_key) %}
+    {%- set keys = dedup_columns(spec.natural_key) -%}
+    {#- The same columns as select targets, one to a line. -#}
+    {%- set quoted_keys = [] -%}
+    {%- for column in spec.natural_key -%}
+        {%- do quoted_keys.append(adapter.quote(column)) -%}
+    {%- endfor -%}
+    {%- set key_targets = quoted_keys | join(",\n        ") %}
 
 with duplicate_keys as (
 
     select
-        {{ keys }},
+        {{ key_targets }},
         count(*) as rows_with_key,
         'duplicate key' as problem
     from {{ model }}
@@ -28,7 +34,7 @@ with duplicate_keys as (
 null_keys as (
 
     select
-        {{ keys }},
+        {{ key_targets }},
         1 as rows_with_key,
         'null in natural key' as problem
     from {{ model }}

@@ -25,7 +25,10 @@ removed_count as (
 
 group_counts as (
 
-    select count(*) as groups, coalesce(sum(dedup_rows), 0) as grouped_rows from {{ key_groups }}
+    select
+        count(*) as groups,
+        coalesce(sum(dedup_rows), 0) as grouped_rows
+    from {{ key_groups }}
 
 ),
 
