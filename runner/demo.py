@@ -308,31 +308,49 @@ def _finish_child(schema: str, name: str) -> list[sql.Composed]:
     return statements
 
 
-def demo_statements(scale: float, schema: str = DEMO_SCHEMA) -> list[sql.Composed]:
+def child_tables(names: list[str] | None = None) -> list[ChildTable]:
+    """The demo's child tables, or the named ones (benchmarks generate one table at scale)."""
+    if not names:
+        return list(CHILD_TABLES)
+    known = {table.name: table for table in CHILD_TABLES}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise RunnerError(f"no demo table named {', '.join(unknown)}; the demo tables are "
+                          f"{', '.join(known)}")
+    return [known[name] for name in names]
+
+
+def demo_statements(scale: float, schema: str = DEMO_SCHEMA,
+                    tables: list[str] | None = None) -> list[sql.Composed]:
     """Every statement that builds the demo schema, in order, for one transaction."""
     if scale <= 0:
         raise RunnerError(f"--scale must be positive, got {scale}")
     s = sql.Identifier(schema)
+    chosen = [table.name for table in child_tables(tables)]
     statements = [sql.SQL("create schema {}").format(s), *_parents(schema, scale)]
-    for table in CHILD_TABLES:
+    for table in child_tables(tables):
         statements += [
             _create_child(schema, table.name),
             _child_insert(schema, Layout.at(table, scale)),
             *_finish_child(schema, table.name),
         ]
-    statements += [
+    if "task_tags" in chosen:
         # The one child table the ETL could not duplicate: it had its constraint from day one.
-        sql.SQL("alter table {} add constraint {} unique (task_pk, tag_pk)").format(
-            sql.Identifier(schema, "task_tags"), sql.Identifier("task_tags_task_pk_tag_pk_key")
-        ),
-        sql.SQL(
-            "create view {s}.property_photo_counts as"
-            " select property_pk, count(*) as photos from {s}.property_photos group by property_pk"
-        ).format(s=s),
-        sql.SQL("comment on table {} is {}").format(
-            sql.Identifier(schema, "property_photos"),
-            sql.Literal("Photos of each property, loaded hourly by the ETL."),
-        ),
+        statements.append(sql.SQL("alter table {} add constraint {} unique (task_pk, tag_pk)")
+                          .format(sql.Identifier(schema, "task_tags"),
+                                  sql.Identifier("task_tags_task_pk_tag_pk_key")))
+    if "property_photos" in chosen:
+        statements += [
+            sql.SQL(
+                "create view {s}.property_photo_counts as select property_pk, count(*) as photos"
+                " from {s}.property_photos group by property_pk"
+            ).format(s=s),
+            sql.SQL("comment on table {} is {}").format(
+                sql.Identifier(schema, "property_photos"),
+                sql.Literal("Photos of each property, loaded hourly by the ETL."),
+            ),
+        ]
+    statements += [
         sql.SQL("grant usage on schema {} to {}").format(s, sql.Identifier(READER_ROLE)),
         sql.SQL("grant select on all tables in schema {} to {}").format(
             s, sql.Identifier(READER_ROLE)
@@ -342,12 +360,12 @@ def demo_statements(scale: float, schema: str = DEMO_SCHEMA) -> list[sql.Compose
 
 
 def generate(conn: psycopg.Connection, scale: float, *, replace: bool = False,
-             schema: str = DEMO_SCHEMA) -> None:
+             schema: str = DEMO_SCHEMA, tables: list[str] | None = None) -> None:
     """Build the demo schema at `scale` (1.0 = the incident's 38 million child rows).
 
     Takes an autocommit connection: the build is one transaction, VACUUM runs outside it.
     """
-    statements = demo_statements(scale, schema)
+    statements = demo_statements(scale, schema, tables)
     exists = conn.execute(
         "select 1 from pg_namespace where nspname = %s", (schema,)
     ).fetchone()
@@ -368,6 +386,6 @@ def generate(conn: psycopg.Connection, scale: float, *, replace: bool = False,
     # Visibility map and statistics, as a long-lived table would have them.
     conn.execute(
         sql.SQL("vacuum (analyze) {}").format(
-            sql.SQL(", ").join(sql.Identifier(schema, t.name) for t in CHILD_TABLES)
+            sql.SQL(", ").join(sql.Identifier(schema, t.name) for t in child_tables(tables))
         )
     )

@@ -1,0 +1,164 @@
+"""Time the whole job against the floor, one sequential scan, measured in the same run.
+
+    python bench/run.py --scale 0.1                       # every demo table
+    python bench/run.py --scale 1.0 --table property_photos
+
+Generates the demo data on the embedded server (or the database PGHOST points at), then times,
+each from a cold cache where the machine allows it (root: restart PostgreSQL and drop the OS page
+cache; otherwise the numbers are warm and marked so):
+  floor      one sequential scan of each child table's heap (index scans are switched off: a
+             plain count(*) would be answered from the primary key);
+  dbt start  dbt's fixed cost: a build that selects nothing;
+  dbt build  the dedup models and their tests for the chosen tables;
+  swap       runner swap of the chosen tables, and how long it held the lock.
+Prints one table with the ratio of each phase to the floor and writes it as JSON to
+bench/results/. Not part of the test suite: it takes minutes at scale 1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from runner import demo, swap
+from runner.database import connect, uses_embedded
+from runner.embedded import EmbeddedPostgres, default_data_dir
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+RESULTS_DIR = PROJECT_DIR / "bench" / "results"
+DBT = str(Path(sys.executable).with_name("dbt"))
+
+
+class Server:
+    """The database under test, and how to empty every cache between phases."""
+
+    def __init__(self) -> None:
+        self.embedded = None
+        if uses_embedded():
+            self.embedded = EmbeddedPostgres(default_data_dir(PROJECT_DIR), dbname="bench")
+            self.embedded.start()
+            os.environ.update(self.embedded.environ())
+        self.cold = self.embedded is not None and os.geteuid() == 0
+
+    def empty_caches(self) -> None:
+        """Restart PostgreSQL (shared buffers) and drop the OS page cache, as root only."""
+        if not self.cold:
+            return
+        self.embedded.stop(force=True)
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        self.embedded.start()
+        os.environ.update(self.embedded.environ())
+
+    def stop(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+def timed(action) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def floor_scan(tables: list[str]) -> float:
+    with connect() as conn:
+        conn.execute("set enable_indexscan = off")
+        conn.execute("set enable_indexonlyscan = off")
+        conn.execute("set enable_bitmapscan = off")
+        return timed(lambda: [
+            conn.execute(sql.SQL("select count(*) from {}").format(
+                sql.Identifier(demo.DEMO_SCHEMA, table))).fetchone()
+            for table in tables
+        ])
+
+
+def dbt_build(selection: list[str], target: Path) -> float:
+    command = [DBT, "build", "--project-dir", str(PROJECT_DIR), "--profiles-dir",
+               str(PROJECT_DIR), "--target-path", str(target), "--quiet", *selection]
+    elapsed = timed(lambda: subprocess.run(command, check=True))
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=float, default=0.1)
+    parser.add_argument("--table", action="append", dest="tables",
+                        help="a demo child table (repeatable); all by default")
+    args = parser.parse_args()
+    tables = [t.name for t in demo.child_tables(args.tables)]
+    every_table = len(tables) == len(demo.CHILD_TABLES)
+    selection = ["--select", *[f"source:breezeway.{t}+" for t in tables]]
+    if not every_table:
+        selection += ["--exclude", "audit_duplicates"]
+
+    server = Server()
+    target = Path(tempfile.mkdtemp(prefix="bench-target-"))
+    phases: dict[str, float] = {}
+    try:
+        with connect() as conn:
+            phases["generate"] = timed(
+                lambda: demo.generate(conn, args.scale, replace=True, tables=tables))
+            rows_before = {t: conn.execute(sql.SQL("select count(*) from {}").format(
+                sql.Identifier(demo.DEMO_SCHEMA, t))).fetchone()[0] for t in tables}
+            bytes_before = {t: conn.execute("select pg_total_relation_size(%s::regclass)",
+                                            (f"breezeway.{t}",)).fetchone()[0] for t in tables}
+        server.empty_caches()
+        phases["floor"] = floor_scan(tables)
+        phases["dbt start"] = dbt_build(["--select", "tag:selects_nothing"], target)
+        server.empty_caches()
+        phases["dbt build"] = dbt_build(selection, target)
+        with connect() as conn:
+            options = swap.SwapOptions(target_dir=target, select=tables)
+            started = time.perf_counter()
+            result = swap.execute(conn, swap.make_plans(conn, options), options)
+            phases["swap"] = time.perf_counter() - started
+            rows_after = {t: conn.execute(sql.SQL("select count(*) from {}").format(
+                sql.Identifier(demo.DEMO_SCHEMA, t))).fetchone()[0] for t in tables}
+            bytes_after = {t: conn.execute("select pg_total_relation_size(%s::regclass)",
+                                           (f"breezeway.{t}",)).fetchone()[0] for t in tables}
+            version = conn.execute("show server_version").fetchone()[0]
+    finally:
+        server.stop()
+
+    job = phases["dbt build"] + phases["swap"]
+    report = {
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "scale": args.scale, "tables": tables, "cold_cache": server.cold,
+        "postgres": version, "seconds": phases, "lock_ms": result.lock_ms,
+        "job_over_floor": job / phases["floor"],
+        "dbt_start_share_of_job": phases["dbt start"] / job,
+        "rows_before": rows_before, "rows_after": rows_after,
+        "bytes_before": bytes_before, "bytes_after": bytes_after,
+    }
+    cache = "cold" if server.cold else "WARM (not root or not embedded: caches not emptied)"
+    print(f"scale {args.scale}, {', '.join(tables)}, PostgreSQL {version}, {cache} cache")
+    print(f"{'phase':<12}{'seconds':>10}{'x floor':>10}")
+    for phase, seconds in phases.items():
+        print(f"{phase:<12}{seconds:>10.2f}{seconds / phases['floor']:>10.2f}")
+    print(f"{'job':<12}{job:>10.2f}{job / phases['floor']:>10.2f}"
+          "   (dbt build + swap; dbt start is inside dbt build)")
+    print(f"lock held {result.lock_ms:.0f} ms; rows {sum(rows_before.values()):,} -> "
+          f"{sum(rows_after.values()):,}; bytes {sum(bytes_before.values()):,} -> "
+          f"{sum(bytes_after.values()):,}")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"run-{report['when'].replace(':', '')}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except psycopg.Error as error:
+        sys.exit(f"bench: {error}")
