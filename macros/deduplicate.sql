@@ -14,11 +14,11 @@
 {% macro default__dedup_key_groups(upstream) %}
     {%- set relation = ref(upstream) -%}
     {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
-    {%- set spec = dedup_spec_for_model(upstream) -%}
+    {%- set spec = dedup.dedup_spec_for_model(upstream) -%}
     {%- set tiebreaker = adapter.quote(spec.tiebreaker) -%}
     {%- set keep_columns = spec.keep | map(attribute="column") | reject("in", spec.natural_key) | unique | list -%}
     {#- With nulls: distinct, a row with a NULL key is a group of its own, as in a UNIQUE constraint. -#}
-    {%- set null_row = "case when " ~ dedup_any_null(spec.natural_key) ~ " then " ~ tiebreaker ~ " end" -%}
+    {%- set null_row = "case when " ~ dedup.dedup_any_null(spec.natural_key) ~ " then " ~ tiebreaker ~ " end" -%}
     {%- set group_list = [] -%}
     {%- for column in spec.natural_key -%}
         {%- do group_list.append(adapter.quote(column)) -%}
@@ -89,7 +89,7 @@ select * from key_groups
     {%- set relation = ref(upstream) -%}
     {%- set groups = ref(key_groups) -%}
     {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
-    {%- set spec = dedup_spec_for_model(upstream) -%}
+    {%- set spec = dedup.dedup_spec_for_model(upstream) -%}
     {%- set tiebreaker = adapter.quote(spec.tiebreaker) %}
 
 with source_rows as (
@@ -124,7 +124,7 @@ select * from kept_rows
     {%- set relation = ref(upstream) -%}
     {%- set kept_relation = ref(kept) -%}
     {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
-    {%- set spec = dedup_spec_for_model(upstream) -%}
+    {%- set spec = dedup.dedup_spec_for_model(upstream) -%}
     {%- set tiebreaker = adapter.quote(spec.tiebreaker) %}
 {#- The anti-join is on the tie-breaker, unique and NOT NULL, never on the nullable natural key:
     NOT EXISTS on a key with NULLs would silently keep every NULL-key row. #}
@@ -168,14 +168,14 @@ select * from removed_rows
     {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
 with
 {% for name in key_groups_models -%}
-{%- set spec = dedup_spec_for_model(name) %}
+{%- set spec = dedup.dedup_spec_for_model(name) %}
 {{ name }} as (
 
     select
-        {{ dedup_string_literal(spec.source) }} as source_table,
+        {{ dedup.dedup_string_literal(spec.source) }} as source_table,
         sum(dedup_rows) as total_rows,
         count(*) as unique_rows,
-        coalesce(sum(dedup_rows) filter (where {{ dedup_any_null(spec.natural_key) }}), 0)
+        coalesce(sum(dedup_rows) filter (where {{ dedup.dedup_any_null(spec.natural_key) }}), 0)
             as null_key_rows
     from {{ relations[loop.index0] }}
 

@@ -6,8 +6,8 @@
       forbidden:    a NULL in the key is a failure of its own, as under NOT NULL.
 #}
 {% test dedup_natural_key_unique(model) %}
-    {%- set spec = dedup_spec_for_relation(model) if execute else {"natural_key": ["parsing"], "nulls": "not_distinct"} -%}
-    {%- set keys = dedup_columns(spec.natural_key) -%}
+    {%- set spec = dedup.dedup_spec_for_relation(model) if execute else {"natural_key": ["parsing"], "nulls": "not_distinct"} -%}
+    {%- set keys = dedup.dedup_columns(spec.natural_key) -%}
     {#- The same columns as select targets, one to a line. -#}
     {%- set quoted_keys = [] -%}
     {%- for column in spec.natural_key -%}
@@ -23,7 +23,7 @@ with duplicate_keys as (
         'duplicate key' as problem
     from {{ model }}
     {%- if spec.nulls == "distinct" %}
-    where not {{ dedup_any_null(spec.natural_key) }}
+    where not {{ dedup.dedup_any_null(spec.natural_key) }}
     {%- endif %}
     group by {{ keys }}
     having count(*) > 1
@@ -38,7 +38,7 @@ null_keys as (
         1 as rows_with_key,
         'null in natural key' as problem
     from {{ model }}
-    where {{ dedup_any_null(spec.natural_key) }}
+    where {{ dedup.dedup_any_null(spec.natural_key) }}
 
 )
 

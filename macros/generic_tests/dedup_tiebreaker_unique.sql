@@ -7,7 +7,7 @@
 {% endtest %}
 
 {% macro default__test_dedup_tiebreaker_unique(model) %}
-    {%- set spec = dedup_spec_for_relation(model) if execute else {"tiebreaker": "parsing"} -%}
+    {%- set spec = dedup.dedup_spec_for_relation(model) if execute else {"tiebreaker": "parsing"} -%}
     {%- set tiebreaker = adapter.quote(spec.tiebreaker) %}
     {#- Without a catalog to ask, look at the data. #}
 select {{ tiebreaker }} as tiebreaker, count(*) as rows_with_value
@@ -19,7 +19,7 @@ having count(*) > 1 or {{ tiebreaker }} is null
 {% macro postgres__test_dedup_tiebreaker_unique(model) %}
     {#- PostgreSQL can answer from the catalog: a single-column unique index and NOT NULL
         guarantee it for every row, now and later, without scanning a large table. #}
-    {%- set spec = dedup_spec_for_relation(model) if execute else {"tiebreaker": "parsing"} %}
+    {%- set spec = dedup.dedup_spec_for_relation(model) if execute else {"tiebreaker": "parsing"} %}
 
 with tiebreaker_column as (
 
@@ -27,8 +27,8 @@ with tiebreaker_column as (
         attribute.attnum,
         attribute.attnotnull
     from pg_catalog.pg_attribute as attribute
-    where attribute.attrelid = to_regclass(format('%I.%I', {{ dedup_string_literal(model.schema) }}, {{ dedup_string_literal(model.identifier) }}))
-        and attribute.attname = {{ dedup_string_literal(spec.tiebreaker) }}
+    where attribute.attrelid = to_regclass(format('%I.%I', {{ dedup.dedup_string_literal(model.schema) }}, {{ dedup.dedup_string_literal(model.identifier) }}))
+        and attribute.attname = {{ dedup.dedup_string_literal(spec.tiebreaker) }}
         and not attribute.attisdropped
 
 ),
@@ -38,7 +38,7 @@ unique_indexes as (
     select index.indexrelid
     from pg_catalog.pg_index as index
     inner join tiebreaker_column on index.indkey[0] = tiebreaker_column.attnum
-    where index.indrelid = to_regclass(format('%I.%I', {{ dedup_string_literal(model.schema) }}, {{ dedup_string_literal(model.identifier) }}))
+    where index.indrelid = to_regclass(format('%I.%I', {{ dedup.dedup_string_literal(model.schema) }}, {{ dedup.dedup_string_literal(model.identifier) }}))
         and index.indisunique
         and index.indisvalid
         and index.indnkeyatts = 1
