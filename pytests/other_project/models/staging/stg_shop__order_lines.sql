@@ -1,0 +1,7 @@
+with source as (
+
+    select * from {{ source('shop', 'order_lines') }}
+
+)
+
+select * from source

@@ -1,0 +1,92 @@
+"""A user's project unlike the demo: quoted names, a text key, a uuid tie-breaker, a keep rule
+on two columns and NULL keys forbidden, with this project installed as a dbt package."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from conftest import PROJECT_DIR, Database, _create_database, environment
+
+OTHER_PROJECT = PROJECT_DIR / "pytests" / "other_project"
+
+TABLE = """
+create schema "Shop";
+create table "Shop"."Order Lines" (
+    uid uuid primary key,
+    "Order ID" text not null,
+    line_no integer,
+    updated_at timestamptz not null,
+    note text
+);
+-- 5 orders of 3 lines, each line loaded 4 times by updates; the last two loads of every line
+-- share a timestamp, so the greatest uid must break the tie.
+insert into "Shop"."Order Lines"
+select md5(o || '-' || l || '-' || v)::uuid, 'ORD-' || o, l,
+       timestamptz '2025-01-01' + least(v, 3) * interval '1 day', 'version ' || v
+from generate_series(1, 5) as o, generate_series(1, 3) as l, generate_series(1, 4) as v;
+"""
+
+# The row to keep, said differently from the macro's DISTINCT ON: no row of the same key is
+# later, or as late with a greater uid.
+EXPECTED_KEPT = """
+select t.uid from "Shop"."Order Lines" as t
+where not exists (
+    select from "Shop"."Order Lines" as other
+    where other."Order ID" = t."Order ID" and other.line_no = t.line_no
+        and (other.updated_at, other.uid) > (t.updated_at, t.uid)
+)
+"""
+
+
+def run_other_dbt(database: Database, *args: str):
+    from dbt.cli.main import dbtRunner
+
+    with environment({**database.env, "DBT_TARGET_PATH": str(database.target_dir)}):
+        return dbtRunner().invoke([*args, "--project-dir", str(OTHER_PROJECT),
+                                   "--profiles-dir", str(PROJECT_DIR), "--quiet"])
+
+
+@pytest.fixture
+def shop(server, tmp_path, request):
+    name = f"shop_{request.node.name[-20:].lower()}"
+    _create_database(server, name)
+    database = Database({**server.environ(), "PGDATABASE": name}, tmp_path / "target")
+    with database.connect() as conn:
+        conn.execute(TABLE)
+    assert run_other_dbt(database, "deps").success
+    yield database
+    with psycopg.connect(autocommit=True, **server.conninfo) as admin:
+        admin.execute(f'drop database "{name}" with (force)')
+
+
+def test_multi_column_keep_rule_and_swap_on_quoted_names(shop: Database) -> None:
+    assert run_other_dbt(shop, "build").success
+    with shop.connect() as conn:
+        expected = {row[0] for row in conn.execute(EXPECTED_KEPT)}
+        kept = {row[0] for row in conn.execute('select uid from dedup."Order Lines"')}
+    assert len(expected) == 15
+    assert kept == expected
+    result = shop.runner("swap", "--project-dir", str(OTHER_PROJECT))
+    assert result.exit_code == 0, result.output
+    with shop.connect() as conn:
+        live = {row[0] for row in conn.execute('select uid from "Shop"."Order Lines"')}
+        constraint = conn.execute(
+            "select pg_get_constraintdef(oid) from pg_constraint"
+            " where conrelid = '\"Shop\".\"Order Lines\"'::regclass and contype = 'u'"
+        ).fetchone()[0]
+    assert live == expected
+    # nulls: forbidden needs no NULLS NOT DISTINCT: no NULL key gets past the tests.
+    assert constraint == 'UNIQUE ("Order ID", line_no)'
+
+
+def test_a_null_key_fails_the_build_when_nulls_are_forbidden(shop: Database) -> None:
+    with shop.connect() as conn:
+        conn.execute("""insert into "Shop"."Order Lines" values
+                     (gen_random_uuid(), 'ORD-9', null, now(), 'no line number')""")
+    result = run_other_dbt(shop, "build")
+    assert not result.success
+    failed = {r.node.name for r in result.result.results if r.status == "fail"}
+    assert any("dedup_natural_key_unique_order_lines" in name for name in failed)
+    refused = shop.runner("swap", "--project-dir", str(OTHER_PROJECT))
+    assert refused.exit_code == 1
+    assert "has status fail in the latest dbt build" in refused.output
