@@ -11,19 +11,27 @@
     {{ return(adapter.dispatch("dedup_key_groups", "dedup")(upstream)) }}
 {% endmacro %}
 
-{% macro default__dedup_key_groups(upstream) %}
+{% macro postgres__dedup_key_groups(upstream) %}
+    {#- Also records the snapshot the scan saw, so that `runner swap` can prove its change
+        capture started before it: no write between the build and the swap goes unseen. -#}
+    {{ return(dedup.default__dedup_key_groups(upstream, snapshot="pg_current_snapshot()")) }}
+{% endmacro %}
+
+{% macro default__dedup_key_groups(upstream, snapshot=none) %}
     {%- set relation = ref(upstream) -%}
     {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
     {%- set spec = dedup.dedup_spec_for_model(upstream) -%}
     {%- set tiebreaker = adapter.quote(spec.tiebreaker) -%}
     {%- set keep_columns = spec.keep | map(attribute="column") | reject("in", spec.natural_key) | unique | list -%}
-    {#- With nulls: distinct, a row with a NULL key is a group of its own, as in a UNIQUE constraint. -#}
+    {#- Unless NULLs are equal (not_distinct), a row with a NULL key is a group of its own, as in
+        a plain UNIQUE constraint. -#}
+    {%- set nulls_distinct = spec.nulls != "not_distinct" -%}
     {%- set null_row = "case when " ~ dedup.dedup_any_null(spec.natural_key) ~ " then " ~ tiebreaker ~ " end" -%}
     {%- set group_list = [] -%}
     {%- for column in spec.natural_key -%}
         {%- do group_list.append(adapter.quote(column)) -%}
     {%- endfor -%}
-    {%- if spec.nulls == "distinct" -%}
+    {%- if nulls_distinct -%}
         {%- do group_list.append("dedup_null_row") -%}
     {%- endif -%}
     {%- set group_columns = group_list | join(", ") -%}
@@ -44,7 +52,7 @@ with source_rows as (
         {%- for column in spec.natural_key + keep_columns %}
         {{ adapter.quote(column) }}{{ "," if not loop.last else "" }}
         {%- endfor %}
-        {%- if spec.nulls == "distinct" %},
+        {%- if nulls_distinct %},
         {{ null_row }} as dedup_null_row
         {%- endif %}
     from {{ relation }}
@@ -77,7 +85,11 @@ key_groups as (
 )
 {%- endif %}
 
-select * from key_groups
+select
+    *{%- if snapshot %},
+    {{ snapshot }} as dedup_snapshot
+    {%- endif %}
+from key_groups
 {%- endmacro %}
 
 

@@ -122,6 +122,8 @@ def built(server: EmbeddedPostgres, pg_env: dict[str, str],
     """The demo data after one `dbt build`: read it, never change it (use `fresh`)."""
     _create_database(server, "built", template="demo_source")
     database = Database({**pg_env, "PGDATABASE": "built"}, tmp_path_factory.mktemp("target"))
+    captured = database.runner("capture")
+    assert captured.exit_code == 0, captured.output
     result = database.dbt("build")
     assert result.success, result.exception
     return database

@@ -60,6 +60,9 @@ def shop(server, tmp_path, request):
 
 
 def test_multi_column_keep_rule_and_swap_on_quoted_names(shop: Database) -> None:
+    assert run_other_dbt(shop, "parse").success
+    captured = shop.runner("capture", "--project-dir", str(OTHER_PROJECT))
+    assert captured.exit_code == 0, captured.output
     assert run_other_dbt(shop, "build").success
     with shop.connect() as conn:
         expected = {row[0] for row in conn.execute(EXPECTED_KEPT)}

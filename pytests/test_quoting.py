@@ -19,6 +19,8 @@ def test_build_and_swap_on_a_schema_that_needs_quoting(server, tmp_path) -> None
     with database.connect() as conn:
         demo.generate(conn, TEST_SCALE, schema=SCHEMA)
     variables = f"{{breezeway_schema: '{SCHEMA}'}}"
+    assert database.dbt("parse", "--vars", variables).success
+    assert database.runner("capture", "--project-dir", str(PROJECT_DIR)).exit_code == 0
     assert database.dbt("build", "--vars", variables).success
     result = database.runner("swap", "--project-dir", str(PROJECT_DIR))
     assert result.exit_code == 0, result.output

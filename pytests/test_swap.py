@@ -10,7 +10,7 @@ import pytest
 from conftest import TEST_SCALE, Database
 
 from runner import demo
-from runner.plan import constraint_name
+from runner.names import constraint_name
 
 SWAPPED = [t.name for t in demo.CHILD_TABLES if t.name != "task_tags"]
 
@@ -169,12 +169,49 @@ def test_refuses_when_a_test_failed_in_the_latest_build(fresh: Database) -> None
     assert "task_photos" in message
 
 
-def test_refuses_when_the_live_table_changed_since_the_build(fresh: Database) -> None:
+# The keep rule of the demo's tables, said independently of the replay: the row with the
+# greatest id of each key, among every row the original table ended up with.
+KEPT_FROM_ARCHIVE = """
+select array_agg(a.id order by a.id) from dedup_archive.{archive} as a
+where not exists (select from dedup_archive.{archive} as b
+                  where b.property_pk = a.property_pk and b.photo_id is not distinct from
+                  a.photo_id and b.id > a.id)
+"""
+
+
+def test_writes_after_the_build_are_replayed_under_the_keep_rule(fresh: Database) -> None:
     with fresh.connect() as conn:
-        conn.execute("insert into breezeway.task_photos (task_pk, photo_id) values (1, 'late')")
+        kept = [r[0] for r in conn.execute("select id from dedup.property_photos order by id")]
+        conn.execute("insert into breezeway.property_photos (property_pk, photo_id, url)"
+                     " values (1, 'new key', 'a photo nobody had')")
+        conn.execute("insert into breezeway.property_photos (property_pk, photo_id, url)"
+                     " select property_pk, photo_id, 'a newer copy of a kept row'"
+                     " from breezeway.property_photos where id = %s", (kept[2],))
+        conn.execute("delete from breezeway.property_photos where id = %s", (kept[0],))
+        conn.execute("update breezeway.property_photos set caption = 'edited after the build'"
+                     " where id = %s", (kept[1],))
+        conn.execute("update breezeway.property_photos set caption = 'edited, not kept'"
+                     " where id = (select min(id) from breezeway.property_photos)")
+    result = fresh.runner("swap", "--select", "property_photos")
+    assert result.exit_code == 0, result.output
+    with fresh.connect() as conn:
+        archive = conn.execute("select archive_table from dedup_archive.swap_log").fetchone()[0]
+        expected = conn.execute(KEPT_FROM_ARCHIVE.format(archive=f'"{archive}"')).fetchone()[0]
+        live = [r[0] for r in conn.execute("select id from breezeway.property_photos order by id")]
+        assert live == expected
+        assert conn.execute("select caption from breezeway.property_photos where id = %s",
+                            (kept[1],)).fetchone()[0] == "edited after the build"
+        assert conn.execute("select count(*) from breezeway.property_photos"
+                            " where photo_id = 'new key'").fetchone()[0] == 1
+        # The deleted kept row's key is kept by its next best copy, not lost.
+        assert len(live) == len(kept) + 1
+
+
+def test_refuses_without_change_capture(fresh: Database) -> None:
+    with fresh.connect() as conn:
+        conn.execute("drop trigger dedup_capture on breezeway.task_photos")
     message = _refused(fresh)
-    assert "no row arrived or left since" in message
-    assert "live_rows=" in message
+    assert "breezeway.task_photos has no change capture: run `runner capture`" in message
 
 
 def test_refuses_an_unknown_table_in_select(fresh: Database) -> None:
@@ -200,11 +237,12 @@ def test_gives_up_on_a_held_lock_and_names_the_holder(fresh: Database) -> None:
             holder_pid = conn.execute(
                 "select pid from pg_locks where relation = 'breezeway.task_photos'::regclass"
                 " and mode = 'AccessShareLock' and pid <> pg_backend_pid()").fetchone()[0]
-        message = _refused(fresh, "--lock-timeout", "200ms")
+        message = _refused(fresh, "--lock-timeout", "200ms", "--lock-wait", "1s")
     finally:
         release.set()
         holder.join()
-    assert "could not lock the live tables within 200 ms, nothing was changed" in message
+    assert "could not lock the live tables in " in message
+    assert "tries of 200 ms over 1 s, nothing was changed" in message
     assert f"pid {holder_pid}" in message
 
 
@@ -214,4 +252,4 @@ def test_refuses_when_the_built_rows_differ_from_the_live_rows(fresh: Database) 
         conn.execute("update dedup.property_photos set caption = 'edited'"
                      " where id = (select min(id) from dedup.property_photos)")
     message = _refused(fresh)
-    assert "prove the new table holds exactly the live rows the keep rule names" in message
+    assert "every kept row of breezeway.property_photos equals its live row" in message

@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from runner import demo, swap
+from runner import artifacts, demo, swap
 from runner.database import connect, database, uses_embedded
 from runner.dbt import run_dbt
 from runner.embedded import EmbeddedPostgres, default_data_dir
@@ -128,21 +128,51 @@ def _swap(options: swap.SwapOptions, dry_run: bool) -> None:
 @click.option("--select", "select", multiple=True,
               help="Only these live tables (repeatable); all deduplicated models by default.")
 @click.option("--dry-run", is_flag=True, help="Print every statement, in order; change nothing.")
-@click.option("--lock-timeout", default="5s", show_default=True,
-              help="Longest wait for the live tables' lock before giving up with no change.")
+@click.option("--lock-timeout", default="100ms", show_default=True,
+              help="How long one try waits for the lock: the longest anyone queues behind it.")
+@click.option("--lock-wait", default="60s", show_default=True,
+              help="How long all tries together may take before giving up with no change.")
 @click.option("--archive-schema", default=swap.DEFAULT_ARCHIVE_SCHEMA, show_default=True,
               help="Where the original tables are kept, with every row they had.")
 @_fails_cleanly
 def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
-                 dry_run: bool, lock_timeout: str, archive_schema: str) -> None:
+                 dry_run: bool, lock_timeout: str, lock_wait: str, archive_schema: str) -> None:
     """Swap the tables `dbt build` deduplicated into the live schema and add their UNIQUE
     constraints, all in one transaction; refuses unless the latest build passed."""
     options = swap.SwapOptions(
         target_dir=_target_dir(project_dir, target_path), select=list(select) or None,
         archive_schema=archive_schema, lock_timeout_ms=_duration_ms(lock_timeout),
+        lock_wait_s=_duration_ms(lock_wait) / 1000,
     )
     with database(project_dir):
         _swap(options, dry_run)
+
+
+@cli.command(name="capture")
+@project_dir_option
+@target_path_option
+@click.option("--select", "select", multiple=True,
+              help="Only these live tables (repeatable); all deduplicated models by default.")
+@_fails_cleanly
+def capture_command(project_dir: Path, target_path: Path | None,
+                    select: tuple[str, ...]) -> None:
+    """Start capturing writes to the live tables; run it before `dbt build`.
+
+    The swap replays what the ETL writes between the build and its commit, so nothing is lost
+    while the ETL keeps running. The tables come from dbt's manifest (`dbt parse` writes one,
+    with your --vars; without a manifest this runs `dbt parse` itself).
+    """
+    target_dir = _target_dir(project_dir, target_path)
+    with database(project_dir):
+        if not (target_dir / "manifest.json").is_file():
+            run_dbt(["parse", "--target-path", str(target_dir), "--quiet"], project_dir)
+        targets = artifacts.select_targets(artifacts.load_targets(target_dir),
+                                           list(select) or None)
+        with connect() as conn:
+            started = swap.start_capture(conn, targets, swap.SwapOptions(target_dir))
+    if started:
+        click.echo(f"Capturing writes to {', '.join(str(t) for t in started)}.")
+    click.echo("Change capture is on; now run `dbt build`, then `runner swap`.")
 
 
 @cli.command()
@@ -178,12 +208,15 @@ def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> N
                           "embedded server: unset PGHOST (or use `runner generate` deliberately)")
     timings = {}
     with database(project_dir):
+        target_dir = _target_dir(project_dir, target_path)
         with connect() as conn:
             started = time.perf_counter()
             demo.generate(conn, scale, replace=True)
             timings["generate demo data"] = time.perf_counter() - started
+            run_dbt(["parse", "--target-path", str(target_dir), "--quiet"], project_dir)
+            swap.start_capture(conn, artifacts.load_targets(target_dir),
+                               swap.SwapOptions(target_dir))
         started = time.perf_counter()
-        target_dir = _target_dir(project_dir, target_path)
         run_dbt(["build", "--target-path", str(target_dir)], project_dir)
         timings["dbt build"] = time.perf_counter() - started
         started = time.perf_counter()

@@ -18,4 +18,4 @@ def run_dbt(args: list[str], project_dir: Path) -> None:
     result = dbtRunner().invoke(command)
     if not result.success:
         raise RunnerError(f"dbt {' '.join(args)} failed (its log is above): fix the cause and "
-                          "run again; nothing was swapped")
+                          "run again")

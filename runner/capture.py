@@ -1,0 +1,278 @@
+"""Change capture: every write to a live table between `runner capture` and the swap's commit.
+
+`runner capture`, run before `dbt build`, puts a trigger on each live table that copies every
+inserted, updated and deleted row, as a value of the table's own row type, into a log table.
+The swap replays the log into the new table under the keep rule, before and under its lock, so
+the ETL can keep writing throughout. The replay is idempotent: a change that the build already
+saw leaves the new table as it was, so the log may start before the build's snapshot.
+
+Replaying one batch of the log, as a set:
+  1. keys to rescan: a kept row was deleted, or its key or keep columns changed; only a scan of
+     the live table can say which row of that key is now the one to keep (never under the lock);
+  2. rows to keep: the latest version of each changed row that still exists, the best per key
+     under the keep rule; each replaces the kept row of its key if it beats it, or fills the
+     key if none is kept;
+  3. the batch leaves the log, in the same transaction.
+Every statement here is built from facts alone; runner.swap runs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from runner.artifacts import DedupSpec, Relation
+from runner.names import pg_name
+
+TRIGGER = "dedup_capture"
+REGISTRY = "captures"
+BATCH_ROWS = 50_000
+
+
+@dataclass(frozen=True)
+class Capture:
+    live: Relation
+    log: Relation
+    function: Relation
+
+    @classmethod
+    def of(cls, live: Relation, archive_schema: str) -> Capture:
+        return cls(
+            live=live,
+            log=Relation(archive_schema, pg_name(live.schema, live.name, "changes")),
+            function=Relation(archive_schema, pg_name(live.schema, live.name, "capture")),
+        )
+
+
+def _id(relation: Relation) -> sql.Identifier:
+    return sql.Identifier(relation.schema, relation.name)
+
+
+def registry_table(archive_schema: str) -> sql.Composed:
+    return sql.SQL(
+        "create table if not exists {} (live_schema text not null, live_table text not null,"
+        " log_table text not null, xid xid8 not null,"
+        " started_at timestamptz not null default now(), primary key (live_schema, live_table))"
+    ).format(sql.Identifier(archive_schema, REGISTRY))
+
+
+def install(capture: Capture) -> list[sql.Composed]:
+    """Log table, trigger function and trigger; the trigger needs a short SHARE ROW EXCLUSIVE."""
+    live, log = _id(capture.live), _id(capture.log)
+    body = sql.SQL(
+        "begin insert into {log} (op, old_row, new_row) values (left(tg_op, 1),"
+        " case when tg_op <> 'INSERT' then old end, case when tg_op <> 'DELETE' then new end);"
+        " return null; end"
+    ).format(log=log)
+    registry = sql.Identifier(capture.log.schema, REGISTRY)
+    return [
+        sql.SQL("create schema if not exists {}").format(sql.Identifier(capture.log.schema)),
+        registry_table(capture.log.schema),
+        # A log without its trigger is a leftover, incomplete by definition: start afresh.
+        sql.SQL("drop table if exists {}").format(log),
+        # Rows as values of the live table's own type: replayed exactly, no text round trip.
+        sql.SQL(
+            "create table {log} (change_id bigserial primary key,"
+            " op \"char\" not null, old_row {live}, new_row {live})"
+        ).format(log=log, live=live),
+        sql.SQL(
+            "create or replace function {}() returns trigger language plpgsql as {}"
+        ).format(_id(capture.function), sql.Literal(body.as_string())),
+        sql.SQL("drop trigger if exists {} on {}").format(sql.Identifier(TRIGGER), live),
+        sql.SQL(
+            "create trigger {} after insert or update or delete on {} for each row"
+            " execute function {}()"
+        ).format(sql.Identifier(TRIGGER), live, _id(capture.function)),
+        sql.SQL(
+            "insert into {} (live_schema, live_table, log_table, xid)"
+            " values ({}, {}, {}, pg_current_xact_id()) on conflict (live_schema, live_table)"
+            " do update set log_table = excluded.log_table, xid = excluded.xid,"
+            " started_at = excluded.started_at"
+        ).format(registry, sql.Literal(capture.live.schema), sql.Literal(capture.live.name),
+                 sql.Literal(capture.log.name)),
+    ]
+
+
+def remove(capture: Capture, table: Relation | None = None) -> list[sql.Composed]:
+    """Trigger, function, log and registry entry; `table` is where the trigger now is."""
+    return [
+        sql.SQL("drop trigger if exists {} on {}").format(
+            sql.Identifier(TRIGGER), _id(table or capture.live)),
+        sql.SQL("drop table if exists {}").format(_id(capture.log)),
+        sql.SQL("drop function if exists {}()").format(_id(capture.function)),
+        sql.SQL("delete from {} where live_schema = {} and live_table = {}").format(
+            sql.Identifier(capture.log.schema, REGISTRY), sql.Literal(capture.live.schema),
+            sql.Literal(capture.live.name)),
+    ]
+
+
+def installed(archive_schema: str) -> sql.Composed:
+    """(live_schema, live_table, xid) of every table whose trigger is in place."""
+    return sql.SQL(
+        "select r.live_schema, r.live_table, r.xid from {} as r"
+        " where exists (select from pg_trigger as t join pg_class as c on c.oid = t.tgrelid"
+        " join pg_namespace as n on n.oid = c.relnamespace where t.tgname = {}"
+        " and n.nspname = r.live_schema and c.relname = r.live_table)"
+    ).format(sql.Identifier(archive_schema, REGISTRY), sql.Literal(TRIGGER))
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The statements that replay one batch of a table's log into its new table."""
+
+    take_batch: list[sql.Composed]
+    needs_rescan: sql.Composed
+    """Returns one boolean: whether this batch needs a scan of the live table."""
+    rescan: list[sql.Composed]
+    apply: list[sql.Composed]
+    touched_rows_match: sql.Composed
+    """A check: every kept row this batch touched equals its row in the live table."""
+    pending: sql.Composed
+    """Returns how many changes wait in the log."""
+    all_rows_match: sql.Composed
+    """A check: every kept row equals its live row, unless a change waiting explains it."""
+
+
+def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation,
+           columns: list[str], batch_rows: int = BATCH_ROWS) -> Replay:
+    L, S, G = _id(live), _id(shadow), _id(log)
+    tb = sql.Identifier(spec.tiebreaker)
+    col = sql.Identifier
+    cols = sql.SQL(", ").join(col(c) for c in columns)
+    nulls_equal = spec.nulls == "not_distinct"
+
+    def field(row: str, name: str) -> sql.Composed:
+        return sql.SQL("({}).{}").format(sql.SQL(row), col(name))
+
+    def same_key(left: str, right: str, right_is_row: bool = True) -> sql.Composed:
+        """Keys equal as the constraint sees them: NULLs equal only under not_distinct."""
+        operator = sql.SQL(" is not distinct from " if nulls_equal else " = ")
+        return sql.SQL(" and ").join(
+            sql.SQL("{}.{}{}{}").format(sql.SQL(left), col(k), operator,
+                                        field(right, k) if right_is_row
+                                        else sql.SQL("{}.{}").format(sql.SQL(right), col(k)))
+            for k in spec.natural_key)
+
+    def null_in_key(row: str) -> sql.Composed:
+        return sql.SQL("(") + sql.SQL(" or ").join(
+            sql.SQL("{} is null").format(field(row, k)) for k in spec.natural_key) + sql.SQL(")")
+
+    def beats(new: str, old: str) -> sql.Composed:
+        """`new` comes first in the keep order, with ORDER BY's NULL placement."""
+        terms, equal_so_far = [], []
+        for entry in spec.keep:
+            n = sql.SQL("{}.{}").format(sql.SQL(new), col(entry.column))
+            o = sql.SQL("{}.{}").format(sql.SQL(old), col(entry.column))
+            if entry.descending:
+                better = sql.SQL("({n} > {o} or ({n} is null and {o} is not null))")
+            else:
+                better = sql.SQL("({n} < {o} or ({n} is not null and {o} is null))")
+            terms.append(sql.SQL(" and ").join(
+                [*equal_so_far, better.format(n=n, o=o)]))
+            equal_so_far.append(sql.SQL("{} is not distinct from {}").format(n, o))
+        return sql.SQL("(") + sql.SQL(" or ").join(terms) + sql.SQL(")")
+
+    keep_order = sql.SQL(", ").join(
+        sql.SQL("{} {}").format(col(e.column), sql.SQL("desc" if e.descending else "asc"))
+        for e in spec.keep)
+    key_and_keep = list(dict.fromkeys([*spec.natural_key, *(e.column for e in spec.keep)]))
+    changed = sql.SQL("row({}) is distinct from row({})").format(
+        sql.SQL(", ").join(field("b.old_row", c) for c in key_and_keep),
+        sql.SQL(", ").join(field("b.new_row", c) for c in key_and_keep))
+    # A NULL-key row is a group of its own unless NULLs are equal: it never needs a rescan.
+    rescannable = sql.SQL("") if nulls_equal else sql.SQL(
+        " and not {}").format(null_in_key("b.old_row"))
+    group = sql.SQL(", ").join(col(k) for k in spec.natural_key)
+    if not nulls_equal:
+        group = group + sql.SQL(", case when {} then {} end").format(
+            sql.SQL(" or ").join(sql.SQL("{} is null").format(col(k)) for k in spec.natural_key),
+            tb)
+
+    take_batch = [
+        sql.SQL("drop table if exists pg_temp.dedup_batch, pg_temp.dedup_rescan,"
+                " pg_temp.dedup_candidates"),
+        sql.SQL("create temp table dedup_batch on commit drop as select change_id, op, old_row,"
+                " new_row from {} order by change_id limit {}").format(
+                    G, sql.Literal(batch_rows)),
+        # Keys whose kept row left or changed its key or keep columns, or whose row came and
+        # went within the batch.
+        sql.SQL(
+            "create temp table dedup_rescan on commit drop as"
+            " select distinct {keys} from dedup_batch as b"
+            " where b.op in ('U', 'D'){rescannable}"
+            " and ({old_tb} in (select {tb} from {S}) or {old_tb} in"
+            " (select {new_tb} from dedup_batch as n where n.op in ('I', 'U')))"
+            " and (b.op = 'D' or {changed})"
+        ).format(
+            keys=sql.SQL(", ").join(
+                sql.SQL("{} as {}").format(field("b.old_row", k), col(k))
+                for k in spec.natural_key),
+            rescannable=rescannable, old_tb=field("b.old_row", spec.tiebreaker), tb=tb, S=S,
+            new_tb=field("n.new_row", spec.tiebreaker), changed=changed),
+    ]
+    rescan = [
+        sql.SQL("delete from {S} as s using dedup_rescan as r where {match}").format(
+            S=S, match=same_key("s", "r", right_is_row=False)),
+        sql.SQL(
+            "insert into {S} ({cols}) select distinct on ({keys}) {cols} from {L} as l"
+            " where exists (select from dedup_rescan as r where {match})"
+            " order by {keys}, {keep}"
+        ).format(S=S, cols=cols, L=L, keys=sql.SQL(", ").join(col(k) for k in spec.natural_key),
+                 match=same_key("l", "r", right_is_row=False), keep=keep_order),
+    ]
+    apply = [
+        # A deleted or moved NULL-key row, a group of its own, simply goes.
+        *([] if nulls_equal else [sql.SQL(
+            "delete from {S} where {tb} in (select {old_tb} from dedup_batch as b"
+            " where b.op in ('U', 'D') and {null_key})").format(
+                S=S, tb=tb, old_tb=field("b.old_row", spec.tiebreaker),
+                null_key=null_in_key("b.old_row"))]),
+        sql.SQL(
+            "create temp table dedup_candidates on commit drop as"
+            " select distinct on ({group}) * from ("
+            " select distinct on ({new_tb}) b.change_id, (b.new_row).*"
+            " from dedup_batch as b where b.op in ('I', 'U')"
+            " order by {new_tb}, b.change_id desc) as latest"
+            " where not exists (select from dedup_batch as d where d.op = 'D'"
+            " and {old_tb_d} = latest.{tb} and d.change_id > latest.change_id)"
+            " and not exists (select from dedup_rescan as r where {rescanned})"
+            " order by {group}, {keep}"
+        ).format(group=group, new_tb=field("b.new_row", spec.tiebreaker),
+                 old_tb_d=field("d.old_row", spec.tiebreaker), tb=tb,
+                 rescanned=same_key("latest", "r", right_is_row=False), keep=keep_order),
+        # The new version of a kept row replaces it; a better row replaces the kept one.
+        sql.SQL("delete from {S} where {tb} in (select {tb} from dedup_candidates)").format(
+            S=S, tb=tb),
+        sql.SQL("delete from {S} as s using dedup_candidates as c where {match} and {beats}"
+                ).format(S=S, match=same_key("s", "c", right_is_row=False),
+                         beats=beats("c", "s")),
+        sql.SQL(
+            "insert into {S} ({cols}) select {cols} from dedup_candidates as c"
+            " where not exists (select from {S} as s where {match})"
+        ).format(S=S, cols=cols, match=same_key("s", "c", right_is_row=False)),
+        sql.SQL("delete from {G} where change_id in (select change_id from dedup_batch)").format(
+            G=G),
+    ]
+    touched = sql.SQL(
+        "select {old_tb} from dedup_batch as b union select {new_tb} from dedup_batch as b"
+    ).format(old_tb=field("b.old_row", spec.tiebreaker),
+             new_tb=field("b.new_row", spec.tiebreaker))
+    return Replay(
+        take_batch=take_batch,
+        needs_rescan=sql.SQL("select exists (select from dedup_rescan)"),
+        rescan=rescan,
+        apply=apply,
+        touched_rows_match=sql.SQL(
+            "select count(*) = 0, count(*) as rows_differing_from_live from {S} as s"
+            " where s.{tb} in ({touched}) and not exists"
+            " (select from {L} as l where l.{tb} = s.{tb} and l::text = s::text)"
+        ).format(S=S, tb=tb, touched=touched, L=L),
+        pending=sql.SQL("select count(*) from {}").format(G),
+        all_rows_match=sql.SQL(
+            "select count(*) = 0, count(*) as rows_differing_from_live from {S} as s"
+            " where not exists (select from {L} as l where l.{tb} = s.{tb} and l::text = s::text)"
+            " and s.{tb} not in (select (g.old_row).{tb} from {G} as g where g.old_row is not null"
+            " union select (g.new_row).{tb} from {G} as g where g.new_row is not null)"
+        ).format(S=S, L=L, G=G, tb=tb),
+    )
