@@ -246,6 +246,11 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
                  live_id, sql.Identifier(name), sql.Identifier(pending_index))),
         Step("same owner",
              sql.SQL("alter table {} owner to {}").format(live_id, sql.Identifier(live.owner))),
+        Step("which rows were kept, so a rollback can tell a row deleted after the swap from a "
+             "duplicate the swap removed",
+             sql.SQL("create table {} as select {} from {}").format(
+                 sql.Identifier(archive_schema, kept_rows_name(archive.name)),
+                 sql.Identifier(spec.tiebreaker), live_id)),
     ]
     for grant in live.grants:
         if grant.privilege not in PRIVILEGES:
@@ -278,6 +283,11 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
 
 
 SWAP_LOG = "swap_log"
+
+
+def kept_rows_name(archive: str) -> str:
+    """The table of the tie-breakers the swap kept, beside the archive."""
+    return pg_name(archive, "kept")
 
 
 def log_table(archive_schema: str) -> sql.Composed:
