@@ -1,0 +1,145 @@
+"""Killed at any step, the swap leaves the database as it was, and a rerun finishes the job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psycopg
+import pytest
+from conftest import PROJECT_DIR, TEST_SCALE, Database, _create_database
+from psycopg import sql
+from test_swap import schema_state
+
+from runner import demo, swap
+
+TABLE = "task_photos"
+
+
+def _copy(server, built: Database, name: str) -> Database:
+    _create_database(server, name, template=built.name)
+    return Database({**built.env, "PGDATABASE": name}, built.target_dir)
+
+
+def _drop(server, database: Database) -> None:
+    with psycopg.connect(autocommit=True, **server.conninfo) as admin:
+        admin.execute(sql.SQL("drop database {} with (force)").format(
+            sql.Identifier(database.name)))
+
+
+def _state(database: Database) -> tuple:
+    with database.connect() as conn:
+        rows = conn.execute(f"select count(*), sum(id) from breezeway.{TABLE}").fetchone()
+        triggers = conn.execute("select count(*) from pg_trigger where tgname = 'dedup_capture'"
+                                ).fetchone()[0]
+    return schema_state(database), rows, triggers
+
+
+def _swap(database: Database, after_step=None) -> None:
+    options = swap.SwapOptions(target_dir=database.target_dir, select=[TABLE])
+    with database.connect() as conn:
+        conn.execute("set search_path = pg_catalog")
+        swap.execute(conn, swap.make_plans(conn, options), options, after_step=after_step)
+
+
+def _swapped_correctly(database: Database) -> None:
+    with database.connect() as conn:
+        kept = {r[0] for r in conn.execute(f"select id from breezeway.{TABLE}")}
+    assert kept == demo.expected_kept_ids(TABLE, TEST_SCALE)
+
+
+def _kill_after(database: Database, steps: int):
+    """A step hook that terminates the runner's backend once `steps` steps are done."""
+    done: list[str] = []
+
+    def step_done(label: str) -> None:
+        done.append(label)
+        if len(done) == steps:
+            with database.connect() as other:
+                other.execute("select pg_terminate_backend(pid) from pg_stat_activity"
+                              " where application_name = 'runner-under-test'")
+
+    return step_done
+
+
+def _steps(server, built: Database) -> list[str]:
+    database = _copy(server, built, "crash_count")
+    labels: list[str] = []
+    try:
+        _swap(database, after_step=labels.append)
+    finally:
+        _drop(server, database)
+    return labels
+
+
+def test_a_kill_at_every_step_leaves_all_as_it_was_and_a_rerun_finishes(server,
+                                                                         built) -> None:
+    steps = _steps(server, built)
+    assert "lock" in steps and "cutover" in steps
+    for number, label in enumerate(steps):
+        database = _copy(server, built, f"crash_{number}")
+        try:
+            before = _state(database)
+
+            with pytest.raises(psycopg.OperationalError):
+                options = swap.SwapOptions(target_dir=database.target_dir, select=[TABLE])
+                with database.connect() as conn:
+                    conn.execute("set application_name = 'runner-under-test'")
+                    plans = swap.make_plans(conn, options)
+                    swap.execute(conn, plans, options,
+                                 after_step=_kill_after(database, number + 1))
+            assert _state(database) == before, f"killed after {label!r}"
+            _swap(database)
+            _swapped_correctly(database)
+        finally:
+            _drop(server, database)
+
+
+def test_killing_the_runner_while_it_waits_for_the_lock(server, built) -> None:
+    database = _copy(server, built, "crash_sigkill")
+    try:
+        before = _state(database)
+        holding, release = threading.Event(), threading.Event()
+
+        def hold_the_table() -> None:
+            with database.connect() as conn, conn.transaction():
+                conn.execute(f"lock table breezeway.{TABLE} in access share mode")
+                holding.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold_the_table)
+        holder.start()
+        holding.wait(10)
+        env = {**os.environ, **database.env, "DBT_TARGET_PATH": str(database.target_dir)}
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "runner", "swap", "--select", TABLE, "--lock-wait", "60s"],
+            cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        with database.connect() as conn:
+            for _ in range(200):
+                waiting = conn.execute(
+                    "select count(*) from pg_stat_activity where application_name = 'runner'"
+                    " and state = 'idle in transaction'").fetchone()[0]
+                if waiting:
+                    break
+                time.sleep(0.05)
+        time.sleep(0.3)
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(10)
+        release.set()
+        holder.join()
+        # The server notices the dead client and rolls its transaction back.
+        with database.connect() as conn:
+            for _ in range(100):
+                if not conn.execute("select count(*) from pg_stat_activity"
+                                    " where application_name = 'runner'").fetchone()[0]:
+                    break
+                time.sleep(0.1)
+        assert _state(database) == before
+        _swap(database)
+        _swapped_correctly(database)
+    finally:
+        _drop(server, database)
