@@ -32,6 +32,22 @@ select jsonb_build_object(
     'options', c.reloptions,
     'replica_identity', c.relreplident,
     'sequence', pg_get_serial_sequence(c.oid::regclass::text, 'id'),
+    'identity', (select jsonb_object_agg(attname, attidentity) from pg_attribute
+                 where attrelid = c.oid and attidentity <> ''),
+    'column_grants', (select jsonb_object_agg(attname, attacl::text) from pg_attribute
+                      where attrelid = c.oid and attacl is not null),
+    'triggers', (select jsonb_object_agg(tgname, jsonb_build_array(pg_get_triggerdef(oid),
+                     tgenabled)) from pg_trigger where tgrelid = c.oid and not tgisinternal
+                     and tgname <> 'dedup_capture'),
+    'row_security', jsonb_build_array(c.relrowsecurity, c.relforcerowsecurity),
+    'policies', (select jsonb_agg(to_jsonb(p) - 'tablename' order by policyname)
+                 from pg_policies as p where p.schemaname = 'breezeway'
+                 and p.tablename = c.relname),
+    'publications', (select jsonb_agg(pubname order by pubname) from pg_publication_rel
+                     join pg_publication on pg_publication.oid = prpubid where prrelid = c.oid),
+    'replica_identity_index', (select i.relname from pg_index as x join pg_class as i
+                               on i.oid = x.indexrelid
+                               where x.indrelid = c.oid and x.indisreplident),
     'views', (select jsonb_object_agg(v.oid::regclass::text, pg_get_viewdef(v.oid))
               from pg_depend as d join pg_rewrite as r on r.oid = d.objid
               join pg_class as v on v.oid = r.ev_class
@@ -253,3 +269,45 @@ def test_refuses_when_the_built_rows_differ_from_the_live_rows(fresh: Database) 
                      " where id = (select min(id) from dedup.property_photos)")
     message = _refused(fresh)
     assert "every kept row of breezeway.property_photos equals its live row" in message
+
+
+EVERYTHING_AROUND_A_TABLE = """
+create function breezeway.touch() returns trigger language plpgsql as
+    $$ begin new.last_sync_time := now(); return new; end $$;
+create trigger touch_task_photos before update on breezeway.task_photos
+    for each row execute function breezeway.touch();
+create trigger quiet_task_photos before insert on breezeway.task_photos
+    for each row execute function breezeway.touch();
+alter table breezeway.task_photos disable trigger quiet_task_photos;
+alter table breezeway.task_photos enable row level security;
+alter table breezeway.task_photos force row level security;
+create policy readers_read on breezeway.task_photos for select to breezeway_reader
+    using (task_pk > 0);
+grant update (url) on breezeway.task_photos to breezeway_reader;
+create publication task_photos_out for table breezeway.task_photos;
+alter table breezeway.task_photos replica identity using index task_photos_pkey;
+alter table breezeway.task_photos alter column id drop default;
+drop sequence breezeway.task_photos_id_seq;
+alter table breezeway.task_photos alter column id
+    add generated always as identity (start with 1000000 increment by 3);
+select setval(pg_get_serial_sequence('breezeway.task_photos', 'id'), 2000000);
+"""
+
+
+def test_triggers_policies_identity_grants_publications_survive_the_swap(
+        fresh: Database) -> None:
+    with fresh.connect() as conn:
+        conn.execute(EVERYTHING_AROUND_A_TABLE)
+        before = describe(conn, "task_photos")
+    result = fresh.runner("swap", "--select", "task_photos")
+    assert result.exit_code == 0, result.output
+    with fresh.connect() as conn:
+        after = describe(conn, "task_photos")
+        name = constraint_name("task_photos")
+        after["constraints"].pop(name)
+        after["indexes"].pop(name)
+        assert after == before
+        # The identity goes on from where the original's was, with its own increment.
+        new_id = conn.execute("insert into breezeway.task_photos (task_pk, photo_id)"
+                              " values (1, 'after the swap') returning id").fetchone()[0]
+        assert new_id == 2000003

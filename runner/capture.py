@@ -135,8 +135,10 @@ class Replay:
 
 
 def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation,
-           columns: list[str], batch_rows: int = BATCH_ROWS) -> Replay:
+           columns: list[str], overriding: bool = False, batch_rows: int = BATCH_ROWS) -> Replay:
     L, S, G = _id(live), _id(shadow), _id(log)
+    # Replayed rows keep their identity values.
+    override = sql.SQL(" overriding system value" if overriding else "")
     tb = sql.Identifier(spec.tiebreaker)
     col = sql.Identifier
     cols = sql.SQL(", ").join(col(c) for c in columns)
@@ -215,10 +217,10 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation,
         sql.SQL("delete from {S} as s using dedup_rescan as r where {match}").format(
             S=S, match=same_key("s", "r", right_is_row=False)),
         sql.SQL(
-            "insert into {S} ({cols}) select distinct on ({keys}) {cols} from {L} as l"
-            " where exists (select from dedup_rescan as r where {match})"
-            " order by {keys}, {keep}"
-        ).format(S=S, cols=cols, L=L, keys=sql.SQL(", ").join(col(k) for k in spec.natural_key),
+            "insert into {S} ({cols}){override} select distinct on ({keys}) {cols} from {L} as l"
+            " where exists (select from dedup_rescan as r where {match}) order by {keys}, {keep}"
+        ).format(S=S, cols=cols, L=L, override=override,
+                 keys=sql.SQL(", ").join(col(k) for k in spec.natural_key),
                  match=same_key("l", "r", right_is_row=False), keep=keep_order),
     ]
     apply = [
@@ -248,9 +250,10 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation,
                 ).format(S=S, match=same_key("s", "c", right_is_row=False),
                          beats=beats("c", "s")),
         sql.SQL(
-            "insert into {S} ({cols}) select {cols} from dedup_candidates as c"
+            "insert into {S} ({cols}){override} select {cols} from dedup_candidates as c"
             " where not exists (select from {S} as s where {match})"
-        ).format(S=S, cols=cols, match=same_key("s", "c", right_is_row=False)),
+        ).format(S=S, cols=cols, override=override,
+                 match=same_key("s", "c", right_is_row=False)),
         sql.SQL("delete from {G} where change_id in (select change_id from dedup_batch)").format(
             G=G),
     ]

@@ -73,21 +73,12 @@ def refuse_unsupported(live: LiveTable) -> None:
     problems = []
     if live.kind != "r":
         problems.append("it is not a plain table (partitioned or foreign)")
-    triggers = [name for name in live.triggers if name != capture.TRIGGER]
-    if triggers:
-        problems.append(f"it has triggers ({', '.join(triggers)})")
-    if live.row_security or live.policies:
-        problems.append("it has row-level security")
     if live.referenced_by:
+        # Rows of other tables may point at the duplicates the swap removes: moving them to the
+        # kept row of the same key is a decision about their data, not a catalog copy.
         problems.append(f"foreign keys point at it ({', '.join(live.referenced_by)})")
-    if any(column.identity for column in live.columns):
-        problems.append("it has an identity column")
     if live.materialized_views:
         problems.append(f"materialized views read it ({', '.join(live.materialized_views)})")
-    if live.published:
-        problems.append("it is in a publication")
-    if live.replica_identity == "i":
-        problems.append("its replica identity is an index")
     if problems:
         raise RunnerError(f"runner swap cannot yet carry {name} over: {'; '.join(problems)}; "
                           "deduplicate it by hand or leave it out with --select")
@@ -162,22 +153,62 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
             for k, v in (option.split("=", 1) for option in live.options)
         ))
 
+    # Rows keep their identity values: the inserts override what the column would generate.
+    overriding = bool(live.identity_sequences)
     plan = TablePlan(
         target, "swap", counts, archive=archive, constraint=name,
         shadow=Relation(schema, shadow), capture=captured,
         replay=capture.replay(spec, live.relation, Relation(schema, shadow), captured.log,
-                              [c.name for c in live.columns if not c.generated]),
+                              [c.name for c in live.columns if not c.generated],
+                              overriding=overriding),
     )
     plan.prepare += [
         Step("a leftover of an interrupted run would block the name",
              sql.SQL("drop table if exists {}").format(shadow_id)),
         Step("the new table: columns, defaults, NOT NULL, CHECK, storage, statistics, comments",
-             sql.SQL("create table {shadow} (like {live} including all excluding indexes){opts}")
+             sql.SQL("create table {shadow} (like {live} including all excluding indexes"
+                     " excluding identity){opts}")
              .format(shadow=shadow_id, live=live_id, opts=options)),
+    ]
+    seq_renames = []
+    for sequence in live.identity_sequences:
+        pending_seq = pg_name(live.relation.name, "dedup_new", sequence.column, "seq")
+        plan.prepare.append(Step(
+            f"identity column {sequence.column}, its sequence under a temporary name",
+            sql.SQL("alter table {shadow} alter column {col} add generated {kind} as identity"
+                    " (sequence name {seq} increment by {inc} minvalue {min}"
+                    " maxvalue {max} start with {start} cache {cache}{cycle})").format(
+                shadow=shadow_id, col=sql.Identifier(sequence.column),
+                kind=sql.SQL("always" if next(
+                    c.identity for c in live.columns if c.name == sequence.column) == "a"
+                    else "by default"),
+                seq=sql.Identifier(schema, pending_seq),
+                inc=sql.Literal(sequence.increment), min=sql.Literal(sequence.minimum),
+                max=sql.Literal(sequence.maximum), start=sql.Literal(sequence.start),
+                cache=sql.Literal(sequence.cache),
+                cycle=sql.SQL(" cycle" if sequence.cycle else ""))))
+        archived_seq = pg_name(archive.name, sequence.column, "seq")
+        plan.cutover.append(Step(
+            f"free the name of sequence {sequence.name}",
+            sql.SQL("alter sequence {} rename to {}").format(
+                sql.Identifier(sequence.schema, sequence.name), sql.Identifier(archived_seq))))
+        seq_renames += [
+            Step(f"sequence {sequence.name} keeps its name",
+                 sql.SQL("alter sequence {} rename to {}").format(
+                     sql.Identifier(schema, pending_seq), sql.Identifier(sequence.name))),
+            Step("and goes on from where the original's was",
+                 sql.SQL("select setval({new}::regclass, s.last_value, s.is_called)"
+                         " from {old} as s").format(
+                     new=sql.Literal(sql.Identifier(sequence.schema, sequence.name)
+                                     .as_string()),
+                     old=sql.Identifier(archive_schema, archived_seq))),
+        ]
+    plan.prepare += [
         Step("fill it with the rows dbt kept",
-             sql.SQL("insert into {shadow} ({cols}) select {cols} from {built}").format(
-                 shadow=shadow_id, cols=insert_columns,
-                 built=sql.Identifier(target.deduplicated.schema, target.deduplicated.name))),
+             sql.SQL("insert into {shadow} ({cols}){overriding} select {cols} from {built}")
+             .format(shadow=shadow_id, cols=insert_columns,
+                     overriding=sql.SQL(" overriding system value" if overriding else ""),
+                     built=sql.Identifier(target.deduplicated.schema, target.deduplicated.name))),
         Step("the natural key's unique index, built before the lock",
              _unique_index(target, pending_index, shadow_id)),
     ]
@@ -227,7 +258,13 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
         Step(f"sequence {seq} stays with the table it numbers",
              sql.SQL("alter sequence {} owned by {}.{}").format(
                  sql.Identifier(seq_schema, seq), shadow_id, sql.Identifier(column)))
-        for seq_schema, seq, column in live.owned_sequences
+        for seq_schema, seq, column, identity in live.owned_sequences if not identity
+    ]
+    plan.cutover += [
+        Step(f"publication {publication} publishes the new table, not the original",
+             sql.SQL("alter publication {} drop table {}").format(
+                 sql.Identifier(publication), live_id))
+        for publication in live.publications
     ]
     plan.cutover += [
         Step("keep the original table, every row of it, in the archive schema",
@@ -241,6 +278,7 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
              sql.SQL("alter table {} rename to {}").format(
                  shadow_id, sql.Identifier(live.relation.name))),
         *renames,
+        *seq_renames,
         Step("the natural key's constraint, from the index built before the lock",
              sql.SQL("alter table {} add constraint {} unique using index {}").format(
                  live_id, sql.Identifier(name), sql.Identifier(pending_index))),
@@ -264,10 +302,57 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
     if live.comment is not None:
         plan.cutover.append(Step("same comment", sql.SQL("comment on table {} is {}").format(
             live_id, sql.Literal(live.comment))))
+    for grant in live.column_grants:
+        if grant.privilege not in PRIVILEGES:
+            raise RunnerError(f"unknown privilege {grant.privilege} on {live.relation}")
+        plan.cutover.append(Step(
+            f"grant {grant.privilege} on column {grant.column} to {grant.grantee or 'PUBLIC'}",
+            sql.SQL("grant {} ({}) on {} to {}{}").format(
+                sql.SQL(grant.privilege), sql.Identifier(grant.column), live_id,
+                sql.Identifier(grant.grantee) if grant.grantee else sql.SQL("public"),
+                sql.SQL(" with grant option" if grant.grantable else ""))))
     if live.replica_identity in ("f", "n"):
         plan.cutover.append(Step("same replica identity", sql.SQL(
             "alter table {} replica identity {}").format(
                 live_id, sql.SQL("full" if live.replica_identity == "f" else "nothing"))))
+    if live.replica_identity == "i" and live.replica_identity_index:
+        plan.cutover.append(Step("same replica identity", sql.SQL(
+            "alter table {} replica identity using index {}").format(
+                live_id, sql.Identifier(live.replica_identity_index))))
+    if live.row_security:
+        plan.cutover.append(Step("same row-level security", sql.SQL(
+            "alter table {} enable row level security").format(live_id)))
+    if live.force_row_security:
+        plan.cutover.append(Step("row-level security binds the owner too", sql.SQL(
+            "alter table {} force row level security").format(live_id)))
+    commands = {"*": "all", "r": "select", "a": "insert", "w": "update", "d": "delete"}
+    for policy in live.policies:
+        roles = sql.SQL(", ").join(
+            sql.Identifier(role) if role else sql.SQL("public") for role in policy.roles)
+        plan.cutover.append(Step(f"policy {policy.name}", sql.SQL(
+            "create policy {name} on {live} as {kind} for {command} to {roles}{using}{check}"
+        ).format(
+            name=sql.Identifier(policy.name), live=live_id,
+            kind=sql.SQL("permissive" if policy.permissive else "restrictive"),
+            command=sql.SQL(commands[policy.command]), roles=roles,
+            using=sql.SQL(" using ({})").format(sql.SQL(policy.using))
+            if policy.using else sql.SQL(""),
+            check=sql.SQL(" with check ({})").format(sql.SQL(policy.with_check))
+            if policy.with_check else sql.SQL(""))))
+    for trigger in live.triggers:
+        if trigger.name == capture.TRIGGER:
+            continue
+        # Created last, so that none fires while the runner copies and replays rows.
+        plan.cutover.append(Step(f"trigger {trigger.name}", sql.SQL(trigger.definition)))
+        enablement = {"D": "disable trigger", "R": "enable replica trigger",
+                      "A": "enable always trigger"}.get(trigger.enabled)
+        if enablement:
+            plan.cutover.append(Step(f"trigger {trigger.name} as it was set", sql.SQL(
+                "alter table {} {} {}").format(live_id, sql.SQL(enablement),
+                                              sql.Identifier(trigger.name))))
+    for publication in live.publications:
+        plan.cutover.append(Step(f"publication {publication}", sql.SQL(
+            "alter publication {} add table {}").format(sql.Identifier(publication), live_id)))
     for view in live.views:
         view_options = sql.SQL("")
         if view.options:
