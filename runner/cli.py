@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from runner import artifacts, demo, swap
+from runner import artifacts, demo, rollback, swap
 from runner.database import connect, database, uses_embedded
 from runner.dbt import run_dbt
 from runner.embedded import EmbeddedPostgres, default_data_dir
@@ -223,6 +223,73 @@ def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> N
         _swap(swap.SwapOptions(target_dir=target_dir), dry_run=False)
         timings["runner swap"] = time.perf_counter() - started
     click.echo("  ".join(f"{step}: {seconds:.1f} s" for step, seconds in timings.items()))
+
+
+@cli.command(name="rollback")
+@project_dir_option
+@click.option("--select", "select", multiple=True,
+              help="Only these live tables (repeatable); by default every table whose latest "
+                   "swap was not rolled back.")
+@click.option("--dry-run", is_flag=True, help="Print every statement, in order; change nothing.")
+@click.option("--lock-timeout", default="100ms", show_default=True,
+              help="How long one try waits for the lock: the longest anyone queues behind it.")
+@click.option("--lock-wait", default="60s", show_default=True,
+              help="How long all tries together may take before giving up with no change.")
+@click.option("--archive-schema", default=swap.DEFAULT_ARCHIVE_SCHEMA, show_default=True,
+              help="Where the swaps kept the original tables.")
+@_fails_cleanly
+def rollback_command(project_dir: Path, select: tuple[str, ...], dry_run: bool,
+                     lock_timeout: str, lock_wait: str, archive_schema: str) -> None:
+    """Put the original tables back, duplicates included, with every row written since the
+    swap; the deduplicated tables are kept in the archive schema, all in one transaction."""
+    options = rollback.RollbackOptions(
+        select=list(select) or None, archive_schema=archive_schema,
+        lock_timeout_ms=_duration_ms(lock_timeout), lock_wait_s=_duration_ms(lock_wait) / 1000,
+    )
+    with database(project_dir), connect() as conn:
+        plans = rollback.make_plans(conn, options)
+        if dry_run:
+            click.echo(rollback.render(conn, plans, options))
+            return
+        result = rollback.execute(conn, plans, options)
+    click.echo("\n".join(rollback.report(result)))
+
+
+@cli.command(name="cleanup")
+@project_dir_option
+@click.option("--older-than", required=True,
+              help="Drop only what swaps older than this kept: 7d, 12h, 30min, 0s.")
+@click.option("--dry-run", is_flag=True, help="Print every statement, in order; change nothing.")
+@click.option("--lock-timeout", default="100ms", show_default=True,
+              help="How long one try waits for the lock: the longest anyone queues behind it.")
+@click.option("--lock-wait", default="60s", show_default=True,
+              help="How long all tries together may take before giving up with no change.")
+@click.option("--archive-schema", default=swap.DEFAULT_ARCHIVE_SCHEMA, show_default=True,
+              help="Where the swaps kept the original tables.")
+@_fails_cleanly
+def cleanup_command(project_dir: Path, older_than: str, dry_run: bool, lock_timeout: str,
+                    lock_wait: str, archive_schema: str) -> None:
+    """Drop the archives, kept-row tables and rolled-back copies of the swaps older than
+    --older-than; those swaps can no longer be rolled back."""
+    age = rollback.parse_age(older_than)
+    options = rollback.RollbackOptions(
+        archive_schema=archive_schema, lock_timeout_ms=_duration_ms(lock_timeout),
+        lock_wait_s=_duration_ms(lock_wait) / 1000,
+    )
+    with database(project_dir), connect() as conn:
+        items = rollback.plan_cleanup(conn, archive_schema, age)
+        if not items:
+            click.echo(f"Nothing to clean up: no swap older than {older_than} kept anything.")
+            return
+        if dry_run:
+            click.echo(rollback.render_cleanup(conn, items, options))
+            return
+        result = rollback.execute_cleanup(conn, items, options)
+    for relation, size in result.freed:
+        click.echo(f"Dropped {relation} ({_size(size)}).")
+    total = sum(size for _, size in result.freed)
+    click.echo(f"Freed {_size(total)} ({total:,} bytes) in total from {len(result.freed)} "
+               f"tables, kept by {len(result.items)} swaps older than {older_than}.")
 
 
 @cli.group()

@@ -381,7 +381,8 @@ def log_table(archive_schema: str) -> sql.Composed:
         "swapped_at timestamptz not null default now(), live_schema text not null,"
         " live_table text not null, action text not null, archive_table text,"
         " constraint_name text not null, rows_before bigint not null, rows_after bigint not null,"
-        " bytes_before bigint not null, bytes_after bigint not null)"
+        " bytes_before bigint not null, bytes_after bigint not null,"
+        " rolled_back_at timestamptz, rolled_back_table text, cleaned_at timestamptz)"
     ).format(sql.Identifier(archive_schema, SWAP_LOG))
 
 

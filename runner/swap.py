@@ -198,7 +198,7 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
     return "\n".join(lines)
 
 
-def _run(conn: psycopg.Connection, steps: list[Step]) -> None:
+def run_steps(conn: psycopg.Connection, steps: list[Step]) -> None:
     for step in steps:
         cursor = conn.execute(step.statement)
         if not step.check:
@@ -234,17 +234,18 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool) -> i
             conn.execute(statement)
         replayed += batch
         if under_lock:
-            _run(conn, [Step(f"every row the replay touched in {plan.target.live} equals its "
+            run_steps(conn, [Step(f"every row the replay touched in {plan.target.live} equals its "
                              "live row", replay.touched_rows_match, check=True)])
         elif conn.execute(replay.pending).fetchone()[0] < SMALL_ENOUGH:
             return replayed
 
 
 def _lock_holders(conn: psycopg.Connection, plans: list[TablePlan]) -> str:
-    return _lock_holders_of(conn, [p.target.live for p in plans])
+    return lock_holders(conn, [p.target.live for p in plans])
 
 
-def _lock_holders_of(conn: psycopg.Connection, tables: list[artifacts.Relation]) -> str:
+def lock_holders(conn: psycopg.Connection, tables: list[artifacts.Relation]) -> str:
+    """Who holds a lock on these tables, for the message of a runner that gives up."""
     names = [f"{table.schema}.{table.name}" for table in tables]
     rows = conn.execute(
         """
@@ -274,22 +275,22 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
         return SwapResult(plans, 0.0)
     step_done = after_step or (lambda label: None)
     if not conn.execute("select pg_try_advisory_lock(%s)", (ADVISORY_LOCK_KEY,)).fetchone()[0]:
-        raise RunnerError("another runner swap is working on this database: wait for it to "
-                          "finish, then run again")
+        raise RunnerError("another runner swap, rollback or cleanup is working on this "
+                          "database: wait for it to finish, then run again")
     replaying = [p for p in active if p.replay]
     try:
         for plan in active:
-            _run(conn, plan.concurrent)
+            run_steps(conn, plan.concurrent)
             step_done(f"concurrent index of {plan.target.live}")
         before, locking, under_lock = _phases(plans, options)
         replayed = attempts = 0
         with conn.transaction():
             for step in before:
-                _run(conn, [step])
+                run_steps(conn, [step])
                 step_done(step.why)
             for plan in replaying:
                 replayed += _replay(conn, plan, under_lock=False)
-                _run(conn, [Step(f"every kept row of {plan.target.live} equals its live row, "
+                run_steps(conn, [Step(f"every kept row of {plan.target.live} equals its live row, "
                                  "unless a captured write waits to explain it",
                                  plan.replay.all_rows_match, check=True)])
                 step_done(f"replay before the lock of {plan.target.live}")
@@ -299,12 +300,12 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
                 attempts += 1
                 try:
                     with conn.transaction():
-                        _run(conn, locking)
+                        run_steps(conn, locking)
                         locked_at = time.perf_counter()
                         step_done("lock")
                         for plan in replaying:
                             replayed += _replay(conn, plan, under_lock=True)
-                        _run(conn, under_lock)
+                        run_steps(conn, under_lock)
                         step_done("cutover")
                     break
                 except (psycopg.errors.LockNotAvailable, _NeedsRescan) as reason:
@@ -361,7 +362,7 @@ def start_capture(conn: psycopg.Connection, targets: list[artifacts.DedupTarget]
                     raise RunnerError(
                         f"could not lock {live} to start its change capture within "
                         f"{options.lock_wait_s:g} s; held by "
-                        f"{_lock_holders_of(conn, [live])}: retry when they finish") from error
+                        f"{lock_holders(conn, [live])}: retry when they finish") from error
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
         started.append(live)

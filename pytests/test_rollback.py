@@ -1,0 +1,373 @@
+"""runner rollback and runner cleanup against a real server: what comes back, what is kept,
+what is refused."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import psycopg
+from conftest import TEST_SCALE, Database
+from psycopg import sql
+from test_other_project import EXPECTED_KEPT, OTHER_PROJECT, run_other_dbt
+from test_other_project import shop as shop  # imported, its fixture is this module's too
+from test_swap import SWAPPED, describe, schema_state
+
+from runner import demo, swap
+from runner.names import constraint_name
+
+CONTENT = "select count(*), md5(string_agg(t::text, ',' order by t::text)) from {} as t"
+
+
+def content(conn: psycopg.Connection, table: str, schema: str = "breezeway") -> tuple:
+    """Every row, duplicates included, as a count and a checksum of the sorted rows."""
+    return conn.execute(sql.SQL(CONTENT).format(sql.Identifier(schema, table))).fetchone()
+
+
+def rows_by_id(conn: psycopg.Connection, table: str) -> dict[int, str]:
+    return dict(conn.execute(sql.SQL("select id, md5(t::text) from {} as t").format(
+        sql.Identifier("breezeway", table))).fetchall())
+
+
+def swap_log(database: Database) -> list:
+    with database.connect() as conn:
+        return conn.execute("select to_jsonb(l) from dedup_archive.swap_log as l"
+                            " order by swapped_at, live_table").fetchall()
+
+
+def swapped(database: Database, *args: str) -> None:
+    result = database.runner("swap", *args)
+    assert result.exit_code == 0, result.output
+
+
+def rolled_back(database: Database, *args: str) -> str:
+    result = database.runner("rollback", *args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def refused(database: Database, *args: str) -> str:
+    """A one-line error, exit 1, and the schemas and swap log as they were."""
+    before = schema_state(database), _log_if_any(database)
+    result = database.runner(*args)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert (schema_state(database), _log_if_any(database)) == before
+    return lines[0]
+
+
+def _log_if_any(database: Database) -> list:
+    with database.connect() as conn:
+        if conn.execute("select to_regclass('dedup_archive.swap_log')").fetchone()[0] is None:
+            return []
+    return swap_log(database)
+
+
+def test_rollback_restores_every_original_row_and_the_writes_since_the_swap(
+        fresh: Database) -> None:
+    with fresh.connect() as conn:
+        before = {table: content(conn, table) for table in SWAPPED}
+        expected = rows_by_id(conn, "property_photos")
+    swapped(fresh)
+    with fresh.connect() as conn:
+        kept = [r[0] for r in conn.execute("select id from breezeway.property_photos order by id")]
+        new_id = conn.execute(
+            "insert into breezeway.property_photos (property_pk, photo_id, url)"
+            " values (1, 'after the swap', 'a new photo') returning id").fetchone()[0]
+        conn.execute("update breezeway.property_photos set caption = 'edited after the swap'"
+                     " where id = %s", (kept[1],))
+        conn.execute("delete from breezeway.property_photos where id = %s", (kept[0],))
+        written = rows_by_id(conn, "property_photos")
+    del expected[kept[0]]
+    expected[kept[1]] = written[kept[1]]
+    expected[new_id] = written[new_id]
+
+    output = rolled_back(fresh)
+    assert ("breezeway.property_photos: the original table is live again, with the writes made "
+            "since the swap (1 inserted, 1 updated, 1 deleted rows)") in output
+    assert re.search(r"Live tables locked for \d+ ms", output), output
+    with fresh.connect() as conn:
+        assert rows_by_id(conn, "property_photos") == expected
+        for table in SWAPPED:
+            if table != "property_photos":
+                assert content(conn, table) == before[table], table
+        # The deduplicated table is kept, nothing dropped: as it was, with the later writes.
+        copy = conn.execute("select rolled_back_table from dedup_archive.swap_log"
+                            " where live_table = 'property_photos'").fetchone()[0]
+        assert copy.startswith("property_photos__") and copy.endswith("__rolled_back")
+        assert content(conn, copy, "dedup_archive")[0] == len(kept)
+        # The view reads the original again.
+        photos = conn.execute("select sum(photos) from breezeway.property_photo_counts")
+        assert photos.fetchone()[0] == len(expected)
+
+
+def test_after_rollback_the_catalog_is_as_before_the_swap(fresh: Database) -> None:
+    with fresh.connect() as conn:
+        before = {table: describe(conn, table) for table in SWAPPED}
+    swapped(fresh)
+    rolled_back(fresh)
+    with fresh.connect() as conn:
+        for table in SWAPPED:
+            after = describe(conn, table)
+            assert constraint_name(table) not in after["constraints"]
+            assert after == before[table], table
+        # Every table the swap kept in the archive is still there: the originals went back,
+        # the deduplicated tables and the kept rows stay.
+        archived = {name for (name,) in conn.execute(
+            "select relname from pg_class where relnamespace = 'dedup_archive'::regnamespace"
+            " and relkind = 'r'")}
+        for table in SWAPPED:
+            assert sum(name.startswith(f"{table}__") and name.endswith("__rolled_back")
+                       for name in archived) == 1
+            assert sum(name.startswith(f"{table}__") and name.endswith("__kept")
+                       for name in archived) == 1
+        # The next id goes on after the writes made while the deduplicated table was live.
+        new_id = conn.execute("insert into breezeway.task_photos (task_pk) values (1)"
+                              " returning id").fetchone()[0]
+        assert new_id > demo.expected_counts(TEST_SCALE)["task_photos"].total
+    for entry in swap_log(fresh):
+        assert entry[0]["rolled_back_at"] is not None
+
+
+def test_a_new_swap_after_a_rollback_and_a_rollback_of_it(fresh: Database) -> None:
+    with fresh.connect() as conn:
+        before = {table: content(conn, table) for table in SWAPPED}
+    swapped(fresh)
+    rolled_back(fresh)
+    # The rollback ended the deduplicated tables' role, not the job: start it again.
+    captured = fresh.runner("capture")
+    assert captured.exit_code == 0, captured.output
+    assert fresh.dbt("build").success
+    swapped(fresh)
+    expected = demo.expected_counts(TEST_SCALE)
+    with fresh.connect() as conn:
+        for table in SWAPPED:
+            assert content(conn, table)[0] == expected[table].unique, table
+    log = [entry for (entry,) in swap_log(fresh)]
+    assert len(log) == 2 * len(SWAPPED)
+    assert [e["rolled_back_at"] is None for e in log] == (
+        [False] * len(SWAPPED) + [True] * len(SWAPPED))
+    rolled_back(fresh)
+    with fresh.connect() as conn:
+        for table in SWAPPED:
+            assert content(conn, table) == before[table], table
+
+
+def test_a_capture_started_after_the_swap_ends_with_the_rollback(fresh: Database) -> None:
+    swapped(fresh, "--select", "task_photos")
+    captured = fresh.runner("capture", "--select", "task_photos")
+    assert captured.exit_code == 0, captured.output
+    rolled_back(fresh)
+    with fresh.connect() as conn:
+        assert conn.execute("select count(*) from pg_trigger where tgname = 'dedup_capture'"
+                            " and tgrelid::regclass::text like '%task_photos%'").fetchone()[0] == 0
+        assert conn.execute("select count(*) from dedup_archive.captures"
+                            " where live_table = 'task_photos'").fetchone()[0] == 0
+    # It watched the deduplicated table; the original needs its own.
+    assert "Capturing writes to breezeway.task_photos" in fresh.runner(
+        "capture", "--select", "task_photos").output
+
+
+def test_rollback_of_a_swap_that_only_added_the_constraint(fresh: Database) -> None:
+    with fresh.connect() as conn:
+        conn.execute("alter table breezeway.task_tags drop constraint task_tags_task_pk_tag_pk_key")
+        before = describe(conn, "task_tags")
+    swapped(fresh, "--select", "task_tags")
+    with fresh.connect() as conn:
+        assert constraint_name("task_tags") in describe(conn, "task_tags")["constraints"]
+    output = rolled_back(fresh)
+    assert "breezeway.task_tags: dropped the constraint task_tags__natural_key." in output
+    with fresh.connect() as conn:
+        assert describe(conn, "task_tags") == before
+
+
+def test_rollback_on_quoted_names_a_uuid_tiebreaker_and_an_identity_column(
+        shop: Database) -> None:
+    identity = """select pg_get_serial_sequence('"Shop"."Order Lines"', 'n')"""
+    with shop.connect() as conn:
+        conn.execute('alter table "Shop"."Order Lines"'
+                     " add column n bigint generated always as identity")
+        before = content(conn, "Order Lines", "Shop")
+        sequence = conn.execute(identity).fetchone()[0]
+    assert run_other_dbt(shop, "parse").success
+    assert shop.runner("capture", "--project-dir", str(OTHER_PROJECT)).exit_code == 0
+    assert run_other_dbt(shop, "build").success
+    swapped(shop, "--project-dir", str(OTHER_PROJECT))
+    with shop.connect() as conn:
+        assert content(conn, "Order Lines", "Shop")[0] == len(
+            conn.execute(EXPECTED_KEPT).fetchall())
+        conn.execute("""update "Shop"."Order Lines" set note = 'edited' where line_no = 1""")
+        inserted = conn.execute(
+            """insert into "Shop"."Order Lines" (uid, "Order ID", line_no, updated_at)"""
+            " values (gen_random_uuid(), 'ORD-6', 1, now()) returning n").fetchone()[0]
+    rolled_back(shop, "--select", "Shop.Order Lines")
+    with shop.connect() as conn:
+        after = content(conn, "Order Lines", "Shop")
+        edited = conn.execute("""select count(*) from "Shop"."Order Lines"
+                              where note = 'edited'""").fetchone()[0]
+        assert conn.execute(identity).fetchone()[0] == sequence
+        # The identity goes on after the row inserted while the deduplicated table was live.
+        assert conn.execute(
+            """insert into "Shop"."Order Lines" (uid, "Order ID", line_no, updated_at)"""
+            " values (gen_random_uuid(), 'ORD-7', 1, now()) returning n").fetchone()[0] == (
+                inserted + 1)
+    assert after[0] == before[0] + 1
+    assert edited == 5
+
+
+def test_the_original_keeps_its_triggers_which_do_not_fire_again(fresh: Database) -> None:
+    with fresh.connect() as conn:
+        conn.execute("create function breezeway.touch() returns trigger language plpgsql as"
+                     " $$ begin new.caption := new.caption || ' (touched)'; return new; end $$")
+        conn.execute("create trigger touch before update on breezeway.property_photos"
+                     " for each row execute function breezeway.touch()")
+        conn.execute("create publication dedup_rollback for table breezeway.task_photos")
+    swapped(fresh)
+    with fresh.connect() as conn:
+        kept = conn.execute("select max(id) from breezeway.property_photos").fetchone()[0]
+        conn.execute("update breezeway.property_photos set url = 'moved' where id = %s", (kept,))
+    rolled_back(fresh)
+    with fresh.connect() as conn:
+        # Fired once, by the ETL's update on the deduplicated table; not again by the rollback.
+        caption = conn.execute("select caption from breezeway.property_photos where id = %s",
+                               (kept,)).fetchone()[0]
+        assert caption.endswith(" (touched)") and caption.count("(touched)") == 1
+        assert conn.execute("select tgenabled from pg_trigger where tgname = 'touch'"
+                            " and tgrelid = 'breezeway.property_photos'::regclass"
+                            ).fetchone()[0] == "O"
+        assert conn.execute("select array_agg(prrelid::regclass::text) from pg_publication_rel"
+                            ).fetchone()[0] == ["breezeway.task_photos"]
+
+
+def test_refuses_when_there_is_nothing_to_roll_back(fresh: Database) -> None:
+    message = refused(fresh, "rollback")
+    assert "nothing to roll back: dedup_archive.swap_log records no swap" in message
+    swapped(fresh, "--select", "task_photos")
+    message = refused(fresh, "rollback", "--select", "property_photos")
+    assert "--select property_photos: dedup_archive.swap_log records no swap of that table" in (
+        message)
+    rolled_back(fresh)
+    message = refused(fresh, "rollback")
+    assert "nothing to roll back: every swap in dedup_archive.swap_log was rolled back" in message
+    message = refused(fresh, "rollback", "--select", "task_photos")
+    assert "nothing to roll back for breezeway.task_photos: its latest swap" in message
+
+
+def test_refuses_when_what_the_swap_kept_was_dropped_by_hand(fresh: Database) -> None:
+    swapped(fresh, "--select", "task_photos")
+    archive = swap_log(fresh)[0][0]["archive_table"]
+    with fresh.connect() as conn:
+        conn.execute(sql.SQL("drop table {}").format(
+            sql.Identifier("dedup_archive", f"{archive}__kept")))
+    message = refused(fresh, "rollback")
+    assert (f"cannot roll back breezeway.task_photos: its table of kept rows "
+            f"dedup_archive.{archive}__kept is missing") in message
+
+
+def test_refuses_while_another_runner_works(fresh: Database) -> None:
+    swapped(fresh, "--select", "task_photos")
+    with fresh.connect() as other:
+        other.execute("select pg_advisory_lock(%s)", (swap.ADVISORY_LOCK_KEY,))
+        message = refused(fresh, "rollback")
+    assert "another runner swap, rollback or cleanup is working on this database" in message
+
+
+def test_gives_up_on_a_held_lock_and_names_the_holder(fresh: Database) -> None:
+    swapped(fresh)
+    holder_ready = threading.Event()
+    release = threading.Event()
+
+    def hold_lock() -> None:
+        with fresh.connect() as conn, conn.transaction():
+            conn.execute("lock table breezeway.task_photos in access share mode")
+            holder_ready.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        holder_ready.wait(10)
+        with fresh.connect() as conn:
+            holder_pid = conn.execute(
+                "select pid from pg_locks where relation = 'breezeway.task_photos'::regclass"
+                " and mode = 'AccessShareLock' and pid <> pg_backend_pid()").fetchone()[0]
+        message = refused(fresh, "rollback", "--lock-timeout", "200ms", "--lock-wait", "1s")
+    finally:
+        release.set()
+        holder.join()
+    assert "tries of 200 ms over 1 s, nothing was changed" in message
+    assert f"pid {holder_pid}" in message
+
+
+def test_dry_run_prints_every_statement_and_changes_nothing(fresh: Database) -> None:
+    swapped(fresh)
+    before = schema_state(fresh), swap_log(fresh)
+    result = fresh.runner("rollback", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("lock table ") == 1
+    assert ('alter table "breezeway"."property_photos" rename to '
+            '"property_photos__') in result.output
+    assert result.output.rstrip().endswith("commit;")
+    assert (schema_state(fresh), swap_log(fresh)) == before
+
+
+BYTES_FREED = re.compile(r"Freed .+ \(([\d,]+) bytes\) in total")
+
+
+def test_cleanup_drops_what_the_swap_kept_and_rollback_then_refuses(fresh: Database) -> None:
+    swapped(fresh)
+    log = [entry for (entry,) in swap_log(fresh)]
+    result = fresh.runner("cleanup", "--older-than", "0s")
+    assert result.exit_code == 0, result.output
+    freed = BYTES_FREED.search(result.output)
+    assert freed and int(freed.group(1).replace(",", "")) > 0, result.output
+    with fresh.connect() as conn:
+        for entry in log:
+            assert entry["archive_table"] in result.output
+            for name in (entry["archive_table"], f"{entry['archive_table']}__kept"):
+                assert conn.execute("select to_regclass(format('dedup_archive.%%I', %s::text))",
+                                    (name,)).fetchone()[0] is None
+    assert all(entry[0]["cleaned_at"] is not None for entry in swap_log(fresh))
+    message = refused(fresh, "rollback")
+    assert "runner cleanup dropped its archive" in message
+    again = fresh.runner("cleanup", "--older-than", "0s")
+    assert again.output.startswith("Nothing to clean up"), again.output
+
+
+def test_cleanup_after_a_rollback_keeps_the_restored_tables(fresh: Database) -> None:
+    with fresh.connect() as conn:
+        before = {table: content(conn, table) for table in SWAPPED}
+    swapped(fresh)
+    rolled_back(fresh)
+    result = fresh.runner("cleanup", "--older-than", "0s")
+    assert result.exit_code == 0, result.output
+    assert "__rolled_back" in result.output
+    with fresh.connect() as conn:
+        assert conn.execute("select count(*) from pg_class where relkind = 'r'"
+                            " and relnamespace = 'dedup_archive'::regnamespace"
+                            " and relname ~ '__(kept|rolled_back)$'").fetchone()[0] == 0
+        for table in SWAPPED:
+            assert content(conn, table) == before[table], table
+
+
+def test_cleanup_stops_at_a_view_on_an_archive(fresh: Database) -> None:
+    swapped(fresh, "--select", "task_photos")
+    archive = swap_log(fresh)[0][0]["archive_table"]
+    with fresh.connect() as conn:
+        conn.execute(sql.SQL("create view public.audit as select * from {}").format(
+            sql.Identifier("dedup_archive", archive)))
+    message = refused(fresh, "cleanup", "--older-than", "0s")
+    assert "nothing was dropped: cannot drop table" in message
+    assert "view public.audit depends on table" in message
+
+
+def test_cleanup_within_the_retention_drops_nothing(fresh: Database) -> None:
+    swapped(fresh)
+    before = schema_state(fresh), swap_log(fresh)
+    for args in (("--older-than", "7d"), ("--older-than", "0s", "--dry-run")):
+        result = fresh.runner("cleanup", *args)
+        assert result.exit_code == 0, result.output
+        assert (schema_state(fresh), swap_log(fresh)) == before
+    assert fresh.runner("cleanup", "--older-than", "7d").output.startswith(
+        "Nothing to clean up: no swap older than 7d")
