@@ -11,6 +11,9 @@ cache; otherwise the numbers are warm and marked so):
   dbt start  dbt's fixed cost: a build that selects nothing;
   dbt build  the dedup models and their tests for the chosen tables;
   swap       runner swap of the chosen tables, and how long it held the lock.
+Meanwhile a writer in a process of its own re-inserts copies of existing rows into the first
+table, as the ETL did, from before the build until after the swap; its worst stall is the cost
+the swap imposes on the ETL.
 Prints one table with the ratio of each phase to the floor and writes it as JSON to
 bench/results/. Not part of the test suite: it takes minutes at scale 1.0.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -30,7 +34,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from runner import demo, swap
+from runner import artifacts, demo, swap
 from runner.database import connect, uses_embedded
 from runner.embedded import EmbeddedPostgres, default_data_dir
 
@@ -90,6 +94,29 @@ def dbt_build(selection: list[str], target: Path) -> float:
     return elapsed
 
 
+def write_like_the_etl(conninfo: dict, table: str, stop, results: str) -> None:
+    """Copies of existing rows, INSERT ... ON CONFLICT DO NOTHING, ~500 a second."""
+    latencies = []
+    with psycopg.connect(autocommit=True, **conninfo) as conn:
+        columns = [r[0] for r in conn.execute(
+            "select attname from pg_attribute where attrelid = %s::regclass and attnum > 0"
+            " and not attisdropped and attname <> 'id' order by attnum",
+            (f"{demo.DEMO_SCHEMA}.{table}",))]
+        statement = sql.SQL(
+            "insert into {t} ({cols}) select {cols} from {t} where id = %s"
+            " on conflict do nothing").format(
+                t=sql.Identifier(demo.DEMO_SCHEMA, table),
+                cols=sql.SQL(", ").join(sql.Identifier(c) for c in columns))
+        n = 0
+        while not stop.is_set():
+            started = time.perf_counter()
+            conn.execute(statement, (n % 1000 + 1,))
+            latencies.append(time.perf_counter() - started)
+            n += 1
+            time.sleep(0.002)
+    Path(results).write_text(json.dumps(latencies))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=float, default=0.1)
@@ -116,13 +143,31 @@ def main() -> None:
         server.empty_caches()
         phases["floor"] = floor_scan(tables)
         phases["dbt start"] = dbt_build(["--select", "tag:selects_nothing"], target)
-        server.empty_caches()
-        phases["dbt build"] = dbt_build(selection, target)
+        options = swap.SwapOptions(target_dir=target, select=tables)
         with connect() as conn:
-            options = swap.SwapOptions(target_dir=target, select=tables)
-            started = time.perf_counter()
-            result = swap.execute(conn, swap.make_plans(conn, options), options)
-            phases["swap"] = time.perf_counter() - started
+            swap.start_capture(conn, artifacts.select_targets(
+                artifacts.load_targets(target), tables), options)
+        server.empty_caches()
+        stop = multiprocessing.Event()
+        writer_results = target / "writer.json"
+        conninfo = {name.lower().removeprefix("pg"): os.environ[name]
+                    for name in ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE")}
+        conninfo["dbname"] = conninfo.pop("database")
+        writer = multiprocessing.Process(target=write_like_the_etl, args=(
+            conninfo, tables[0], stop, str(writer_results)))
+        writer.start()
+        try:
+            phases["dbt build"] = dbt_build(selection, target)
+            with connect() as conn:
+                started = time.perf_counter()
+                result = swap.execute(conn, swap.make_plans(conn, options), options)
+                phases["swap"] = time.perf_counter() - started
+        finally:
+            time.sleep(0.5)
+            stop.set()
+            writer.join()
+        latencies = sorted(json.loads(writer_results.read_text()))
+        with connect() as conn:
             rows_after = {t: conn.execute(sql.SQL("select count(*) from {}").format(
                 sql.Identifier(demo.DEMO_SCHEMA, t))).fetchone()[0] for t in tables}
             bytes_after = {t: conn.execute("select pg_total_relation_size(%s::regclass)",
@@ -136,6 +181,10 @@ def main() -> None:
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "scale": args.scale, "tables": tables, "cold_cache": server.cold,
         "postgres": version, "seconds": phases, "lock_ms": result.lock_ms,
+        "lock_attempts": result.attempts, "replayed_writes": result.replayed,
+        "writer": {"writes": len(latencies),
+                   "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
+                   "worst_ms": latencies[-1] * 1000},
         "job_over_floor": job / phases["floor"],
         "dbt_start_share_of_job": phases["dbt start"] / job,
         "rows_before": rows_before, "rows_after": rows_after,
@@ -148,6 +197,9 @@ def main() -> None:
         print(f"{phase:<12}{seconds:>10.2f}{seconds / phases['floor']:>10.2f}")
     print(f"{'job':<12}{job:>10.2f}{job / phases['floor']:>10.2f}"
           "   (dbt build + swap; dbt start is inside dbt build)")
+    print(f"writer on {tables[0]}: {len(latencies)} writes, p99 "
+          f"{report['writer']['p99_ms']:.1f} ms, worst {report['writer']['worst_ms']:.1f} ms; "
+          f"{result.replayed} captured writes replayed, lock taken in {result.attempts} tries")
     print(f"lock held {result.lock_ms:.0f} ms; rows {sum(rows_before.values()):,} -> "
           f"{sum(rows_after.values()):,}; bytes {sum(bytes_before.values()):,} -> "
           f"{sum(bytes_after.values()):,}")
