@@ -262,6 +262,31 @@ def test_gives_up_on_a_held_lock_and_names_the_holder(fresh: Database) -> None:
     assert f"pid {holder_pid}" in message
 
 
+def test_an_open_transaction_on_a_parent_table_makes_it_give_up_not_block(
+        fresh: Database) -> None:
+    # Adding the new table's foreign key locks the parent against writers: that must wait no
+    # longer than the lock timeout either, or the ETL would queue behind the runner.
+    holder_ready, release = threading.Event(), threading.Event()
+
+    def open_etl_transaction() -> None:
+        with fresh.connect() as conn, conn.transaction():
+            conn.execute("update breezeway.tasks set title = title where id = 1")
+            holder_ready.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=open_etl_transaction)
+    holder.start()
+    try:
+        holder_ready.wait(10)
+        message = _refused(fresh, "--select", "task_photos", "--lock-timeout", "100ms",
+                           "--lock-wait", "1s")
+    finally:
+        release.set()
+        holder.join()
+    assert 'could not get a lock for "foreign key task_photos_task_pk_fkey' in message
+    assert "nothing was changed" in message
+
+
 def test_refuses_when_the_built_rows_differ_from_the_live_rows(fresh: Database) -> None:
     # Counts still reconcile, so only the checksum of the rows can tell.
     with fresh.connect() as conn:

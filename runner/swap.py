@@ -210,6 +210,25 @@ def run_steps(conn: psycopg.Connection, steps: list[Step]) -> None:
             raise RunnerError(f"check failed, nothing was changed: {step.why} ({details})")
 
 
+def _run_retrying(conn: psycopg.Connection, step: Step, deadline: float,
+                  options: SwapOptions) -> None:
+    """One step in a savepoint of its own, tried again while a lock it needs is held."""
+    backoff = 0.05
+    while True:
+        try:
+            with conn.transaction():
+                run_steps(conn, [step])
+            return
+        except psycopg.errors.LockNotAvailable as error:
+            if time.monotonic() > deadline:
+                raise RunnerError(
+                    f"could not get a lock for \"{step.why}\" within {options.lock_wait_s:g} "
+                    f"s, nothing was changed; {error.diag.message_primary}: retry when the "
+                    "session holding it finishes, or raise --lock-wait") from error
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+
 class _NeedsRescan(Exception):
     """Under the lock, a captured write needs a scan of a live table: give the lock back."""
 
@@ -284,9 +303,14 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
             step_done(f"concurrent index of {plan.target.live}")
         before, locking, under_lock = _phases(plans, options)
         replayed = attempts = 0
+        deadline = time.monotonic() + options.lock_wait_s
         with conn.transaction():
+            # Every lock, not only the last one: adding a foreign key to a new table locks its
+            # parent against writers, and must not make them queue behind the runner either.
+            conn.execute(sql.SQL("set local lock_timeout = {}").format(
+                sql.Literal(f"{options.lock_timeout_ms}ms")))
             for step in before:
-                run_steps(conn, [step])
+                _run_retrying(conn, step, deadline, options)
                 step_done(step.why)
             for plan in replaying:
                 replayed += _replay(conn, plan, under_lock=False)
@@ -294,7 +318,6 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
                                  "unless a captured write waits to explain it",
                                  plan.replay.all_rows_match, check=True)])
                 step_done(f"replay before the lock of {plan.target.live}")
-            deadline = time.monotonic() + options.lock_wait_s
             backoff = 0.05
             while True:
                 attempts += 1
@@ -328,6 +351,10 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
                         replayed += _replay(conn, plan, under_lock=False)
         lock_ms = (time.perf_counter() - locked_at) * 1000
         return SwapResult(plans, lock_ms, attempts, replayed)
+    except psycopg.errors.LockNotAvailable as error:
+        raise RunnerError(f"gave up waiting for a lock, nothing was changed: "
+                          f"{error.diag.message_primary}; retry when the session holding it "
+                          "finishes") from error
     finally:
         conn.execute("select pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
 
