@@ -134,9 +134,11 @@ class Replay:
     """A check: every kept row equals its live row, unless a change waiting explains it."""
 
 
-def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation,
+def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation, kept: Relation,
            columns: list[str], overriding: bool = False, batch_rows: int = BATCH_ROWS) -> Replay:
-    L, S, G = _id(live), _id(shadow), _id(log)
+    """`kept` records the tie-breakers of the new table's rows, kept up to date batch by batch
+    so that the lock never waits for it to be copied."""
+    L, S, G, K = _id(live), _id(shadow), _id(log), _id(kept)
     # Replayed rows keep their identity values.
     override = sql.SQL(" overriding system value" if overriding else "")
     tb = sql.Identifier(spec.tiebreaker)
@@ -222,7 +224,38 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation,
         ).format(S=S, cols=cols, L=L, override=override,
                  keys=sql.SQL(", ").join(col(k) for k in spec.natural_key),
                  match=same_key("l", "r", right_is_row=False), keep=keep_order),
+        # A rescan changes rows beyond the batch: bring the record of kept rows level.
+        sql.SQL("delete from {K} as k where not exists (select from {S} as s"
+                " where s.{tb} = k.{tb})").format(K=K, S=S, tb=tb),
+        sql.SQL("insert into {K} select s.{tb} from {S} as s where not exists"
+                " (select from {K} as k where k.{tb} = s.{tb})").format(K=K, S=S, tb=tb),
     ]
+    touched = sql.SQL(
+        "select {old_tb} from dedup_batch as b union select {new_tb} from dedup_batch as b"
+    ).format(old_tb=field("b.old_row", spec.tiebreaker),
+             new_tb=field("b.new_row", spec.tiebreaker))
+
+    def by_null_pattern(template: str, **parts: sql.Composable) -> list[sql.Composed]:
+        """The statement for candidates whose key has no NULL, matched with = so that the new
+        table's unique index finds the kept row; and, where NULLs are equal, for the few whose
+        key has one, matched with IS NOT DISTINCT FROM, which no index serves. Where NULLs are
+        distinct such a candidate matches nothing, as under the constraint."""
+        equal = sql.SQL(" and ").join(
+            sql.SQL("s.{k} = c.{k}").format(k=col(k)) for k in spec.natural_key)
+        no_null = sql.SQL("not ({})").format(sql.SQL(" or ").join(
+            sql.SQL("c.{} is null").format(col(k)) for k in spec.natural_key))
+        some_null = sql.SQL("({})").format(sql.SQL(" or ").join(
+            sql.SQL("c.{} is null").format(col(k)) for k in spec.natural_key))
+        statements = [sql.SQL(template).format(S=S, keys_null=no_null, match=equal, **parts)]
+        if nulls_equal:
+            statements.append(sql.SQL(template).format(
+                S=S, keys_null=some_null, match=same_key("s", "c", right_is_row=False),
+                **parts))
+        elif "insert" in template:
+            statements.append(sql.SQL(template).format(
+                S=S, keys_null=some_null, match=sql.SQL("false"), **parts))
+        return statements
+
     apply = [
         # A deleted or moved NULL-key row, a group of its own, simply goes.
         *([] if nulls_equal else [sql.SQL(
@@ -246,21 +279,21 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation,
         # The new version of a kept row replaces it; a better row replaces the kept one.
         sql.SQL("delete from {S} where {tb} in (select {tb} from dedup_candidates)").format(
             S=S, tb=tb),
-        sql.SQL("delete from {S} as s using dedup_candidates as c where {match} and {beats}"
-                ).format(S=S, match=same_key("s", "c", right_is_row=False),
-                         beats=beats("c", "s")),
-        sql.SQL(
+        *by_null_pattern(
+            "delete from {S} as s using dedup_candidates as c where {keys_null} and {match}"
+            " and {beats}", beats=beats("c", "s")),
+        *by_null_pattern(
             "insert into {S} ({cols}){override} select {cols} from dedup_candidates as c"
-            " where not exists (select from {S} as s where {match})"
-        ).format(S=S, cols=cols, override=override,
-                 match=same_key("s", "c", right_is_row=False)),
+            " where {keys_null} and not exists (select from {S} as s where {match})",
+            cols=cols, override=override),
+        # Which rows are kept, for rollback: this batch's rows leave or join the record.
+        sql.SQL("delete from {K} where {tb} in ({touched})").format(
+            K=K, tb=tb, touched=touched),
+        sql.SQL("insert into {K} select {tb} from {S} where {tb} in ({touched})").format(
+            K=K, tb=tb, S=S, touched=touched),
         sql.SQL("delete from {G} where change_id in (select change_id from dedup_batch)").format(
             G=G),
     ]
-    touched = sql.SQL(
-        "select {old_tb} from dedup_batch as b union select {new_tb} from dedup_batch as b"
-    ).format(old_tb=field("b.old_row", spec.tiebreaker),
-             new_tb=field("b.new_row", spec.tiebreaker))
     return Replay(
         take_batch=take_batch,
         needs_rescan=sql.SQL("select exists (select from dedup_rescan)"),

@@ -101,8 +101,8 @@ class LiveTable:
     owner: str
     columns: tuple[Column, ...]
     indexes: tuple[Index, ...]
-    foreign_keys: tuple[tuple[str, str], ...]
-    """(name, definition) of the constraints by which this table references others."""
+    foreign_keys: tuple[tuple[str, str, str], ...]
+    """(name, definition, referenced table) of the constraints by which it references others."""
     referenced_by: tuple[str, ...]
     """Foreign keys of other tables that point at this one, as table.constraint."""
     views: tuple[View, ...]
@@ -188,7 +188,7 @@ order by i.relname
 """
 
 _FOREIGN_KEYS = """
-select conname, pg_get_constraintdef(oid)
+select conname, pg_get_constraintdef(oid), confrelid::regclass::text
 from pg_constraint
 where conrelid = %s and contype = 'f'
 order by conname

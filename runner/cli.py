@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -109,17 +111,54 @@ def _sizes(conn, result: swap.SwapResult) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-def _swap(options: swap.SwapOptions, dry_run: bool) -> None:
+def _progress() -> Callable[[str], None]:
+    """Tell the user, on stderr, about the steps that take a while and about the lock."""
+    last = [time.perf_counter()]
+
+    def step_done(label: str) -> None:
+        now = time.perf_counter()
+        took, last[0] = now - last[0], now
+        if took >= 0.5 or label in ("lock", "cutover"):
+            click.echo(f"  {label or 'step'}: {took:.1f} s", err=True)
+
+    return step_done
+
+
+def _swap(options: swap.SwapOptions, dry_run: bool, as_json: bool = False) -> None:
     with connect() as conn:
         plans = swap.make_plans(conn, options)
         if dry_run:
             click.echo(swap.render(conn, plans, options))
             return
-        result = swap.execute(conn, plans, options)
-        if all(p.action == "nothing" for p in plans):
+        result = swap.execute(conn, plans, options,
+                              after_step=None if as_json else _progress())
+        sizes = _sizes(conn, result)
+        if as_json:
+            click.echo(json.dumps(_as_json(result, sizes), indent=2))
+        elif all(p.action == "nothing" for p in plans):
             click.echo("Nothing to do: every table is deduplicated and its natural key enforced.")
-            return
-        _print_summary(result, _sizes(conn, result))
+        else:
+            _print_summary(result, sizes)
+
+
+def _as_json(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> dict:
+    return {
+        "lock_ms": round(result.lock_ms, 1),
+        "lock_attempts": result.attempts,
+        "replayed_writes": result.replayed,
+        "tables": [
+            {
+                "table": str(plan.target.live), "action": plan.action,
+                "rows_before": plan.counts.rows, "rows_after": plan.counts.keys,
+                "removed": plan.counts.duplicates,
+                "bytes_before": sizes[plan.target.live.name][0],
+                "bytes_after": sizes[plan.target.live.name][1],
+                "archive": str(plan.archive) if plan.archive else None,
+                "constraint": plan.constraint or None,
+            }
+            for plan in result.plans
+        ],
+    }
 
 
 @cli.command(name="swap")
@@ -134,9 +173,11 @@ def _swap(options: swap.SwapOptions, dry_run: bool) -> None:
               help="How long all tries together may take before giving up with no change.")
 @click.option("--archive-schema", default=swap.DEFAULT_ARCHIVE_SCHEMA, show_default=True,
               help="Where the original tables are kept, with every row they had.")
+@click.option("--json", "as_json", is_flag=True, help="Report as JSON, for machines.")
 @_fails_cleanly
 def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
-                 dry_run: bool, lock_timeout: str, lock_wait: str, archive_schema: str) -> None:
+                 dry_run: bool, lock_timeout: str, lock_wait: str, archive_schema: str,
+                 as_json: bool) -> None:
     """Swap the tables `dbt build` deduplicated into the live schema and add their UNIQUE
     constraints, all in one transaction; refuses unless the latest build passed."""
     options = swap.SwapOptions(
@@ -145,7 +186,28 @@ def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str,
         lock_wait_s=_duration_ms(lock_wait) / 1000,
     )
     with database(project_dir):
-        _swap(options, dry_run)
+        _swap(options, dry_run, as_json)
+
+
+@cli.command(name="plan")
+@project_dir_option
+@target_path_option
+@click.option("--select", "select", multiple=True,
+              help="Only these live tables (repeatable); all deduplicated models by default.")
+@click.option("--lock-timeout", default="100ms", show_default=True,
+              help="How long one try of the swap would wait for the lock.")
+@click.option("--lock-wait", default="60s", show_default=True,
+              help="How long the swap's tries together could take.")
+@_fails_cleanly
+def plan_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
+                 lock_timeout: str, lock_wait: str) -> None:
+    """What `runner swap` would do: what it locks and for how long, then every statement."""
+    options = swap.SwapOptions(
+        target_dir=_target_dir(project_dir, target_path), select=list(select) or None,
+        lock_timeout_ms=_duration_ms(lock_timeout), lock_wait_s=_duration_ms(lock_wait) / 1000,
+    )
+    with database(project_dir):
+        _swap(options, dry_run=True)
 
 
 @cli.command(name="capture")

@@ -59,6 +59,8 @@ class TablePlan:
     capture: capture.Capture | None = None
     replay: capture.Replay | None = None
     """How to bring the new table up to date with the writes since the build."""
+    parents: tuple[str, ...] = ()
+    """Tables the new table's foreign keys reference: locked briefly as they are added."""
     concurrent: list[Step] = field(default_factory=list)
     """Run before the transaction, outside it: CREATE INDEX CONCURRENTLY cannot run inside one."""
     prepare: list[Step] = field(default_factory=list)
@@ -159,6 +161,7 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
         target, "swap", counts, archive=archive, constraint=name,
         shadow=Relation(schema, shadow), capture=captured,
         replay=capture.replay(spec, live.relation, Relation(schema, shadow), captured.log,
+                              Relation(archive_schema, kept_rows_name(archive.name)),
                               [c.name for c in live.columns if not c.generated],
                               overriding=overriding),
     )
@@ -211,6 +214,11 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
                      built=sql.Identifier(target.deduplicated.schema, target.deduplicated.name))),
         Step("the natural key's unique index, built before the lock",
              _unique_index(target, pending_index, shadow_id)),
+        Step("which rows are kept, so a rollback can tell a row deleted after the swap from a "
+             "duplicate the swap removed; each replay keeps it up to date",
+             sql.SQL("create table {} as select {} from {}").format(
+                 sql.Identifier(archive_schema, kept_rows_name(archive.name)),
+                 sql.Identifier(spec.tiebreaker), shadow_id)),
     ]
     renames = []
     for position, index in enumerate(live.indexes):
@@ -247,7 +255,8 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
                 f"{index.name} keeps its name",
                 sql.SQL("alter index {} rename to {}").format(
                     sql.Identifier(schema, pending), sql.Identifier(index.name))))
-    for fk_name, definition in live.foreign_keys:
+    plan.parents = tuple(sorted({parent for _, _, parent in live.foreign_keys}))
+    for fk_name, definition, _ in live.foreign_keys:
         plan.prepare.append(Step(
             f"foreign key {fk_name}, validated on the few kept rows",
             sql.SQL("alter table {} add constraint {} {}").format(
@@ -284,11 +293,6 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
                  live_id, sql.Identifier(name), sql.Identifier(pending_index))),
         Step("same owner",
              sql.SQL("alter table {} owner to {}").format(live_id, sql.Identifier(live.owner))),
-        Step("which rows were kept, so a rollback can tell a row deleted after the swap from a "
-             "duplicate the swap removed",
-             sql.SQL("create table {} as select {} from {}").format(
-                 sql.Identifier(archive_schema, kept_rows_name(archive.name)),
-                 sql.Identifier(spec.tiebreaker), live_id)),
     ]
     for grant in live.grants:
         if grant.privilege not in PRIVILEGES:

@@ -37,7 +37,7 @@ DEFAULT_ARCHIVE_SCHEMA = "dedup_archive"
 # One runner at a time per database: the key is arbitrary but fixed.
 ADVISORY_LOCK_KEY = 4_242_001
 # Replay outside the lock until fewer changes than this wait, so the lock covers only a few.
-SMALL_ENOUGH = 1_000
+SMALL_ENOUGH = 200
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,32 @@ def _phases(plans: list[TablePlan], options: SwapOptions) -> tuple[list[Step], l
     return before, locking, under_lock
 
 
+def _lock_summary(plans: list[TablePlan], options: SwapOptions) -> list[str]:
+    """What the swap will lock, and for how long, before the statements themselves."""
+    active = [p for p in plans if p.cutover or p.concurrent]
+    _, _, under_lock = _phases(plans, options)
+    tables = ", ".join(str(p.target.live) for p in active)
+    lines = [
+        f"-- swap: {sum(p.action == 'swap' for p in active)} table(s) replaced, "
+        f"{sum(p.action == 'constraint' for p in active)} only constrained",
+        f"-- locks ACCESS EXCLUSIVE on {tables} at once; each try waits at most "
+        f"{options.lock_timeout_ms} ms, so no session queues behind the runner for longer, and "
+        f"the tries go on for at most {options.lock_wait_s:g} s",
+        f"-- holds it while it replays the writes captured since the last replay and runs "
+        f"{len(under_lock)} catalog statements, none of which reads a whole table: "
+        "milliseconds, growing with the writes of those last moments only",
+    ]
+    parents = sorted({parent for p in active for parent in p.parents})
+    if parents:
+        lines.append(f"-- before that, SHARE ROW EXCLUSIVE for a moment on {', '.join(parents)}"
+                     " as the new tables get their foreign keys, with the same timeout")
+    for plan in active:
+        if plan.concurrent:
+            lines.append(f"-- {plan.target.live}: its unique index is built CONCURRENTLY, "
+                         "which never blocks writers")
+    return lines
+
+
 def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptions) -> str:
     """The exact SQL `execute` would run, in order, with why each statement is there."""
     lines = []
@@ -153,6 +179,7 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
                          "key is already enforced")
     if not any(p.cutover or p.concurrent for p in plans):
         return "\n".join(lines)
+    lines += _lock_summary(plans, options)
 
     def add(step: Step) -> None:
         if step.why:
