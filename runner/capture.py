@@ -130,6 +130,8 @@ class Replay:
     """A check: every kept row this batch touched equals its row in the live table."""
     pending: sql.Composed
     """Returns how many changes wait in the log."""
+    anything_pending: sql.Composed
+    """Returns whether any change waits: one index probe, cheap enough for under the lock."""
     all_rows_match: sql.Composed
     """A check: every kept row equals its live row, unless a change waiting explains it."""
 
@@ -305,6 +307,7 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation, kep
             " (select from {L} as l where l.{tb} = s.{tb} and l::text = s::text)"
         ).format(S=S, tb=tb, touched=touched, L=L),
         pending=sql.SQL("select count(*) from {}").format(G),
+        anything_pending=sql.SQL("select exists (select from {})").format(G),
         all_rows_match=sql.SQL(
             "select count(*) = 0, count(*) as rows_differing_from_live from {S} as s"
             " where not exists (select from {L} as l where l.{tb} = s.{tb} and l::text = s::text)"

@@ -265,7 +265,7 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool) -> i
     lock) or the remaining writes are few; returns how many were replayed."""
     replay = plan.replay
     replayed = 0
-    while True:
+    while conn.execute(replay.anything_pending).fetchone()[0]:
         for statement in replay.take_batch:
             conn.execute(statement)
         batch = conn.execute("select count(*) from dedup_batch").fetchone()[0]
@@ -284,6 +284,7 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool) -> i
                              "live row", replay.touched_rows_match, check=True)])
         elif conn.execute(replay.pending).fetchone()[0] < SMALL_ENOUGH:
             return replayed
+    return replayed
 
 
 def _lock_holders(conn: psycopg.Connection, plans: list[TablePlan]) -> str:
