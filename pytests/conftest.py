@@ -7,11 +7,9 @@ own copy, made with CREATE DATABASE ... TEMPLATE, which costs a fraction of a se
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,25 +20,11 @@ from psycopg import sql
 
 from runner import demo
 from runner.cli import cli
+from runner.database import environment
 from runner.embedded import EmbeddedPostgres
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 TEST_SCALE = 0.003
-
-
-@contextmanager
-def environment(env: dict[str, str]) -> Iterator[None]:
-    """dbt reads its connection from os.environ through profiles.yml: set it for a block."""
-    previous = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def run_dbt(args: list[str], env: dict[str, str], target_dir: Path):

@@ -54,6 +54,25 @@ target_path_option = click.option(
 )
 
 
+scale_option = click.option(
+    "--scale", type=float, default=DEMO_SCALE, show_default=True,
+    help="1.0 is the incident's 38 million child rows.")
+select_option = click.option(
+    "--select", "select", multiple=True,
+    help="Only these live tables (repeatable); all of them by default.")
+dry_run_option = click.option(
+    "--dry-run", is_flag=True, help="Print every statement, in order; change nothing.")
+lock_timeout_option = click.option(
+    "--lock-timeout", default="100ms", show_default=True,
+    help="How long one try waits for a lock: the longest anyone queues behind the runner.")
+lock_wait_option = click.option(
+    "--lock-wait", default="60s", show_default=True,
+    help="How long all tries together may take before giving up with no change.")
+archive_schema_option = click.option(
+    "--archive-schema", default=swap.DEFAULT_ARCHIVE_SCHEMA, show_default=True,
+    help="Where the original tables are kept, with every row they had.")
+
+
 def _target_dir(project_dir: Path, target_path: Path | None) -> Path:
     if target_path is None:
         return project_dir / "target"
@@ -164,15 +183,11 @@ def _as_json(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> dict
 @cli.command(name="swap")
 @project_dir_option
 @target_path_option
-@click.option("--select", "select", multiple=True,
-              help="Only these live tables (repeatable); all deduplicated models by default.")
-@click.option("--dry-run", is_flag=True, help="Print every statement, in order; change nothing.")
-@click.option("--lock-timeout", default="100ms", show_default=True,
-              help="How long one try waits for the lock: the longest anyone queues behind it.")
-@click.option("--lock-wait", default="60s", show_default=True,
-              help="How long all tries together may take before giving up with no change.")
-@click.option("--archive-schema", default=swap.DEFAULT_ARCHIVE_SCHEMA, show_default=True,
-              help="Where the original tables are kept, with every row they had.")
+@select_option
+@dry_run_option
+@lock_timeout_option
+@lock_wait_option
+@archive_schema_option
 @click.option("--json", "as_json", is_flag=True, help="Report as JSON, for machines.")
 @_fails_cleanly
 def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
@@ -192,12 +207,9 @@ def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str,
 @cli.command(name="plan")
 @project_dir_option
 @target_path_option
-@click.option("--select", "select", multiple=True,
-              help="Only these live tables (repeatable); all deduplicated models by default.")
-@click.option("--lock-timeout", default="100ms", show_default=True,
-              help="How long one try of the swap would wait for the lock.")
-@click.option("--lock-wait", default="60s", show_default=True,
-              help="How long the swap's tries together could take.")
+@select_option
+@lock_timeout_option
+@lock_wait_option
 @_fails_cleanly
 def plan_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
                  lock_timeout: str, lock_wait: str) -> None:
@@ -213,8 +225,7 @@ def plan_command(project_dir: Path, target_path: Path | None, select: tuple[str,
 @cli.command(name="capture")
 @project_dir_option
 @target_path_option
-@click.option("--select", "select", multiple=True,
-              help="Only these live tables (repeatable); all deduplicated models by default.")
+@select_option
 @_fails_cleanly
 def capture_command(project_dir: Path, target_path: Path | None,
                     select: tuple[str, ...]) -> None:
@@ -238,8 +249,7 @@ def capture_command(project_dir: Path, target_path: Path | None,
 
 
 @cli.command()
-@click.option("--scale", type=float, default=DEMO_SCALE, show_default=True,
-              help="1.0 is the incident's 38 million child rows.")
+@scale_option
 @click.option("--replace", is_flag=True, help="Drop the demo schema first if it exists.")
 @click.option("--table", "tables", multiple=True,
               help="Only this child table (repeatable); all of them by default.")
@@ -258,8 +268,7 @@ def generate(scale: float, replace: bool, tables: tuple[str, ...], project_dir: 
 
 
 @cli.command(name="demo")
-@click.option("--scale", type=float, default=DEMO_SCALE, show_default=True,
-              help="1.0 is the incident's 38 million child rows.")
+@scale_option
 @project_dir_option
 @target_path_option
 @_fails_cleanly
@@ -292,13 +301,10 @@ def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> N
 @click.option("--select", "select", multiple=True,
               help="Only these live tables (repeatable); by default every table whose latest "
                    "swap was not rolled back.")
-@click.option("--dry-run", is_flag=True, help="Print every statement, in order; change nothing.")
-@click.option("--lock-timeout", default="100ms", show_default=True,
-              help="How long one try waits for the lock: the longest anyone queues behind it.")
-@click.option("--lock-wait", default="60s", show_default=True,
-              help="How long all tries together may take before giving up with no change.")
-@click.option("--archive-schema", default=swap.DEFAULT_ARCHIVE_SCHEMA, show_default=True,
-              help="Where the swaps kept the original tables.")
+@dry_run_option
+@lock_timeout_option
+@lock_wait_option
+@archive_schema_option
 @_fails_cleanly
 def rollback_command(project_dir: Path, select: tuple[str, ...], dry_run: bool,
                      lock_timeout: str, lock_wait: str, archive_schema: str) -> None:
@@ -321,13 +327,10 @@ def rollback_command(project_dir: Path, select: tuple[str, ...], dry_run: bool,
 @project_dir_option
 @click.option("--older-than", required=True,
               help="Drop only what swaps older than this kept: 7d, 12h, 30min, 0s.")
-@click.option("--dry-run", is_flag=True, help="Print every statement, in order; change nothing.")
-@click.option("--lock-timeout", default="100ms", show_default=True,
-              help="How long one try waits for the lock: the longest anyone queues behind it.")
-@click.option("--lock-wait", default="60s", show_default=True,
-              help="How long all tries together may take before giving up with no change.")
-@click.option("--archive-schema", default=swap.DEFAULT_ARCHIVE_SCHEMA, show_default=True,
-              help="Where the swaps kept the original tables.")
+@dry_run_option
+@lock_timeout_option
+@lock_wait_option
+@archive_schema_option
 @_fails_cleanly
 def cleanup_command(project_dir: Path, older_than: str, dry_run: bool, lock_timeout: str,
                     lock_wait: str, archive_schema: str) -> None:

@@ -37,6 +37,21 @@ def uses_embedded() -> bool:
 
 
 @contextmanager
+def environment(variables: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for a block, as dbt's profiles.yml reads them, then restore."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
 def database(project_dir: Path, *, keep_running: bool = False) -> Iterator[None]:
     """Make the libpq environment point at the database to work on for the duration.
 
@@ -49,15 +64,9 @@ def database(project_dir: Path, *, keep_running: bool = False) -> Iterator[None]
         return
     server = EmbeddedPostgres(default_data_dir(project_dir))
     server.start()
-    previous = {name: os.environ.get(name) for name in server.environ()}
-    os.environ.update(server.environ())
     try:
-        yield
+        with environment(server.environ()):
+            yield
     finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         if not keep_running:
             server.stop()

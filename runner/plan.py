@@ -18,7 +18,7 @@ from psycopg import sql
 
 from runner import capture
 from runner.artifacts import DedupTarget, Relation
-from runner.catalog import LiveTable
+from runner.catalog import LiveTable, View
 from runner.errors import RunnerError
 from runner.names import archive_name, constraint_name, pg_name
 
@@ -67,6 +67,22 @@ class TablePlan:
     """In the transaction, before the live table is locked."""
     cutover: list[Step] = field(default_factory=list)
     """In the transaction, under ACCESS EXCLUSIVE on the live table."""
+
+
+def with_options(options: tuple[str, ...]) -> sql.Composable:
+    """ " WITH (k = v, ...)" from pg_class.reloptions, or nothing."""
+    if not options:
+        return sql.SQL("")
+    return sql.SQL(" with ({})").format(sql.SQL(", ").join(
+        sql.SQL("{} = {}").format(sql.Identifier(k), sql.Literal(v))
+        for k, v in (option.split("=", 1) for option in options)))
+
+
+def recreate_view(view: View, why: str) -> Step:
+    """The view again from its definition, so that it reads whatever table has the name now."""
+    return Step(why, sql.SQL("create or replace view {}{} as {}").format(
+        sql.Identifier(view.relation.schema, view.relation.name), with_options(view.options),
+        sql.SQL(view.definition.rstrip().rstrip(";"))))
 
 
 def refuse_unsupported(live: LiveTable) -> None:
@@ -148,12 +164,7 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
     insert_columns = sql.SQL(", ").join(
         sql.Identifier(c.name) for c in live.columns if not c.generated
     )
-    options = sql.SQL("")
-    if live.options:
-        options = sql.SQL(" with ({})").format(sql.SQL(", ").join(
-            sql.SQL("{} = {}").format(sql.Identifier(k), sql.Literal(v))
-            for k, v in (option.split("=", 1) for option in live.options)
-        ))
+    options = with_options(live.options)
 
     # Rows keep their identity values: the inserts override what the column would generate.
     overriding = bool(live.identity_sequences)
@@ -357,17 +368,8 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
     for publication in live.publications:
         plan.cutover.append(Step(f"publication {publication}", sql.SQL(
             "alter publication {} add table {}").format(sql.Identifier(publication), live_id)))
-    for view in live.views:
-        view_options = sql.SQL("")
-        if view.options:
-            view_options = sql.SQL(" with ({})").format(sql.SQL(", ").join(
-                sql.SQL("{} = {}").format(sql.Identifier(k), sql.Literal(v))
-                for k, v in (option.split("=", 1) for option in view.options)))
-        plan.cutover.append(Step(
-            f"view {view.relation} reads the new table",
-            sql.SQL("create or replace view {}{} as {}").format(
-                sql.Identifier(view.relation.schema, view.relation.name), view_options,
-                sql.SQL(view.definition.rstrip().rstrip(";")))))
+    plan.cutover += [recreate_view(view, f"view {view.relation} reads the new table")
+                     for view in live.views]
     return plan
 
 

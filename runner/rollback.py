@@ -30,7 +30,7 @@ from runner.artifacts import Relation
 from runner.catalog import Index, LiveTable
 from runner.errors import RunnerError
 from runner.names import pg_name
-from runner.plan import SWAP_LOG, Step, kept_rows_name
+from runner.plan import SWAP_LOG, Step, kept_rows_name, recreate_view
 
 ROLLED_BACK = "rolled_back"
 
@@ -410,16 +410,10 @@ def plan_table(position: int, entry: LogEntry, live: LiveTable, archive: LiveTab
              sql.SQL("alter publication {} add table {}").format(sql.Identifier(publication), L))
         for publication in live.publications
     ]
-    for view in live.views:
-        options = sql.SQL("")
-        if view.options:
-            options = sql.SQL(" with ({})").format(sql.SQL(", ").join(
-                sql.SQL("{} = {}").format(sql.Identifier(k), sql.Literal(v))
-                for k, v in (option.split("=", 1) for option in view.options)))
-        plan.cutover.append(Step(
-            f"view {view.relation} reads the original table again",
-            sql.SQL("create or replace view {}{} as {}").format(
-                _id(view.relation), options, sql.SQL(view.definition.rstrip().rstrip(";")))))
+    plan.cutover += [
+        recreate_view(view, f"view {view.relation} reads the original table again")
+        for view in live.views
+    ]
     plan.cutover.append(_mark(entry, archive_schema, rolled_back))
     return plan
 
