@@ -9,8 +9,8 @@ import psycopg
 import pytest
 from conftest import TEST_SCALE, Database
 
-from runner import demo
-from runner.names import constraint_name
+from runner import demo, swap
+from runner.names import constraint_name, pg_name
 
 SWAPPED = [t.name for t in demo.CHILD_TABLES if t.name != "task_tags"]
 
@@ -336,3 +336,55 @@ def test_triggers_policies_identity_grants_publications_survive_the_swap(
         new_id = conn.execute("insert into breezeway.task_photos (task_pk, photo_id)"
                               " values (1, 'after the swap') returning id").fetchone()[0]
         assert new_id == 2000003
+
+
+def test_refuses_a_build_older_than_the_live_tables_structure(fresh: Database) -> None:
+    with fresh.connect() as conn:
+        conn.execute("alter table breezeway.task_photos add column taken_at timestamptz")
+    message = _refused(fresh)
+    assert "the live table changed since the build; run `dbt build`" in message
+
+
+def test_a_second_runner_is_stopped_by_the_advisory_lock(fresh: Database) -> None:
+    with fresh.connect() as other:
+        other.execute("select pg_advisory_lock(%s)", (swap.ADVISORY_LOCK_KEY,))
+        message = _refused(fresh)
+    assert "another runner swap, rollback or cleanup is working on this database" in message
+
+
+def test_plan_says_what_it_locks_and_for_how_long(fresh: Database) -> None:
+    before = schema_state(fresh)
+    result = fresh.runner("plan", "--select", "task_photos", "--lock-timeout", "80ms")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "-- swap: 1 table(s) replaced, 0 only constrained"
+    assert lines[1].startswith("-- locks ACCESS EXCLUSIVE on breezeway.task_photos at once;"
+                               " each try waits at most 80 ms")
+    assert "none of which reads a whole table" in lines[2]
+    assert lines[3].startswith("-- before that, SHARE ROW EXCLUSIVE for a moment on "
+                               "breezeway.tasks")
+    assert schema_state(fresh) == before
+
+
+def test_json_reports_each_table_and_the_lock(fresh: Database) -> None:
+    result = fresh.runner("swap", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    expected = demo.expected_counts(TEST_SCALE)
+    tables = {t["table"]: t for t in report["tables"]}
+    photos = tables["breezeway.property_photos"]
+    assert (photos["rows_before"], photos["rows_after"], photos["removed"]) == (
+        expected["property_photos"].total, expected["property_photos"].unique,
+        expected["property_photos"].duplicates)
+    assert photos["archive"].startswith("dedup_archive.property_photos__")
+    assert photos["bytes_after"] < photos["bytes_before"]
+    assert tables["breezeway.task_tags"]["action"] == "nothing"
+    assert 0 < report["lock_ms"] < 5000 and report["lock_attempts"] == 1
+
+
+@pytest.mark.parametrize("table", ["property_photos", "ü" * 40, "a" * 63])
+def test_names_the_runner_gives_fit_postgres_and_stay_apart(table: str) -> None:
+    names = {constraint_name(table), pg_name(table, "dedup_new"), pg_name(table, "changes")}
+    assert len(names) == 3
+    assert all(len(name.encode()) <= 63 for name in names)
+    assert constraint_name(table) == constraint_name(table)
