@@ -1,21 +1,23 @@
-"""Time the whole job against the floor, one sequential scan, measured in the same run.
+"""Time the whole job against the floor and against the incident documents' own plans.
 
     python bench/run.py --scale 0.1                       # every demo table
     python bench/run.py --scale 1.0 --table property_photos
 
-Generates the demo data on the embedded server (or the database PGHOST points at), then times,
-each from a cold cache where the machine allows it (root: restart PostgreSQL and drop the OS page
-cache; otherwise the numbers are warm and marked so):
+Generates the demo data once on the embedded server (or the server PGHOST points at), then
+works on identical copies of it (CREATE DATABASE ... TEMPLATE), each from a cold cache where the
+machine allows it (root: restart PostgreSQL and drop the OS page cache; otherwise the numbers
+are warm and marked so):
   floor      one sequential scan of each child table's heap (index scans are switched off: a
              plain count(*) would be answered from the primary key);
   dbt start  dbt's fixed cost: a build that selects nothing;
   dbt build  the dedup models and their tests for the chosen tables;
-  swap       runner swap of the chosen tables, and how long it held the lock.
-Meanwhile a writer in a process of its own re-inserts copies of existing rows into the first
-table, as the ETL did, from before the build until after the swap; its worst stall is the cost
-the swap imposes on the ETL.
-Prints one table with the ratio of each phase to the floor and writes it as JSON to
-bench/results/. Not part of the test suite: it takes minutes at scale 1.0.
+  swap       runner swap of the chosen tables, and how long it held the lock; meanwhile a
+             writer in a process of its own re-inserts copies of rows into the first table, as
+             the ETL did, from before the build until after the swap;
+  path A     000_648f24a0cfaa4c82.txt's Path A, as written, on its own copy;
+  seed 003   003_9b81cec79fade74f.txt's Part 4.2, as written, on its own copy.
+Prints one table with the ratios and writes it as JSON to bench/results/. Not part of the test
+suite: at scale 1.0 Path A alone takes minutes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import psycopg
+import seed_plans
 from psycopg import sql
 
 from runner import artifacts, demo, swap
@@ -62,7 +65,8 @@ class Server:
         subprocess.run(["sync"], check=True)
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
         self.embedded.start()
-        os.environ.update(self.embedded.environ())
+        # A new port, the same database: whichever copy is being measured.
+        os.environ["PGPORT"] = self.embedded.environ()["PGPORT"]
 
     def stop(self) -> None:
         if self.embedded is not None:
@@ -117,11 +121,49 @@ def write_like_the_etl(conninfo: dict, table: str, stop, results: str) -> None:
     Path(results).write_text(json.dumps(latencies))
 
 
+def _copy(source: str, name: str) -> None:
+    with connect_to("postgres") as admin:
+        admin.execute(sql.SQL("drop database if exists {} with (force)").format(
+            sql.Identifier(name)))
+        admin.execute(sql.SQL("create database {} template {}").format(
+            sql.Identifier(name), sql.Identifier(source)))
+    os.environ["PGDATABASE"] = name
+
+
+def connect_to(dbname: str) -> psycopg.Connection:
+    return psycopg.connect(autocommit=True, dbname=dbname)
+
+
+def _measure(tables: list[str], archive_like: str | None = None) -> tuple[int, int]:
+    """Rows and bytes of the live tables now (and of what a plan archived beside them)."""
+    with connect() as conn:
+        rows = sum(conn.execute(sql.SQL("select count(*) from {}").format(
+            sql.Identifier(demo.DEMO_SCHEMA, t))).fetchone()[0] for t in tables)
+        size = sum(conn.execute("select pg_total_relation_size(%s::regclass)",
+                                (f"{demo.DEMO_SCHEMA}.{t}",)).fetchone()[0] for t in tables)
+    return rows, size
+
+
+def _timed_statements(statements: list[sql.Composed], in_transaction: bool) -> float:
+    with connect() as conn:
+        started = time.perf_counter()
+        if in_transaction:
+            with conn.transaction():
+                for statement in statements:
+                    conn.execute(statement)
+        else:
+            for statement in statements:
+                conn.execute(statement)
+        return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=float, default=0.1)
     parser.add_argument("--table", action="append", dest="tables",
                         help="a demo child table (repeatable); all by default")
+    parser.add_argument("--skip-seed-plans", action="store_true",
+                        help="time only this project against the floor")
     args = parser.parse_args()
     tables = [t.name for t in demo.child_tables(args.tables)]
     every_table = len(tables) == len(demo.CHILD_TABLES)
@@ -131,22 +173,28 @@ def main() -> None:
 
     server = Server()
     target = Path(tempfile.mkdtemp(prefix="bench-target-"))
+    source = "bench_source"
     phases: dict[str, float] = {}
+    after: dict[str, tuple[int, int]] = {}
     try:
+        with connect_to("postgres") as admin:
+            admin.execute(sql.SQL("drop database if exists {} with (force)").format(
+                sql.Identifier(source)))
+            admin.execute(sql.SQL("create database {}").format(sql.Identifier(source)))
+        os.environ["PGDATABASE"] = source
         with connect() as conn:
-            phases["generate"] = timed(
-                lambda: demo.generate(conn, args.scale, replace=True, tables=tables))
-            rows_before = {t: conn.execute(sql.SQL("select count(*) from {}").format(
-                sql.Identifier(demo.DEMO_SCHEMA, t))).fetchone()[0] for t in tables}
-            bytes_before = {t: conn.execute("select pg_total_relation_size(%s::regclass)",
-                                            (f"breezeway.{t}",)).fetchone()[0] for t in tables}
+            phases["generate"] = timed(lambda: demo.generate(conn, args.scale, tables=tables))
+        before = _measure(tables)
+
+        _copy(source, "bench_ours")
         server.empty_caches()
         phases["floor"] = floor_scan(tables)
         phases["dbt start"] = dbt_build(["--select", "tag:selects_nothing"], target)
         options = swap.SwapOptions(target_dir=target, select=tables)
+        specs = {t.live.name: t for t in artifacts.select_targets(
+            artifacts.load_targets(target), tables)}
         with connect() as conn:
-            swap.start_capture(conn, artifacts.select_targets(
-                artifacts.load_targets(target), tables), options)
+            swap.start_capture(conn, list(specs.values()), options)
         server.empty_caches()
         stop = multiprocessing.Event()
         writer_results = target / "writer.json"
@@ -167,42 +215,54 @@ def main() -> None:
             stop.set()
             writer.join()
         latencies = sorted(json.loads(writer_results.read_text()))
+        after["this project"] = _measure(tables)
         with connect() as conn:
-            rows_after = {t: conn.execute(sql.SQL("select count(*) from {}").format(
-                sql.Identifier(demo.DEMO_SCHEMA, t))).fetchone()[0] for t in tables}
-            bytes_after = {t: conn.execute("select pg_total_relation_size(%s::regclass)",
-                                           (f"breezeway.{t}",)).fetchone()[0] for t in tables}
             version = conn.execute("show server_version").fetchone()[0]
+
+        if not args.skip_seed_plans:
+            for name, build, in_transaction in (
+                ("path A", seed_plans.path_a, False), ("seed 003", seed_plans.seed_003, True),
+            ):
+                _copy(source, f"bench_{name.replace(' ', '_')}")
+                server.empty_caches()
+                statements = [s for t in tables for s in build(specs[t].live, specs[t].spec)]
+                phases[name] = _timed_statements(statements, in_transaction)
+                after[name] = _measure(tables)
     finally:
         server.stop()
 
     job = phases["dbt build"] + phases["swap"]
+    ratios = {"job / floor": job / phases["floor"]}
+    for name in ("path A", "seed 003"):
+        if name in phases:
+            ratios[f"{name} / job"] = phases[name] / job
     report = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "scale": args.scale, "tables": tables, "cold_cache": server.cold,
-        "postgres": version, "seconds": phases, "lock_ms": result.lock_ms,
-        "lock_attempts": result.attempts, "replayed_writes": result.replayed,
+        "postgres": version, "seconds": phases, "job_seconds": job, "ratios": ratios,
+        "lock_ms": result.lock_ms, "lock_attempts": result.attempts,
+        "replayed_writes": result.replayed,
+        "dbt_start_share_of_job": phases["dbt start"] / job,
         "writer": {"writes": len(latencies),
                    "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
                    "worst_ms": latencies[-1] * 1000},
-        "job_over_floor": job / phases["floor"],
-        "dbt_start_share_of_job": phases["dbt start"] / job,
-        "rows_before": rows_before, "rows_after": rows_after,
-        "bytes_before": bytes_before, "bytes_after": bytes_after,
+        "rows_and_bytes_before": before, "rows_and_bytes_after": after,
     }
     cache = "cold" if server.cold else "WARM (not root or not embedded: caches not emptied)"
     print(f"scale {args.scale}, {', '.join(tables)}, PostgreSQL {version}, {cache} cache")
-    print(f"{'phase':<12}{'seconds':>10}{'x floor':>10}")
+    print(f"{'phase':<14}{'seconds':>10}{'x floor':>10}")
     for phase, seconds in phases.items():
-        print(f"{phase:<12}{seconds:>10.2f}{seconds / phases['floor']:>10.2f}")
-    print(f"{'job':<12}{job:>10.2f}{job / phases['floor']:>10.2f}"
+        print(f"{phase:<14}{seconds:>10.2f}{seconds / phases['floor']:>10.2f}")
+    print(f"{'job':<14}{job:>10.2f}{job / phases['floor']:>10.2f}"
           "   (dbt build + swap; dbt start is inside dbt build)")
+    print("  ".join(f"{name} {value:.1f}x" for name, value in ratios.items()))
+    print(f"rows/bytes before: {before[0]:,} / {before[1]:,}")
+    for name, (rows, size) in after.items():
+        print(f"after {name}: {rows:,} / {size:,}")
     print(f"writer on {tables[0]}: {len(latencies)} writes, p99 "
           f"{report['writer']['p99_ms']:.1f} ms, worst {report['writer']['worst_ms']:.1f} ms; "
-          f"{result.replayed} captured writes replayed, lock taken in {result.attempts} tries")
-    print(f"lock held {result.lock_ms:.0f} ms; rows {sum(rows_before.values()):,} -> "
-          f"{sum(rows_after.values()):,}; bytes {sum(bytes_before.values()):,} -> "
-          f"{sum(bytes_after.values()):,}")
+          f"{result.replayed} captured writes replayed; lock held {result.lock_ms:.0f} ms, "
+          f"taken in {result.attempts} tries")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"run-{report['when'].replace(':', '')}.json"
     out.write_text(json.dumps(report, indent=2))
