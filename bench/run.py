@@ -26,6 +26,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -122,12 +123,36 @@ def write_like_the_etl(conninfo: dict, table: str, stop, results: str) -> None:
 
 
 def _copy(source: str, name: str) -> None:
+    """A fresh copy to measure on; the one measured before it is dropped, so that the disk
+    holds the source and one copy at a time."""
     with connect_to("postgres") as admin:
-        admin.execute(sql.SQL("drop database if exists {} with (force)").format(
-            sql.Identifier(name)))
+        previous = os.environ.get("PGDATABASE")
+        if previous and previous not in (source, name):
+            _drop(admin, previous)
+        _drop(admin, name)
         admin.execute(sql.SQL("create database {} template {}").format(
             sql.Identifier(name), sql.Identifier(source)))
     os.environ["PGDATABASE"] = name
+
+
+def _drop(admin: psycopg.Connection, name: str) -> None:
+    admin.execute(sql.SQL("drop database if exists {} with (force)").format(
+        sql.Identifier(name)))
+
+
+def _check_disk(server: Server, tables: list[str], scale: float) -> None:
+    """The source, one copy, Path A's archive of the duplicates, and the WAL in between: a run
+    at scale 1.0 filled a disk once. Only the embedded server's disk can be checked."""
+    if server.embedded is None:
+        return
+    rows = sum(count.total for name, count in demo.expected_counts(scale).items()
+               if name in tables)
+    need = 3 * rows * 1100 + 10 * 2**30
+    free = shutil.disk_usage(server.embedded.data_dir).free
+    if free < need:
+        sys.exit(f"bench: {free / 2**30:.0f} GiB free beside {server.embedded.data_dir}, "
+                 f"about {need / 2**30:.0f} GiB needed at scale {scale}: free some space or "
+                 "choose a smaller --scale or fewer --table")
 
 
 def connect_to(dbname: str) -> psycopg.Connection:
@@ -172,6 +197,7 @@ def main() -> None:
         selection += ["--exclude", "audit_duplicates"]
 
     server = Server()
+    _check_disk(server, tables, args.scale)
     target = Path(tempfile.mkdtemp(prefix="bench-target-"))
     source = "bench_source"
     phases: dict[str, float] = {}
@@ -229,6 +255,10 @@ def main() -> None:
                 phases[name] = _timed_statements(statements, in_transaction)
                 after[name] = _measure(tables)
     finally:
+        with connect_to("postgres") as admin:
+            for name in (os.environ.get("PGDATABASE"), source):
+                if name and name != "postgres":
+                    _drop(admin, name)
         server.stop()
 
     job = phases["dbt build"] + phases["swap"]
