@@ -10,6 +10,7 @@ import itertools
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,14 @@ class Database:
 
     def dbt(self, *args: str):
         return run_dbt(list(args), self.env, self.target_dir)
+
+    @contextmanager
+    def holding(self, statement: str) -> Iterator[int]:
+        """Another session runs `statement` and keeps its transaction open, with whatever
+        locks it took, until the block ends; yields that session's pid."""
+        with self.connect() as conn, conn.transaction():
+            conn.execute(statement)
+            yield conn.info.backend_pid
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import psycopg
@@ -103,34 +102,22 @@ def test_killing_the_runner_while_it_waits_for_the_lock(server, built) -> None:
     database = _copy(server, built, "crash_sigkill")
     try:
         before = _state(database)
-        holding, release = threading.Event(), threading.Event()
-
-        def hold_the_table() -> None:
-            with database.connect() as conn, conn.transaction():
-                conn.execute(f"lock table breezeway.{TABLE} in access share mode")
-                holding.set()
-                release.wait(30)
-
-        holder = threading.Thread(target=hold_the_table)
-        holder.start()
-        holding.wait(10)
         env = {**os.environ, **database.env, "DBT_TARGET_PATH": str(database.target_dir)}
-        runner = subprocess.Popen(
-            [sys.executable, "-m", "runner", "swap", "--select", TABLE, "--lock-wait", "60s"],
-            cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        with database.connect() as conn:
-            for _ in range(200):
-                waiting = conn.execute(
-                    "select count(*) from pg_stat_activity where application_name = 'runner'"
-                    " and state = 'idle in transaction'").fetchone()[0]
-                if waiting:
-                    break
-                time.sleep(0.05)
-        time.sleep(0.3)
-        runner.send_signal(signal.SIGKILL)
-        runner.wait(10)
-        release.set()
-        holder.join()
+        with database.holding(f"lock table breezeway.{TABLE} in access share mode"):
+            runner = subprocess.Popen(
+                [sys.executable, "-m", "runner", "swap", "--select", TABLE, "--lock-wait", "60s"],
+                cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            with database.connect() as conn:
+                for _ in range(200):
+                    waiting = conn.execute(
+                        "select count(*) from pg_stat_activity where application_name = 'runner'"
+                        " and state = 'idle in transaction'").fetchone()[0]
+                    if waiting:
+                        break
+                    time.sleep(0.05)
+            time.sleep(0.3)
+            runner.send_signal(signal.SIGKILL)
+            runner.wait(10)
         # The server notices the dead client and rolls its transaction back.
         with database.connect() as conn:
             for _ in range(100):

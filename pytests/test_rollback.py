@@ -4,7 +4,6 @@ what is refused."""
 from __future__ import annotations
 
 import re
-import threading
 
 import psycopg
 from conftest import TEST_SCALE, Database
@@ -275,29 +274,10 @@ def test_refuses_while_another_runner_works(fresh: Database) -> None:
 
 def test_gives_up_on_a_held_lock_and_names_the_holder(fresh: Database) -> None:
     swapped(fresh)
-    holder_ready = threading.Event()
-    release = threading.Event()
-
-    def hold_lock() -> None:
-        with fresh.connect() as conn, conn.transaction():
-            conn.execute("lock table breezeway.task_photos in access share mode")
-            holder_ready.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold_lock)
-    holder.start()
-    try:
-        holder_ready.wait(10)
-        with fresh.connect() as conn:
-            holder_pid = conn.execute(
-                "select pid from pg_locks where relation = 'breezeway.task_photos'::regclass"
-                " and mode = 'AccessShareLock' and pid <> pg_backend_pid()").fetchone()[0]
+    with fresh.holding("lock table breezeway.task_photos in access share mode") as holder:
         message = refused(fresh, "rollback", "--lock-timeout", "200ms", "--lock-wait", "1s")
-    finally:
-        release.set()
-        holder.join()
     assert "tries of 200 ms over 1 s, nothing was changed" in message
-    assert f"pid {holder_pid}" in message
+    assert f"pid {holder}" in message
 
 
 def test_dry_run_prints_every_statement_and_changes_nothing(fresh: Database) -> None:

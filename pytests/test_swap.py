@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import psycopg
 import pytest
@@ -236,53 +235,20 @@ def test_refuses_an_unknown_table_in_select(fresh: Database) -> None:
 
 
 def test_gives_up_on_a_held_lock_and_names_the_holder(fresh: Database) -> None:
-    holder_ready = threading.Event()
-    release = threading.Event()
-
-    def hold_lock() -> None:
-        with fresh.connect() as conn, conn.transaction():
-            conn.execute("lock table breezeway.task_photos in access share mode")
-            holder_ready.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold_lock)
-    holder.start()
-    try:
-        holder_ready.wait(10)
-        with fresh.connect() as conn:
-            holder_pid = conn.execute(
-                "select pid from pg_locks where relation = 'breezeway.task_photos'::regclass"
-                " and mode = 'AccessShareLock' and pid <> pg_backend_pid()").fetchone()[0]
+    with fresh.holding("lock table breezeway.task_photos in access share mode") as holder:
         message = _refused(fresh, "--lock-timeout", "200ms", "--lock-wait", "1s")
-    finally:
-        release.set()
-        holder.join()
     assert "could not lock the live tables in " in message
     assert "tries of 200 ms over 1 s, nothing was changed" in message
-    assert f"pid {holder_pid}" in message
+    assert f"pid {holder}" in message
 
 
 def test_an_open_transaction_on_a_parent_table_makes_it_give_up_not_block(
         fresh: Database) -> None:
     # Adding the new table's foreign key locks the parent against writers: that must wait no
     # longer than the lock timeout either, or the ETL would queue behind the runner.
-    holder_ready, release = threading.Event(), threading.Event()
-
-    def open_etl_transaction() -> None:
-        with fresh.connect() as conn, conn.transaction():
-            conn.execute("update breezeway.tasks set title = title where id = 1")
-            holder_ready.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=open_etl_transaction)
-    holder.start()
-    try:
-        holder_ready.wait(10)
+    with fresh.holding("update breezeway.tasks set title = title where id = 1"):
         message = _refused(fresh, "--select", "task_photos", "--lock-timeout", "100ms",
                            "--lock-wait", "1s")
-    finally:
-        release.set()
-        holder.join()
     assert 'could not get a lock for "foreign key task_photos_task_pk_fkey' in message
     assert "nothing was changed" in message
 
