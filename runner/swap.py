@@ -256,6 +256,25 @@ def _run_retrying(conn: psycopg.Connection, step: Step, deadline: float,
             backoff = min(backoff * 2, 1.0)
 
 
+def run_batched(conn: psycopg.Connection, steps: list[Step]) -> None:
+    """As run_steps, but consecutive statements go to the server as one string: under the lock
+    the round trips, not the statements, are most of the time."""
+    pending: list[Step] = []
+
+    def flush() -> None:
+        if pending:
+            conn.execute(sql.SQL(";\n").join(step.statement for step in pending))
+            pending.clear()
+
+    for step in steps:
+        if step.check:
+            flush()
+            run_steps(conn, [step])
+        else:
+            pending.append(step)
+    flush()
+
+
 class _NeedsRescan(Exception):
     """Under the lock, a captured write needs a scan of a live table: give the lock back."""
 
@@ -266,8 +285,7 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool) -> i
     replay = plan.replay
     replayed = 0
     while conn.execute(replay.anything_pending).fetchone()[0]:
-        for statement in replay.take_batch:
-            conn.execute(statement)
+        run_batched(conn, [Step("", statement) for statement in replay.take_batch])
         batch = conn.execute("select count(*) from dedup_batch").fetchone()[0]
         if batch == 0:
             return replayed
@@ -276,8 +294,7 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool) -> i
                 raise _NeedsRescan
             for statement in replay.rescan:
                 conn.execute(statement)
-        for statement in replay.apply:
-            conn.execute(statement)
+        run_batched(conn, [Step("", statement) for statement in replay.apply])
         replayed += batch
         if under_lock:
             run_steps(conn, [Step(f"every row the replay touched in {plan.target.live} equals its "
@@ -356,7 +373,7 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
                         step_done("lock")
                         for plan in replaying:
                             replayed += _replay(conn, plan, under_lock=True)
-                        run_steps(conn, under_lock)
+                        run_batched(conn, under_lock)
                         step_done("cutover")
                     break
                 except (psycopg.errors.LockNotAvailable, _NeedsRescan) as reason:
