@@ -18,7 +18,7 @@ from psycopg import sql
 
 from runner import capture
 from runner.artifacts import DedupTarget, Relation
-from runner.catalog import LiveTable, View
+from runner.catalog import ColumnGrant, Grant, LiveTable, View
 from runner.errors import RunnerError
 from runner.names import archive_name, constraint_name, pg_name
 
@@ -67,6 +67,25 @@ class TablePlan:
     """In the transaction, before the live table is locked."""
     cutover: list[Step] = field(default_factory=list)
     """In the transaction, under ACCESS EXCLUSIVE on the live table."""
+
+
+def lock_timeout(milliseconds: int) -> sql.Composed:
+    """How long this transaction waits for any lock before it gives up and tries again."""
+    return sql.SQL("set local lock_timeout = {}").format(sql.Literal(f"{milliseconds}ms"))
+
+
+def _grant(grant: Grant | ColumnGrant, table: sql.Composable, relation: Relation) -> Step:
+    if grant.privilege not in PRIVILEGES:
+        raise RunnerError(f"unknown privilege {grant.privilege} on {relation}")
+    column = getattr(grant, "column", None)
+    return Step(
+        f"grant {grant.privilege}{f' on column {column}' if column else ''} to "
+        f"{grant.grantee or 'PUBLIC'}",
+        sql.SQL("grant {}{} on {} to {}{}").format(
+            sql.SQL(grant.privilege),
+            sql.SQL(" ({})").format(sql.Identifier(column)) if column else sql.SQL(""), table,
+            sql.Identifier(grant.grantee) if grant.grantee else sql.SQL("public"),
+            sql.SQL(" with grant option" if grant.grantable else "")))
 
 
 def with_options(options: tuple[str, ...]) -> sql.Composable:
@@ -305,27 +324,11 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
         Step("same owner",
              sql.SQL("alter table {} owner to {}").format(live_id, sql.Identifier(live.owner))),
     ]
-    for grant in live.grants:
-        if grant.privilege not in PRIVILEGES:
-            raise RunnerError(f"unknown privilege {grant.privilege} on {live.relation}")
-        plan.cutover.append(Step(
-            f"grant {grant.privilege} to {grant.grantee or 'PUBLIC'}",
-            sql.SQL("grant {} on {} to {}{}").format(
-                sql.SQL(grant.privilege), live_id,
-                sql.Identifier(grant.grantee) if grant.grantee else sql.SQL("public"),
-                sql.SQL(" with grant option" if grant.grantable else ""))))
+    plan.cutover += [_grant(grant, live_id, live.relation) for grant in live.grants]
     if live.comment is not None:
         plan.cutover.append(Step("same comment", sql.SQL("comment on table {} is {}").format(
             live_id, sql.Literal(live.comment))))
-    for grant in live.column_grants:
-        if grant.privilege not in PRIVILEGES:
-            raise RunnerError(f"unknown privilege {grant.privilege} on {live.relation}")
-        plan.cutover.append(Step(
-            f"grant {grant.privilege} on column {grant.column} to {grant.grantee or 'PUBLIC'}",
-            sql.SQL("grant {} ({}) on {} to {}{}").format(
-                sql.SQL(grant.privilege), sql.Identifier(grant.column), live_id,
-                sql.Identifier(grant.grantee) if grant.grantee else sql.SQL("public"),
-                sql.SQL(" with grant option" if grant.grantable else ""))))
+    plan.cutover += [_grant(grant, live_id, live.relation) for grant in live.column_grants]
     if live.replica_identity in ("f", "n"):
         plan.cutover.append(Step("same replica identity", sql.SQL(
             "alter table {} replica identity {}").format(

@@ -30,7 +30,7 @@ from runner.artifacts import Relation
 from runner.catalog import Index, LiveTable
 from runner.errors import RunnerError
 from runner.names import pg_name
-from runner.plan import SWAP_LOG, Step, kept_rows_name, recreate_view
+from runner.plan import SWAP_LOG, Step, kept_rows_name, lock_timeout, recreate_view
 
 ROLLED_BACK = "rolled_back"
 
@@ -476,8 +476,7 @@ def _phases(plans: list[TableRollback], options: RollbackOptions
     locking = [
         Step("wait at most this long for the lock, so no session queues behind the runner for "
              "longer; on timeout, try again",
-             sql.SQL("set local lock_timeout = {}").format(
-                 sql.Literal(f"{options.lock_timeout_ms}ms"))),
+             lock_timeout(options.lock_timeout_ms)),
         Step("the live tables and their archives, all at once",
              sql.SQL("lock table {} in access exclusive mode").format(sql.SQL(", ").join(
                  _id(t) for t in _locked(plans, options.archive_schema)))),
@@ -681,8 +680,7 @@ def _cleanup_phases(items: list[CleanupItem], options: RollbackOptions
     # DROP also locks the parents its foreign keys reference, which the ETL writes: the
     # timeout keeps it from making the ETL queue, as for the swap.
     locking = [Step("wait at most this long for each lock, here and in each drop",
-                    sql.SQL("set local lock_timeout = {}").format(
-                        sql.Literal(f"{options.lock_timeout_ms}ms")))]
+                    lock_timeout(options.lock_timeout_ms))]
     if dropped:
         locking.append(Step("the tables to drop, all at once",
                             sql.SQL("lock table {} in access exclusive mode").format(

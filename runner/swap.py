@@ -28,6 +28,7 @@ from runner.plan import (
     TablePlan,
     check_columns,
     lock_statement,
+    lock_timeout,
     log_entry,
     log_table,
     plan_table,
@@ -131,8 +132,7 @@ def _phases(plans: list[TablePlan], options: SwapOptions) -> tuple[list[Step], l
     locking = [
         Step("wait at most this long for the lock, so no session queues behind the runner for "
              "longer; on timeout, replay and try again",
-             sql.SQL("set local lock_timeout = {}").format(
-                 sql.Literal(f"{options.lock_timeout_ms}ms"))),
+             lock_timeout(options.lock_timeout_ms)),
         Step("all tables at once", lock_statement(active)),
     ]
     under_lock = []
@@ -352,8 +352,7 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
         with conn.transaction():
             # Every lock, not only the last one: adding a foreign key to a new table locks its
             # parent against writers, and must not make them queue behind the runner either.
-            conn.execute(sql.SQL("set local lock_timeout = {}").format(
-                sql.Literal(f"{options.lock_timeout_ms}ms")))
+            conn.execute(lock_timeout(options.lock_timeout_ms))
             for step in before:
                 _run_retrying(conn, step, deadline, options)
                 step_done(step.why)
@@ -424,8 +423,7 @@ def start_capture(conn: psycopg.Connection, targets: list[artifacts.DedupTarget]
         while True:
             try:
                 with conn.transaction():
-                    conn.execute(sql.SQL("set local lock_timeout = {}").format(
-                        sql.Literal(f"{options.lock_timeout_ms}ms")))
+                    conn.execute(lock_timeout(options.lock_timeout_ms))
                     for statement in statements:
                         conn.execute(statement)
                 break
