@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import json
 import re
 import sys
@@ -77,6 +79,42 @@ def _target_dir(project_dir: Path, target_path: Path | None) -> Path:
     if target_path is None:
         return project_dir / "target"
     return target_path if target_path.is_absolute() else project_dir / target_path
+
+
+def _configured_targets(project_dir: Path, target_dir: Path,
+                        select: tuple[str, ...]) -> list[artifacts.DedupTarget]:
+    """The tables the dbt YAML configures; without a manifest `dbt parse` writes one first,
+    which needs no database and builds nothing."""
+    if not (target_dir / "manifest.json").is_file():
+        run_dbt(["parse", "--target-path", str(target_dir), "--quiet"], project_dir)
+    return artifacts.select_targets(artifacts.load_targets(target_dir), list(select) or None)
+
+
+output_format_option = click.option(
+    "--format", "output_format", type=click.Choice(["table", "json", "csv"]), default="table",
+    show_default=True, help="A readable table, or JSON or CSV for machines.")
+
+
+def _emit(title: str, rows: list[dict], output_format: str) -> None:
+    """Rows of one shape on stdout: a table for people, JSON or CSV for machines."""
+    if output_format == "json":
+        click.echo(json.dumps(rows, indent=2, default=str))
+    elif output_format == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [],
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        click.echo(buffer.getvalue(), nl=False)
+    else:
+        table = Table(title=title)
+        for header in rows[0] if rows else []:
+            numeric = all(isinstance(row[header], (int, float)) for row in rows)
+            table.add_column(header, justify="right" if numeric else "left")
+        for row in rows:
+            table.add_row(*(f"{value:,}" if isinstance(value, int) and not isinstance(value, bool)
+                            else "" if value is None else str(value) for value in row.values()))
+        console.print(table)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -237,10 +275,7 @@ def capture_command(project_dir: Path, target_path: Path | None,
     """
     target_dir = _target_dir(project_dir, target_path)
     with database(project_dir):
-        if not (target_dir / "manifest.json").is_file():
-            run_dbt(["parse", "--target-path", str(target_dir), "--quiet"], project_dir)
-        targets = artifacts.select_targets(artifacts.load_targets(target_dir),
-                                           list(select) or None)
+        targets = _configured_targets(project_dir, target_dir, select)
         with connect() as conn:
             started = swap.start_capture(conn, targets, swap.SwapOptions(target_dir))
     if started:
