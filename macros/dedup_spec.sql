@@ -6,7 +6,7 @@
             dedup:
               natural_key: [property_pk, photo_id]
               keep: [{column: id, order: desc}]   # last entry: a unique, NOT NULL tie-breaker
-              nulls: not_distinct                # or distinct, or forbidden
+              nulls: not_distinct                # or distinct, forbidden, backfill
 
     Every model, test and the runner read it from there. These macros find it from any model
     downstream of the source, and stop compilation with a message naming what is wrong.
@@ -33,8 +33,8 @@
         {%- endif -%}
     {%- endfor -%}
     {%- set nulls = spec.get("nulls", "not_distinct") -%}
-    {%- if nulls not in ["not_distinct", "distinct", "forbidden"] -%}
-        {{ exceptions.raise_compiler_error(where ~ ": nulls must be not_distinct, distinct or forbidden, got " ~ nulls) }}
+    {%- if nulls not in ["not_distinct", "distinct", "forbidden", "backfill"] -%}
+        {{ exceptions.raise_compiler_error(where ~ ": nulls must be not_distinct, distinct, forbidden or backfill, got " ~ nulls) }}
     {%- endif -%}
     {%- set unknown = spec.keys() | reject("in", ["natural_key", "keep", "nulls"]) | list -%}
     {%- if unknown -%}
@@ -115,4 +115,17 @@
 
 {% macro dedup_string_literal(value) %}
     {{ return("'" ~ (value | string | replace("'", "''")) ~ "'") }}
+{% endmacro %}
+
+
+{% macro dedup_backfilled_column(column, spec) %}
+    {#- Under nulls: backfill a NULL in the natural key becomes a fresh uuid, of the column's own
+        type so that the deduplicated table keeps the live table's columns exactly. -#}
+    {%- set data_type = column.data_type | lower -%}
+    {%- set fits_uuid = data_type in ["uuid", "text", "character varying"]
+        or (data_type.startswith("character varying(") and column.char_size is not none and column.char_size >= 36) -%}
+    {%- if not fits_uuid -%}
+        {{ exceptions.raise_compiler_error("dedup: source " ~ spec.source ~ ": nulls: backfill fills NULL keys with gen_random_uuid(), but natural key column " ~ column.name ~ " is " ~ column.data_type ~ ", which cannot hold one; use nulls: distinct or forbidden") }}
+    {%- endif -%}
+    {{ return("coalesce(" ~ adapter.quote(column.name) ~ ", cast(gen_random_uuid() as " ~ column.data_type ~ "))") }}
 {% endmacro %}

@@ -118,7 +118,18 @@ kept_ids as (
 
 kept_rows as (
 
+    {%- if spec.nulls == "backfill" %}
+    select
+        {%- for column in adapter.get_columns_in_relation(relation) %}
+        {% if column.name in spec.natural_key -%}
+        {{ dedup.dedup_backfilled_column(column, spec) }} as {{ adapter.quote(column.name) }}
+        {%- else -%}
+        source_rows.{{ adapter.quote(column.name) }}
+        {%- endif %}{{ "," if not loop.last else "" }}
+        {%- endfor %}
+    {%- else %}
     select source_rows.*
+    {%- endif %}
     from source_rows
     where source_rows.{{ tiebreaker }} in (select kept_ids.dedup_kept from kept_ids)
 

@@ -66,13 +66,24 @@ def test_null_email_guests_collapse_to_one_per_reservation(built: Database) -> N
     assert kept_null == (len(layout.null_email_keys()), len(layout.null_email_keys()))
 
 
-def test_events_without_a_request_id_are_all_kept(built: Database) -> None:
+def test_events_without_a_request_id_are_all_kept_each_with_a_fresh_request_id(
+        built: Database) -> None:
+    """nulls: backfill (seed 000, Step 2): every NULL-key event is kept, and the kept copy
+    carries a uuid of its own, so the deduplicated table has no NULL key."""
     with built.connect() as conn:
-        live_null, kept_null = conn.execute(
-            "select (select count(*) from breezeway.business_events where request_id is null),"
-            " (select count(*) from dedup.business_events where request_id is null)"
+        live_null = conn.execute(
+            "select count(*) from breezeway.business_events where request_id is null"
+        ).fetchone()[0]
+        kept_null, backfilled, distinct_backfilled, colliding = conn.execute(
+            "select count(*) filter (where k.request_id is null),"
+            " count(*) filter (where l.request_id is null),"
+            " count(distinct k.request_id) filter (where l.request_id is null),"
+            " count(*) filter (where l.request_id is null and k.request_id in"
+            "   (select request_id from breezeway.business_events where request_id is not null))"
+            " from dedup.business_events as k join breezeway.business_events as l using (id)"
         ).fetchone()
-    assert live_null == kept_null > 1
+    assert live_null == demo.expected_counts(TEST_SCALE)["business_events"].null_keys > 1
+    assert (kept_null, backfilled, distinct_backfilled, colliding) == (0, live_null, live_null, 0)
 
 
 def test_every_dbt_test_passed_and_guards_every_table(built: Database) -> None:
@@ -101,7 +112,7 @@ def test_an_injected_duplicate_fails_the_uniqueness_test(fresh: Database) -> Non
 
 def test_uniqueness_tests_mean_what_the_constraints_will_mean_for_nulls(fresh: Database) -> None:
     with fresh.connect() as conn:
-        # nulls: distinct (business_events): another event without request_id is no conflict.
+        # nulls: backfill (business_events): a NULL key left in the deduplicated table fails.
         conn.execute("insert into dedup.business_events (id, request_id, event_type, ts)"
                      " values (-1, null, 'booking', now())")
         # nulls: not_distinct (reservation_guests): a second NULL-email guest on a reservation
@@ -111,7 +122,7 @@ def test_uniqueness_tests_mean_what_the_constraints_will_mean_for_nulls(fresh: D
                      " where guest_email is null limit 1")
     failing = _failing_tests(fresh, "business_events reservation_guests")
     assert "dedup_natural_key_unique_reservation_guests_" in failing
-    assert "dedup_natural_key_unique_business_events_" not in failing
+    assert "dedup_natural_key_unique_business_events_" in failing
 
 
 def test_a_lost_row_fails_reconciliation(fresh: Database) -> None:

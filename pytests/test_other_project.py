@@ -3,6 +3,8 @@ on two columns and NULL keys forbidden, with this project installed as a dbt pac
 
 from __future__ import annotations
 
+import shutil
+
 import psycopg
 import pytest
 from conftest import PROJECT_DIR, Database, _create_database, environment
@@ -93,3 +95,23 @@ def test_a_null_key_fails_the_build_when_nulls_are_forbidden(shop: Database) -> 
     refused = shop.runner("swap", "--project-dir", str(OTHER_PROJECT))
     assert refused.exit_code == 1
     assert "has status fail in the latest dbt build" in refused.output
+
+
+def test_backfill_on_a_key_column_that_cannot_hold_a_uuid_stops_the_build_naming_it(
+        shop: Database, tmp_path) -> None:
+    project = tmp_path / "project"
+    shutil.copytree(OTHER_PROJECT, project, ignore=shutil.ignore_patterns("dbt_packages"))
+    (project / "packages.yml").write_text(f"packages:\n  - local: {PROJECT_DIR}\n")
+    sources = project / "models" / "staging" / "_shop__sources.yml"
+    sources.write_text(sources.read_text().replace("nulls: forbidden", "nulls: backfill"))
+    with environment({**shop.env, "DBT_TARGET_PATH": str(shop.target_dir)}):
+        from dbt.cli.main import dbtRunner
+
+        common = ["--project-dir", str(project), "--profiles-dir", str(PROJECT_DIR), "--quiet"]
+        assert dbtRunner().invoke(["deps", *common]).success
+        result = dbtRunner().invoke(["build", *common])
+    assert not result.success
+    messages = " ".join(str(r.message) for r in result.result.results if r.status == "error")
+    assert ("nulls: backfill fills NULL keys with gen_random_uuid(), but natural key column "
+            "line_no is integer, which cannot hold one; use nulls: distinct or forbidden"
+            in messages)

@@ -15,7 +15,7 @@ from runner.errors import RunnerError
 
 DEDUPLICATED_TAG = "deduplicated"
 KEY_GROUPS_TAG = "key_groups"
-NULL_POLICIES = ("not_distinct", "distinct", "forbidden")
+NULL_POLICIES = ("not_distinct", "distinct", "forbidden", "backfill")
 PASSING = {"success", "pass"}
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from psycopg import sql
 
 from runner.artifacts import DedupSpec, Relation
+from runner.catalog import Column
 from runner.names import pg_name
 
 TRIGGER = "dedup_capture"
@@ -136,8 +137,22 @@ class Replay:
     """A check: every kept row equals its live row, unless a change waiting explains it."""
 
 
+def backfilled(spec: DedupSpec, columns: tuple[Column, ...]) -> list[Column]:
+    """The natural key columns whose NULLs the new table holds as fresh uuids (nulls: backfill)."""
+    if spec.nulls != "backfill":
+        return []
+    return [c for c in columns if c.name in spec.natural_key]
+
+
+def kept_record_columns(spec: DedupSpec, columns: tuple[Column, ...]) -> list[str]:
+    """What the record of kept rows holds per row: the tie-breaker, and the values backfilled
+    into its key, so that a rollback can tell them from the ETL's own writes."""
+    return [spec.tiebreaker, *(c.name for c in backfilled(spec, columns))]
+
+
 def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation, kept: Relation,
-           columns: list[str], overriding: bool = False, batch_rows: int = BATCH_ROWS) -> Replay:
+           columns: tuple[Column, ...], overriding: bool = False,
+           batch_rows: int = BATCH_ROWS) -> Replay:
     """`kept` records the tie-breakers of the new table's rows, kept up to date batch by batch
     so that the lock never waits for it to be copied."""
     L, S, G, K = _id(live), _id(shadow), _id(log), _id(kept)
@@ -145,8 +160,39 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation, kep
     override = sql.SQL(" overriding system value" if overriding else "")
     tb = sql.Identifier(spec.tiebreaker)
     col = sql.Identifier
-    cols = sql.SQL(", ").join(col(c) for c in columns)
+    insertable = [c.name for c in columns if not c.generated]
+    cols = sql.SQL(", ").join(col(c) for c in insertable)
     nulls_equal = spec.nulls == "not_distinct"
+    filled = {c.name: c.type for c in backfilled(spec, columns)}
+
+    def values(alias: str) -> sql.Composed:
+        """The columns of a row as the new table holds it: a NULL key backfilled."""
+        return sql.SQL(", ").join(
+            sql.SQL("coalesce({a}.{c}, cast(gen_random_uuid() as {t}))").format(
+                a=sql.Identifier(alias), c=col(c), t=sql.SQL(filled[c]))
+            if c in filled else sql.SQL("{}.{}").format(sql.Identifier(alias), col(c))
+            for c in insertable)
+
+    def same_as_live(live_row: str, new_row: str) -> sql.Composed:
+        """The new table's row is the live row, up to the uuids backfilled into its key."""
+        if not filled:
+            return sql.SQL("{}::text = {}::text").format(sql.SQL(live_row), sql.SQL(new_row))
+        as_kept = sql.SQL(", ").join(
+            (sql.SQL("coalesce({l}.{c}, {n}.{c})") if c.name in filled
+             else sql.SQL("{l}.{c}")).format(l=sql.SQL(live_row), n=sql.SQL(new_row),
+                                             c=col(c.name))
+            for c in columns)
+        no_null_left = sql.SQL(" and ").join(
+            sql.SQL("{}.{} is not null").format(sql.SQL(new_row), col(c)) for c in filled)
+        return sql.SQL("row({})::text = row({}.*)::text and {}").format(
+            as_kept, sql.SQL(new_row), no_null_left)
+
+    def kept_record(alias: str | None) -> sql.Composed:
+        names = kept_record_columns(spec, columns)
+        if alias is None:
+            return sql.SQL(", ").join(col(c) for c in names)
+        return sql.SQL(", ").join(sql.SQL("{}.{}").format(sql.Identifier(alias), col(c))
+                                  for c in names)
 
     def field(row: str, name: str) -> sql.Composed:
         return sql.SQL("({}).{}").format(sql.SQL(row), col(name))
@@ -221,16 +267,18 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation, kep
         sql.SQL("delete from {S} as s using dedup_rescan as r where {match}").format(
             S=S, match=same_key("s", "r", right_is_row=False)),
         sql.SQL(
-            "insert into {S} ({cols}){override} select distinct on ({keys}) {cols} from {L} as l"
-            " where exists (select from dedup_rescan as r where {match}) order by {keys}, {keep}"
-        ).format(S=S, cols=cols, L=L, override=override,
+            "insert into {S} ({cols}){override} select distinct on ({keys}) {values} from {L}"
+            " as l where exists (select from dedup_rescan as r where {match})"
+            " order by {keys}, {keep}"
+        ).format(S=S, cols=cols, L=L, override=override, values=values("l"),
                  keys=sql.SQL(", ").join(col(k) for k in spec.natural_key),
                  match=same_key("l", "r", right_is_row=False), keep=keep_order),
         # A rescan changes rows beyond the batch: bring the record of kept rows level.
         sql.SQL("delete from {K} as k where not exists (select from {S} as s"
                 " where s.{tb} = k.{tb})").format(K=K, S=S, tb=tb),
-        sql.SQL("insert into {K} select s.{tb} from {S} as s where not exists"
-                " (select from {K} as k where k.{tb} = s.{tb})").format(K=K, S=S, tb=tb),
+        sql.SQL("insert into {K} select {kept} from {S} as s where not exists"
+                " (select from {K} as k where k.{tb} = s.{tb})").format(
+                    K=K, S=S, tb=tb, kept=kept_record("s")),
     ]
     touched = sql.SQL(
         "select {old_tb} from dedup_batch as b union select {new_tb} from dedup_batch as b"
@@ -285,14 +333,14 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation, kep
             "delete from {S} as s using dedup_candidates as c where {keys_null} and {match}"
             " and {beats}", beats=beats("c", "s")),
         *by_null_pattern(
-            "insert into {S} ({cols}){override} select {cols} from dedup_candidates as c"
+            "insert into {S} ({cols}){override} select {values} from dedup_candidates as c"
             " where {keys_null} and not exists (select from {S} as s where {match})",
-            cols=cols, override=override),
+            cols=cols, override=override, values=values("c")),
         # Which rows are kept, for rollback: this batch's rows leave or join the record.
         sql.SQL("delete from {K} where {tb} in ({touched})").format(
             K=K, tb=tb, touched=touched),
-        sql.SQL("insert into {K} select {tb} from {S} where {tb} in ({touched})").format(
-            K=K, tb=tb, S=S, touched=touched),
+        sql.SQL("insert into {K} select {kept} from {S} where {tb} in ({touched})").format(
+            K=K, tb=tb, S=S, touched=touched, kept=kept_record(None)),
         sql.SQL("delete from {G} where change_id in (select change_id from dedup_batch)").format(
             G=G),
     ]
@@ -304,14 +352,14 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation, kep
         touched_rows_match=sql.SQL(
             "select count(*) = 0, count(*) as rows_differing_from_live from {S} as s"
             " where s.{tb} in ({touched}) and not exists"
-            " (select from {L} as l where l.{tb} = s.{tb} and l::text = s::text)"
-        ).format(S=S, tb=tb, touched=touched, L=L),
+            " (select from {L} as l where l.{tb} = s.{tb} and {same})"
+        ).format(S=S, tb=tb, touched=touched, L=L, same=same_as_live("l", "s")),
         pending=sql.SQL("select count(*) from {}").format(G),
         anything_pending=sql.SQL("select exists (select from {})").format(G),
         all_rows_match=sql.SQL(
             "select count(*) = 0, count(*) as rows_differing_from_live from {S} as s"
-            " where not exists (select from {L} as l where l.{tb} = s.{tb} and l::text = s::text)"
+            " where not exists (select from {L} as l where l.{tb} = s.{tb} and {same})"
             " and s.{tb} not in (select (g.old_row).{tb} from {G} as g where g.old_row is not null"
             " union select (g.new_row).{tb} from {G} as g where g.new_row is not null)"
-        ).format(S=S, L=L, G=G, tb=tb),
+        ).format(S=S, L=L, G=G, tb=tb, same=same_as_live("l", "s")),
     )

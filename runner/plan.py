@@ -192,8 +192,7 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
         shadow=Relation(schema, shadow), capture=captured,
         replay=capture.replay(spec, live.relation, Relation(schema, shadow), captured.log,
                               Relation(archive_schema, kept_rows_name(archive.name)),
-                              [c.name for c in live.columns if not c.generated],
-                              overriding=overriding),
+                              live.columns, overriding=overriding),
     )
     plan.prepare += [
         Step("a leftover of an interrupted run would block the name",
@@ -248,7 +247,9 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
              "duplicate the swap removed; each replay keeps it up to date",
              sql.SQL("create table {} as select {} from {}").format(
                  sql.Identifier(archive_schema, kept_rows_name(archive.name)),
-                 sql.Identifier(spec.tiebreaker), shadow_id)),
+                 sql.SQL(", ").join(sql.Identifier(c) for c in
+                                    capture.kept_record_columns(spec, live.columns)),
+                 shadow_id)),
     ]
     renames = []
     for position, index in enumerate(live.indexes):

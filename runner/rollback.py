@@ -227,8 +227,13 @@ def plan_constraint(entry: LogEntry, archive_schema: str) -> TableRollback:
 
 
 def plan_table(position: int, entry: LogEntry, live: LiveTable, archive: LiveTable,
-               tiebreaker: str, stamp: datetime, archive_schema: str) -> TableRollback:
-    """The rollback of one swapped table; `position` keeps its temporary tables apart."""
+               tiebreaker: str, stamp: datetime, archive_schema: str,
+               backfilled: tuple[str, ...] = ()) -> TableRollback:
+    """The rollback of one swapped table; `position` keeps its temporary tables apart.
+
+    `backfilled`: key columns whose NULLs the swap filled with uuids, recorded with the kept
+    rows; a row is unchanged since the swap when it equals its original so filled, and then the
+    original, NULL and all, is what comes back."""
     if _columns(live) != _columns(archive):
         raise RunnerError(f"the columns of {entry.live} changed since the swap, so its rows no "
                           f"longer fit the original table {archive.relation}: roll it back by "
@@ -258,13 +263,18 @@ def plan_table(position: int, entry: LogEntry, live: LiveTable, archive: LiveTab
     plan = TableRollback(entry, rolled_back=rolled_back)
 
     # row(x.*)::text, not x::text: a column named like the alias would win over the row.
+    as_swapped = sql.SQL("row(a.*)") if not backfilled else sql.SQL("row({})").format(
+        sql.SQL(", ").join(
+            sql.SQL("coalesce(a.{c}, k.{c})" if c.name in backfilled else "a.{c}").format(
+                c=sql.Identifier(c.name))
+            for c in archive.columns))
     plan.before_lock = [
-        Step(f"the archived version of every row the swap kept in {entry.live}, read before "
-             "the lock, so that under it the diff never scans the archive",
+        Step(f"the version of every row the swap kept in {entry.live} as the swap wrote it, "
+             "read before the lock, so that under it the diff never scans the archive",
              sql.SQL("create temp table {kept} on commit drop as"
-                     " select a.{t} as tiebreaker, row(a.*)::text as content from {A} as a"
-                     " where a.{t} in (select k.{t} from {K} as k)").format(
-                 kept=kept, t=t, A=A, K=K)),
+                     " select a.{t} as tiebreaker, {as_swapped}::text as content from {A} as a"
+                     " join {K} as k on k.{t} = a.{t}").format(
+                 kept=kept, t=t, A=A, K=K, as_swapped=as_swapped)),
         Step("", sql.SQL("analyze {}").format(tmp_kept)),
         Step(f"the archive {archive.relation} still holds every row the swap kept",
              sql.SQL("select count(*) = (select count(*) from {K}), count(*) as kept_in_archive,"
@@ -448,14 +458,16 @@ def make_plans(conn: psycopg.Connection, options: RollbackOptions,
                 raise RunnerError(f"cannot roll back {entry.live}: its {what} {relation} is "
                                   "missing (dropped by hand?); nothing was changed; restore it "
                                   "or leave the table out with --select")
-        kept_columns = catalog.relation_columns(conn, kept)
-        if len(kept_columns) != 1:
-            raise RunnerError(f"{kept} should have one column, the tie-breaker, and has "
-                              f"{len(kept_columns)}: restore it or roll back by hand")
+        live = catalog.read_live_table(conn, entry.live)
+        kept_columns = [name for name, _ in catalog.relation_columns(conn, kept)]
+        # The tie-breaker, then any key columns the swap backfilled (nulls: backfill).
+        if not kept_columns or not set(kept_columns[1:]) <= set(live.column_names()):
+            raise RunnerError(f"{kept} should hold the tie-breaker and backfilled key columns of "
+                              f"{entry.live}, and has {kept_columns}: restore it or roll back "
+                              "by hand")
         plans.append(plan_table(
-            position, entry, catalog.read_live_table(conn, entry.live),
-            catalog.read_live_table(conn, archive), kept_columns[0][0], stamp,
-            options.archive_schema))
+            position, entry, live, catalog.read_live_table(conn, archive), kept_columns[0],
+            stamp, options.archive_schema, backfilled=tuple(kept_columns[1:])))
     return plans
 
 

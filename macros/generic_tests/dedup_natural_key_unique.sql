@@ -3,7 +3,8 @@
     the same NULL semantics:
       not_distinct: NULLs are equal (UNIQUE NULLS NOT DISTINCT); GROUP BY already treats them so;
       distinct:     a key with a NULL never conflicts (plain UNIQUE), so such rows are skipped;
-      forbidden:    a NULL in the key is a failure of its own, as under NOT NULL.
+      forbidden:    a NULL in the key is a failure of its own, as under NOT NULL;
+      backfill:     NULL keys were to be replaced with fresh uuids, so one left is a failure.
 #}
 {% test dedup_natural_key_unique(model) %}
     {%- set spec = dedup.dedup_spec_for_relation(model) if execute else {"natural_key": ["parsing"], "nulls": "not_distinct"} -%}
@@ -22,14 +23,14 @@ with duplicate_keys as (
         count(*) as rows_with_key,
         'duplicate key' as problem
     from {{ model }}
-    {%- if spec.nulls == "distinct" %}
+    {%- if spec.nulls in ["distinct", "backfill"] %}
     where not {{ dedup.dedup_any_null(spec.natural_key) }}
     {%- endif %}
     group by {{ keys }}
     having count(*) > 1
 
 )
-{%- if spec.nulls == "forbidden" %},
+{%- if spec.nulls in ["forbidden", "backfill"] %},
 
 null_keys as (
 
