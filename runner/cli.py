@@ -392,6 +392,28 @@ def cleanup_command(project_dir: Path, older_than: str, dry_run: bool, lock_time
                f"tables, kept by {len(result.items)} swaps older than {older_than}.")
 
 
+@cli.command(name="upsert-sql")
+@click.argument("table")
+@click.option("--touch", multiple=True,
+              help="A column set to now() on insert and on update, such as last_sync_time "
+                   "(repeatable).")
+@project_dir_option
+@target_path_option
+@_fails_cleanly
+def upsert_sql_command(table: str, touch: tuple[str, ...], project_dir: Path,
+                       target_path: Path | None) -> None:
+    """Print the INSERT ... ON CONFLICT ... DO UPDATE the ETL should load TABLE with (a live
+    table, source or schema.table), on the constraint that enforces its natural key now."""
+    from runner import upsert
+
+    with database(project_dir):
+        targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), ())
+        with connect() as conn:
+            statement = upsert.target_upsert_statement(conn, upsert.one_target(targets, table),
+                                                       touch)
+            click.echo(statement.as_string(conn))
+
+
 @cli.group()
 def db() -> None:
     """The embedded PostgreSQL server (data under .runner/ in the project)."""

@@ -1,0 +1,245 @@
+"""The statement the ETL should load a table with: an upsert on the table's natural key.
+
+The incident's ETL ran `INSERT ... ON CONFLICT DO NOTHING` on tables that had no unique
+constraint, so nothing ever conflicted. Once a constraint enforces the natural key (`runner swap`
+adds it), `INSERT ... ON CONFLICT (<key>) DO UPDATE` names it as the arbiter: a row whose key is
+already there updates that row instead of adding another.
+
+`read_upsert_table` reads the catalog; `choose_arbiter` and `build_upsert` are pure;
+`upsert_statement` (a natural key of your own) and `manifest_upsert_statement` (the key declared
+in the dbt YAML) put them together for ETL code that uses psycopg.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg.abc import AdaptContext
+
+from runner.artifacts import DedupTarget, Relation, load_targets
+from runner.catalog import read_live_table
+from runner.errors import RunnerError
+
+
+@dataclass(frozen=True)
+class TableColumn:
+    name: str
+    generated_by_table: bool
+    """Identity, serial (a nextval default) or generated: the table fills it, not the ETL."""
+
+
+@dataclass(frozen=True)
+class KeyElement:
+    column: str | None
+    """The column, when the element is a plain column; None for an expression."""
+    expression: str
+    """The element as pg_get_indexdef prints it."""
+
+
+@dataclass(frozen=True)
+class UniqueIndex:
+    """A unique index ON CONFLICT can arbitrate on: valid and not deferrable."""
+
+    name: str
+    elements: tuple[KeyElement, ...]
+    reads: frozenset[str]
+    """The table columns its key elements read, plain or inside expressions."""
+    predicate: str | None
+    """The WHERE of a partial index, as pg_get_expr prints it."""
+
+
+@dataclass(frozen=True)
+class UpsertTable:
+    relation: Relation
+    columns: tuple[TableColumn, ...]
+    unique_indexes: tuple[UniqueIndex, ...]
+
+
+_OID = """
+select c.oid from pg_class as c join pg_namespace as n on n.oid = c.relnamespace
+where n.nspname = %s and c.relname = %s and c.relkind in ('r', 'p')
+"""
+
+_COLUMNS = """
+select a.attname,
+       a.attidentity <> '' or a.attgenerated <> ''
+       or coalesce(starts_with(pg_get_expr(d.adbin, d.adrelid), 'nextval('), false)
+from pg_attribute as a
+left join pg_attrdef as d on d.adrelid = a.attrelid and d.adnum = a.attnum
+where a.attrelid = %s and a.attnum > 0 and not a.attisdropped
+order by a.attnum
+"""
+
+# PostgreSQL has no function that lists the columns an index expression reads; its stored
+# node tree names each one as ":varattno <attnum>", the form every version since 8.3 writes.
+_UNIQUE_INDEXES = """
+select i.relname,
+       array(select a.attname
+             from generate_series(1, x.indnkeyatts) as k
+             left join pg_attribute as a on a.attrelid = x.indrelid and a.attnum = x.indkey[k - 1]
+             order by k),
+       array(select pg_get_indexdef(x.indexrelid, k, true)
+             from generate_series(1, x.indnkeyatts) as k order by k),
+       array(select a.attname
+             from regexp_matches(coalesce(x.indexprs::text, ''), ':varattno (\\d+)', 'g') as m
+             join pg_attribute as a on a.attrelid = x.indrelid and a.attnum = m[1]::int),
+       pg_get_expr(x.indpred, x.indrelid, true)
+from pg_index as x
+join pg_class as i on i.oid = x.indexrelid
+where x.indrelid = %s and x.indisunique and x.indisvalid and x.indimmediate
+order by i.relname
+"""
+
+
+def read_upsert_table(conn: psycopg.Connection, relation: Relation) -> UpsertTable:
+    row = conn.execute(_OID, (relation.schema, relation.name)).fetchone()
+    if row is None:
+        raise RunnerError(f"table {relation} does not exist: check the schema and table name, "
+                          "and the database you connect to")
+    oid = row[0]
+    indexes = []
+    for name, columns, expressions, expression_columns, predicate in conn.execute(
+        _UNIQUE_INDEXES, (oid,)
+    ):
+        indexes.append(UniqueIndex(
+            name=name,
+            elements=tuple(KeyElement(c, e) for c, e in zip(columns, expressions, strict=True)),
+            reads=frozenset(c for c in columns + expression_columns if c is not None),
+            predicate=predicate,
+        ))
+    return UpsertTable(
+        relation=relation,
+        columns=tuple(TableColumn(*r) for r in conn.execute(_COLUMNS, (oid,))),
+        unique_indexes=tuple(indexes),
+    )
+
+
+def choose_arbiter(table: UpsertTable, natural_key: Sequence[str]) -> UniqueIndex:
+    """The unique index whose key reads exactly the natural key's columns: a full index on
+    plain columns first, then one on expressions, then a partial one; by name among equals."""
+    candidates = [i for i in table.unique_indexes if i.reads == frozenset(natural_key)]
+    if not candidates:
+        raise _not_enforced(table.relation, natural_key)
+    return min(candidates, key=lambda i: (
+        i.predicate is not None, any(e.column is None for e in i.elements), i.name))
+
+
+def _not_enforced(relation: Relation, natural_key: Sequence[str]) -> RunnerError:
+    return RunnerError(f"no unique constraint or index on {relation} enforces its natural key "
+                       f"({', '.join(natural_key)}) yet, so ON CONFLICT has nothing to match: "
+                       "run `runner swap` first")
+
+
+class _Identifier(sql.Identifier):
+    """A name in a statement that takes %(name)s parameters, where psycopg reads every % as
+    the start of one: a % in the name is doubled."""
+
+    def as_bytes(self, context: AdaptContext | None = None) -> bytes:
+        return super().as_bytes(context).replace(b"%", b"%%")
+
+
+def _deparsed(text: str) -> sql.SQL:
+    """SQL the server printed; its % doubled, as the statement takes %(name)s parameters."""
+    return sql.SQL(text.replace("%", "%%"))
+
+
+def _placeholder(relation: Relation, column: str) -> sql.Placeholder:
+    if ")" in column:
+        raise RunnerError(f"column {column!r} of {relation} contains ')', which a psycopg "
+                          "%(name)s placeholder cannot: rename the column")
+    return sql.Placeholder(column)
+
+
+def build_upsert(table: UpsertTable, natural_key: Sequence[str], arbiter: UniqueIndex,
+                 touch: Sequence[str] = ()) -> sql.Composed:
+    """INSERT every column the table does not fill itself, one %(column)s each; on a conflict
+    with the arbiter, set every non-key column from the new row, and each `touch` column to
+    now() (on insert too)."""
+    generated = {c.name for c in table.columns if c.generated_by_table}
+    for column in touch:
+        if column not in {c.name for c in table.columns}:
+            raise RunnerError(f"--touch {column}: {table.relation} has no such column; "
+                              f"its columns: {', '.join(c.name for c in table.columns)}")
+        if column in generated:
+            raise RunnerError(f"--touch {column}: {table.relation} fills that column itself "
+                              "(identity, serial or generated): touch a column the ETL writes")
+        if column in natural_key:
+            raise RunnerError(f"--touch {column}: that column is in the natural key, which an "
+                              "upsert never changes: touch another column")
+    inserted = [c.name for c in table.columns if not c.generated_by_table]
+    values = [sql.SQL("now()") if c in touch else _placeholder(table.relation, c)
+              for c in inserted]
+    target = sql.SQL(", ").join(
+        _Identifier(e.column) if e.column is not None
+        else sql.SQL("({})").format(_deparsed(e.expression))
+        for e in arbiter.elements
+    )
+    predicate = (sql.SQL(" where {}").format(_deparsed(arbiter.predicate))
+                 if arbiter.predicate is not None else sql.SQL(""))
+    assignments = [
+        sql.SQL("{} = {}").format(
+            _Identifier(c),
+            sql.SQL("now()") if c in touch else sql.SQL("excluded.{}").format(_Identifier(c)),
+        )
+        for c in inserted if c not in natural_key
+    ]
+    action = (sql.SQL("do update set {}").format(sql.SQL(", ").join(assignments))
+              if assignments else sql.SQL("do nothing"))
+    return sql.SQL("insert into {table} ({columns})\nvalues ({values})\n"
+                   "on conflict ({target}){predicate}\n{action}").format(
+        table=_Identifier(table.relation.schema, table.relation.name),
+        columns=sql.SQL(", ").join(map(_Identifier, inserted)),
+        values=sql.SQL(", ").join(values),
+        target=target,
+        predicate=predicate,
+        action=action,
+    )
+
+
+def upsert_statement(conn: psycopg.Connection, schema: str, table: str,
+                     natural_key: Sequence[str], touch: Sequence[str] = ()) -> sql.Composed:
+    """The upsert for a table and a natural key of your choosing, on the index that enforces it.
+
+    Run it with `cursor.executemany(statement, rows)`, each row a dict keyed by column name.
+    """
+    facts = read_upsert_table(conn, Relation(schema, table))
+    return build_upsert(facts, natural_key, choose_arbiter(facts, natural_key), touch)
+
+
+def target_upsert_statement(conn: psycopg.Connection, target: DedupTarget,
+                            touch: Sequence[str] = ()) -> sql.Composed:
+    """The upsert on the constraint that enforces the natural key as the dbt YAML declares it,
+    NULL semantics included: a key enforced only in part (a partial index, or NULLs distinct
+    where the YAML says not_distinct) is not enforced, and `runner swap` adds the constraint."""
+    enforcing = read_live_table(conn, target.live).enforcing_index(target.spec)
+    if enforcing is None:
+        raise _not_enforced(target.live, target.spec.natural_key)
+    facts = read_upsert_table(conn, target.live)
+    arbiter = next((i for i in facts.unique_indexes if i.name == enforcing.name), None)
+    if arbiter is None:
+        raise RunnerError(f"{enforcing.name} on {target.live} is deferrable, and ON CONFLICT "
+                          "cannot arbitrate on a deferrable constraint: make it NOT DEFERRABLE")
+    return build_upsert(facts, target.spec.natural_key, arbiter, touch)
+
+
+def one_target(targets: Sequence[DedupTarget], name: str) -> DedupTarget:
+    """The target a name means, in any of the forms `--select` takes."""
+    matches = [t for t in targets if name in (t.live.name, t.source, str(t.live))]
+    if not matches:
+        raise RunnerError(f"{name}: no deduplicated table of that name in dbt's manifest; "
+                          f"known: {', '.join(t.live.name for t in targets)}")
+    if len(matches) > 1:
+        raise RunnerError(f"{name} names several tables ({', '.join(str(t.live) for t in matches)})"
+                          ": name one as schema.table")
+    return matches[0]
+
+
+def manifest_upsert_statement(conn: psycopg.Connection, target_dir: Path, table: str,
+                              touch: Sequence[str] = ()) -> sql.Composed:
+    """The upsert for a table the dbt project deduplicates, its natural key read from
+    `target_dir/manifest.json` (run `dbt parse` or `dbt build` first)."""
+    return target_upsert_statement(conn, one_target(load_targets(target_dir), table), touch)
