@@ -414,6 +414,42 @@ def upsert_sql_command(table: str, touch: tuple[str, ...], project_dir: Path,
             click.echo(statement.as_string(conn))
 
 
+@cli.command(name="report")
+@project_dir_option
+@click.option("--select", "select", multiple=True,
+              help="Only these live tables (repeatable); by default every table whose latest "
+                   "swap was not rolled back.")
+@archive_schema_option
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a self-contained HTML page with bar charts to this file instead.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, for machines.")
+@click.option("--no-queries", is_flag=True,
+              help="Sizes only: do not time the example queries.")
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How often each example query runs per side; the report gives the median.")
+@click.option("--query-timeout", default="30s", show_default=True,
+              help="statement_timeout of each example query.")
+@_fails_cleanly
+def report_command(project_dir: Path, select: tuple[str, ...], archive_schema: str,
+                   html_file: Path | None, as_json: bool, no_queries: bool, runs: int,
+                   query_timeout: str) -> None:
+    """What the swaps did: rows and size before and after per table, the space freed, and
+    example queries timed with EXPLAIN (ANALYZE, BUFFERS) on the original and the deduplicated
+    table, read-only. Markdown on stdout, or --html FILE, or --json."""
+    from runner import report
+
+    options = report.ReportOptions(
+        archive_schema=archive_schema, select=list(select) or None, queries=not no_queries,
+        runs=runs, timeout_ms=_duration_ms(query_timeout))
+    with database(project_dir), connect() as conn:
+        facts = report.gather(conn, options)
+    if html_file:
+        html_file.write_text(report.to_html(facts), encoding="utf-8")
+        click.echo(f"Wrote the report to {html_file}.")
+    else:
+        click.echo(report.to_json(facts) if as_json else report.to_markdown(facts), nl=False)
+
+
 @cli.group()
 def db() -> None:
     """The embedded PostgreSQL server (data under .runner/ in the project)."""

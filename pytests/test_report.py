@@ -1,0 +1,391 @@
+"""runner report against a real server: the numbers it states per table and per query, the
+HTML page, and what it says before a swap, after a rollback and after a cleanup."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from html.parser import HTMLParser
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import TEST_SCALE, Database, _create_database
+from psycopg import sql
+from test_other_project import OTHER_PROJECT, run_other_dbt
+from test_other_project import shop as shop  # imported, its fixture is this module's too
+from test_swap import SWAPPED, schema_state
+
+from runner import demo, report
+from runner.artifacts import Relation
+
+CELL = re.compile(r"(?<!\\)\|")
+FREED = re.compile(r"Total space freed: (.+?) \(([\d,]+) bytes\)")
+ONE_PARENT = re.compile(r"^\d+\. breezeway\.(\w+) of one breezeway\.(\w+) \(\w+ = (\d+): "
+                        r"the most rows\)$")
+JOINED = re.compile(r"^\d+\. breezeway\.(\w+) joined with breezeway\.(\w+)$")
+
+
+@pytest.fixture(scope="module")
+def swapped(server, built: Database, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[Database]:
+    """One swapped copy of the built database, for the tests that only run the report."""
+    name = "report_swapped"
+    _create_database(server, name, template=built.name)
+    target_dir = tmp_path_factory.mktemp("report") / "target"
+    shutil.copytree(built.target_dir, target_dir)
+    database = Database({**built.env, "PGDATABASE": name}, target_dir)
+    result = database.runner("swap")
+    assert result.exit_code == 0, result.output
+    yield database
+    with psycopg.connect(autocommit=True, **server.conninfo) as conn:
+        conn.execute(sql.SQL("drop database {} with (force)").format(sql.Identifier(name)))
+
+
+def reported(database: Database, *args: str) -> str:
+    result = database.runner("report", *args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def md_table(markdown: str, heading: str) -> list[dict[str, str]]:
+    """The rows of the Markdown table under `## heading`, cells unescaped, bold removed."""
+    section = markdown.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    if not lines:
+        return []
+
+    def cells(line: str) -> list[str]:
+        return [re.sub(r"\\(.)", r"\1", cell.strip().removeprefix("**").removesuffix("**"))
+                for cell in CELL.split(line.strip())[1:-1]]
+
+    headers = cells(lines[0])
+    return [dict(zip(headers, cells(line), strict=True)) for line in lines[2:]]
+
+
+def number(cell: str) -> int:
+    return int(cell.split(" ")[0].replace(",", ""))
+
+
+def swap_log_bytes(database: Database) -> dict[str, tuple[int, int]]:
+    with database.connect() as conn:
+        return {table: (before, after) for table, before, after in conn.execute(
+            "select live_table, bytes_before, bytes_after from dedup_archive.swap_log"
+            " where rolled_back_at is null")}
+
+
+def test_one_row_per_swapped_table_with_rows_and_sizes_before_and_after(
+        swapped: Database) -> None:
+    before = schema_state(swapped)
+    markdown = reported(swapped, "--no-queries")
+    assert schema_state(swapped) == before
+    expected = demo.expected_counts(TEST_SCALE)
+    logged = swap_log_bytes(swapped)
+    rows = {row["Table"]: row for row in md_table(markdown, "Tables")}
+    assert set(rows) == {f"breezeway.{table}" for table in SWAPPED} | {"Total"}
+    with swapped.connect() as conn:
+        for table in SWAPPED:
+            row = rows[f"breezeway.{table}"]
+            assert number(row["Rows before"]) == expected[table].total
+            assert number(row["Rows after"]) == expected[table].unique
+            assert number(row["Removed"]) == expected[table].duplicates
+            size_before, size_after = logged[table]
+            assert size_before > size_after
+            assert (row["Size before"], row["Size after"], row["Freed"]) == (
+                report.size_text(size_before), report.size_text(size_after),
+                report.size_text(size_before - size_after))
+            now = conn.execute("select pg_total_relation_size(%s::regclass)",
+                               (f"breezeway.{table}",)).fetchone()[0]
+            assert row["Size now"] == report.size_text(now)
+            assert row["Original kept in"].startswith(f"dedup_archive.{table}__")
+    total = rows["Total"]
+    assert number(total["Rows before"]) == sum(expected[t].total for t in SWAPPED)
+    assert number(total["Rows after"]) == sum(expected[t].unique for t in SWAPPED)
+    freed = FREED.search(markdown)
+    assert freed, markdown
+    assert number(freed.group(2)) == sum(b - a for b, a in logged.values())
+    assert total["Freed"] == freed.group(1) == report.size_text(number(freed.group(2)))
+    assert "Not run (--no-queries): sizes only." in markdown
+
+
+def parent_counts(table: str, parent: str) -> dict[int, tuple[int, int]]:
+    """Per parent id: its rows after the swap (its keys) and before (every copy of them)."""
+    layout = demo.Layout.at(next(t for t in demo.CHILD_TABLES if t.name == table), TEST_SCALE)
+    parents = getattr(layout, parent)
+    counts = {}
+    for parent_id in range(1, parents + 1):
+        keys = [k for k in range(layout.keys) if k % parents + 1 == parent_id]
+        counts[parent_id] = (len(keys), sum(layout.copies(k) for k in keys))
+    return counts
+
+
+def test_example_queries_return_one_parents_rows_before_and_after(swapped: Database) -> None:
+    markdown = reported(swapped)
+    queries = md_table(markdown, "Example queries")
+    by_title = {row["Query"]: row for row in queries}
+    one_parent = [ONE_PARENT.match(title) for title in by_title]
+    joined = [JOINED.match(title) for title in by_title]
+    with_parent = [t for t in SWAPPED if t != "business_events"]
+    assert sorted(m.group(1) for m in one_parent if m) == sorted(with_parent)
+    assert sorted(m.group(2) for m in joined if m) == sorted(with_parent)
+    for match in filter(None, one_parent):
+        table, parent, chosen = match.group(1), match.group(2), int(match.group(3))
+        counts = parent_counts(table, parent)
+        # The worst case: the parent with the most rows before, the first of equals.
+        assert chosen == max(sorted(counts), key=lambda p: counts[p][1])
+        row = by_title[match.group(0)]
+        assert (number(row["Rows after"]), number(row["Rows before"])) == counts[chosen]
+    for match in filter(None, joined):
+        table, parent = match.group(2), match.group(1)
+        layout = demo.Layout.at(next(t for t in demo.CHILD_TABLES if t.name == table),
+                                TEST_SCALE)
+        childless = sum(1 for after, _ in parent_counts(table, parent).values() if after == 0)
+        row = by_title[match.group(0)]
+        assert number(row["Rows after"]) == layout.keys + childless
+        assert number(row["Rows before"]) == layout.total + childless
+    # No foreign key: the rows of the request_id most often repeated, kept once.
+    events = demo.Layout.at(next(t for t in demo.CHILD_TABLES if t.name == "business_events"),
+                            TEST_SCALE)
+    (row,) = [row for title, row in by_title.items()
+              if re.match(r"\d+\. breezeway\.business_events of one request_id \(request_id = ",
+                          title)]
+    assert (number(row["Rows after"]), number(row["Rows before"])) == (1, events.copies(0))
+    for row in queries:
+        assert re.fullmatch(r"[\d.]+ m?s", row["Before"]) and re.fullmatch(r"[\d.]+ m?s",
+                                                                            row["After"])
+        assert number(row["Buffers before"]) > number(row["Buffers after"]) > 0
+        assert re.fullmatch(r"[\d.,]+x (faster|slower)", row["Improvement"])
+    assert "ran 3 times on each side with EXPLAIN (ANALYZE, BUFFERS) in a read-only " \
+           "transaction" in markdown
+    assert "the median execution time" in markdown
+    assert "select * from \"breezeway\".\"property_photos\" where \"property_pk\" = '" in markdown
+
+
+def test_queries_run_read_only_and_stop_at_the_timeout(swapped: Database) -> None:
+    with swapped.connect() as conn:
+        rows = conn.execute("select count(*) from breezeway.property_photos").fetchone()[0]
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            report.measure(conn, sql.SQL("delete from breezeway.property_photos"), 1, 10_000)
+        assert conn.execute("select count(*) from breezeway.property_photos").fetchone()[0] \
+            == rows == demo.expected_counts(TEST_SCALE)["property_photos"].unique
+        started = time.monotonic()
+        assert report.measure(conn, sql.SQL("select pg_sleep(5)"), 3, 100) is None
+        assert time.monotonic() - started < 2
+
+
+VOID_TAGS = frozenset({"meta", "br", "hr", "img", "link", "input"})
+
+
+class Page(HTMLParser):
+    """Tags as parsed: end tags must close the innermost open one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[str] = []
+        self.problems: list[str] = []
+        self.tags: list[tuple[str, dict, tuple[str, ...]]] = []
+        """(tag, attributes, enclosing svg ids)"""
+        self.svg: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        self.tags.append((tag, attributes, tuple(self.svg)))
+        if tag == "svg":
+            self.svg.append(attributes.get("id", ""))
+        if tag not in VOID_TAGS:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.open or self.open[-1] != tag:
+            self.problems.append(f"</{tag}> closes {self.open[-1:] or 'nothing'}")
+            return
+        self.open.pop()
+        if tag == "svg":
+            self.svg.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def bars(self, svg_id: str, side: str) -> list[float]:
+        return [float(a["width"]) for tag, a, within in self.tags
+                if tag == "rect" and svg_id in within and a["class"].split()[:2] == ["bar", side]]
+
+
+def parsed(page: str) -> Page:
+    parser = Page()
+    parser.feed(page)
+    parser.close()
+    assert parser.problems == [] and parser.open == [], (parser.problems, parser.open)
+    return parser
+
+
+def test_html_page_is_self_contained_with_a_bar_per_table_and_side(
+        swapped: Database, tmp_path: Path) -> None:
+    path = tmp_path / "report.html"
+    assert reported(swapped, "--html", str(path), "--runs", "1") == \
+        f"Wrote the report to {path}.\n"
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<!doctype html>")
+    html = parsed(page)
+    assert "http" not in page
+    assert not [tag for tag, attributes, _ in html.tags
+                if tag in ("script", "link", "img", "iframe") or {"src", "href"} & set(attributes)]
+    logged = swap_log_bytes(swapped)
+    sizes_before, sizes_after = html.bars("sizes", "before"), html.bars("sizes", "after")
+    assert len(sizes_before) == len(sizes_after) == len(SWAPPED)
+    assert all(before > after for before, after in zip(sizes_before, sizes_after, strict=True))
+    # One scale: the largest original is the longest bar.
+    largest = max(logged, key=lambda table: logged[table][0])
+    assert sizes_before.index(max(sizes_before)) == sorted(logged).index(largest)
+    # Two queries for each table with a parent, one for business_events.
+    queries = 2 * (len(SWAPPED) - 1) + 1
+    assert len(html.bars("query-times", "before")) == len(html.bars("query-times", "after")) \
+        == queries
+    text = "".join(html.text)
+    for table in SWAPPED:
+        assert f"breezeway.{table}" in text
+
+
+def synthetic_report(name: str) -> report.Report:
+    """A report by hand, for what the database would make awkward: any name at all."""
+    live = Relation("s", name)
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    return report.Report(
+        database=name, generated_at=at, archive_schema="dedup_archive",
+        tables=(report.TableReport(
+            live=live, action="swap", constraint=f"{name}__natural_key", swapped_at=at,
+            rows_before=100, rows_after=10, bytes_before=81920, bytes_after=8192,
+            bytes_now=8192, archive=Relation("dedup_archive", f"{name}__20260102030405"),
+            archive_bytes_now=81920, cleaned_at=None),),
+        queries=(report.ExampleQuery(
+            table=live, kind=report.ONE_KEY_VALUE, title=f"{live} of one {name} (x = 1)",
+            statement=f'select * from "s"."{name}" -- ```',
+            before=report.Timing(12.5, 10, 40), after=report.Timing(0.5, 1, 2)),
+                 report.ExampleQuery(
+            table=live, kind=report.JOINED, title=f"s.parent joined with {live}",
+            statement="select 1", before=None, after=report.Timing(0.5, 10, 3))),
+        queries_run=True, runs=3, timeout_ms=30_000, notes=(f"{live}: a note",))
+
+
+def test_every_name_is_escaped_in_html_and_markdown() -> None:
+    name = 'a<b>&"c\'|`*_d_'
+    built = synthetic_report(name)
+    page = report.to_html(built)
+    assert name not in page and "<b>" not in page
+    assert html_escaped(name) in page
+    html = parsed(page)
+    assert sum(name in text for text in html.text) >= 5
+    assert len(html.bars("sizes", "before")) == len(html.bars("sizes", "after")) == 1
+    markdown = report.to_markdown(built)
+    # Verbatim in a code block only: everywhere else Markdown would read it as HTML.
+    prose = re.sub(r"(`{3,})sql\n.*?\n\1", "", markdown, flags=re.DOTALL)
+    assert "<b>" not in prose and "<b>" in markdown
+    (row, total) = md_table(markdown, "Tables")
+    assert row["Table"] == f"s.{name}" and total["Table"] == "Total"
+    assert row["Freed"] == report.size_text(81920 - 8192) == "72.0 kB"
+    (query, timed_out) = md_table(markdown, "Example queries")
+    assert query["Query"] == f"1. s.{name} of one {name} (x = 1)"
+    assert query["Improvement"] == "25.0x faster"
+    # Past the statement_timeout "before" is a lower bound, drawn as long as the timeout.
+    assert (timed_out["Before"], timed_out["Improvement"], timed_out["Rows before"]) == (
+        "over 30 s", "over 60,000x faster", "")
+    # Each query on its own scale: its longer bar spans the chart.
+    assert html.bars("query-times", "before") == [560, 560]
+    assert html.bars("query-times", "after") == [560 * 0.5 / 12.5, 1]
+    assert [a["class"] for tag, a, _ in html.tags if tag == "rect"][-2:] == [
+        "bar before timed-out", "bar after"]
+    # The statement's own backticks cannot close its code block.
+    assert f"````sql\nselect * from \"s\".\"{name}\" -- ```\n````" in markdown
+
+
+def html_escaped(text: str) -> str:
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;").replace("'", "&#x27;"))
+
+
+def test_json_and_select(swapped: Database) -> None:
+    data = json.loads(reported(swapped, "--json", "--no-queries",
+                               "--select", "property_photos"))
+    (table,) = data["tables"]
+    expected = demo.expected_counts(TEST_SCALE)["property_photos"]
+    assert (table["live"], table["rows_before"], table["rows_after"]) == (
+        "breezeway.property_photos", expected.total, expected.unique)
+    assert table["freed"] == data["freed"] == table["bytes_before"] - table["bytes_after"] > 0
+    assert data["queries"] == [] and data["queries_run"] is False
+    result = swapped.runner("report", "--select", "no_such_table")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --select no_such_table: dedup_archive.swap_log "
+                                    "records no swap of that table; swapped: breezeway.")
+
+
+def test_before_any_swap_one_line_and_exit_1(fresh: Database) -> None:
+    result = fresh.runner("report")
+    assert result.exit_code == 1
+    assert result.output == ("Error: no swap recorded in dedup_archive.swap_log: run "
+                             "`runner swap` first\n")
+
+
+def test_a_rolled_back_swap_is_not_reported_as_current(fresh: Database) -> None:
+    assert fresh.runner("swap").exit_code == 0
+    rollback = fresh.runner("rollback", "--select", "property_photos")
+    assert rollback.exit_code == 0, rollback.output
+    markdown = reported(fresh, "--no-queries")
+    tables = {row["Table"] for row in md_table(markdown, "Tables")}
+    assert tables == {f"breezeway.{t}" for t in SWAPPED if t != "property_photos"} | {"Total"}
+    assert re.search(r"- breezeway\.property_photos: its swap at .+ was rolled back at .+, "
+                     r"so the table is not reported\.", markdown), markdown
+    freed = FREED.search(markdown)
+    assert number(freed.group(2)) == sum(b - a for b, a in swap_log_bytes(fresh).values())
+    selected = fresh.runner("report", "--select", "property_photos")
+    assert selected.exit_code == 1
+    assert selected.output == ("Error: no current swap of property_photos in "
+                               "dedup_archive.swap_log: the latest swap of each was rolled back; "
+                               "run `runner swap` first\n")
+    assert fresh.runner("rollback").exit_code == 0
+    result = fresh.runner("report")
+    assert result.exit_code == 1
+    assert result.output == ("Error: no current swap in dedup_archive.swap_log: the latest swap "
+                             "of every table was rolled back; run `runner swap` first\n")
+
+
+def test_after_cleanup_sizes_only_and_the_queries_before_is_gone(fresh: Database) -> None:
+    assert fresh.runner("swap").exit_code == 0
+    logged = swap_log_bytes(fresh)
+    cleanup = fresh.runner("cleanup", "--older-than", "0s")
+    assert cleanup.exit_code == 0, cleanup.output
+    markdown = reported(fresh)
+    expected = demo.expected_counts(TEST_SCALE)
+    rows = {row["Table"]: row for row in md_table(markdown, "Tables")}
+    for table in SWAPPED:
+        row = rows[f"breezeway.{table}"]
+        assert number(row["Rows before"]) == expected[table].total
+        assert row["Size before"] == report.size_text(logged[table][0])
+        assert row["Original kept in"].startswith("dropped by runner cleanup at ")
+        assert re.search(rf"- {re.escape(f'breezeway.{table}')}: runner cleanup dropped its "
+                         r"original .+ at .+, so the example queries' \"before\" is gone; "
+                         r"sizes only\.", markdown), table
+    assert md_table(markdown, "Example queries") == []
+    assert "None to run: see the notes." in markdown
+    assert number(FREED.search(markdown).group(2)) == sum(b - a for b, a in logged.values())
+
+
+def test_quoted_names_and_a_table_without_foreign_keys(shop: Database) -> None:
+    assert run_other_dbt(shop, "parse").success
+    project = ("--project-dir", str(OTHER_PROJECT))
+    assert shop.runner("capture", *project).exit_code == 0
+    assert run_other_dbt(shop, "build").success
+    assert shop.runner("swap", *project).exit_code == 0
+    markdown = reported(shop, *project)
+    (table, _) = md_table(markdown, "Tables")
+    assert (table["Table"], number(table["Rows before"]), number(table["Rows after"])) == (
+        "Shop.Order Lines", 60, 15)
+    # 5 orders of 3 lines, each loaded 4 times; the first order of equals is the worst case.
+    (query,) = md_table(markdown, "Example queries")
+    assert query["Query"] == "1. Shop.Order Lines of one Order ID (Order ID = ORD-1: the most rows)"
+    assert (number(query["Rows before"]), number(query["Rows after"])) == (12, 3)
+    assert """select * from "Shop"."Order Lines" where "Order ID" = 'ORD-1'""" in markdown
