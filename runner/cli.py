@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+import psycopg
 from rich.console import Console
 from rich.table import Table
 
@@ -20,7 +21,7 @@ from runner import artifacts, demo, rollback, swap
 from runner.database import connect, database, uses_embedded
 from runner.dbt import run_dbt
 from runner.embedded import EmbeddedPostgres, default_data_dir
-from runner.errors import RunnerError
+from runner.errors import RunnerError, from_database
 
 # Off a terminal rich would assume 80 columns and squeeze the table.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -34,6 +35,8 @@ def _fails_cleanly(command):
             return command(*args, **kwargs)
         except RunnerError as error:
             raise click.ClickException(str(error)) from error
+        except psycopg.Error as error:
+            raise click.ClickException(str(from_database(error))) from error
 
     return wrapper
 

@@ -1,5 +1,20 @@
 """The one exception the library raises for anything a user can act on."""
 
+from __future__ import annotations
+
+import psycopg
+
 
 class RunnerError(Exception):
     """A problem the user can fix: the message says what is wrong and what to do, in one line."""
+
+
+def from_database(error: psycopg.Error) -> RunnerError:
+    """An error PostgreSQL raised that no check of ours foresaw, as one line that names it."""
+    said = (error.diag.message_primary or str(error) or type(error).__name__).strip()
+    said = said.splitlines()[0]
+    if isinstance(error, psycopg.errors.InsufficientPrivilege):
+        return RunnerError(f"PostgreSQL refused: {said}: run as a role with that privilege "
+                           "(the tables' owner), or grant it, then run again")
+    return RunnerError(f"PostgreSQL stopped the command: {said}: fix the cause and run again "
+                       "(the step in progress was rolled back)")
