@@ -395,6 +395,40 @@ def cleanup_command(project_dir: Path, older_than: str, dry_run: bool, lock_time
                f"tables, kept by {len(result.items)} swaps older than {older_than}.")
 
 
+@cli.command(name="verify")
+@project_dir_option
+@target_path_option
+@select_option
+@archive_schema_option
+@click.option("--sample", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Existing rows replayed through the ETL's statement, which must add none.")
+@lock_timeout_option
+@output_format_option
+@_fails_cleanly
+def verify_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
+                   archive_schema: str, sample: int, lock_timeout: str,
+                   output_format: str) -> None:
+    """Check the live tables after a swap: no duplicate or forbidden NULL key, the natural
+    key's constraint and every index valid, foreign keys validated, sequences ahead of their
+    columns, size against the swap, and the ETL's statement adding no row. Exit 1 if any
+    check fails, for CI and monitoring. Changes nothing; the replay advances sequences."""
+    from runner import verify
+
+    options = verify.VerifyOptions(archive_schema=archive_schema, sample=sample,
+                                   lock_timeout_ms=_duration_ms(lock_timeout))
+    with database(project_dir):
+        targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), select)
+        with connect() as conn:
+            results = verify.verify(conn, targets, options)
+    _emit("runner verify", [result.as_row() for result in results], output_format)
+    failed = sum(not result.ok for result in results)
+    if failed:
+        click.echo(f"{failed} of {len(results)} checks failed: fix what each FAIL row says, "
+                   "then run `runner verify` again.", err=True)
+        sys.exit(1)
+    click.echo(f"All {len(results)} checks passed.", err=True)
+
+
 @cli.command(name="upsert-sql")
 @click.argument("table")
 @click.option("--touch", multiple=True,

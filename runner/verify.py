@@ -1,0 +1,405 @@
+"""The checks after a swap, as one report: whether each live table holds one row per natural key
+and will keep doing so. Reads only, except the idempotency check, whose insert is always rolled
+back.
+
+Per table: duplicates on the natural key and NULL keys (one scan), the unique constraint that
+enforces the key and the validity of every index, foreign keys validated, the sequences that
+number it ahead of its rows, its size against the swap's record, and the ETL's own statement
+replayed on a sample of its rows, which must insert nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import psycopg
+from psycopg import sql
+
+from runner import catalog
+from runner.artifacts import DedupSpec, DedupTarget, Relation
+from runner.catalog import LiveTable
+from runner.errors import RunnerError
+from runner.plan import SWAP_LOG, lock_timeout
+
+# The policies under which a NULL in the key is data. Any other (forbidden; backfill, whose
+# NULLs were to be filled in) leaves none in the live table, so one found there is a failure.
+NULL_KEYS_ALLOWED = ("not_distinct", "distinct")
+# The one policy under which NULLs are equal; under any other a NULL-key row is its own key.
+NULLS_EQUAL = "not_distinct"
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    archive_schema: str
+    sample: int = 100
+    """Rows replayed through the ETL's statement."""
+    lock_timeout_ms: int = 100
+    """How long the replay waits for a lock before it gives up, so it never queues for long."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    table: str
+    check: str
+    ok: bool
+    detail: str
+
+    def as_row(self) -> dict:
+        return {"table": self.table, "check": self.check, "result": "ok" if self.ok else "FAIL",
+                "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class KeyCounts:
+    rows: int
+    keys: int
+    """Distinct natural keys, a NULL-key row counting as its own key unless NULLs are equal."""
+    duplicated_keys: int
+    null_key_rows: int
+    example: str | None
+    """One duplicated key, as a row literal."""
+
+
+@dataclass(frozen=True)
+class NumberingSequence:
+    """A sequence that numbers a column of the table: owned by one of its columns, or called
+    by one of its column defaults."""
+
+    schema: str
+    name: str
+    column: str
+    increment: int
+    owner: str | None
+    """The table.column that owns it, if any."""
+    owned_here: bool
+
+
+def _table(relation: Relation) -> sql.Identifier:
+    return sql.Identifier(relation.schema, relation.name)
+
+
+def _any_null(columns: tuple[str, ...]) -> sql.Composed:
+    return sql.SQL(" or ").join(
+        sql.SQL("{} is null").format(sql.Identifier(column)) for column in columns)
+
+
+def key_counts_query(relation: Relation, spec: DedupSpec) -> sql.Composed:
+    """One scan: rows, keys, duplicated keys and NULL-key rows, with the spec's NULL semantics.
+
+    GROUP BY treats NULLs as equal; where they are not, the row's ctid makes each NULL-key row
+    a group of its own.
+    """
+    keys = sql.SQL(", ").join(sql.Identifier(column) for column in spec.natural_key)
+    any_null = _any_null(spec.natural_key)
+    own_group = (sql.SQL("") if spec.nulls == NULLS_EQUAL
+                 else sql.SQL(", case when {} then ctid end").format(any_null))
+    return sql.SQL(
+        "select coalesce(sum(key_rows), 0), count(*), count(*) filter (where key_rows > 1),"
+        " coalesce(sum(null_key_rows), 0), min(key_text) filter (where key_rows > 1)"
+        " from (select count(*) as key_rows,"
+        " count(*) filter (where {any_null}) as null_key_rows, row({keys})::text as key_text"
+        " from {table} group by {keys}{own_group}) as key_groups"
+    ).format(any_null=any_null, keys=keys, table=_table(relation), own_group=own_group)
+
+
+_NUMBERING_SEQUENCES = """
+with numbering as (
+    -- serial and identity columns: the sequence depends on the column that owns it
+    select d.objid as sequence, d.refobjsubid as attnum
+    from pg_depend as d
+    where d.classid = 'pg_class'::regclass and d.refclassid = 'pg_class'::regclass
+        and d.refobjid = %(table)s::regclass and d.refobjsubid > 0 and d.deptype in ('a', 'i')
+    union
+    -- a default calling nextval(): the default depends on the sequence, whoever owns it
+    select d.refobjid, ad.adnum
+    from pg_attrdef as ad
+    join pg_depend as d on d.classid = 'pg_attrdef'::regclass and d.objid = ad.oid
+        and d.refclassid = 'pg_class'::regclass
+    where ad.adrelid = %(table)s::regclass
+)
+select sn.nspname, s.relname, a.attname, q.seqincrement,
+       (select o.refobjid::regclass::text || '.' || quote_ident(oa.attname)
+        from pg_depend as o
+        join pg_attribute as oa on oa.attrelid = o.refobjid and oa.attnum = o.refobjsubid
+        where o.classid = 'pg_class'::regclass and o.objid = s.oid
+            and o.refclassid = 'pg_class'::regclass and o.deptype in ('a', 'i')),
+       exists (select from pg_depend as o
+               where o.classid = 'pg_class'::regclass and o.objid = s.oid
+                   and o.refobjid = %(table)s::regclass and o.refobjsubid = a.attnum
+                   and o.deptype in ('a', 'i'))
+from numbering
+join pg_class as s on s.oid = numbering.sequence and s.relkind = 'S'
+join pg_namespace as sn on sn.oid = s.relnamespace
+join pg_sequence as q on q.seqrelid = s.oid
+join pg_attribute as a on a.attrelid = %(table)s::regclass and a.attnum = numbering.attnum
+order by a.attnum, 1, 2
+"""
+
+
+def sequence_position_query(sequence: NumberingSequence, relation: Relation) -> sql.Composed:
+    """The sequence's state and the extremes of the column it numbers."""
+    column = sql.Identifier(sequence.column)
+    return sql.SQL(
+        "select s.last_value, s.is_called, (select max({column}) from {table}),"
+        " (select min({column}) from {table}) from {sequence} as s"
+    ).format(column=column, table=_table(relation),
+             sequence=sql.Identifier(sequence.schema, sequence.name))
+
+
+def replay_statement(relation: Relation, spec: DedupSpec, columns: list[str],
+                     sample: int) -> sql.Composed:
+    """The ETL's statement fed `sample` of the table's own rows; returns how many rows it was
+    fed and how many it inserted.
+
+    Where NULLs are not equal a NULL-key row never conflicts, under any constraint: such rows
+    are not sampled.
+    """
+    names = sql.SQL(", ").join(sql.Identifier(column) for column in columns)
+    only_full_keys = (sql.SQL("") if spec.nulls == NULLS_EQUAL
+                      else sql.SQL(" where not ({})").format(_any_null(spec.natural_key)))
+    return sql.SQL(
+        "with replayed as (select {names} from {table}{where} limit {sample}),"
+        " inserted as (insert into {table} ({names}) select {names} from replayed"
+        " on conflict do nothing returning 1)"
+        " select (select count(*) from replayed), (select count(*) from inserted)"
+    ).format(table=_table(relation), names=names, where=only_full_keys,
+             sample=sql.Literal(sample))
+
+
+def latest_swap_query(archive_schema: str) -> sql.Composed:
+    return sql.SQL(
+        "select swapped_at, rows_before, rows_after, pg_size_pretty(bytes_before),"
+        " pg_size_pretty(bytes_after) from {}"
+        " where live_schema = %s and live_table = %s and rolled_back_at is null"
+        " order by swapped_at desc limit 1"
+    ).format(sql.Identifier(archive_schema, SWAP_LOG))
+
+
+def _qualified(relation: Relation) -> str:
+    """The table's name as regclass input reads it."""
+    return _table(relation).as_string()
+
+
+def read_table(conn: psycopg.Connection, target: DedupTarget) -> LiveTable:
+    """The live table's catalog facts; refuses a table or natural-key column that is missing."""
+    live = catalog.read_live_table(conn, target.live)
+    missing = [c for c in target.spec.natural_key if c not in live.column_names()]
+    if missing:
+        raise RunnerError(f"natural key column(s) {missing} of {target.source} are not columns of "
+                          f"{live.relation}: fix natural_key in the dbt YAML")
+    return live
+
+
+def key_counts(conn: psycopg.Connection, target: DedupTarget) -> KeyCounts:
+    row = conn.execute(key_counts_query(target.live, target.spec)).fetchone()
+    return KeyCounts(*(int(value) for value in row[:4]), example=row[4])
+
+
+def check_duplicates(counts: KeyCounts) -> tuple[bool, str]:
+    if counts.duplicated_keys == 0:
+        return True, f"{counts.rows:,} rows, one per key"
+    return False, (f"{counts.rows:,} rows for {counts.keys:,} keys; keys with copies: "
+                   f"{counts.duplicated_keys:,}, rows too many: {counts.rows - counts.keys:,} "
+                   f"(e.g. key {counts.example}); deduplicate: runner capture, dbt build, "
+                   "runner swap")
+
+
+def check_null_keys(counts: KeyCounts, spec: DedupSpec) -> tuple[bool, str]:
+    policy = f"nulls: {spec.nulls}"
+    if counts.null_key_rows == 0:
+        return True, f"no NULL in the key ({policy})"
+    if spec.nulls not in NULL_KEYS_ALLOWED:
+        return False, (f"NULL in the key: {counts.null_key_rows:,} rows, which {policy} does "
+                       "not allow: fill them in or delete them, then add NOT NULL")
+    meaning = "equal to each other" if spec.nulls == NULLS_EQUAL else "each its own key"
+    return True, f"NULL in the key: {counts.null_key_rows:,} rows, {meaning} ({policy})"
+
+
+def _nullable_key(live: LiveTable, spec: DedupSpec) -> bool:
+    not_null = {column.name for column in live.columns if column.not_null}
+    return not set(spec.natural_key) <= not_null
+
+
+def _why_not_enforcing(live: LiveTable, spec: DedupSpec) -> str:
+    """Why no index enforces the key: the closest index on the key columns, or none."""
+    on_key = [index for index in live.indexes
+              if index.unique and set(index.key_columns) == set(spec.natural_key)]
+    columns = ", ".join(spec.natural_key)
+    for index in on_key:
+        if not index.valid:
+            return (f"unique index {index.name} on ({columns}) is INVALID, left by a failed "
+                    "CREATE UNIQUE INDEX CONCURRENTLY: drop it and build it again")
+        if index.partial:
+            return f"unique index {index.name} on ({columns}) is partial: it covers some rows"
+        if spec.nulls == NULLS_EQUAL:
+            return (f"unique index {index.name} on ({columns}) treats NULLs as distinct; "
+                    f"nulls: {spec.nulls} needs UNIQUE NULLS NOT DISTINCT")
+    return f"no unique constraint or index on ({columns}): run runner swap, which adds it"
+
+
+def check_constraint(live: LiveTable, spec: DedupSpec) -> tuple[bool, str]:
+    index = live.enforcing_index(spec)
+    if index is None:
+        return False, _why_not_enforcing(live, spec)
+    if not _nullable_key(live, spec):
+        nulls = "key columns NOT NULL"
+    elif index.nulls_not_distinct:
+        if spec.nulls == "distinct":
+            return False, (f"{index.name} treats NULLs as equal, but under nulls: distinct every "
+                           "NULL-key row is its own: the ETL's ON CONFLICT DO NOTHING drops "
+                           "them; rebuild it without NULLS NOT DISTINCT")
+        nulls = "NULLS NOT DISTINCT"
+    else:
+        nulls = "NULLs distinct"
+    kind = "constraint" if index.constraint else "unique index"
+    return True, f"{kind} {index.name} on ({', '.join(index.key_columns)}), {nulls}, valid"
+
+
+def check_indexes(live: LiveTable) -> tuple[bool, str]:
+    invalid = [index.name for index in live.indexes if not index.valid]
+    if invalid:
+        return False, (f"INVALID: {', '.join(invalid)} (a failed CREATE INDEX CONCURRENTLY, "
+                       "or one still running): DROP INDEX CONCURRENTLY and build it again")
+    return True, f"{len(live.indexes)} indexes, all valid"
+
+
+def check_foreign_keys(conn: psycopg.Connection, live: LiveTable) -> tuple[bool, str]:
+    rows = conn.execute(
+        "select conname, convalidated from pg_constraint"
+        " where conrelid = %s::regclass and contype = 'f' order by conname",
+        (_qualified(live.relation),)).fetchall()
+    if not rows:
+        return True, "no foreign keys"
+    not_valid = [name for name, validated in rows if not validated]
+    if not_valid:
+        validate = "; ".join(f"ALTER TABLE {live.relation} VALIDATE CONSTRAINT {name}"
+                             for name in not_valid)
+        return False, (f"NOT VALID: {', '.join(not_valid)}: the rows it had when it was added "
+                       f"were never checked; {validate}")
+    return True, f"{len(rows)} validated: {', '.join(name for name, _ in rows)}"
+
+
+def numbering_sequences(conn: psycopg.Connection,
+                        relation: Relation) -> list[NumberingSequence]:
+    rows = conn.execute(_NUMBERING_SEQUENCES, {"table": _qualified(relation)}).fetchall()
+    return [NumberingSequence(*row) for row in rows]
+
+
+def _sequence_problem(conn: psycopg.Connection, sequence: NumberingSequence,
+                      relation: Relation) -> tuple[str | None, str]:
+    """(what is wrong or None, what it is) of one sequence."""
+    name = f"{sequence.schema}.{sequence.name}"
+    if not sequence.owned_here:
+        fix = f"ALTER SEQUENCE {name} OWNED BY {relation}.{sequence.column}"
+        if sequence.owner is None:
+            return f"{name} numbers {sequence.column} but no column owns it: {fix}", name
+        return (f"{name} numbers {sequence.column} but {sequence.owner} owns it, so dropping "
+                f"that table drops it: {fix}"), name
+    last_value, is_called, highest, lowest = conn.execute(
+        sequence_position_query(sequence, relation)).fetchone()
+    upcoming = last_value + sequence.increment if is_called else last_value
+    used = highest if sequence.increment > 0 else lowest
+    limit = "max" if sequence.increment > 0 else "min"
+    shown = "none" if used is None else f"{used:,}"
+    state = f"{name}: next {upcoming:,}, {limit}({sequence.column}) {shown}"
+    behind = used is not None and (upcoming <= used if sequence.increment > 0
+                                   else upcoming >= used)
+    if behind:
+        return (f"{state}: the next insert would reuse a value; SELECT setval('{name}', "
+                f"{limit}({sequence.column})) FROM {relation}"), state
+    return None, state
+
+
+def check_sequences(conn: psycopg.Connection, live: LiveTable,
+                    sequences: list[NumberingSequence]) -> tuple[bool, str]:
+    found = [_sequence_problem(conn, sequence, live.relation) for sequence in sequences]
+    if not found:
+        return True, "no sequence numbers this table"
+    problems = [problem for problem, _ in found if problem]
+    if problems:
+        return False, "; ".join(problems)
+    return True, "; ".join(state for _, state in found)
+
+
+def _when(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def check_size(conn: psycopg.Connection, live: LiveTable, rows_now: int,
+               archive_schema: str) -> tuple[bool, str]:
+    """Informational: the table now beside the swap's record of it, when there is one."""
+    now = conn.execute("select pg_size_pretty(pg_total_relation_size(%s::regclass))",
+                       (_qualified(live.relation),)).fetchone()[0]
+    log = conn.execute("select to_regclass(%s)", (
+        sql.Identifier(archive_schema, SWAP_LOG).as_string(),)).fetchone()[0]
+    swap = None
+    if log is not None:
+        swap = conn.execute(latest_swap_query(archive_schema),
+                            (live.relation.schema, live.relation.name)).fetchone()
+    if swap is None:
+        return True, (f"{rows_now:,} rows, {now} now; no swap in effect in "
+                      f"{archive_schema}.{SWAP_LOG} to compare with")
+    swapped_at, rows_before, rows_after, bytes_before, bytes_after = swap
+    return True, (f"{rows_now:,} rows, {now} now; swap at {_when(swapped_at)}: "
+                  f"{rows_before:,} rows, {bytes_before} before, {rows_after:,} rows, "
+                  f"{bytes_after} after")
+
+
+def insert_columns(live: LiveTable, sequences: list[NumberingSequence]) -> list[str]:
+    """The columns the ETL sends: all but those the table fills itself."""
+    numbered = {sequence.column for sequence in sequences}
+    return [column.name for column in live.columns
+            if not (column.identity or column.generated or column.name in numbered)]
+
+
+def check_idempotent(conn: psycopg.Connection, target: DedupTarget, columns: list[str],
+                     options: VerifyOptions) -> tuple[bool, str]:
+    """Replay existing rows through the ETL's statement in a transaction always rolled back."""
+    statement = replay_statement(target.live, target.spec, columns, options.sample)
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute(lock_timeout(options.lock_timeout_ms))
+            replayed, inserted = conn.execute(statement).fetchone()
+    except psycopg.errors.LockNotAvailable:
+        return False, (f"waited {options.lock_timeout_ms} ms for a lock another session holds "
+                       "(the ETL?) and gave up: run runner verify again")
+    if inserted:
+        return False, (f"{inserted:,} of {replayed:,} existing rows replayed were inserted "
+                       "again: the ETL duplicates them; add the natural key's constraint "
+                       "(runner swap)")
+    return True, f"{replayed:,} existing rows replayed, 0 inserted"
+
+
+def verify_table(conn: psycopg.Connection, target: DedupTarget, live: LiveTable,
+                 options: VerifyOptions) -> list[CheckResult]:
+    counts = key_counts(conn, target)
+    sequences = numbering_sequences(conn, live.relation)
+    # The sequences are checked before the replay, whose inserts advance them.
+    outcomes = [
+        ("duplicates", check_duplicates(counts)),
+        ("null keys", check_null_keys(counts, target.spec)),
+        ("natural key constraint", check_constraint(live, target.spec)),
+        ("indexes valid", check_indexes(live)),
+        ("foreign keys valid", check_foreign_keys(conn, live)),
+        ("sequences", check_sequences(conn, live, sequences)),
+        ("size", check_size(conn, live, counts.rows, options.archive_schema)),
+        ("idempotent", check_idempotent(conn, target, insert_columns(live, sequences),
+                                        options)),
+    ]
+    return [CheckResult(str(target.live), check, ok, detail)
+            for check, (ok, detail) in outcomes]
+
+
+def verify(conn: psycopg.Connection, targets: list[DedupTarget],
+           options: VerifyOptions) -> list[CheckResult]:
+    """Every check of every table; a missing table or key column stops it before any check."""
+    tables = [(target, read_table(conn, target)) for target in targets]
+    try:
+        return [result for target, live in tables
+                for result in verify_table(conn, target, live, options)]
+    except psycopg.errors.InsufficientPrivilege as error:
+        reason = str(error).strip().splitlines()[0]
+        raise RunnerError(f"{reason}: run runner verify as a role that may read these tables "
+                          "and their sequences and insert into them (its inserts are always "
+                          "rolled back)") from error
