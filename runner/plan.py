@@ -128,10 +128,18 @@ def check_columns(target: DedupTarget, live: LiveTable, built: list[tuple[str, s
     if built != expected:
         raise RunnerError(f"{target.deduplicated} has columns {built} but {live.relation} has "
                           f"{expected}: the live table changed since the build; run `dbt build`")
-    missing = [c for c in target.spec.natural_key if c not in live.column_names()]
-    if missing:
-        raise RunnerError(f"natural key column(s) {missing} of {target.source} are not columns of "
-                          f"{live.relation}: fix natural_key in the dbt YAML")
+    check_spec_columns(target, live)
+
+
+def check_spec_columns(target: DedupTarget, live: LiveTable) -> None:
+    """The columns the YAML names for the table are columns of it."""
+    for what, columns in (("natural key", target.spec.natural_key),
+                          ("keep", [entry.column for entry in target.spec.keep])):
+        missing = [c for c in columns if c not in live.column_names()]
+        if missing:
+            raise RunnerError(f"{what} column(s) {missing} of {target.source} are not columns "
+                              f"of {live.relation}: fix {what.replace(' ', '_')} in the dbt "
+                              "YAML, or the table")
 
 
 def _unique_index(target: DedupTarget, name: str, table: sql.Composable,

@@ -27,6 +27,7 @@ from runner.plan import (
     Step,
     TablePlan,
     check_columns,
+    check_spec_columns,
     lock_statement,
     lock_timeout,
     log_entry,
@@ -410,13 +411,14 @@ def start_capture(conn: psycopg.Connection, targets: list[artifacts.DedupTarget]
     Each table is its own transaction: creating a trigger needs SHARE ROW EXCLUSIVE, which
     waits for the ETL's writes, so it is tried with the short lock_timeout and retried.
     """
+    for target in targets:
+        check_spec_columns(target, catalog.read_live_table(conn, target.live))
     already = captures(conn, options.archive_schema)
     started = []
     for target in targets:
         live = target.live
         if (live.schema, live.name) in already:
             continue
-        catalog.read_live_table(conn, live)
         statements = capture.install(capture.Capture.of(live, options.archive_schema))
         deadline = time.monotonic() + options.lock_wait_s
         backoff = 0.05
