@@ -5,20 +5,23 @@ tables, the view of their audit numbers and its snapshot (selectors.yml), which 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
 import psycopg
-from conftest import TEST_SCALE, Database, _create_database, run_dbt
+import yaml
+from conftest import PROJECT_DIR, TEST_SCALE, Database, _create_database, run_dbt
 from psycopg import sql
 from test_swap import SWAPPED
 
 from runner import demo
 from runner.artifacts import GUARD_TAG
 
-# The command of a user's CI.
+# The command of README.md and examples/ci/dedup-guard.yml, checked against both below.
 GUARD = ["build", "--selector", "dedup_guard",
          "--warn-error-options", '{"error": ["LogTestResult"]}']
+WORKFLOW = PROJECT_DIR / "examples" / "ci" / "dedup-guard.yml"
 EXPECTED = demo.expected_counts(TEST_SCALE)
 TABLES = {table.name: table for table in demo.CHILD_TABLES}
 AUDIT_COLUMNS = sql.SQL("source_table, total_rows, unique_rows, duplicate_rows, null_key_rows")
@@ -213,3 +216,9 @@ def test_the_guard_on_a_schema_that_needs_quoting(server, tmp_path: Path) -> Non
         with psycopg.connect(autocommit=True, **server.conninfo) as admin:
             admin.execute("drop database guard_quoted with (force)")
 
+
+def test_the_documented_command_is_the_one_tested() -> None:
+    steps = yaml.safe_load(WORKFLOW.read_text())["jobs"]["guard"]["steps"]
+    commands = [shlex.split(step["run"]) for step in steps if "run" in step]
+    assert ["dbt", *GUARD] in [command[:len(GUARD) + 1] for command in commands]
+    assert shlex.join(["dbt", *GUARD]) in (PROJECT_DIR / "README.md").read_text()
