@@ -14,8 +14,7 @@
 
 {% macro dedup_spec_from_source(source_node) %}
     {%- set where = "dedup: source " ~ source_node.source_name ~ "." ~ source_node.name -%}
-    {%- set meta = source_node.config.get("meta", {}) or source_node.get("meta", {}) -%}
-    {%- set spec = meta.get("dedup") -%}
+    {%- set spec = dedup.dedup_source_meta(source_node).get("dedup") -%}
     {%- if spec is none -%}
         {{ exceptions.raise_compiler_error(where ~ " has no meta.dedup: declare natural_key, keep and nulls under config.meta.dedup") }}
     {%- endif -%}
@@ -47,6 +46,11 @@
         "tiebreaker": keep[-1]["column"],
         "nulls": nulls,
     }) }}
+{% endmacro %}
+
+
+{% macro dedup_source_meta(source_node) %}
+    {{ return(source_node.config.get("meta", {}) or source_node.get("meta", {})) }}
 {% endmacro %}
 
 

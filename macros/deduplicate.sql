@@ -19,8 +19,21 @@
 
 {% macro default__dedup_key_groups(upstream, snapshot=none) %}
     {%- set relation = ref(upstream) -%}
-    {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
-    {%- set spec = dedup.dedup_spec_for_model(upstream) -%}
+    {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif %}
+
+with {{ dedup.dedup_key_groups_ctes(relation, dedup.dedup_spec_for_model(upstream)) }}
+
+select
+    *{%- if snapshot %},
+    {{ snapshot }} as dedup_snapshot
+    {%- endif %}
+from key_groups
+{%- endmacro %}
+
+
+{% macro dedup_key_groups_ctes(relation, spec, prefix="") %}
+    {#- Two CTEs, <prefix>source_rows and <prefix>key_groups: the key groups of any relation
+        with the spec's columns. The prefix lets one query hold those of several tables. -#}
     {%- set tiebreaker = adapter.quote(spec.tiebreaker) -%}
     {%- set keep_columns = spec.keep | map(attribute="column") | reject("in", spec.natural_key) | unique | list -%}
     {#- Unless NULLs are equal (not_distinct), a row with a NULL key is a group of its own, as in
@@ -44,9 +57,9 @@
     {%- endfor -%}
     {%- for entry in spec.keep -%}
         {%- do keep_order.append(adapter.quote(entry.column) ~ " " ~ entry.order) -%}
-    {%- endfor %}
+    {%- endfor -%}
 
-with source_rows as (
+{{ prefix }}source_rows as (
 
     select
         {%- for column in spec.natural_key + keep_columns %}
@@ -61,35 +74,29 @@ with source_rows as (
 
 {% if spec.keep | length == 1 -%}
 {#- A keep rule on the tie-breaker alone is a max() or min(): a hash aggregate, no sort. -#}
-key_groups as (
+{{ prefix }}key_groups as (
 
     select
         {{ group_targets }},
         {{ "max" if spec.keep[0].order == "desc" else "min" }}({{ tiebreaker }}) as dedup_kept,
         count(*) as dedup_rows
-    from source_rows
+    from {{ prefix }}source_rows
     group by {{ group_columns }}
 
 )
 {%- else -%}
 {#- A lexicographic keep rule needs an order: sort the narrow rows only. -#}
-key_groups as (
+{{ prefix }}key_groups as (
 
     select distinct on ({{ group_columns }})
         {{ group_targets }},
         {{ tiebreaker }} as dedup_kept,
         count(*) over (partition by {{ group_columns }}) as dedup_rows
-    from source_rows
+    from {{ prefix }}source_rows
     order by {{ keep_order | join(", ") }}
 
 )
 {%- endif %}
-
-select
-    *{%- if snapshot %},
-    {{ snapshot }} as dedup_snapshot
-    {%- endif %}
-from key_groups
 {%- endmacro %}
 
 
@@ -189,24 +196,71 @@ select * from removed_rows
         {%- do relations.append(ref(name)) -%}
     {%- endfor -%}
     {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
+    {%- set tables = [] -%}
+    {%- for name in key_groups_models -%}
+        {%- do tables.append({
+            "name": name,
+            "spec": dedup.dedup_spec_for_model(name),
+            "key_groups": relations[loop.index0],
+        }) -%}
+    {%- endfor -%}
+    {{ dedup.dedup_audit_report(tables) }}
+{%- endmacro %}
+
+
+{% macro dedup_live_audit() %}
+    {{ return(adapter.dispatch("dedup_live_audit", "dedup")()) }}
+{% endmacro %}
+
+{% macro default__dedup_live_audit() %}
+    {#- The same table, computed now from the live tables: every source that declares
+        meta.dedup, found in the graph when the model runs. So dbt records no dependency on
+        those sources, on purpose: in `dbt build` a failing test on a source skips what reads
+        it, and the numbers must be recorded most of all when a uniqueness test fails. -#}
+    {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
+    {%- set tables = [] -%}
+    {%- set key_groups_ctes = [] -%}
+    {%- for node in graph.sources.values() | sort(attribute="unique_id") -%}
+        {%- if dedup.dedup_source_meta(node).get("dedup") is not none -%}
+            {%- set spec = dedup.dedup_spec_from_source(node) -%}
+            {%- set name = "table_" ~ (tables | length + 1) -%}
+            {%- do key_groups_ctes.append(dedup.dedup_key_groups_ctes(
+                source(node.source_name, node.name), spec, prefix=name ~ "_"
+            )) -%}
+            {%- do tables.append({"name": name, "spec": spec, "key_groups": name ~ "_key_groups"}) -%}
+        {%- endif -%}
+    {%- endfor -%}
+    {%- if not tables -%}
+        {{ exceptions.raise_compiler_error("dedup_live_audit: no source declares config.meta.dedup") }}
+    {%- endif -%}
+    {{ dedup.dedup_audit_report(tables, key_groups_ctes) }}
+{%- endmacro %}
+
+
+{% macro dedup_audit_report(tables, key_groups_ctes=[]) %}
+    {#- One row per table from its key groups (one row per natural key, with dedup_rows):
+        tables is a list of {name, spec, key_groups}, key_groups a relation or one of the
+        key_groups_ctes, which come first. -#}
 with
-{% for name in key_groups_models -%}
-{%- set spec = dedup.dedup_spec_for_model(name) %}
-{{ name }} as (
+{% for cte in key_groups_ctes %}
+{{ cte }},
+{% endfor %}
+{%- for table in tables %}
+{{ table.name }} as (
 
     select
-        {{ dedup.dedup_string_literal(spec.source) }} as source_table,
-        sum(dedup_rows) as total_rows,
+        {{ dedup.dedup_string_literal(table.spec.source) }} as source_table,
+        coalesce(sum(dedup_rows), 0) as total_rows,
         count(*) as unique_rows,
-        coalesce(sum(dedup_rows) filter (where {{ dedup.dedup_any_null(spec.natural_key) }}), 0)
+        coalesce(sum(dedup_rows) filter (where {{ dedup.dedup_any_null(table.spec.natural_key) }}), 0)
             as null_key_rows
-    from {{ relations[loop.index0] }}
+    from {{ table.key_groups }}
 
 ),
 {% endfor %}
 tables as (
-{% for name in key_groups_models %}
-    select * from {{ name }}
+{% for table in tables %}
+    select * from {{ table.name }}
     {%- if not loop.last %}
     union all
     {%- endif %}
@@ -216,7 +270,7 @@ tables as (
 
 {# The columns keep the report's order, documented in _audit__models.yml, over sqlfluff's ST06
    (plain columns before calculations). sqlfluff reports all macro output on the model's line 1,
-   so this noqa covers only ST06 in audit_duplicates. -#}
+   so this noqa covers only ST06 in the audit models. -#}
 final as (
 
     select -- noqa: ST06
