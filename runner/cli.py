@@ -487,6 +487,30 @@ def report_command(project_dir: Path, select: tuple[str, ...], archive_schema: s
         click.echo(report.to_json(facts) if as_json else report.to_markdown(facts), nl=False)
 
 
+@cli.command(name="audit")
+@project_dir_option
+@target_path_option
+@select_option
+@output_format_option
+@_fails_cleanly
+def audit_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
+                  output_format: str) -> None:
+    """How duplicated each live table is, read straight from it with one scan: rows, unique
+    natural keys (under the table's NULL policy), duplicates, NULL keys, size now and after,
+    and the unique indexes that ON CONFLICT could have used. Reads only; needs no dbt build,
+    only the YAML (without a manifest this runs `dbt parse`). A table of a GB or more gets an
+    estimate of its duration and a progress bar on stderr."""
+    from runner import audit
+
+    with database(project_dir):
+        targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), select)
+        with connect() as conn:
+            audits = audit.audit(conn, targets, audit.progress_on(Console(stderr=True), _size))
+    _emit(audit.title(audits), audit.rows(audits, output_format, _size), output_format)
+    if output_format == "table":
+        click.echo(audit.index_lines(audits))
+
+
 @cli.group()
 def db() -> None:
     """The embedded PostgreSQL server (data under .runner/ in the project)."""
