@@ -16,8 +16,8 @@ from test_other_project import shop as shop  # imported, its fixture is this mod
 
 from runner import artifacts, audit, demo
 from runner.catalog import read_live_table
-from runner.cli import _size
 from runner.names import constraint_name
+from runner.units import size_text
 
 EXPECTED = demo.expected_counts(TEST_SCALE)
 NAMES = [table.name for table in demo.CHILD_TABLES]
@@ -92,8 +92,8 @@ def test_the_readable_table_and_the_unique_indexes_below_it(built: Database) -> 
     assert cells["property_photos"] == [
         "property_photos", f"{photos.total:,}", f"{photos.unique:,}", f"{photos.duplicates:,}",
         str(round(100 * photos.duplicates / photos.total, 2)),
-        str(round(photos.total / photos.unique, 1)), "0", _size(photo_bytes),
-        _size(round(photo_bytes * photos.unique / photos.total)),
+        str(round(photos.total / photos.unique, 1)), "0", size_text(photo_bytes),
+        size_text(round(photo_bytes * photos.unique / photos.total)),
     ]
     assert cells["task_tags"][1:5] == [f"{EXPECTED['task_tags'].total:,}",
                                        f"{EXPECTED['task_tags'].unique:,}", "0", "0.0"]
@@ -270,7 +270,8 @@ def test_progress_lines_on_stderr_for_a_large_table(built: Database) -> None:
     with built.connect() as conn:
         conn.execute("set search_path = pg_catalog")
         live = read_live_table(conn, targets[0].live)
-        audit.audit_table(conn, targets[0], live, audit.progress_on(Console(file=stderr), _size),
+        audit.audit_table(conn, targets[0], live,
+                          audit.progress_on(Console(file=stderr), size_text),
                           progress_above_bytes=0)
     lines = stderr.getvalue().splitlines()
     assert len(lines) == 2

@@ -17,11 +17,12 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
-from runner import artifacts, demo, rollback, swap
+from runner import artifacts, audit, demo, report, rollback, swap, upsert, verify
 from runner.database import connect, database, uses_embedded
 from runner.dbt import run_dbt
 from runner.embedded import EmbeddedPostgres, default_data_dir
 from runner.errors import RunnerError, from_database
+from runner.units import size_text
 
 # Off a terminal rich would assume 80 columns and squeeze the table.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -129,14 +130,6 @@ def cli() -> None:
     """
 
 
-def _size(num_bytes: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if num_bytes < 1024 or unit == "GB":
-            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024
-    return ""
-
-
 def _print_summary(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> None:
     schemas = sorted({str(p.target.live.schema) for p in result.plans})
     table = Table(title=f"runner swap: {', '.join(schemas)}")
@@ -147,7 +140,7 @@ def _print_summary(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -
         before, after = sizes.get(plan.target.live.name, (0, 0))
         table.add_row(
             plan.target.live.name, plan.action, f"{plan.counts.rows:,}", f"{plan.counts.keys:,}",
-            f"{plan.counts.duplicates:,}", _size(before), _size(after),
+            f"{plan.counts.duplicates:,}", size_text(before), size_text(after),
         )
     console.print(table)
     archives = [str(p.archive) for p in result.plans if p.archive]
@@ -389,9 +382,9 @@ def cleanup_command(project_dir: Path, older_than: str, dry_run: bool, lock_time
             return
         result = rollback.execute_cleanup(conn, items, options)
     for relation, size in result.freed:
-        click.echo(f"Dropped {relation} ({_size(size)}).")
+        click.echo(f"Dropped {relation} ({size_text(size)}).")
     total = sum(size for _, size in result.freed)
-    click.echo(f"Freed {_size(total)} ({total:,} bytes) in total from {len(result.freed)} "
+    click.echo(f"Freed {size_text(total)} ({total:,} bytes) in total from {len(result.freed)} "
                f"tables, kept by {len(result.items)} swaps older than {older_than}.")
 
 
@@ -412,8 +405,6 @@ def verify_command(project_dir: Path, target_path: Path | None, select: tuple[st
     key's constraint and every index valid, foreign keys validated, sequences ahead of their
     columns, size against the swap, and the ETL's statement adding no row. Exit 1 if any
     check fails, for CI and monitoring. Changes nothing; the replay advances sequences."""
-    from runner import verify
-
     options = verify.VerifyOptions(archive_schema=archive_schema, sample=sample,
                                    lock_timeout_ms=_duration_ms(lock_timeout))
     with database(project_dir):
@@ -441,8 +432,6 @@ def upsert_sql_command(table: str, touch: tuple[str, ...], project_dir: Path,
                        target_path: Path | None) -> None:
     """Print the INSERT ... ON CONFLICT ... DO UPDATE the ETL should load TABLE with (a live
     table, source or schema.table), on the constraint that enforces its natural key now."""
-    from runner import upsert
-
     with database(project_dir):
         targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), ())
         with connect() as conn:
@@ -473,8 +462,6 @@ def report_command(project_dir: Path, select: tuple[str, ...], archive_schema: s
     """What the swaps did: rows and size before and after per table, the space freed, and
     example queries timed with EXPLAIN (ANALYZE, BUFFERS) on the original and the deduplicated
     table, read-only. Markdown on stdout, or --html FILE, or --json."""
-    from runner import report
-
     options = report.ReportOptions(
         archive_schema=archive_schema, select=list(select) or None, queries=not no_queries,
         runs=runs, timeout_ms=_duration_ms(query_timeout))
@@ -500,13 +487,12 @@ def audit_command(project_dir: Path, target_path: Path | None, select: tuple[str
     and the unique indexes that ON CONFLICT could have used. Reads only; needs no dbt build,
     only the YAML (without a manifest this runs `dbt parse`). A table of a GB or more gets an
     estimate of its duration and a progress bar on stderr."""
-    from runner import audit
-
     with database(project_dir):
         targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), select)
         with connect() as conn:
-            audits = audit.audit(conn, targets, audit.progress_on(Console(stderr=True), _size))
-    _emit(audit.title(audits), audit.rows(audits, output_format, _size), output_format)
+            audits = audit.audit(conn, targets,
+                                 audit.progress_on(Console(stderr=True), size_text))
+    _emit(audit.title(audits), audit.rows(audits, output_format, size_text), output_format)
     if output_format == "table":
         click.echo(audit.index_lines(audits))
 

@@ -28,6 +28,7 @@ from psycopg import sql
 from runner.artifacts import Relation
 from runner.errors import RunnerError
 from runner.plan import SWAP_LOG
+from runner.units import size_text
 
 ONE_PARENT = "rows of one parent"
 JOINED = "parent joined with the table"
@@ -404,14 +405,6 @@ def gather(conn: psycopg.Connection, options: ReportOptions) -> Report:
 
 
 # Rendering: pure functions of the Report.
-
-def size_text(num_bytes: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(num_bytes) < 1024 or unit == "GB":
-            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024
-    return ""
-
 
 def duration(milliseconds: float) -> str:
     if milliseconds < 999.5:
