@@ -104,7 +104,14 @@ from key_groups
     {{ return(adapter.dispatch("dedup_kept_rows", "dedup")(upstream, key_groups)) }}
 {% endmacro %}
 
-{% macro default__dedup_kept_rows(upstream, key_groups) %}
+{% macro postgres__dedup_kept_rows(upstream, key_groups) %}
+    {#- The kept tie-breakers as one array: PostgreSQL then fetches the rows with a bitmap heap
+        scan or an index scan over the sorted values, in the table's physical order, instead of
+        one random read per row in the order a hash join happens to produce them. -#}
+    {{ return(dedup.default__dedup_kept_rows(upstream, key_groups, kept_as_array=true)) }}
+{% endmacro %}
+
+{% macro default__dedup_kept_rows(upstream, key_groups, kept_as_array=false) %}
     {%- set relation = ref(upstream) -%}
     {%- set groups = ref(key_groups) -%}
     {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
@@ -138,7 +145,11 @@ kept_rows as (
     select source_rows.*
     {%- endif %}
     from source_rows
+    {%- if kept_as_array %}
+    where source_rows.{{ tiebreaker }} = any(array(select kept_ids.dedup_kept from kept_ids))
+    {%- else %}
     where source_rows.{{ tiebreaker }} in (select kept_ids.dedup_kept from kept_ids)
+    {%- endif %}
 
 )
 
