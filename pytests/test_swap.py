@@ -121,7 +121,8 @@ def test_after_the_swap_the_etl_cannot_duplicate_again(fresh: Database) -> None:
             conn.execute("insert into breezeway.reservation_guests (reservation_pk, guest_email)"
                          " select reservation_pk, null from breezeway.reservation_guests"
                          " where guest_email is null limit 1")
-        # nulls: distinct: events without a request id never conflict.
+        # nulls: backfill: the constraint is a plain UNIQUE, so an event the ETL still sends
+        # without a request id is not refused (runner verify reports it as a NULL key).
         inserted = conn.execute(
             "insert into breezeway.business_events (request_id, event_type, ts)"
             " values (null, 'booking', now()), (null, 'booking', now())").rowcount
