@@ -4,6 +4,7 @@ on two columns and NULL keys forbidden, with this project installed as a dbt pac
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -97,21 +98,65 @@ def test_a_null_key_fails_the_build_when_nulls_are_forbidden(shop: Database) -> 
     assert "has status fail in the latest dbt build" in refused.output
 
 
-def test_backfill_on_a_key_column_that_cannot_hold_a_uuid_stops_the_build_naming_it(
-        shop: Database, tmp_path) -> None:
+def project_with_nulls(policy: str, tmp_path: Path) -> Path:
+    """A copy of the other project whose order lines declare another NULL policy."""
     project = tmp_path / "project"
     shutil.copytree(OTHER_PROJECT, project, ignore=shutil.ignore_patterns("dbt_packages"))
     (project / "packages.yml").write_text(f"packages:\n  - local: {PROJECT_DIR}\n")
     sources = project / "models" / "staging" / "_shop__sources.yml"
-    sources.write_text(sources.read_text().replace("nulls: forbidden", "nulls: backfill"))
-    with environment({**shop.env, "DBT_TARGET_PATH": str(shop.target_dir)}):
-        from dbt.cli.main import dbtRunner
+    sources.write_text(sources.read_text().replace("nulls: forbidden", f"nulls: {policy}"))
+    return project
 
-        common = ["--project-dir", str(project), "--profiles-dir", str(PROJECT_DIR), "--quiet"]
-        assert dbtRunner().invoke(["deps", *common]).success
-        result = dbtRunner().invoke(["build", *common])
+
+def run_dbt_in(project: Path, database: Database, *args: str):
+    from dbt.cli.main import dbtRunner
+
+    with environment({**database.env, "DBT_TARGET_PATH": str(database.target_dir)}):
+        return dbtRunner().invoke([*args, "--project-dir", str(project), "--profiles-dir",
+                                   str(PROJECT_DIR), "--quiet"])
+
+
+def test_backfill_on_a_key_column_that_cannot_hold_a_uuid_stops_the_build_naming_it(
+        shop: Database, tmp_path: Path) -> None:
+    project = project_with_nulls("backfill", tmp_path)
+    assert run_dbt_in(project, shop, "deps").success
+    result = run_dbt_in(project, shop, "build")
     assert not result.success
     messages = " ".join(str(r.message) for r in result.result.results if r.status == "error")
     assert ("nulls: backfill fills NULL keys with gen_random_uuid(), but natural key column "
             "line_no is integer, which cannot hold one; use nulls: distinct or forbidden"
             in messages)
+
+
+def test_nulls_distinct_keeps_every_null_key_row_through_the_swap(shop: Database,
+                                                                    tmp_path: Path) -> None:
+    """Under nulls: distinct each row with a NULL in its key is a row of its own, as a plain
+    UNIQUE constraint sees it: all are kept, however alike, and the constraint allows more."""
+    with shop.connect() as conn:
+        conn.execute("""insert into "Shop"."Order Lines"
+                     select gen_random_uuid(), 'ORD-1', null, now(), 'no line number'
+                     from generate_series(1, 3)""")
+    project = project_with_nulls("distinct", tmp_path)
+    assert run_dbt_in(project, shop, "deps").success
+    assert run_dbt_in(project, shop, "parse").success
+    captured = shop.runner("capture", "--project-dir", str(project))
+    assert captured.exit_code == 0, captured.output
+    assert run_dbt_in(project, shop, "build").success
+    with shop.connect() as conn:
+        # Written between the build and the swap: the replay keeps it as a row of its own.
+        conn.execute("""insert into "Shop"."Order Lines"
+                     values (gen_random_uuid(), 'ORD-1', null, now(), 'no line number')""")
+    result = shop.runner("swap", "--project-dir", str(project))
+    assert result.exit_code == 0, result.output
+    with shop.connect() as conn:
+        rows, null_rows = conn.execute(
+            'select count(*), count(*) filter (where line_no is null) from "Shop"."Order Lines"'
+        ).fetchone()
+        constraint = conn.execute(
+            "select pg_get_constraintdef(oid) from pg_constraint"
+            " where conrelid = '\"Shop\".\"Order Lines\"'::regclass and contype = 'u'"
+        ).fetchone()[0]
+        conn.execute("""insert into "Shop"."Order Lines"
+                     values (gen_random_uuid(), 'ORD-1', null, now(), 'one more')""")
+    assert (rows, null_rows) == (15 + 4, 4)
+    assert constraint == 'UNIQUE ("Order ID", line_no)'
