@@ -169,13 +169,18 @@ def load_targets(target_dir: Path) -> list[DedupTarget]:
     return targets
 
 
+def named_targets(targets: list[DedupTarget], name: str) -> list[DedupTarget]:
+    """The targets a name means: a live table's name, its schema.table, or its source."""
+    return [t for t in targets if name in (t.live.name, t.source, str(t.live))]
+
+
 def select_targets(targets: list[DedupTarget], names: list[str] | None) -> list[DedupTarget]:
     """The targets named by --select (live table or source names), or all of them."""
     if not names:
         return targets
     chosen = []
     for name in names:
-        matches = [t for t in targets if name in (t.live.name, t.source, str(t.live))]
+        matches = named_targets(targets, name)
         if not matches:
             known = ", ".join(t.live.name for t in targets)
             raise RunnerError(f"--select {name}: no deduplicated table of that name; "

@@ -28,6 +28,7 @@ from psycopg import sql
 from runner.artifacts import Relation
 from runner.errors import RunnerError
 from runner.plan import SWAP_LOG
+from runner.rollback import LogEntry, latest_swaps
 from runner.units import size_text
 
 ONE_PARENT = "rows of one parent"
@@ -192,14 +193,6 @@ def choose_foreign_key(keys: list[ForeignKey], natural_key: tuple[str, ...]) -> 
 
 # Reading the database.
 
-_LOG = """
-select distinct on (live_schema, live_table)
-       live_schema, live_table, action, constraint_name, swapped_at, archive_table,
-       rows_before, rows_after, bytes_before, bytes_after, rolled_back_at, cleaned_at
-from {log}
-order by live_schema, live_table, swapped_at desc
-"""
-
 _SIZE = "select pg_total_relation_size(to_regclass(format('%%I.%%I', %s::text, %s::text)))"
 
 _FOREIGN_KEYS = """
@@ -226,28 +219,6 @@ where con.conrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) and con.
 """
 
 
-@dataclass(frozen=True)
-class _LogRow:
-    """The latest swap_log row of one table."""
-
-    live_schema: str
-    live_table: str
-    action: str
-    constraint_name: str
-    swapped_at: datetime
-    archive_table: str | None
-    rows_before: int
-    rows_after: int
-    bytes_before: int
-    bytes_after: int
-    rolled_back_at: datetime | None
-    cleaned_at: datetime | None
-
-    @property
-    def live(self) -> Relation:
-        return Relation(self.live_schema, self.live_table)
-
-
 def _when(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -256,28 +227,25 @@ def _size_of(conn: psycopg.Connection, relation: Relation) -> int | None:
     return conn.execute(_SIZE, (relation.schema, relation.name)).fetchone()[0]
 
 
-def _latest_swaps(conn: psycopg.Connection, options: ReportOptions) -> list[_LogRow]:
-    """The latest swap_log row of every table, or of the selected ones."""
+def _latest_swaps(conn: psycopg.Connection, options: ReportOptions) -> list[LogEntry]:
+    """The latest swap_log entry of every table, or of the selected ones."""
     log = f"{options.archive_schema}.{SWAP_LOG}"
-    exists = conn.execute("select to_regclass(format('%%I.%%I', %s::text, %s::text))",
-                          (options.archive_schema, SWAP_LOG)).fetchone()[0]
-    rows = [_LogRow(*row) for row in conn.execute(sql.SQL(_LOG).format(
-        log=sql.Identifier(options.archive_schema, SWAP_LOG)))] if exists else []
-    if not rows:
+    entries = latest_swaps(conn, options.archive_schema)
+    if not entries:
         raise RunnerError(f"no swap recorded in {log}: run `runner swap` first")
     if not options.select:
-        return rows
-    chosen: list[_LogRow] = []
+        return entries
+    chosen: list[LogEntry] = []
     for name in options.select:
-        matches = [r for r in rows if name in (r.live.name, str(r.live))]
+        matches = [e for e in entries if name in (e.live.name, str(e.live))]
         if not matches:
             raise RunnerError(f"--select {name}: {log} records no swap of that table; swapped: "
-                              f"{', '.join(str(r.live) for r in rows)}")
-        chosen += [r for r in matches if r not in chosen]
+                              f"{', '.join(str(e.live) for e in entries)}")
+        chosen += [e for e in matches if e not in chosen]
     return chosen
 
 
-def _table_report(conn: psycopg.Connection, row: _LogRow, archive_schema: str) -> TableReport:
+def _table_report(conn: psycopg.Connection, row: LogEntry, archive_schema: str) -> TableReport:
     archive = Relation(archive_schema, row.archive_table) if row.archive_table else None
     return TableReport(
         live=row.live, action=row.action, constraint=row.constraint_name,

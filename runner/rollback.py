@@ -57,6 +57,10 @@ class LogEntry:
     rolled_back_at: datetime | None
     rolled_back_table: str | None
     cleaned_at: datetime | None
+    rows_before: int
+    rows_after: int
+    bytes_before: int
+    bytes_after: int
 
 
 @dataclass
@@ -97,7 +101,8 @@ def _regclass(relation: Relation) -> sql.Composed:
 
 _LOG_ROWS = """
 select swapped_at, live_schema, live_table, action, archive_table, constraint_name,
-       rolled_back_at, rolled_back_table, cleaned_at
+       rolled_back_at, rolled_back_table, cleaned_at, rows_before, rows_after, bytes_before,
+       bytes_after
 from {log} as l
 """
 

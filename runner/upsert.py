@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 from psycopg.abc import AdaptContext
 
-from runner.artifacts import DedupTarget, Relation, load_targets
+from runner.artifacts import DedupTarget, Relation, load_targets, named_targets
 from runner.catalog import read_live_table
 from runner.errors import RunnerError
 
@@ -228,7 +228,7 @@ def target_upsert_statement(conn: psycopg.Connection, target: DedupTarget,
 
 def one_target(targets: Sequence[DedupTarget], name: str) -> DedupTarget:
     """The target a name means, in any of the forms `--select` takes."""
-    matches = [t for t in targets if name in (t.live.name, t.source, str(t.live))]
+    matches = named_targets(list(targets), name)
     if not matches:
         raise RunnerError(f"{name}: no deduplicated table of that name in dbt's manifest; "
                           f"known: {', '.join(t.live.name for t in targets)}")

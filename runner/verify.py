@@ -21,6 +21,8 @@ from runner.artifacts import DedupSpec, DedupTarget, Relation
 from runner.catalog import LiveTable
 from runner.errors import RunnerError
 from runner.plan import SWAP_LOG, lock_timeout
+from runner.rollback import latest_swaps
+from runner.units import size_text
 
 # The policies under which a NULL in the key is data. Any other (forbidden; backfill, whose
 # NULLs were to be filled in) leaves none in the live table, so one found there is a failure.
@@ -165,15 +167,6 @@ def replay_statement(relation: Relation, spec: DedupSpec, columns: list[str],
         " select (select count(*) from replayed), (select count(*) from inserted)"
     ).format(table=_table(relation), names=names, where=only_full_keys,
              sample=sql.Literal(sample))
-
-
-def latest_swap_query(archive_schema: str) -> sql.Composed:
-    return sql.SQL(
-        "select swapped_at, rows_before, rows_after, pg_size_pretty(bytes_before),"
-        " pg_size_pretty(bytes_after) from {}"
-        " where live_schema = %s and live_table = %s and rolled_back_at is null"
-        " order by swapped_at desc limit 1"
-    ).format(sql.Identifier(archive_schema, SWAP_LOG))
 
 
 def _qualified(relation: Relation) -> str:
@@ -329,21 +322,16 @@ def _when(moment: datetime) -> str:
 def check_size(conn: psycopg.Connection, live: LiveTable, rows_now: int,
                archive_schema: str) -> tuple[bool, str]:
     """Informational: the table now beside the swap's record of it, when there is one."""
-    now = conn.execute("select pg_size_pretty(pg_total_relation_size(%s::regclass))",
-                       (_qualified(live.relation),)).fetchone()[0]
-    log = conn.execute("select to_regclass(%s)", (
-        sql.Identifier(archive_schema, SWAP_LOG).as_string(),)).fetchone()[0]
-    swap = None
-    if log is not None:
-        swap = conn.execute(latest_swap_query(archive_schema),
-                            (live.relation.schema, live.relation.name)).fetchone()
+    now = size_text(conn.execute("select pg_total_relation_size(%s::regclass)",
+                                 (_qualified(live.relation),)).fetchone()[0])
+    swap = next((entry for entry in latest_swaps(conn, archive_schema)
+                 if entry.live == live.relation and entry.rolled_back_at is None), None)
     if swap is None:
         return True, (f"{rows_now:,} rows, {now} now; no swap in effect in "
                       f"{archive_schema}.{SWAP_LOG} to compare with")
-    swapped_at, rows_before, rows_after, bytes_before, bytes_after = swap
-    return True, (f"{rows_now:,} rows, {now} now; swap at {_when(swapped_at)}: "
-                  f"{rows_before:,} rows, {bytes_before} before, {rows_after:,} rows, "
-                  f"{bytes_after} after")
+    return True, (f"{rows_now:,} rows, {now} now; swap at {_when(swap.swapped_at)}: "
+                  f"{swap.rows_before:,} rows, {size_text(swap.bytes_before)} before, "
+                  f"{swap.rows_after:,} rows, {size_text(swap.bytes_after)} after")
 
 
 def insert_columns(live: LiveTable, sequences: list[NumberingSequence]) -> list[str]:
