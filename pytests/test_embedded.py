@@ -190,6 +190,24 @@ def test_restart_keeps_data(base_dir: Path, make_pg: MakePg) -> None:
         assert query(pg, "select id from kept") == 42
 
 
+def test_a_restart_listens_on_the_same_port_unless_it_is_taken(
+    base_dir: Path, make_pg: MakePg
+) -> None:
+    """dbt's partial parse lasts only while the port it connects to stays the same."""
+    pg = make_pg(base_dir / "pg")
+    with pg:
+        first_port = pg.port
+        assert query(pg, "select 1") == 1
+    with pg:
+        assert pg.port == first_port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", first_port))
+        squatter.listen()
+        with pg:
+            assert pg.port != first_port
+            assert query(pg, "select 1") == 1
+
+
 def test_a_crashed_server_leaves_no_obstacle(base_dir: Path, make_pg: MakePg) -> None:
     pg = make_pg(base_dir / "pg")
     pg.start()
