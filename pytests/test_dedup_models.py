@@ -125,10 +125,20 @@ def test_uniqueness_tests_mean_what_the_constraints_will_mean_for_nulls(fresh: D
     assert "dedup_natural_key_unique_business_events_" in failing
 
 
-def test_a_lost_row_fails_reconciliation(fresh: Database) -> None:
+@pytest.mark.parametrize("damage", [
+    # lost: one key fewer than the build found
+    "delete from dedup.task_photos where id = (select min(id) from dedup.task_photos)",
+    # invented: as many rows as keys, but one is no source row
+    "update dedup.task_photos set id = -id where id = (select min(id) from dedup.task_photos)",
+    # repeated: as many rows as keys, all from the source, but one twice and one not at all
+    "update dedup.task_photos set id = (select max(id) from dedup.task_photos)"
+    " where id = (select min(id) from dedup.task_photos)",
+], ids=["lost", "invented", "repeated"])
+def test_a_kept_row_lost_invented_or_repeated_fails_reconciliation(
+    fresh: Database, damage: str
+) -> None:
     with fresh.connect() as conn:
-        conn.execute("delete from dedup.task_photos where id = (select min(id) from"
-                     " dedup.task_photos)")
+        conn.execute(damage)
     assert "dedup_reconciles_task_photos" in _failing_tests(fresh, "task_photos")
 
 
