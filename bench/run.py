@@ -25,6 +25,7 @@ suite: at scale 1.0 Path A alone takes minutes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -80,6 +81,24 @@ def timed(action) -> float:
     started = time.perf_counter()
     action()
     return time.perf_counter() - started
+
+
+def _written() -> tuple[int, int]:
+    """WAL bytes the whole server has written, and temporary-file bytes of this database."""
+    with connect() as conn:
+        wal, temp = conn.execute(
+            "select (select wal_bytes from pg_stat_wal)::bigint, temp_bytes"
+            " from pg_stat_database where datname = current_database()").fetchone()
+    return wal, temp
+
+
+@contextlib.contextmanager
+def counting_writes(name: str, writes: dict[str, tuple[int, int]]):
+    """writes[name] = (WAL bytes, temp-file bytes) written while the block ran."""
+    wal_before, temp_before = _written()
+    yield
+    wal_after, temp_after = _written()
+    writes[name] = (wal_after - wal_before, temp_after - temp_before)
 
 
 def floor_scan(tables: list[str]) -> float:
@@ -234,6 +253,7 @@ def main() -> None:
     target = Path(tempfile.mkdtemp(prefix="bench-target-"))
     source = "bench_source"
     phases: dict[str, float] = {}
+    writes: dict[str, tuple[int, int]] = {}
     after: dict[str, tuple[int, int]] = {}
     try:
         with connect_to("postgres") as admin:
@@ -247,7 +267,8 @@ def main() -> None:
 
         _copy(source, "bench_ours")
         server.empty_caches()
-        phases["floor"] = floor_scan(tables)
+        with counting_writes("floor", writes):
+            phases["floor"] = floor_scan(tables)
         # Untimed, as any project that has been parsed before: dbt start and dbt build then
         # both read the partial parse, as they would on a user's machine.
         dbt("parse", [], target)
@@ -267,8 +288,9 @@ def main() -> None:
             conninfo, tables[0], stop, str(writer_results)))
         writer.start()
         try:
-            phases["dbt build"] = dbt("build", selection, target)
-            with connect() as conn:
+            with counting_writes("dbt build", writes):
+                phases["dbt build"] = dbt("build", selection, target)
+            with counting_writes("swap", writes), connect() as conn:
                 started = time.perf_counter()
                 result = swap.execute(conn, swap.make_plans(conn, options), options)
                 phases["swap"] = time.perf_counter() - started
@@ -289,7 +311,8 @@ def main() -> None:
                 _copy(source, f"bench_{name.replace(' ', '_')}")
                 server.empty_caches()
                 statements = [s for t in tables for s in build(specs[t].live, specs[t].spec)]
-                phases[name] = _timed_statements(statements, in_transaction)
+                with counting_writes(name, writes):
+                    phases[name] = _timed_statements(statements, in_transaction)
                 after[name] = _measure(tables)
     finally:
         with connect_to("postgres") as admin:
@@ -307,6 +330,7 @@ def main() -> None:
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "scale": args.scale, "tables": tables, "cold_cache": server.cold,
         "postgres": version, "seconds": phases, "job_seconds": job, "ratios": ratios,
+        "wal_and_temp_bytes": writes,
         "lock_ms": result.lock_ms, "lock_attempts": result.attempts,
         "replayed_writes": result.replayed,
         "dbt_start_share_of_job": phases["dbt start"] / job,
@@ -321,9 +345,10 @@ def main() -> None:
     }
     cache = "cold" if server.cold else "WARM (not root or not embedded: caches not emptied)"
     print(f"scale {args.scale}, {', '.join(tables)}, PostgreSQL {version}, {cache} cache")
-    print(f"{'phase':<14}{'seconds':>10}{'x floor':>10}")
+    print(f"{'phase':<14}{'seconds':>10}{'x floor':>10}{'WAL MB':>10}{'temp MB':>10}")
     for phase, seconds in phases.items():
-        print(f"{phase:<14}{seconds:>10.2f}{seconds / phases['floor']:>10.2f}")
+        wal, temp = (f"{n / 1e6:>10,.0f}" for n in writes[phase]) if phase in writes else ("", "")
+        print(f"{phase:<14}{seconds:>10.2f}{seconds / phases['floor']:>10.2f}{wal:>10}{temp:>10}")
     print(f"{'job':<14}{job:>10.2f}{job / phases['floor']:>10.2f}"
           "   (dbt build + swap; dbt start is inside dbt build)")
     print("  ".join(f"{name} {value:.1f}x" for name, value in ratios.items()))
