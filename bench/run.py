@@ -120,8 +120,9 @@ def dbt(command: str, selection: list[str], target: Path) -> float:
 
 
 def write_like_the_etl(conninfo: dict, table: str, stop, results: str) -> None:
-    """Copies of existing rows, INSERT ... ON CONFLICT DO NOTHING, ~500 a second."""
-    latencies = []
+    """Copies of existing rows, INSERT ... ON CONFLICT DO NOTHING, ~500 a second. Writes
+    [start, seconds] of each to results; time.monotonic() is one clock for every process."""
+    writes = []
     with psycopg.connect(autocommit=True, **conninfo) as conn:
         columns = [r[0] for r in conn.execute(
             "select attname from pg_attribute where attrelid = %s::regclass and attnum > 0"
@@ -134,12 +135,20 @@ def write_like_the_etl(conninfo: dict, table: str, stop, results: str) -> None:
                 cols=sql.SQL(", ").join(sql.Identifier(c) for c in columns))
         n = 0
         while not stop.is_set():
-            started = time.perf_counter()
+            started = time.monotonic()
             conn.execute(statement, (n % 1000 + 1,))
-            latencies.append(time.perf_counter() - started)
+            writes.append([started, time.monotonic() - started])
             n += 1
             time.sleep(0.002)
-    Path(results).write_text(json.dumps(latencies))
+    Path(results).write_text(json.dumps(writes))
+
+
+def _when(moment: float, spans: dict[str, tuple[float, float]]) -> str:
+    """Which phase a moment fell in, and how far into it."""
+    for name, (start, end) in spans.items():
+        if start <= moment <= end:
+            return f"{moment - start:.1f} s into {name}"
+    return "between phases"
 
 
 def _copy(source: str, name: str) -> None:
@@ -287,18 +296,24 @@ def main() -> None:
         writer = multiprocessing.Process(target=write_like_the_etl, args=(
             conninfo, tables[0], stop, str(writer_results)))
         writer.start()
+        spans: dict[str, tuple[float, float]] = {}
         try:
             with counting_writes("dbt build", writes):
+                started = time.monotonic()
                 phases["dbt build"] = dbt("build", selection, target)
+                spans["dbt build"] = (started, time.monotonic())
             with counting_writes("swap", writes), connect() as conn:
-                started = time.perf_counter()
+                started = time.monotonic()
                 result = swap.execute(conn, swap.make_plans(conn, options), options)
-                phases["swap"] = time.perf_counter() - started
+                spans["swap"] = (started, time.monotonic())
+                phases["swap"] = spans["swap"][1] - started
         finally:
             time.sleep(0.5)
             stop.set()
             writer.join()
-        latencies = sorted(json.loads(writer_results.read_text()))
+        timed_writes = json.loads(writer_results.read_text())
+        latencies = sorted(seconds for _, seconds in timed_writes)
+        worst_at = _when(max(timed_writes, key=lambda w: w[1])[0], spans)
         after["this project"] = _measure(tables)
         compact = _compact_bytes(tables)
         with connect() as conn:
@@ -336,7 +351,7 @@ def main() -> None:
         "dbt_start_share_of_job": phases["dbt start"] / job,
         "writer": {"writes": len(latencies),
                    "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
-                   "worst_ms": latencies[-1] * 1000},
+                   "worst_ms": latencies[-1] * 1000, "worst_at": worst_at},
         "rows_and_bytes_before": before, "rows_and_bytes_after": after,
         "unique_rows_compact_bytes": compact,
         "space_after_over_compact": {
@@ -358,7 +373,8 @@ def main() -> None:
         print(f"after {name}: {rows:,} / {table:,} ({table / compact:.2f}x compact) / "
               f"{total:,} ({total / compact:.2f}x)")
     print(f"writer on {tables[0]}: {len(latencies)} writes, p99 "
-          f"{report['writer']['p99_ms']:.1f} ms, worst {report['writer']['worst_ms']:.1f} ms; "
+          f"{report['writer']['p99_ms']:.1f} ms, worst {report['writer']['worst_ms']:.1f} ms "
+          f"({worst_at}); "
           f"{result.replayed} captured writes replayed; lock held {result.lock_ms:.0f} ms, "
           f"taken in {result.attempts} tries")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
