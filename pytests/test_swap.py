@@ -96,6 +96,11 @@ def test_swap_leaves_one_row_per_key_with_the_constraint_and_the_same_table(
             archive_rows = conn.execute(
                 f'select count(*) from dedup_archive."{archived[0]}"').fetchone()[0]
             assert archive_rows == expected[table].total
+            # Analyzed before the lock: the planner knows the new table from the first query.
+            analyzed = conn.execute(
+                "select count(*) from pg_stats where schemaname = 'breezeway'"
+                " and tablename = %s and attname = 'id'", (table,)).fetchone()[0]
+            assert analyzed == 1, table
         # task_tags had no duplicates and its constraint all along: untouched.
         assert conn.execute("select count(*) from dedup_archive.swap_log"
                             " where live_table = 'task_tags'").fetchone()[0] == 0

@@ -301,6 +301,11 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
             sql.SQL("alter table {} add constraint {} {}").format(
                 shadow_id, sql.Identifier(fk_name), sql.SQL(definition))))
 
+    plan.prepare.append(Step(
+        "statistics for the planner, gathered before the lock: a new table has none, and "
+        "until autovacuum came by every query on it would be planned blind",
+        sql.SQL("analyze {}").format(shadow_id)))
+
     plan.cutover[:0] = stop_capture
     plan.cutover += [
         Step(f"sequence {seq} stays with the table it numbers",
