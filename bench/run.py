@@ -1,7 +1,7 @@
 """Time the whole job against the floor and against the incident documents' own plans.
 
     python bench/run.py --scale 0.1                       # every demo table
-    python bench/run.py --scale 1.0 --table property_photos
+    python bench/run.py --scale 1.0 --table property_photos [--explain] [--skip-seed-plans]
 
 Generates the demo data once on the embedded server (or the server PGHOST points at), then
 works on identical copies of it (CREATE DATABASE ... TEMPLATE), each from a cold cache where the
@@ -41,7 +41,7 @@ import psycopg
 import seed_plans
 from psycopg import sql
 
-from runner import artifacts, demo, swap
+from runner import artifacts, audit, demo, swap
 from runner.database import connect, uses_embedded
 from runner.embedded import EmbeddedPostgres, default_data_dir
 
@@ -113,10 +113,35 @@ def floor_scan(tables: list[str]) -> float:
         ])
 
 
-def dbt(command: str, selection: list[str], target: Path) -> float:
+def dbt(command: str, selection: list[str], target: Path, *, show: bool = True) -> float:
+    """Seconds the dbt command took; show=False hides what it prints (compile prints SQL)."""
     arguments = [DBT, command, "--project-dir", str(PROJECT_DIR), "--profiles-dir",
                  str(PROJECT_DIR), "--target-path", str(target), "--quiet", *selection]
-    return timed(lambda: subprocess.run(arguments, check=True))
+    output = None if show else subprocess.DEVNULL
+    return timed(lambda: subprocess.run(arguments, check=True, stdout=output))
+
+
+def explain_key_groups(targets: list[artifacts.DedupTarget], target: Path) -> dict[str, str]:
+    """EXPLAIN (ANALYZE, BUFFERS) of each table's key-groups query, as dbt compiles it, under the
+    settings its model's pre-hooks make (the audit's are the same); nothing is written."""
+    models = [t.key_groups.name for t in targets]
+    # The views they read, which only the build would create otherwise.
+    dbt("run", ["--select", *[f"+{m}" for m in models], "--exclude", *models], target)
+    dbt("compile", ["--select", *models], target, show=False)
+    nodes = json.loads((target / "manifest.json").read_text())["nodes"].values()
+    explained = {}
+    with connect() as conn:
+        for table in targets:
+            node = next(n for n in nodes if n["resource_type"] == "model"
+                        and (n["schema"], n["alias"]) == (table.key_groups.schema,
+                                                          table.key_groups.name))
+            with conn.transaction():
+                for setting in audit.session_settings():
+                    conn.execute(setting)
+                plan = conn.execute(sql.SQL("explain (analyze, buffers) {}").format(
+                    sql.SQL(node["compiled_code"]))).fetchall()
+            explained[table.name] = "\n".join(line for line, in plan)
+    return explained
 
 
 def write_like_the_etl(conninfo: dict, table: str, stop, results: str) -> None:
@@ -248,6 +273,9 @@ def main() -> None:
                         help="a demo child table (repeatable); all by default")
     parser.add_argument("--skip-seed-plans", action="store_true",
                         help="time only this project against the floor")
+    parser.add_argument("--explain", action="store_true",
+                        help="also print EXPLAIN (ANALYZE, BUFFERS) of each key-groups query, "
+                             "from a cold cache, before the build")
     args = parser.parse_args()
     tables = [t.name for t in demo.child_tables(args.tables)]
     every_table = len(tables) == len(demo.CHILD_TABLES)
@@ -285,6 +313,10 @@ def main() -> None:
         options = swap.SwapOptions(target_dir=target, select=tables)
         specs = {t.live.name: t for t in artifacts.select_targets(
             artifacts.load_targets(target), tables)}
+        explained = {}
+        if args.explain:
+            server.empty_caches()
+            explained = explain_key_groups(list(specs.values()), target)
         with connect() as conn:
             swap.start_capture(conn, list(specs.values()), options)
         server.empty_caches()
@@ -345,7 +377,7 @@ def main() -> None:
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "scale": args.scale, "tables": tables, "cold_cache": server.cold,
         "postgres": version, "seconds": phases, "job_seconds": job, "ratios": ratios,
-        "wal_and_temp_bytes": writes,
+        "wal_and_temp_bytes": writes, "key_groups_plans": explained,
         "lock_ms": result.lock_ms, "lock_attempts": result.attempts,
         "replayed_writes": result.replayed,
         "dbt_start_share_of_job": phases["dbt start"] / job,
@@ -359,6 +391,8 @@ def main() -> None:
             for name, (_, table, total) in after.items()},
     }
     cache = "cold" if server.cold else "WARM (not root or not embedded: caches not emptied)"
+    for table, plan in explained.items():
+        print(f"key groups of {table}, {cache} cache:\n{plan}\n")
     print(f"scale {args.scale}, {', '.join(tables)}, PostgreSQL {version}, {cache} cache")
     print(f"{'phase':<14}{'seconds':>10}{'x floor':>10}{'WAL MB':>10}{'temp MB':>10}")
     for phase, seconds in phases.items():
