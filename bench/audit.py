@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
 import shutil
 import subprocess
@@ -35,29 +34,25 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
-from run import DBT, PROJECT_DIR, RESULTS_DIR, Server, connect_to, floor_scan, timed
+from run import (
+    PROJECT_DIR,
+    RESULTS_DIR,
+    Server,
+    check_disk,
+    connect_to,
+    dbt,
+    floor_scan,
+    generate_source,
+    timed,
+)
 
 from runner import artifacts, audit, demo
-from runner.cli import _size
 from runner.database import connect
+from runner.units import size_text
 
 RUNNER = str(Path(sys.executable).with_name("runner"))
 RANGES = 64
 CONNECTIONS = 2
-
-
-def _check_disk(server: Server, tables: list[str], scale: float) -> None:
-    """The generated tables and the WAL that writes them: one copy, as the audit makes none."""
-    if server.embedded is None:
-        return
-    rows = sum(count.total for name, count in demo.expected_counts(scale).items()
-               if name in tables)
-    need = rows * 1100 + 10 * 2**30
-    free = shutil.disk_usage(server.embedded.data_dir).free
-    if free < need:
-        sys.exit(f"bench: {free / 2**30:.0f} GiB free beside {server.embedded.data_dir}, "
-                 f"about {need / 2**30:.0f} GiB needed at scale {scale}: free some space or "
-                 "choose a smaller --scale or fewer --table")
 
 
 def runner_audit(tables: list[str], target: Path) -> tuple[float, list[dict], str]:
@@ -145,21 +140,16 @@ def main() -> None:
     expected = demo.expected_counts(args.scale)
 
     server = Server()
-    _check_disk(server, tables, args.scale)
+    # The generated tables only: the audit makes no copy.
+    check_disk(server, tables, args.scale, copies=1)
     target = Path(tempfile.mkdtemp(prefix="bench-audit-target-"))
     source = "bench_audit"
     phases: dict[str, float] = {}
     try:
-        with connect_to("postgres") as admin:
-            admin.execute(sql.SQL("drop database if exists {} with (force)").format(
-                sql.Identifier(source)))
-            admin.execute(sql.SQL("create database {}").format(sql.Identifier(source)))
-        os.environ["PGDATABASE"] = source
+        phases["generate"] = generate_source(source, args.scale, tables)
         with connect() as conn:
-            phases["generate"] = timed(lambda: demo.generate(conn, args.scale, tables=tables))
             version = conn.execute("show server_version").fetchone()[0]
-        subprocess.run([DBT, "parse", "--project-dir", str(PROJECT_DIR), "--profiles-dir",
-                        str(PROJECT_DIR), "--target-path", str(target), "--quiet"], check=True)
+        dbt("parse", [], target)
         targets = artifacts.select_targets(artifacts.load_targets(target), tables)
 
         server.empty_caches()
@@ -198,7 +188,7 @@ def main() -> None:
         "counts_as_expected": not wrong,
     }
     cache = "cold" if server.cold else "WARM (not root or not embedded: caches not emptied)"
-    print(f"scale {args.scale}, {', '.join(tables)} ({_size(report['bytes'])}), "
+    print(f"scale {args.scale}, {', '.join(tables)} ({size_text(report['bytes'])}), "
           f"PostgreSQL {version}, {cache} cache")
     print(f"{'phase':<14}{'seconds':>10}{'x floor':>10}")
     for phase, seconds in phases.items():

@@ -194,19 +194,30 @@ def _drop(admin: psycopg.Connection, name: str) -> None:
         sql.Identifier(name)))
 
 
-def _check_disk(server: Server, tables: list[str], scale: float) -> None:
-    """The source, one copy, Path A's archive of the duplicates, and the WAL in between: a run
-    at scale 1.0 filled a disk once. Only the embedded server's disk can be checked."""
+def check_disk(server: Server, tables: list[str], scale: float, copies: int) -> None:
+    """Room for `copies` times the tables, plus the WAL in between: a run at scale 1.0 filled a
+    disk once. Only the embedded server's disk can be checked."""
     if server.embedded is None:
         return
     rows = sum(count.total for name, count in demo.expected_counts(scale).items()
                if name in tables)
-    need = 3 * rows * 1100 + 10 * 2**30
+    need = copies * rows * 1100 + 10 * 2**30
     free = shutil.disk_usage(server.embedded.data_dir).free
     if free < need:
         sys.exit(f"bench: {free / 2**30:.0f} GiB free beside {server.embedded.data_dir}, "
                  f"about {need / 2**30:.0f} GiB needed at scale {scale}: free some space or "
                  "choose a smaller --scale or fewer --table")
+
+
+def generate_source(name: str, scale: float, tables: list[str]) -> float:
+    """A new database `name` with the demo data, which becomes PGDATABASE; the seconds that
+    generating took."""
+    with connect_to("postgres") as admin:
+        _drop(admin, name)
+        admin.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+    os.environ["PGDATABASE"] = name
+    with connect() as conn:
+        return timed(lambda: demo.generate(conn, scale, tables=tables))
 
 
 def connect_to(dbname: str) -> psycopg.Connection:
@@ -286,20 +297,15 @@ def main() -> None:
                  "--exclude", "tag:dedup_guard", *([] if every_table else ["audit_duplicates"])]
 
     server = Server()
-    _check_disk(server, tables, args.scale)
+    # The source, one copy, and Path A's archive of the duplicates.
+    check_disk(server, tables, args.scale, copies=3)
     target = Path(tempfile.mkdtemp(prefix="bench-target-"))
     source = "bench_source"
     phases: dict[str, float] = {}
     writes: dict[str, tuple[int, int]] = {}
-    after: dict[str, tuple[int, int]] = {}
+    after: dict[str, tuple[int, int, int]] = {}
     try:
-        with connect_to("postgres") as admin:
-            admin.execute(sql.SQL("drop database if exists {} with (force)").format(
-                sql.Identifier(source)))
-            admin.execute(sql.SQL("create database {}").format(sql.Identifier(source)))
-        os.environ["PGDATABASE"] = source
-        with connect() as conn:
-            phases["generate"] = timed(lambda: demo.generate(conn, args.scale, tables=tables))
+        phases["generate"] = generate_source(source, args.scale, tables)
         before = _measure(tables)
 
         _copy(source, "bench_ours")
@@ -367,6 +373,7 @@ def main() -> None:
                 if name and name != "postgres":
                     _drop(admin, name)
         server.stop()
+        shutil.rmtree(target, ignore_errors=True)
 
     job = phases["dbt build"] + phases["swap"]
     ratios = {"job / floor": job / phases["floor"]}

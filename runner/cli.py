@@ -66,6 +66,10 @@ scale_option = click.option(
 select_option = click.option(
     "--select", "select", multiple=True,
     help="Only these live tables (repeatable); all of them by default.")
+swapped_select_option = click.option(
+    "--select", "select", multiple=True,
+    help="Only these live tables (repeatable); by default every table whose latest swap was "
+         "not rolled back.")
 dry_run_option = click.option(
     "--dry-run", is_flag=True, help="Print every statement, in order; change nothing.")
 lock_timeout_option = click.option(
@@ -329,9 +333,7 @@ def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> N
 
 @cli.command(name="rollback")
 @project_dir_option
-@click.option("--select", "select", multiple=True,
-              help="Only these live tables (repeatable); by default every table whose latest "
-                   "swap was not rolled back.")
+@swapped_select_option
 @dry_run_option
 @lock_timeout_option
 @lock_wait_option
@@ -442,9 +444,7 @@ def upsert_sql_command(table: str, touch: tuple[str, ...], project_dir: Path,
 
 @cli.command(name="report")
 @project_dir_option
-@click.option("--select", "select", multiple=True,
-              help="Only these live tables (repeatable); by default every table whose latest "
-                   "swap was not rolled back.")
+@swapped_select_option
 @archive_schema_option
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a self-contained HTML page with bar charts to this file instead.")
