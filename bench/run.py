@@ -101,16 +101,54 @@ def counting_writes(name: str, writes: dict[str, tuple[int, int]]):
     writes[name] = (wal_after - wal_before, temp_after - temp_before)
 
 
-def floor_scan(tables: list[str]) -> float:
+def floor_scan(tables: list[str]) -> dict[str, float]:
+    """Seconds of one sequential scan of each table, one after the other."""
     with connect() as conn:
         conn.execute("set enable_indexscan = off")
         conn.execute("set enable_indexonlyscan = off")
         conn.execute("set enable_bitmapscan = off")
-        return timed(lambda: [
-            conn.execute(sql.SQL("select count(*) from {}").format(
-                sql.Identifier(demo.DEMO_SCHEMA, table))).fetchone()
-            for table in tables
-        ])
+        seconds = {}
+        for table in tables:
+            statement = sql.SQL("select count(*) from {}").format(
+                sql.Identifier(demo.DEMO_SCHEMA, table))
+            started = time.perf_counter()
+            conn.execute(statement).fetchone()
+            seconds[table] = time.perf_counter() - started
+        return seconds
+
+
+def node_seconds_by_table(target: Path, tables: list[str]) -> dict[str, dict[str, float]]:
+    """From the build's run_results: per table, the seconds of the nodes that read it alone
+    ("nodes"), and of its key-groups model among them ("key groups"). A node that reads
+    several of the tables (the audit) counts under "shared". Nodes ran two at a time, so
+    these overlap in time and their sum can exceed the build's."""
+    manifest = json.loads((target / "manifest.json").read_text())
+    results = json.loads((target / "run_results.json").read_text())["results"]
+    parents = manifest["parent_map"]
+    targets = artifacts.select_targets(artifacts.load_targets(target), tables)
+    project = manifest["metadata"]["project_name"]
+    sources = {f"source.{project}.{t.source}": t.name for t in targets}
+    key_groups = {t.key_groups.name: t.name for t in targets}
+
+    def tables_read(node: str, seen: set[str]) -> set[str]:
+        if node in sources:
+            return {sources[node]}
+        found = set()
+        for parent in parents.get(node, []):
+            if parent not in seen:
+                seen.add(parent)
+                found |= tables_read(parent, seen)
+        return found
+
+    seconds = {t: {"nodes": 0.0, "key groups": 0.0} for t in [*tables, "shared"]}
+    for result in results:
+        read = tables_read(result["unique_id"], set())
+        owner = read.pop() if len(read) == 1 else "shared"
+        seconds[owner]["nodes"] += result["execution_time"]
+        alias = manifest["nodes"][result["unique_id"]].get("alias")
+        if key_groups.get(alias) == owner:
+            seconds[owner]["key groups"] += result["execution_time"]
+    return seconds
 
 
 def dbt(command: str, selection: list[str], target: Path, *, show: bool = True) -> float:
@@ -194,19 +232,30 @@ def _drop(admin: psycopg.Connection, name: str) -> None:
         sql.Identifier(name)))
 
 
-def check_disk(server: Server, tables: list[str], scale: float, copies: int) -> None:
-    """Room for `copies` times the tables, plus the WAL in between: a run at scale 1.0 filled a
-    disk once. Only the embedded server's disk can be checked."""
+def check_disk(server: Server, need: int, what: str) -> None:
+    """Exit unless the embedded server's disk has `need` bytes free, plus room for the WAL
+    written in between (a run at scale 1.0 filled a disk once). Only that disk can be checked."""
     if server.embedded is None:
         return
-    rows = sum(count.total for name, count in demo.expected_counts(scale).items()
-               if name in tables)
-    need = copies * rows * 1100 + 10 * 2**30
+    need += 10 * 2**30
     free = shutil.disk_usage(server.embedded.data_dir).free
     if free < need:
         sys.exit(f"bench: {free / 2**30:.0f} GiB free beside {server.embedded.data_dir}, "
-                 f"about {need / 2**30:.0f} GiB needed at scale {scale}: free some space or "
+                 f"about {need / 2**30:.0f} GiB needed for {what}: free some space or "
                  "choose a smaller --scale or fewer --table")
+
+
+def generated_bytes_at_most(tables: list[str], scale: float) -> int:
+    """An upper bound on the demo tables' size before they exist: every row as wide as a
+    property photo's."""
+    rows = sum(count.total for name, count in demo.expected_counts(scale).items()
+               if name in tables)
+    return rows * 1100
+
+
+def database_bytes(name: str) -> int:
+    with connect_to("postgres") as admin:
+        return admin.execute("select pg_database_size(%s)", (name,)).fetchone()[0]
 
 
 def generate_source(name: str, scale: float, tables: list[str]) -> float:
@@ -297,8 +346,7 @@ def main() -> None:
                  "--exclude", "tag:dedup_guard", *([] if every_table else ["audit_duplicates"])]
 
     server = Server()
-    # The source, one copy, and Path A's archive of the duplicates.
-    check_disk(server, tables, args.scale, copies=3)
+    check_disk(server, generated_bytes_at_most(tables, args.scale), "the demo data")
     target = Path(tempfile.mkdtemp(prefix="bench-target-"))
     source = "bench_source"
     phases: dict[str, float] = {}
@@ -307,11 +355,15 @@ def main() -> None:
     try:
         phases["generate"] = generate_source(source, args.scale, tables)
         before = _measure(tables)
+        # Beside the source: one copy at a time, and Path A's archive of the duplicates.
+        copies = 1 if args.skip_seed_plans else 2
+        check_disk(server, copies * database_bytes(source), f"{copies} copies of the data")
 
         _copy(source, "bench_ours")
         server.empty_caches()
         with counting_writes("floor", writes):
-            phases["floor"] = floor_scan(tables)
+            floors = floor_scan(tables)
+            phases["floor"] = sum(floors.values())
         # Untimed, as any project that has been parsed before: dbt start and dbt build then
         # both read the partial parse, as they would on a user's machine.
         dbt("parse", [], target)
@@ -349,6 +401,7 @@ def main() -> None:
             time.sleep(0.5)
             stop.set()
             writer.join()
+        by_table = node_seconds_by_table(target, tables)
         timed_writes = json.loads(writer_results.read_text())
         latencies = sorted(seconds for _, seconds in timed_writes)
         worst_at = _when(max(timed_writes, key=lambda w: w[1])[0], spans)
@@ -384,7 +437,9 @@ def main() -> None:
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "scale": args.scale, "tables": tables, "cold_cache": server.cold,
         "postgres": version, "seconds": phases, "job_seconds": job, "ratios": ratios,
-        "wal_and_temp_bytes": writes, "key_groups_plans": explained,
+        "wal_and_temp_bytes": writes,
+        "per_table": {t: {"floor": floors.get(t), **seconds} for t, seconds in by_table.items()},
+        "key_groups_plans": explained,
         "lock_ms": result.lock_ms, "lock_attempts": result.attempts,
         "replayed_writes": result.replayed,
         "dbt_start_share_of_job": phases["dbt start"] / job,
@@ -408,6 +463,17 @@ def main() -> None:
     print(f"{'job':<14}{job:>10.2f}{job / phases['floor']:>10.2f}"
           "   (dbt build + swap; dbt start is inside dbt build)")
     print("  ".join(f"{name} {value:.1f}x" for name, value in ratios.items()))
+    print(f"\n{'per table':<20}{'floor':>8}{'nodes':>8}{'x floor':>9}{'key groups':>12}"
+          f"{'x floor':>9}   (build nodes from run_results; dbt start and swap not included)")
+    for table, seconds in by_table.items():
+        floor = floors.get(table)
+        nodes, groups = seconds["nodes"], seconds["key groups"]
+        if floor is None:
+            print(f"{table:<20}{'':>8}{nodes:>8.2f}")
+        else:
+            print(f"{table:<20}{floor:>8.2f}{nodes:>8.2f}{nodes / floor:>9.2f}"
+                  f"{groups:>12.2f}{groups / floor:>9.2f}")
+    print()
     print(f"rows / table bytes / with indexes before: {before[0]:,} / {before[1]:,} / "
           f"{before[2]:,}; the unique rows copied compactly: {compact:,} table bytes")
     for name, (rows, table, total) in after.items():
