@@ -9,6 +9,7 @@ import pytest
 from conftest import TEST_SCALE, Database
 
 from runner import demo, swap
+from runner.errors import RunnerError
 from runner.names import constraint_name, pg_name
 
 SWAPPED = [t.name for t in demo.CHILD_TABLES if t.name != "task_tags"]
@@ -267,6 +268,38 @@ def test_refuses_when_the_built_rows_differ_from_the_live_rows(fresh: Database) 
     message = _refused(fresh)
     assert "every kept row of breezeway.property_photos equals its live row" in message
 
+
+
+def test_refuses_when_a_row_replayed_before_the_lock_differs_from_its_live_row(
+        fresh: Database) -> None:
+    # While the tables are checked one by one, the ETL inserts a photo, which is captured, and
+    # someone changes it with the capture bypassed. The catch-up replay before the lock brings
+    # the insert in: only the check of the rows it touched can see that the live row moved on.
+    tampered = []
+
+    def write_while_checking(label: str) -> None:
+        if not label.startswith("replay before the lock of ") or tampered:
+            return
+        with fresh.connect() as etl:
+            tampered.append(etl.execute(
+                "insert into breezeway.property_photos (property_pk, photo_id, url)"
+                " values (1, 'new while checking', 'from the ETL') returning id").fetchone()[0])
+        with fresh.connect() as bypass:
+            bypass.execute("set session_replication_role = replica")
+            bypass.execute("update breezeway.property_photos set url = 'uncaptured'"
+                           " where id = %s", tampered)
+
+    before = schema_state(fresh)
+    options = swap.SwapOptions(target_dir=fresh.target_dir)
+    with fresh.connect() as conn, pytest.raises(RunnerError) as refused:
+        conn.execute("set search_path = pg_catalog")
+        swap.execute(conn, swap.make_plans(conn, options), options,
+                     after_step=write_while_checking)
+    assert tampered
+    assert ("check failed, nothing was changed: every row the replay touched in "
+            "breezeway.property_photos equals its live row, unless a captured write waits to "
+            "explain it (rows_differing_from_live=1)") == str(refused.value)
+    assert schema_state(fresh) == before
 
 EVERYTHING_AROUND_A_TABLE = """
 create function breezeway.touch() returns trigger language plpgsql as

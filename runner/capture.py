@@ -128,7 +128,10 @@ class Replay:
     rescan: list[sql.Composed]
     apply: list[sql.Composed]
     touched_rows_match: sql.Composed
-    """A check: every kept row this batch touched equals its row in the live table."""
+    """A check under the lock: every kept row this batch touched equals its live row."""
+    touched_rows_settled: sql.Composed
+    """A check before the lock: every kept row this batch touched equals its live row, unless
+    a change waiting since explains it."""
     pending: sql.Composed
     """Returns how many changes wait in the log."""
     anything_pending: sql.Composed
@@ -351,6 +354,11 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation, kep
     matches_live = sql.SQL(
         "coalesce((select {same} from {L} as l where l.{tb} = s.{tb}), false)"
     ).format(same=same_as_live("l", "s"), L=L, tb=tb)
+    # The rows a change waiting in the log names: the live table may have moved past them.
+    waiting = sql.SQL(
+        "select (g.old_row).{tb} from {G} as g where g.old_row is not null"
+        " union select (g.new_row).{tb} from {G} as g where g.new_row is not null"
+    ).format(tb=tb, G=G)
     return Replay(
         take_batch=take_batch,
         needs_rescan=sql.SQL("select exists (select from dedup_rescan)"),
@@ -360,12 +368,14 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation, kep
             "select count(*) = 0, count(*) as rows_differing_from_live from {S} as s"
             " where s.{tb} in ({touched}) and not {matches_live}"
         ).format(S=S, tb=tb, touched=touched, matches_live=matches_live),
+        touched_rows_settled=sql.SQL(
+            "select count(*) = 0, count(*) as rows_differing_from_live from {S} as s"
+            " where s.{tb} in ({touched}) and not {matches_live} and s.{tb} not in ({waiting})"
+        ).format(S=S, tb=tb, touched=touched, matches_live=matches_live, waiting=waiting),
         pending=sql.SQL("select count(*) from {}").format(G),
         anything_pending=sql.SQL("select exists (select from {})").format(G),
         all_rows_match=sql.SQL(
             "select count(*) = 0, count(*) as rows_differing_from_live from {S} as s"
-            " where not {matches_live}"
-            " and s.{tb} not in (select (g.old_row).{tb} from {G} as g where g.old_row is not null"
-            " union select (g.new_row).{tb} from {G} as g where g.new_row is not null)"
-        ).format(S=S, G=G, tb=tb, matches_live=matches_live),
+            " where not {matches_live} and s.{tb} not in ({waiting})"
+        ).format(S=S, tb=tb, matches_live=matches_live, waiting=waiting),
     )
