@@ -296,9 +296,10 @@ def test_refuses_when_a_row_replayed_before_the_lock_differs_from_its_live_row(
         swap.execute(conn, swap.make_plans(conn, options), options,
                      after_step=write_while_checking)
     assert tampered
-    assert ("check failed, nothing was changed: every row the replay touched in "
-            "breezeway.property_photos equals its live row, unless a captured write waits to "
-            "explain it (rows_differing_from_live=1)") == str(refused.value)
+    assert str(refused.value) == (
+        "check failed, nothing was changed: every row the replay touched in "
+        "breezeway.property_photos equals its live row, unless a captured write waits to "
+        "explain it (rows_differing_from_live=1)")
     assert schema_state(fresh) == before
 
 EVERYTHING_AROUND_A_TABLE = """
