@@ -37,8 +37,8 @@ from runner.artifacts import DedupSpec, DedupTarget, Relation
 from runner.catalog import Index, LiveTable, read_live_table
 
 # Memory for the one hash aggregate per table, as the dbt project's key-group models get
-# (var dedup_work_mem), so that a table with many keys does not spill to disk.
-WORK_MEM = "512MB"
+# (var dedup_work_mem, which says why so little).
+WORK_MEM = "16MB"
 # Below this much heap a scan takes about a second or less: no estimate, no progress.
 PROGRESS_ABOVE_BYTES = 1 << 30
 # The block range whose throughput gives the estimate: 1% of the heap, at most 512 MB.
