@@ -354,6 +354,11 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation, kep
     matches_live = sql.SQL(
         "coalesce((select {same} from {L} as l where l.{tb} = s.{tb}), false)"
     ).format(same=same_as_live("l", "s"), L=L, tb=tb)
+    # The new table's rows this batch touched, found first: the planner would otherwise test
+    # every row against the live table, a condition on the new table alone, before the join.
+    touched_rows = sql.SQL(
+        "with touched_rows as materialized (select * from {S} where {tb} in ({touched}))"
+    ).format(S=S, tb=tb, touched=touched)
     # The rows a change waiting in the log names: the live table may have moved past them.
     waiting = sql.SQL(
         "select (g.old_row).{tb} from {G} as g where g.old_row is not null"
@@ -365,13 +370,13 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation, kep
         rescan=rescan,
         apply=apply,
         touched_rows_match=sql.SQL(
-            "select count(*) = 0, count(*) as rows_differing_from_live from {S} as s"
-            " where s.{tb} in ({touched}) and not {matches_live}"
-        ).format(S=S, tb=tb, touched=touched, matches_live=matches_live),
+            "{touched_rows} select count(*) = 0, count(*) as rows_differing_from_live"
+            " from touched_rows as s where not {matches_live}"
+        ).format(touched_rows=touched_rows, matches_live=matches_live),
         touched_rows_settled=sql.SQL(
-            "select count(*) = 0, count(*) as rows_differing_from_live from {S} as s"
-            " where s.{tb} in ({touched}) and not {matches_live} and s.{tb} not in ({waiting})"
-        ).format(S=S, tb=tb, touched=touched, matches_live=matches_live, waiting=waiting),
+            "{touched_rows} select count(*) = 0, count(*) as rows_differing_from_live"
+            " from touched_rows as s where not {matches_live} and s.{tb} not in ({waiting})"
+        ).format(touched_rows=touched_rows, matches_live=matches_live, tb=tb, waiting=waiting),
         pending=sql.SQL("select count(*) from {}").format(G),
         anything_pending=sql.SQL("select exists (select from {})").format(G),
         all_rows_match=sql.SQL(
