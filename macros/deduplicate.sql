@@ -31,6 +31,16 @@ from key_groups
 {%- endmacro %}
 
 
+{% macro dedup_key_groups_work_mem() %}
+    {#- For a key-groups model's pre-hook (`model` is the model): a keep rule on the tie-breaker
+        alone is a hash aggregate, which wants little memory (var dedup_work_mem says why); a
+        lexicographic one sorts every row's narrow columns, which wants room to sort in memory. -#}
+    {%- if not execute -%}{{ return(var("dedup_work_mem")) }}{%- endif -%}
+    {%- set spec = dedup.dedup_spec_from_source(dedup.dedup_source_of(model)) -%}
+    {{ return(var("dedup_work_mem") if spec.keep | length == 1 else var("dedup_sort_work_mem")) }}
+{% endmacro %}
+
+
 {% macro dedup_key_groups_ctes(relation, spec, prefix="") %}
     {#- Two CTEs, <prefix>source_rows and <prefix>key_groups: the key groups of any relation
         with the spec's columns. The prefix lets one query hold those of several tables. -#}
