@@ -152,7 +152,12 @@ def test_dry_run_prints_every_statement_and_changes_nothing(fresh: Database) -> 
     assert result.output.count("lock table ") == 1
     assert "alter table \"breezeway\".\"property_photos\" set schema \"dedup_archive\";" in (
         result.output)
-    assert result.output.rstrip().endswith("commit;")
+    # Committed without waiting for the disk, then flushed by a commit of its own.
+    assert result.output.count("set local synchronous_commit = off;") == 1
+    assert result.output.rstrip().endswith("commit;\n"
+                                           "-- wait for the swap's commit to reach the disk: this "
+                                           "transaction's own commit flushes the log up to it\n"
+                                           "select pg_current_xact_id();")
     assert schema_state(fresh) == before
 
 

@@ -119,11 +119,23 @@ def make_plans(conn: psycopg.Connection, options: SwapOptions,
     return plans
 
 
+# The locks end when the commit does, and a commit that waits for the disk holds them through a
+# flush (here about 10 ms of a 50 ms lock). Committed asynchronously, the swap is visible at
+# once and durable a moment later, as any later write's commit flushes it first; the runner
+# waits for that flush before it reports, with a commit of its own.
+ASYNC_COMMIT = Step("commit without waiting for the disk, so the locks end before the flush; "
+                    "the flush is awaited after the commit, before anything is reported",
+                    sql.SQL("set local synchronous_commit = off"))
+FLUSH = Step("wait for the swap's commit to reach the disk: this transaction's own commit "
+             "flushes the log up to it", sql.SQL("select pg_current_xact_id()"))
+
+
 def _phases(plans: list[TablePlan], options: SwapOptions) -> tuple[list[Step], list[Step],
                                                                      list[Step]]:
     """The statements before the lock, the ones that take it, and the ones under it."""
     active = [p for p in plans if p.cutover or p.concurrent]
-    before = [Step("record of every swap, for the summary, rollback and cleanup",
+    before = [ASYNC_COMMIT,
+              Step("record of every swap, for the summary, rollback and cleanup",
                    sql.SQL("create schema if not exists {}").format(
                        sql.Identifier(options.archive_schema))),
               Step("", log_table(options.archive_schema)),
@@ -226,6 +238,7 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
         add(step)
     lines.append("release savepoint cutover;")
     lines.append("commit;")
+    add(FLUSH)
     return "\n".join(lines)
 
 
@@ -407,6 +420,7 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
                     for plan in replaying:
                         replayed += _replay(conn, plan, under_lock=False)
         lock_ms = (time.perf_counter() - locked_at) * 1000
+        run_steps(conn, [FLUSH])
         return SwapResult(plans, lock_ms, attempts, replayed)
     except psycopg.errors.LockNotAvailable as error:
         raise RunnerError(f"gave up waiting for a lock, nothing was changed: "
