@@ -39,6 +39,7 @@ from pathlib import Path
 
 import psycopg
 import seed_plans
+import yaml
 from psycopg import sql
 
 from runner import artifacts, audit, demo, swap
@@ -161,7 +162,11 @@ def dbt(command: str, selection: list[str], target: Path, *, show: bool = True) 
 
 def explain_key_groups(targets: list[artifacts.DedupTarget], target: Path) -> dict[str, str]:
     """EXPLAIN (ANALYZE, BUFFERS) of each table's key-groups query, as dbt compiles it, under the
-    settings its model's pre-hooks make (the audit's are the same); nothing is written."""
+    settings its model's pre-hooks make: the audit's, and for a keep rule of several columns,
+    which sorts, the project's dedup_sort_work_mem (macro dedup_key_groups_work_mem); nothing is
+    written."""
+    sort_work_mem = yaml.safe_load(
+        (PROJECT_DIR / "dbt_project.yml").read_text())["vars"]["dedup_sort_work_mem"]
     models = [t.key_groups.name for t in targets]
     # The views they read, which only the build would create otherwise.
     dbt("run", ["--select", *[f"+{m}" for m in models], "--exclude", *models], target)
@@ -176,6 +181,9 @@ def explain_key_groups(targets: list[artifacts.DedupTarget], target: Path) -> di
             with conn.transaction():
                 for setting in audit.session_settings():
                     conn.execute(setting)
+                if len(table.spec.keep) > 1:
+                    conn.execute(sql.SQL("set local work_mem = {}").format(
+                        sql.Literal(sort_work_mem)))
                 plan = conn.execute(sql.SQL("explain (analyze, buffers) {}").format(
                     sql.SQL(node["compiled_code"]))).fetchall()
             explained[table.name] = "\n".join(line for line, in plan)

@@ -28,12 +28,13 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 TEST_SCALE = 0.003
 
 
-def run_dbt(args: list[str], env: dict[str, str], target_dir: Path):
-    """dbt in-process against the database in env; returns dbt's result object."""
+def run_dbt(args: list[str], env: dict[str, str], target_dir: Path, callbacks=()):
+    """dbt in-process against the database in env; returns dbt's result object. Each callback
+    gets every event dbt fires."""
     from dbt.cli.main import dbtRunner
 
     with environment(env):
-        return dbtRunner().invoke([
+        return dbtRunner(callbacks=list(callbacks)).invoke([
             *args, "--project-dir", str(PROJECT_DIR), "--profiles-dir", str(PROJECT_DIR),
             "--target-path", str(target_dir), "--quiet",
         ])

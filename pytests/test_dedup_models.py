@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import PROJECT_DIR, TEST_SCALE, Database
+from conftest import TEST_SCALE, Database, run_dbt
 
 from runner import demo
-from runner.database import environment
 
 TABLES = [table.name for table in demo.CHILD_TABLES]
 
@@ -146,8 +145,6 @@ def test_a_kept_row_lost_invented_or_repeated_fails_reconciliation(
 def test_key_groups_get_little_memory_to_hash_and_room_to_sort(fresh: Database) -> None:
     # property_photos keeps by its tie-breaker alone (a hash aggregate); business_events by
     # ts, then id (a sort). The hooks' statements are in dbt's events, with their model.
-    from dbt.cli.main import dbtRunner
-
     hooks: dict[str, list[str]] = {}
 
     def collect(event) -> None:
@@ -156,17 +153,15 @@ def test_key_groups_get_little_memory_to_hash_and_room_to_sort(fresh: Database) 
             hooks.setdefault(node.rsplit(".", 1)[-1], []).append(event.data.sql)
 
     models = ["int_property_photos_grouped_by_key", "int_business_events_grouped_by_key"]
-    with environment(fresh.env):
-        result = dbtRunner(callbacks=[collect]).invoke([
-            "run", "--select", *models, "--project-dir", str(PROJECT_DIR),
-            "--profiles-dir", str(PROJECT_DIR), "--target-path", str(fresh.target_dir),
-            "--quiet"])
+    result = run_dbt(["run", "--select", *models], fresh.env, fresh.target_dir,
+                     callbacks=[collect])
     assert result.success
     assert {model: [sql.split("*/")[-1].strip() for sql in statements]
             for model, statements in hooks.items()} == {
         "int_property_photos_grouped_by_key": ["set local work_mem = '16MB'"],
         "int_business_events_grouped_by_key": ["set local work_mem = '512MB'"],
     }
+
 
 def test_docs_show_the_lineage_from_sources_through_models_to_tests(fresh: Database) -> None:
     result = fresh.dbt("docs", "generate")

@@ -274,7 +274,6 @@ def test_refuses_when_the_built_rows_differ_from_the_live_rows(fresh: Database) 
     assert "every kept row of breezeway.property_photos equals its live row" in message
 
 
-
 def test_refuses_when_a_row_replayed_before_the_lock_differs_from_its_live_row(
         fresh: Database) -> None:
     # While the tables are checked one by one, the ETL inserts a photo, which is captured, and
@@ -306,6 +305,7 @@ def test_refuses_when_a_row_replayed_before_the_lock_differs_from_its_live_row(
         "breezeway.property_photos equals its live row, unless a captured write waits to "
         "explain it (rows_differing_from_live=1)")
     assert schema_state(fresh) == before
+
 
 EVERYTHING_AROUND_A_TABLE = """
 create function breezeway.touch() returns trigger language plpgsql as
