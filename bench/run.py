@@ -42,7 +42,7 @@ import seed_plans
 import yaml
 from psycopg import sql
 
-from runner import artifacts, audit, demo, swap
+from runner import artifacts, audit, capturing, demo, swap
 from runner.database import connect, uses_embedded
 from runner.embedded import EmbeddedPostgres, default_data_dir
 
@@ -384,7 +384,8 @@ def main() -> None:
             server.empty_caches()
             explained = explain_key_groups(list(specs.values()), target)
         with connect() as conn:
-            swap.start_capture(conn, list(specs.values()), options)
+            capturing.start(conn, list(specs.values()),
+                            capturing.LockOptions(options.archive_schema))
         server.empty_caches()
         stop = multiprocessing.Event()
         writer_results = target / "writer.json"

@@ -33,8 +33,8 @@ def _drop(server, database: Database) -> None:
 def _state(database: Database) -> tuple:
     with database.connect() as conn:
         rows = conn.execute(f"select count(*), sum(id) from breezeway.{TABLE}").fetchone()
-        triggers = conn.execute("select count(*) from pg_trigger where tgname = 'dedup_capture'"
-                                ).fetchone()[0]
+        triggers = conn.execute("select count(*) from pg_trigger"
+                                " where tgname like 'dedup_capture%'").fetchone()[0]
     return schema_state(database), rows, triggers
 
 

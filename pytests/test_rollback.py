@@ -3,16 +3,18 @@ what is refused."""
 
 from __future__ import annotations
 
+import collections
 import re
 
 import psycopg
+import pytest
 from conftest import TEST_SCALE, Database
 from psycopg import sql
 from test_other_project import EXPECTED_KEPT, OTHER_PROJECT, run_other_dbt
 from test_other_project import shop as shop  # imported, its fixture is this module's too
 from test_swap import SWAPPED, describe, schema_state
 
-from runner import demo, swap
+from runner import demo, locking
 from runner.names import constraint_name
 
 CONTENT = "select count(*), md5(string_agg(t::text, ',' order by t::text)) from {} as t"
@@ -83,8 +85,9 @@ def test_rollback_restores_every_original_row_and_the_writes_since_the_swap(
     expected[new_id] = written[new_id]
 
     output = rolled_back(fresh)
-    assert ("breezeway.property_photos: the original table is live again, with the writes made "
-            "since the swap (1 inserted, 1 updated, 1 deleted rows)") in output
+    assert (f"breezeway.property_photos: the original table is live again, {len(expected):,} "
+            "rows, with the writes made since the swap (1 inserted, 1 updated, 1 deleted "
+            "rows)") in output
     assert re.search(r"Live tables locked for \d+ ms", output), output
     with fresh.connect() as conn:
         assert rows_by_id(conn, "property_photos") == expected
@@ -112,14 +115,12 @@ def test_after_rollback_the_catalog_is_as_before_the_swap(fresh: Database) -> No
             assert constraint_name(table) not in after["constraints"]
             assert after == before[table], table
         # Every table the swap kept in the archive is still there: the originals went back,
-        # the deduplicated tables and the kept rows stay.
+        # the deduplicated tables stay.
         archived = {name for (name,) in conn.execute(
             "select relname from pg_class where relnamespace = 'dedup_archive'::regnamespace"
             " and relkind = 'r'")}
         for table in SWAPPED:
             assert sum(name.startswith(f"{table}__") and name.endswith("__rolled_back")
-                       for name in archived) == 1
-            assert sum(name.startswith(f"{table}__") and name.endswith("__kept")
                        for name in archived) == 1
         # The next id goes on after the writes made while the deduplicated table was live.
         new_id = conn.execute("insert into breezeway.task_photos (task_pk) values (1)"
@@ -153,17 +154,21 @@ def test_a_new_swap_after_a_rollback_and_a_rollback_of_it(fresh: Database) -> No
             assert content(conn, table) == before[table], table
 
 
-def test_a_capture_started_after_the_swap_ends_with_the_rollback(fresh: Database) -> None:
+def test_the_capture_since_the_swap_ends_with_the_rollback(fresh: Database) -> None:
     swapped(fresh, "--select", "task_photos")
     captured = fresh.runner("capture", "--select", "task_photos")
     assert captured.exit_code == 0, captured.output
+    assert ("breezeway.task_photos: captured since its swap, for a rollback; nothing to "
+            "start.") in captured.output
     rolled_back(fresh)
     with fresh.connect() as conn:
-        assert conn.execute("select count(*) from pg_trigger where tgname = 'dedup_capture'"
+        assert conn.execute("select count(*) from pg_trigger where tgname like 'dedup_capture%'"
                             " and tgrelid::regclass::text like '%task_photos%'").fetchone()[0] == 0
         assert conn.execute("select count(*) from dedup_archive.captures"
                             " where live_table = 'task_photos'").fetchone()[0] == 0
-    # It watched the deduplicated table; the original needs its own.
+        assert conn.execute("select count(*) from pg_class where relname like"
+                            " 'task_photos__%__changes'").fetchone()[0] == 0
+    # The original is live again, and a new swap starts with a capture of its own.
     assert "Capturing writes to breezeway.task_photos" in fresh.runner(
         "capture", "--select", "task_photos").output
 
@@ -253,23 +258,46 @@ def test_refuses_when_there_is_nothing_to_roll_back(fresh: Database) -> None:
     assert "nothing to roll back for breezeway.task_photos: its latest swap" in message
 
 
-def test_refuses_when_what_the_swap_kept_was_dropped_by_hand(fresh: Database) -> None:
+def test_refuses_when_the_archive_was_dropped_by_hand(fresh: Database) -> None:
     swapped(fresh, "--select", "task_photos")
     archive = swap_log(fresh)[0][0]["archive_table"]
     with fresh.connect() as conn:
-        conn.execute(sql.SQL("drop table {}").format(
-            sql.Identifier("dedup_archive", f"{archive}__kept")))
+        conn.execute(sql.SQL("drop table {}").format(sql.Identifier("dedup_archive", archive)))
     message = refused(fresh, "rollback")
-    assert (f"cannot roll back breezeway.task_photos: its table of kept rows "
-            f"dedup_archive.{archive}__kept is missing") in message
+    assert (f"cannot roll back breezeway.task_photos: its archive dedup_archive.{archive} is "
+            "missing") in message
+
+
+def test_refuses_when_the_capture_since_the_swap_was_stopped(fresh: Database) -> None:
+    swapped(fresh, "--select", "task_photos")
+    archive = swap_log(fresh)[0][0]["archive_table"]
+    stopped = fresh.runner("capture", "--stop", "--select", "task_photos")
+    assert stopped.exit_code == 0, stopped.output
+    assert "Its swap can no longer be rolled back" in stopped.output
+    message = refused(fresh, "rollback")
+    assert message == (
+        f"Error: cannot roll back breezeway.task_photos: nothing was changed; the original rows "
+        f"stay in dedup_archive.{archive}, but the writes made since the swap are no longer "
+        "captured (its capture was stopped), so a rollback would lose them: restore them by "
+        "hand, or leave the table out with --select")
+
+
+def test_refuses_when_the_capture_since_the_swap_was_disabled(fresh: Database) -> None:
+    swapped(fresh, "--select", "task_photos")
+    with fresh.connect() as conn:
+        conn.execute("alter table breezeway.task_photos disable trigger dedup_capture")
+    message = refused(fresh, "rollback")
+    assert "the capture of the writes since the swap is broken (its trigger was disabled)" in (
+        message)
 
 
 def test_refuses_while_another_runner_works(fresh: Database) -> None:
     swapped(fresh, "--select", "task_photos")
     with fresh.connect() as other:
-        other.execute("select pg_advisory_lock(%s)", (swap.ADVISORY_LOCK_KEY,))
+        other.execute("select pg_advisory_lock(%s)", (locking.ADVISORY_LOCK_KEY,))
         message = refused(fresh, "rollback")
-    assert "another runner swap, rollback or cleanup is working on this database" in message
+    assert ("another runner command (capture, swap, rollback or cleanup) is changing this "
+            "database") in message
 
 
 def test_gives_up_on_a_held_lock_and_names_the_holder(fresh: Database) -> None:
@@ -285,10 +313,13 @@ def test_dry_run_prints_every_statement_and_changes_nothing(fresh: Database) -> 
     before = schema_state(fresh), swap_log(fresh)
     result = fresh.runner("rollback", "--dry-run")
     assert result.exit_code == 0, result.output
-    assert result.output.count("lock table ") == 1
+    # The originals first, which nobody else uses; then the live tables with them, at once.
+    assert result.output.count("lock table ") == 2
     assert ('alter table "breezeway"."property_photos" rename to '
             '"property_photos__') in result.output
-    assert result.output.rstrip().endswith("commit;")
+    # The foreign keys the originals get back are validated after the commit, in the open.
+    after_commit = result.output.split("\ncommit;\n")[1]
+    assert after_commit.count(" validate constraint ") == len(SWAPPED) - 1, after_commit
     assert (schema_state(fresh), swap_log(fresh)) == before
 
 
@@ -305,9 +336,8 @@ def test_cleanup_drops_what_the_swap_kept_and_rollback_then_refuses(fresh: Datab
     with fresh.connect() as conn:
         for entry in log:
             assert entry["archive_table"] in result.output
-            for name in (entry["archive_table"], f"{entry['archive_table']}__kept"):
-                assert conn.execute("select to_regclass(format('dedup_archive.%%I', %s::text))",
-                                    (name,)).fetchone()[0] is None
+            assert conn.execute("select to_regclass(format('dedup_archive.%%I', %s::text))",
+                                (entry["archive_table"],)).fetchone()[0] is None
     assert all(entry[0]["cleaned_at"] is not None for entry in swap_log(fresh))
     message = refused(fresh, "rollback")
     assert "runner cleanup dropped its archive" in message
@@ -326,7 +356,7 @@ def test_cleanup_after_a_rollback_keeps_the_restored_tables(fresh: Database) -> 
     with fresh.connect() as conn:
         assert conn.execute("select count(*) from pg_class where relkind = 'r'"
                             " and relnamespace = 'dedup_archive'::regnamespace"
-                            " and relname ~ '__(kept|rolled_back)$'").fetchone()[0] == 0
+                            " and relname ~ '__rolled_back$'").fetchone()[0] == 0
         for table in SWAPPED:
             assert content(conn, table) == before[table], table
 
@@ -351,3 +381,59 @@ def test_cleanup_within_the_retention_drops_nothing(fresh: Database) -> None:
         assert (schema_state(fresh), swap_log(fresh)) == before
     assert fresh.runner("cleanup", "--older-than", "7d").output.startswith(
         "Nothing to clean up: no swap older than 7d")
+
+
+def rows_as_text(conn: psycopg.Connection, table: str) -> collections.Counter:
+    """Every row of the live table, duplicates included, as a multiset of its text."""
+    return collections.Counter(r[0] for r in conn.execute(sql.SQL(
+        "select t::text from {} as t").format(sql.Identifier("breezeway", table))))
+
+
+AFTER_THE_SWAP = {
+    "nothing": [],
+    "insert": ["insert into breezeway.property_photos (property_pk, photo_id, url)"
+               " values (1, 'new after the swap', 'u')"],
+    "update": ["update breezeway.property_photos set caption = 'edited'"
+               " where id = (select min(id) from breezeway.property_photos)"],
+    "delete": ["delete from breezeway.property_photos"
+               " where id = (select max(id) from breezeway.property_photos)"],
+    "re-key": ["update breezeway.property_photos set photo_id = 'moved'"
+               " where id = (select min(id) from breezeway.property_photos)"],
+    "re-send": ["insert into breezeway.property_photos (property_pk, photo_id, url)"
+                " select property_pk, photo_id, url from breezeway.property_photos"
+                " on conflict do nothing"],
+    "all of them": ["insert into breezeway.property_photos (property_pk, photo_id, url)"
+                    " values (1, 'new after the swap', 'u')",
+                    "update breezeway.property_photos set caption = 'edited'"
+                    " where id = (select min(id) from breezeway.property_photos)",
+                    "delete from breezeway.property_photos"
+                    " where id = (select max(id) from breezeway.property_photos)",
+                    "insert into breezeway.property_photos (property_pk, photo_id, url)"
+                    " values (1, 'new after the swap', 'u') on conflict do nothing"],
+}
+
+
+@pytest.mark.parametrize("writes", AFTER_THE_SWAP, ids=list(AFTER_THE_SWAP))
+def test_rollback_gives_back_the_originals_and_every_later_write_exactly(
+        fresh: Database, writes: str) -> None:
+    """The documented flow with the ETL running: a newer copy of a key arrives between the
+    build and the swap (latest wins, so the swap keeps it instead of the build's row), then
+    the ETL writes to the deduplicated table. The rollback must give back every original row,
+    the one the swap replaced included, with exactly the later writes applied."""
+    with fresh.connect() as conn:
+        conn.execute("insert into breezeway.property_photos (property_pk, photo_id, url)"
+                     " select property_pk, photo_id, 'resent' from breezeway.property_photos"
+                     " where id = (select max(id) from breezeway.property_photos)")
+        originals = rows_as_text(conn, "property_photos")
+    swapped(fresh, "--select", "property_photos")
+    with fresh.connect() as conn:
+        before_writes = rows_as_text(conn, "property_photos")
+        for statement in AFTER_THE_SWAP[writes]:
+            conn.execute(statement)
+        after_writes = rows_as_text(conn, "property_photos")
+    # The later writes, as the deduplicated table saw them: what left it, and what came.
+    expected = originals - (before_writes - after_writes) + (after_writes - before_writes)
+    output = rolled_back(fresh, "--select", "property_photos")
+    with fresh.connect() as conn:
+        assert rows_as_text(conn, "property_photos") == expected
+    assert f"is live again, {sum(expected.values()):,} rows" in output

@@ -8,7 +8,7 @@ import psycopg
 import pytest
 from conftest import TEST_SCALE, Database
 
-from runner import demo, swap
+from runner import demo, locking, swap
 from runner.errors import RunnerError
 from runner.names import constraint_name, pg_name
 
@@ -38,7 +38,7 @@ select jsonb_build_object(
                       where attrelid = c.oid and attacl is not null),
     'triggers', (select jsonb_object_agg(tgname, jsonb_build_array(pg_get_triggerdef(oid),
                      tgenabled)) from pg_trigger where tgrelid = c.oid and not tgisinternal
-                     and tgname <> 'dedup_capture'),
+                     and tgname not in ('dedup_capture', 'dedup_capture_truncate')),
     'row_security', jsonb_build_array(c.relrowsecurity, c.relforcerowsecurity),
     'policies', (select jsonb_agg(to_jsonb(p) - 'tablename' order by policyname)
                  from pg_policies as p where p.schemaname = 'breezeway'
@@ -155,7 +155,7 @@ def test_dry_run_prints_every_statement_and_changes_nothing(fresh: Database) -> 
     # Committed without waiting for the disk, then flushed by a commit of its own.
     assert result.output.count("set local synchronous_commit = off;") == 1
     assert result.output.rstrip().endswith("commit;\n"
-                                           "-- wait for the swap's commit to reach the disk: this "
+                                           "-- wait for the commit to reach the disk: this "
                                            "transaction's own commit flushes the log up to it\n"
                                            "select pg_current_xact_id();")
     assert schema_state(fresh) == before
@@ -277,8 +277,9 @@ def test_refuses_when_the_built_rows_differ_from_the_live_rows(fresh: Database) 
 def test_refuses_when_a_row_replayed_before_the_lock_differs_from_its_live_row(
         fresh: Database) -> None:
     # While the tables are checked one by one, the ETL inserts a photo, which is captured, and
-    # someone changes it with the capture bypassed. The catch-up replay before the lock brings
-    # the insert in: only the check of the rows it touched can see that the live row moved on.
+    # someone changes it with the capture's trigger disabled for a moment. The catch-up replay
+    # before the lock brings the insert in: only the check of the rows it touched can see that
+    # the live row moved on.
     tampered = []
 
     def write_while_checking(label: str) -> None:
@@ -288,10 +289,12 @@ def test_refuses_when_a_row_replayed_before_the_lock_differs_from_its_live_row(
             tampered.append(etl.execute(
                 "insert into breezeway.property_photos (property_pk, photo_id, url)"
                 " values (1, 'new while checking', 'from the ETL') returning id").fetchone()[0])
-        with fresh.connect() as bypass:
-            bypass.execute("set session_replication_role = replica")
+        with fresh.connect() as bypass, bypass.transaction():
+            bypass.execute("alter table breezeway.property_photos disable trigger dedup_capture")
             bypass.execute("update breezeway.property_photos set url = 'uncaptured'"
                            " where id = %s", tampered)
+            bypass.execute("alter table breezeway.property_photos"
+                           " enable always trigger dedup_capture")
 
     before = schema_state(fresh)
     options = swap.SwapOptions(target_dir=fresh.target_dir)
@@ -358,9 +361,10 @@ def test_refuses_a_build_older_than_the_live_tables_structure(fresh: Database) -
 
 def test_a_second_runner_is_stopped_by_the_advisory_lock(fresh: Database) -> None:
     with fresh.connect() as other:
-        other.execute("select pg_advisory_lock(%s)", (swap.ADVISORY_LOCK_KEY,))
+        other.execute("select pg_advisory_lock(%s)", (locking.ADVISORY_LOCK_KEY,))
         message = _refused(fresh)
-    assert "another runner swap, rollback or cleanup is working on this database" in message
+    assert ("another runner command (capture, swap, rollback or cleanup) is changing this "
+            "database") in message
 
 
 def test_plan_says_what_it_locks_and_for_how_long(fresh: Database) -> None:

@@ -1,12 +1,21 @@
-"""Change capture: every write to a live table between `runner capture` and the swap's commit.
+"""Change capture: every write to a live table, from `runner capture` until it is no longer needed.
 
-`runner capture`, run before `dbt build`, puts a trigger on each live table that copies every
-inserted, updated and deleted row, as a value of the table's own row type, into a log table.
-The swap replays the log into the new table under the keep rule, before and under its lock, so
-the ETL can keep writing throughout. The replay is idempotent: a change that the build already
-saw leaves the new table as it was, so the log may start before the build's snapshot.
+A capture is a trigger on the live table that copies every inserted, updated and deleted row,
+as a value of the table's own row type, with the writer's transaction id, into a log table in
+the archive schema; a TRUNCATE is logged too, as one entry. Its function runs with the rights
+of the role that installed it, so that any role allowed to write the table can go on writing
+it, whatever it may do in the archive schema.
 
-Replaying one batch of the log, as a set:
+A capture has two lives:
+  before the swap  `runner capture`, run before `dbt build`, starts it on the original table;
+                   the swap replays it into the new table (below), then ends it;
+  since the swap   the swap starts one on the new table in its own transaction, so a rollback
+                   knows every row the ETL inserted, updated and deleted since (runner.restore);
+                   it ends with the rollback, `runner capture --stop` or `runner cleanup`.
+A registry table in the archive schema says which capture watches which table.
+
+Replaying one batch of a capture into the new table of a swap, as a set:
+  0. changes the build already saw (their transaction is visible in its snapshot) are skipped;
   1. keys to rescan: a kept row was deleted, or its key or keep columns changed; only a scan of
      the live table can say which row of that key is now the one to keep (never under the lock);
   2. rows to keep: the latest version of each changed row that still exists, the best per key
@@ -27,8 +36,16 @@ from runner.catalog import Column
 from runner.names import pg_name
 
 TRIGGER = "dedup_capture"
+TRUNCATE_TRIGGER = "dedup_capture_truncate"
+TRIGGERS = (TRIGGER, TRUNCATE_TRIGGER)
 REGISTRY = "captures"
 BATCH_ROWS = 50_000
+# Said on the archive schema when the runner creates it, so that stopping the last capture
+# may drop the schema it created, and never one a user made.
+SCHEMA_COMMENT = "Created by runner: what the swaps keep, and the logs of their captures."
+# The temporary table in which a swap counts, per table, the rows the capture's log says were
+# written since the build (inserted minus deleted) and the rows of the new table.
+COUNTS = "dedup_counts"
 
 
 @dataclass(frozen=True)
@@ -36,70 +53,101 @@ class Capture:
     live: Relation
     log: Relation
     function: Relation
+    since_swap_of: str | None = None
+    """The archive table of the swap this capture follows, for its rollback; None before."""
 
     @classmethod
-    def of(cls, live: Relation, archive_schema: str) -> Capture:
-        return cls(
-            live=live,
-            log=Relation(archive_schema, pg_name(live.schema, live.name, "changes")),
-            function=Relation(archive_schema, pg_name(live.schema, live.name, "capture")),
-        )
+    def before_swap(cls, live: Relation, archive_schema: str) -> Capture:
+        return cls(live, Relation(archive_schema, pg_name(live.schema, live.name, "changes")),
+                   Relation(archive_schema, pg_name(live.schema, live.name, "capture")))
+
+    @classmethod
+    def since_swap(cls, live: Relation, archive: Relation) -> Capture:
+        return cls(live, Relation(archive.schema, pg_name(archive.name, "changes")),
+                   Relation(archive.schema, pg_name(archive.name, "capture")), archive.name)
 
 
 def _id(relation: Relation) -> sql.Identifier:
     return sql.Identifier(relation.schema, relation.name)
 
 
+def ensure_schema(archive_schema: str) -> sql.Composed:
+    """The archive schema, created (and marked as the runner's) only where there is none."""
+    body = sql.SQL(
+        "begin if not exists (select from pg_namespace where nspname = {name}) then"
+        " create schema {schema}; comment on schema {schema} is {comment}; end if; end"
+    ).format(name=sql.Literal(archive_schema), schema=sql.Identifier(archive_schema),
+             comment=sql.Literal(SCHEMA_COMMENT))
+    return sql.SQL("do {}").format(sql.Literal(body.as_string()))
+
+
 def registry_table(archive_schema: str) -> sql.Composed:
     return sql.SQL(
         "create table if not exists {} (live_schema text not null, live_table text not null,"
-        " log_table text not null, xid xid8 not null,"
-        " started_at timestamptz not null default now(), primary key (live_schema, live_table))"
+        " log_table text not null, function_name text not null, since_swap_of text,"
+        " xid xid8 not null, started_at timestamptz not null default now(),"
+        " primary key (live_schema, live_table))"
     ).format(sql.Identifier(archive_schema, REGISTRY))
 
 
 def install(capture: Capture) -> list[sql.Composed]:
-    """Log table, trigger function and trigger; the trigger needs a short SHARE ROW EXCLUSIVE."""
+    """Log table, trigger function, triggers and registry entry, in an existing archive schema
+    with its registry. The triggers need a short SHARE ROW EXCLUSIVE on the table."""
     live, log = _id(capture.live), _id(capture.log)
     body = sql.SQL(
         "begin insert into {log} (op, old_row, new_row) values (left(tg_op, 1),"
-        " case when tg_op <> 'INSERT' then old end, case when tg_op <> 'DELETE' then new end);"
-        " return null; end"
+        " case when tg_op in ('UPDATE', 'DELETE') then old end,"
+        " case when tg_op in ('INSERT', 'UPDATE') then new end); return null; end"
     ).format(log=log)
-    registry = sql.Identifier(capture.log.schema, REGISTRY)
     return [
-        sql.SQL("create schema if not exists {}").format(sql.Identifier(capture.log.schema)),
-        registry_table(capture.log.schema),
         # A log without its trigger is a leftover, incomplete by definition: start afresh.
         sql.SQL("drop table if exists {}").format(log),
         # Rows as values of the live table's own type: replayed exactly, no text round trip.
         sql.SQL(
-            "create table {log} (change_id bigserial primary key,"
-            " op \"char\" not null, old_row {live}, new_row {live})"
+            "create table {log} (change_id bigint generated always as identity primary key,"
+            " op \"char\" not null, xid xid8 not null default pg_current_xact_id(),"
+            " old_row {live}, new_row {live})"
         ).format(log=log, live=live),
+        # SECURITY DEFINER: the ETL's role needs no right in the archive schema; the fixed
+        # search_path keeps the function from running anything a writer's path could offer.
         sql.SQL(
-            "create or replace function {}() returns trigger language plpgsql as {}"
+            "create or replace function {}() returns trigger language plpgsql security definer"
+            " set search_path = pg_catalog, pg_temp as {}"
         ).format(_id(capture.function), sql.Literal(body.as_string())),
-        sql.SQL("drop trigger if exists {} on {}").format(sql.Identifier(TRIGGER), live),
+        *(sql.SQL("drop trigger if exists {} on {}").format(sql.Identifier(name), live)
+          for name in TRIGGERS),
         sql.SQL(
             "create trigger {} after insert or update or delete on {} for each row"
             " execute function {}()"
         ).format(sql.Identifier(TRIGGER), live, _id(capture.function)),
+        # TRUNCATE fires no row trigger: it is logged as one entry, which stops any replay.
         sql.SQL(
-            "insert into {} (live_schema, live_table, log_table, xid)"
-            " values ({}, {}, {}, pg_current_xact_id()) on conflict (live_schema, live_table)"
-            " do update set log_table = excluded.log_table, xid = excluded.xid,"
+            "create trigger {} after truncate on {} for each statement execute function {}()"
+        ).format(sql.Identifier(TRUNCATE_TRIGGER), live, _id(capture.function)),
+        # Always, not only in origin sessions: rows a logical replication subscription applies
+        # (session_replication_role = replica) are writes to capture too.
+        *(sql.SQL("alter table {} enable always trigger {}").format(live, sql.Identifier(name))
+          for name in TRIGGERS),
+        sql.SQL(
+            "insert into {} (live_schema, live_table, log_table, function_name, since_swap_of,"
+            " xid) values ({}, {}, {}, {}, {}, pg_current_xact_id())"
+            " on conflict (live_schema, live_table) do update set"
+            " log_table = excluded.log_table, function_name = excluded.function_name,"
+            " since_swap_of = excluded.since_swap_of, xid = excluded.xid,"
             " started_at = excluded.started_at"
-        ).format(registry, sql.Literal(capture.live.schema), sql.Literal(capture.live.name),
-                 sql.Literal(capture.log.name)),
+        ).format(sql.Identifier(capture.log.schema, REGISTRY), sql.Literal(capture.live.schema),
+                 sql.Literal(capture.live.name), sql.Literal(capture.log.name),
+                 sql.Literal(capture.function.name), sql.Literal(capture.since_swap_of)),
     ]
 
 
 def remove(capture: Capture, table: Relation | None = None) -> list[sql.Composed]:
-    """Trigger, function, log and registry entry; `table` is where the trigger now is."""
+    """Triggers, function, log and registry entry; `table` is where the triggers now are, or
+    None when that table is gone."""
+    triggers = [sql.SQL("drop trigger if exists {} on {}").format(
+        sql.Identifier(name), _id(table)) for name in TRIGGERS] if table else []
     return [
-        sql.SQL("drop trigger if exists {} on {}").format(
-            sql.Identifier(TRIGGER), _id(table or capture.live)),
+        *triggers,
         sql.SQL("drop table if exists {}").format(_id(capture.log)),
         sql.SQL("drop function if exists {}()").format(_id(capture.function)),
         sql.SQL("delete from {} where live_schema = {} and live_table = {}").format(
@@ -108,14 +156,58 @@ def remove(capture: Capture, table: Relation | None = None) -> list[sql.Composed
     ]
 
 
-def installed(archive_schema: str) -> sql.Composed:
-    """(live_schema, live_table, xid) of every table whose trigger is in place."""
+def drop_if_unused(archive_schema: str) -> list[sql.Composed]:
+    """What the last capture leaves: the registry once empty, then the archive schema if the
+    runner created it and nothing else is in it."""
+    return [sql.SQL(
+        "do $$ begin"
+        " if not exists (select from {registry}) then drop table {registry}; end if;"
+        " if not exists (select from pg_class where relnamespace = {schema}::regnamespace)"
+        " and not exists (select from pg_proc where pronamespace = {schema}::regnamespace)"
+        " and not exists (select from pg_type where typnamespace = {schema}::regnamespace)"
+        " and obj_description({schema}::regnamespace, 'pg_namespace') = {comment}"
+        " then drop schema {name}; end if; end $$"
+    ).format(registry=sql.Identifier(archive_schema, REGISTRY),
+             schema=sql.Literal(sql.Identifier(archive_schema).as_string()),
+             comment=sql.Literal(SCHEMA_COMMENT), name=sql.Identifier(archive_schema))]
+
+
+def registered(archive_schema: str) -> sql.Composed:
+    """Every capture in the registry, with its triggers' state: (live_schema, live_table,
+    log_table, function_name, since_swap_of, xid, started_at, live table exists, trigger
+    enablement or None when the trigger is missing, log table exists)."""
     return sql.SQL(
-        "select r.live_schema, r.live_table, r.xid from {} as r"
-        " where exists (select from pg_trigger as t join pg_class as c on c.oid = t.tgrelid"
-        " join pg_namespace as n on n.oid = c.relnamespace where t.tgname = {}"
-        " and n.nspname = r.live_schema and c.relname = r.live_table)"
-    ).format(sql.Identifier(archive_schema, REGISTRY), sql.Literal(TRIGGER))
+        "select r.live_schema, r.live_table, r.log_table, r.function_name, r.since_swap_of,"
+        " r.xid, r.started_at, c.oid is not null,"
+        " (select t.tgenabled::text from pg_trigger as t where t.tgrelid = c.oid"
+        " and t.tgname = {trigger}),"
+        " to_regclass(format('%I.%I', {schema}::text, r.log_table)) is not null"
+        " from {registry} as r"
+        " left join pg_namespace as n on n.nspname = r.live_schema"
+        " left join pg_class as c on c.relnamespace = n.oid and c.relname = r.live_table"
+        " order by 1, 2"
+    ).format(trigger=sql.Literal(TRIGGER), schema=sql.Literal(archive_schema),
+             registry=sql.Identifier(archive_schema, REGISTRY))
+
+
+def counts_table() -> sql.Composed:
+    return sql.SQL(
+        "create temp table {} (live text primary key, unseen_rows bigint not null default 0,"
+        " kept_rows bigint not null default 0) on commit drop"
+    ).format(sql.Identifier(COUNTS))
+
+
+def counts_key(live: Relation) -> sql.Literal:
+    return sql.Literal(_id(live).as_string())
+
+
+def counted(live: Relation, statement: sql.Composable, sign: str = "+") -> sql.Composed:
+    """`statement` (an INSERT or DELETE on the new table) counted into the new table's rows."""
+    return sql.SQL(
+        "with changed as ({statement} returning 1) update pg_temp.{counts}"
+        " set kept_rows = kept_rows {sign} (select count(*) from changed) where live = {key}"
+    ).format(statement=statement, counts=sql.Identifier(COUNTS), sign=sql.SQL(sign),
+             key=counts_key(live))
 
 
 @dataclass(frozen=True)
@@ -123,6 +215,10 @@ class Replay:
     """The statements that replay one batch of a table's log into its new table."""
 
     take_batch: list[sql.Composed]
+    taken: sql.Composed
+    """Returns how many changes the batch took from the log, seen by the build or not."""
+    truncated: sql.Composed
+    """Returns whether the batch holds a TRUNCATE, after which no replay can be right."""
     needs_rescan: sql.Composed
     """Returns one boolean: whether this batch needs a scan of the live table."""
     rescan: list[sql.Composed]
@@ -147,109 +243,151 @@ def backfilled(spec: DedupSpec, columns: tuple[Column, ...]) -> list[Column]:
     return [c for c in columns if c.name in spec.natural_key]
 
 
-def kept_record_columns(spec: DedupSpec, columns: tuple[Column, ...]) -> list[str]:
-    """What the record of kept rows holds per row: the tie-breaker, and the values backfilled
-    into its key, so that a rollback can tell them from the ETL's own writes."""
-    return [spec.tiebreaker, *(c.name for c in backfilled(spec, columns))]
+def field(row: str, name: str) -> sql.Composed:
+    """One column of a row value, as `(row).column`."""
+    return sql.SQL("({}).{}").format(sql.SQL(row), sql.Identifier(name))
 
 
-def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation, kept: Relation,
-           columns: tuple[Column, ...], overriding: bool = False,
-           batch_rows: int = BATCH_ROWS) -> Replay:
-    """`kept` records the tie-breakers of the new table's rows, kept up to date batch by batch
-    so that the lock never waits for it to be copied."""
-    L, S, G, K = _id(live), _id(shadow), _id(log), _id(kept)
-    # Replayed rows keep their identity values.
-    override = sql.SQL(" overriding system value" if overriding else "")
-    tb = sql.Identifier(spec.tiebreaker)
-    col = sql.Identifier
-    insertable = [c.name for c in columns if not c.generated]
-    cols = sql.SQL(", ").join(col(c) for c in insertable)
-    nulls_equal = spec.nulls == "not_distinct"
-    filled = {c.name: c.type for c in backfilled(spec, columns)}
+def same_as(original: str, new: str, columns: tuple[Column, ...], filled: dict[str, str],
+            all_filled: bool = True) -> sql.Composed:
+    """Row `new` (the deduplicated table's) is row `original`, up to the uuids a swap
+    backfilled into NULL key columns (`filled`, column to type); `all_filled`: and `new` has
+    no NULL left in them, as a swap leaves none."""
+    if not filled:
+        return sql.SQL("row({}.*)::text = row({}.*)::text").format(
+            sql.SQL(original), sql.SQL(new))
+    as_kept = sql.SQL(", ").join(
+        (sql.SQL("coalesce({o}.{c}, {n}.{c})") if c.name in filled
+         else sql.SQL("{o}.{c}")).format(o=sql.SQL(original), n=sql.SQL(new),
+                                         c=sql.Identifier(c.name))
+        for c in columns)
+    same = sql.SQL("row({})::text = row({}.*)::text").format(as_kept, sql.SQL(new))
+    if not all_filled:
+        return same
+    no_null_left = sql.SQL(" and ").join(
+        sql.SQL("{}.{} is not null").format(sql.SQL(new), sql.Identifier(c)) for c in filled)
+    return sql.SQL("{} and {}").format(same, no_null_left)
 
-    def values(alias: str) -> sql.Composed:
+
+@dataclass(frozen=True)
+class _Tables:
+    """What every statement of one table's replay is built from."""
+
+    spec: DedupSpec
+    live: Relation
+    shadow: Relation
+    log: Relation
+    columns: tuple[Column, ...]
+    overriding: bool
+    snapshot: str | None
+
+    @property
+    def tiebreaker(self) -> sql.Identifier:
+        return sql.Identifier(self.spec.tiebreaker)
+
+    @property
+    def nulls_equal(self) -> bool:
+        return self.spec.nulls == "not_distinct"
+
+    @property
+    def filled(self) -> dict[str, str]:
+        return {c.name: c.type for c in backfilled(self.spec, self.columns)}
+
+    @property
+    def insertable(self) -> list[str]:
+        return [c.name for c in self.columns if not c.generated]
+
+    def column_list(self) -> sql.Composed:
+        return sql.SQL(", ").join(sql.Identifier(c) for c in self.insertable)
+
+    def override(self) -> sql.SQL:
+        """Replayed rows keep their identity values."""
+        return sql.SQL(" overriding system value" if self.overriding else "")
+
+    def values(self, alias: str) -> sql.Composed:
         """The columns of a row as the new table holds it: a NULL key backfilled."""
+        filled = self.filled
         return sql.SQL(", ").join(
             sql.SQL("coalesce({a}.{c}, cast(gen_random_uuid() as {t}))").format(
-                a=sql.Identifier(alias), c=col(c), t=sql.SQL(filled[c]))
-            if c in filled else sql.SQL("{}.{}").format(sql.Identifier(alias), col(c))
-            for c in insertable)
+                a=sql.Identifier(alias), c=sql.Identifier(c), t=sql.SQL(filled[c]))
+            if c in filled else sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(c))
+            for c in self.insertable)
 
-    def same_as_live(live_row: str, new_row: str) -> sql.Composed:
-        """The new table's row is the live row, up to the uuids backfilled into its key."""
-        if not filled:
-            return sql.SQL("{}::text = {}::text").format(sql.SQL(live_row), sql.SQL(new_row))
-        as_kept = sql.SQL(", ").join(
-            (sql.SQL("coalesce({l}.{c}, {n}.{c})") if c.name in filled
-             else sql.SQL("{l}.{c}")).format(l=sql.SQL(live_row), n=sql.SQL(new_row),
-                                             c=col(c.name))
-            for c in columns)
-        no_null_left = sql.SQL(" and ").join(
-            sql.SQL("{}.{} is not null").format(sql.SQL(new_row), col(c)) for c in filled)
-        return sql.SQL("row({})::text = row({}.*)::text and {}").format(
-            as_kept, sql.SQL(new_row), no_null_left)
-
-    def kept_record(alias: str | None) -> sql.Composed:
-        names = kept_record_columns(spec, columns)
-        if alias is None:
-            return sql.SQL(", ").join(col(c) for c in names)
-        return sql.SQL(", ").join(sql.SQL("{}.{}").format(sql.Identifier(alias), col(c))
-                                  for c in names)
-
-    def field(row: str, name: str) -> sql.Composed:
-        return sql.SQL("({}).{}").format(sql.SQL(row), col(name))
-
-    def same_key(left: str, right: str, right_is_row: bool = True) -> sql.Composed:
+    def same_key(self, left: str, right: str, right_is_row: bool = True) -> sql.Composed:
         """Keys equal as the constraint sees them: NULLs equal only under not_distinct."""
-        operator = sql.SQL(" is not distinct from " if nulls_equal else " = ")
+        operator = sql.SQL(" is not distinct from " if self.nulls_equal else " = ")
         return sql.SQL(" and ").join(
-            sql.SQL("{}.{}{}{}").format(sql.SQL(left), col(k), operator,
+            sql.SQL("{}.{}{}{}").format(sql.SQL(left), sql.Identifier(k), operator,
                                         field(right, k) if right_is_row
-                                        else sql.SQL("{}.{}").format(sql.SQL(right), col(k)))
-            for k in spec.natural_key)
+                                        else sql.SQL("{}.{}").format(sql.SQL(right),
+                                                                     sql.Identifier(k)))
+            for k in self.spec.natural_key)
 
-    def null_in_key(row: str) -> sql.Composed:
+    def null_in_key(self, row: str) -> sql.Composed:
         return sql.SQL("(") + sql.SQL(" or ").join(
-            sql.SQL("{} is null").format(field(row, k)) for k in spec.natural_key) + sql.SQL(")")
+            sql.SQL("{} is null").format(field(row, k)) for k in self.spec.natural_key
+        ) + sql.SQL(")")
 
-    def beats(new: str, old: str) -> sql.Composed:
+    def beats(self, new: str, old: str) -> sql.Composed:
         """`new` comes first in the keep order, with ORDER BY's NULL placement."""
         terms, equal_so_far = [], []
-        for entry in spec.keep:
-            n = sql.SQL("{}.{}").format(sql.SQL(new), col(entry.column))
-            o = sql.SQL("{}.{}").format(sql.SQL(old), col(entry.column))
+        for entry in self.spec.keep:
+            n = sql.SQL("{}.{}").format(sql.SQL(new), sql.Identifier(entry.column))
+            o = sql.SQL("{}.{}").format(sql.SQL(old), sql.Identifier(entry.column))
             if entry.descending:
                 better = sql.SQL("({n} > {o} or ({n} is null and {o} is not null))")
             else:
                 better = sql.SQL("({n} < {o} or ({n} is not null and {o} is null))")
-            terms.append(sql.SQL(" and ").join(
-                [*equal_so_far, better.format(n=n, o=o)]))
+            terms.append(sql.SQL(" and ").join([*equal_so_far, better.format(n=n, o=o)]))
             equal_so_far.append(sql.SQL("{} is not distinct from {}").format(n, o))
         return sql.SQL("(") + sql.SQL(" or ").join(terms) + sql.SQL(")")
 
-    keep_order = sql.SQL(", ").join(
-        sql.SQL("{} {}").format(col(e.column), sql.SQL("desc" if e.descending else "asc"))
-        for e in spec.keep)
-    key_and_keep = list(dict.fromkeys([*spec.natural_key, *(e.column for e in spec.keep)]))
+    def keep_order(self) -> sql.Composed:
+        return sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(e.column),
+                                    sql.SQL("desc" if e.descending else "asc"))
+            for e in self.spec.keep)
+
+    def group(self) -> sql.Composed:
+        """What makes a group of rows one key: the key, and a NULL-key row's own tie-breaker
+        unless NULLs are equal."""
+        group = sql.SQL(", ").join(sql.Identifier(k) for k in self.spec.natural_key)
+        if self.nulls_equal:
+            return group
+        return group + sql.SQL(", case when {} then {} end").format(
+            sql.SQL(" or ").join(sql.SQL("{} is null").format(sql.Identifier(k))
+                                 for k in self.spec.natural_key), self.tiebreaker)
+
+    def unseen(self) -> sql.Composable:
+        """A condition on a logged change: the build did not see it."""
+        if self.snapshot is None:
+            return sql.SQL("true")
+        return sql.SQL("not pg_visible_in_snapshot(xid, {}::pg_snapshot)").format(
+            sql.Literal(self.snapshot))
+
+
+def _take_batch(t: _Tables, batch_rows: int) -> list[sql.Composed]:
+    key_and_keep = list(dict.fromkeys([*t.spec.natural_key, *(e.column for e in t.spec.keep)]))
     changed = sql.SQL("row({}) is distinct from row({})").format(
         sql.SQL(", ").join(field("b.old_row", c) for c in key_and_keep),
         sql.SQL(", ").join(field("b.new_row", c) for c in key_and_keep))
     # A NULL-key row is a group of its own unless NULLs are equal: it never needs a rescan.
-    rescannable = sql.SQL("") if nulls_equal else sql.SQL(
-        " and not {}").format(null_in_key("b.old_row"))
-    group = sql.SQL(", ").join(col(k) for k in spec.natural_key)
-    if not nulls_equal:
-        group = group + sql.SQL(", case when {} then {} end").format(
-            sql.SQL(" or ").join(sql.SQL("{} is null").format(col(k)) for k in spec.natural_key),
-            tb)
-
-    take_batch = [
-        sql.SQL("drop table if exists pg_temp.dedup_batch, pg_temp.dedup_rescan,"
-                " pg_temp.dedup_candidates"),
-        sql.SQL("create temp table dedup_batch on commit drop as select change_id, op, old_row,"
-                " new_row from {} order by change_id limit {}").format(
-                    G, sql.Literal(batch_rows)),
+    rescannable = sql.SQL("") if t.nulls_equal else sql.SQL(
+        " and not {}").format(t.null_in_key("b.old_row"))
+    return [
+        sql.SQL("drop table if exists pg_temp.dedup_taken, pg_temp.dedup_batch,"
+                " pg_temp.dedup_rescan, pg_temp.dedup_candidates"),
+        sql.SQL("create temp table dedup_taken on commit drop as select change_id, op, xid,"
+                " old_row, new_row from {} order by change_id limit {}").format(
+                    _id(t.log), sql.Literal(batch_rows)),
+        # What the build saw is in the new table already; the rest is replayed.
+        sql.SQL("create temp table dedup_batch on commit drop as select change_id, op,"
+                " old_row, new_row from dedup_taken where {}").format(t.unseen()),
+        sql.SQL(
+            "update pg_temp.{counts} set unseen_rows = unseen_rows + (select count(*) filter"
+            " (where op = 'I') - count(*) filter (where op = 'D') from dedup_batch)"
+            " where live = {key}"
+        ).format(counts=sql.Identifier(COUNTS), key=counts_key(t.live)),
         # Keys whose kept row left or changed its key or keep columns, or whose row came and
         # went within the batch.
         sql.SQL(
@@ -261,61 +399,62 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation, kep
             " and (b.op = 'D' or {changed})"
         ).format(
             keys=sql.SQL(", ").join(
-                sql.SQL("{} as {}").format(field("b.old_row", k), col(k))
-                for k in spec.natural_key),
-            rescannable=rescannable, old_tb=field("b.old_row", spec.tiebreaker), tb=tb, S=S,
-            new_tb=field("n.new_row", spec.tiebreaker), changed=changed),
+                sql.SQL("{} as {}").format(field("b.old_row", k), sql.Identifier(k))
+                for k in t.spec.natural_key),
+            rescannable=rescannable, old_tb=field("b.old_row", t.spec.tiebreaker),
+            tb=t.tiebreaker, S=_id(t.shadow), new_tb=field("n.new_row", t.spec.tiebreaker),
+            changed=changed),
     ]
-    rescan = [
-        sql.SQL("delete from {S} as s using dedup_rescan as r where {match}").format(
-            S=S, match=same_key("s", "r", right_is_row=False)),
-        sql.SQL(
+
+
+def _rescan(t: _Tables) -> list[sql.Composed]:
+    keys = sql.SQL(", ").join(sql.Identifier(k) for k in t.spec.natural_key)
+    return [
+        counted(t.live, sql.SQL("delete from {S} as s using dedup_rescan as r where {match}")
+                .format(S=_id(t.shadow), match=t.same_key("s", "r", right_is_row=False)), "-"),
+        counted(t.live, sql.SQL(
             "insert into {S} ({cols}){override} select distinct on ({keys}) {values} from {L}"
             " as l where exists (select from dedup_rescan as r where {match})"
             " order by {keys}, {keep}"
-        ).format(S=S, cols=cols, L=L, override=override, values=values("l"),
-                 keys=sql.SQL(", ").join(col(k) for k in spec.natural_key),
-                 match=same_key("l", "r", right_is_row=False), keep=keep_order),
-        # A rescan changes rows beyond the batch: bring the record of kept rows level.
-        sql.SQL("delete from {K} as k where not exists (select from {S} as s"
-                " where s.{tb} = k.{tb})").format(K=K, S=S, tb=tb),
-        sql.SQL("insert into {K} select {kept} from {S} as s where not exists"
-                " (select from {K} as k where k.{tb} = s.{tb})").format(
-                    K=K, S=S, tb=tb, kept=kept_record("s")),
+        ).format(S=_id(t.shadow), cols=t.column_list(), L=_id(t.live), override=t.override(),
+                 values=t.values("l"), keys=keys,
+                 match=t.same_key("l", "r", right_is_row=False), keep=t.keep_order())),
     ]
-    touched = sql.SQL(
-        "select {old_tb} from dedup_batch as b union select {new_tb} from dedup_batch as b"
-    ).format(old_tb=field("b.old_row", spec.tiebreaker),
-             new_tb=field("b.new_row", spec.tiebreaker))
 
-    def by_null_pattern(template: str, **parts: sql.Composable) -> list[sql.Composed]:
-        """The statement for candidates whose key has no NULL, matched with = so that the new
-        table's unique index finds the kept row; and, where NULLs are equal, for the few whose
-        key has one, matched with IS NOT DISTINCT FROM, which no index serves. Where NULLs are
-        distinct such a candidate matches nothing, as under the constraint."""
-        equal = sql.SQL(" and ").join(
-            sql.SQL("s.{k} = c.{k}").format(k=col(k)) for k in spec.natural_key)
-        no_null = sql.SQL("not ({})").format(sql.SQL(" or ").join(
-            sql.SQL("c.{} is null").format(col(k)) for k in spec.natural_key))
-        some_null = sql.SQL("({})").format(sql.SQL(" or ").join(
-            sql.SQL("c.{} is null").format(col(k)) for k in spec.natural_key))
-        statements = [sql.SQL(template).format(S=S, keys_null=no_null, match=equal, **parts)]
-        if nulls_equal:
-            statements.append(sql.SQL(template).format(
-                S=S, keys_null=some_null, match=same_key("s", "c", right_is_row=False),
-                **parts))
-        elif "insert" in template:
-            statements.append(sql.SQL(template).format(
-                S=S, keys_null=some_null, match=sql.SQL("false"), **parts))
-        return statements
 
-    apply = [
+def _by_null_pattern(t: _Tables, template: str, inserting: bool,
+                     **parts: sql.Composable) -> list[sql.Composed]:
+    """The statement for candidates whose key has no NULL, matched with = so that the new
+    table's unique index finds the kept row; and, where NULLs are equal, for the few whose
+    key has one, matched with IS NOT DISTINCT FROM, which no index serves. Where NULLs are
+    distinct such a candidate matches nothing, as under the constraint."""
+    equal = sql.SQL(" and ").join(
+        sql.SQL("s.{k} = c.{k}").format(k=sql.Identifier(k)) for k in t.spec.natural_key)
+    no_null = sql.SQL("not ({})").format(sql.SQL(" or ").join(
+        sql.SQL("c.{} is null").format(sql.Identifier(k)) for k in t.spec.natural_key))
+    some_null = sql.SQL("({})").format(sql.SQL(" or ").join(
+        sql.SQL("c.{} is null").format(sql.Identifier(k)) for k in t.spec.natural_key))
+    shadow = _id(t.shadow)
+    statements = [sql.SQL(template).format(S=shadow, keys_null=no_null, match=equal, **parts)]
+    if t.nulls_equal:
+        statements.append(sql.SQL(template).format(
+            S=shadow, keys_null=some_null, match=t.same_key("s", "c", right_is_row=False),
+            **parts))
+    elif inserting:
+        statements.append(sql.SQL(template).format(
+            S=shadow, keys_null=some_null, match=sql.SQL("false"), **parts))
+    return [counted(t.live, s, "+" if inserting else "-") for s in statements]
+
+
+def _apply(t: _Tables) -> list[sql.Composed]:
+    shadow, tb = _id(t.shadow), t.tiebreaker
+    return [
         # A deleted or moved NULL-key row, a group of its own, simply goes.
-        *([] if nulls_equal else [sql.SQL(
+        *([] if t.nulls_equal else [counted(t.live, sql.SQL(
             "delete from {S} where {tb} in (select {old_tb} from dedup_batch as b"
             " where b.op in ('U', 'D') and {null_key})").format(
-                S=S, tb=tb, old_tb=field("b.old_row", spec.tiebreaker),
-                null_key=null_in_key("b.old_row"))]),
+                S=shadow, tb=tb, old_tb=field("b.old_row", t.spec.tiebreaker),
+                null_key=t.null_in_key("b.old_row")), "-")]),
         sql.SQL(
             "create temp table dedup_candidates on commit drop as"
             " select distinct on ({group}) * from ("
@@ -326,49 +465,62 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation, kep
             " and {old_tb_d} = latest.{tb} and d.change_id > latest.change_id)"
             " and not exists (select from dedup_rescan as r where {rescanned})"
             " order by {group}, {keep}"
-        ).format(group=group, new_tb=field("b.new_row", spec.tiebreaker),
-                 old_tb_d=field("d.old_row", spec.tiebreaker), tb=tb,
-                 rescanned=same_key("latest", "r", right_is_row=False), keep=keep_order),
+        ).format(group=t.group(), new_tb=field("b.new_row", t.spec.tiebreaker),
+                 old_tb_d=field("d.old_row", t.spec.tiebreaker), tb=tb,
+                 rescanned=t.same_key("latest", "r", right_is_row=False), keep=t.keep_order()),
         # The new version of a kept row replaces it; a better row replaces the kept one.
-        sql.SQL("delete from {S} where {tb} in (select {tb} from dedup_candidates)").format(
-            S=S, tb=tb),
-        *by_null_pattern(
-            "delete from {S} as s using dedup_candidates as c where {keys_null} and {match}"
-            " and {beats}", beats=beats("c", "s")),
-        *by_null_pattern(
-            "insert into {S} ({cols}){override} select {values} from dedup_candidates as c"
-            " where {keys_null} and not exists (select from {S} as s where {match})",
-            cols=cols, override=override, values=values("c")),
-        # Which rows are kept, for rollback: this batch's rows leave or join the record.
-        sql.SQL("delete from {K} where {tb} in ({touched})").format(
-            K=K, tb=tb, touched=touched),
-        sql.SQL("insert into {K} select {kept} from {S} where {tb} in ({touched})").format(
-            K=K, tb=tb, S=S, touched=touched, kept=kept_record(None)),
-        sql.SQL("delete from {G} where change_id in (select change_id from dedup_batch)").format(
-            G=G),
+        counted(t.live, sql.SQL(
+            "delete from {S} where {tb} in (select {tb} from dedup_candidates)").format(
+                S=shadow, tb=tb), "-"),
+        *_by_null_pattern(
+            t, "delete from {S} as s using dedup_candidates as c where {keys_null} and {match}"
+            " and {beats}", False, beats=t.beats("c", "s")),
+        *_by_null_pattern(
+            t, "insert into {S} ({cols}){override} select {values} from dedup_candidates as c"
+            " where {keys_null} and not exists (select from {S} as s where {match})", True,
+            cols=t.column_list(), override=t.override(), values=t.values("c")),
+        sql.SQL("delete from {G} where change_id in (select change_id from dedup_taken)").format(
+            G=_id(t.log)),
     ]
+
+
+def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation,
+           columns: tuple[Column, ...], overriding: bool = False, snapshot: str | None = None,
+           batch_rows: int = BATCH_ROWS) -> Replay:
+    """`snapshot` is the one dbt's build read the live table in (None: count every logged
+    change as unseen). The new table's rows are counted in COUNTS as the replay changes them."""
+    t = _Tables(spec, live, shadow, log, columns, overriding, snapshot)
+    tb, shadow_id = t.tiebreaker, _id(shadow)
+    touched = sql.SQL(
+        "select {old_tb} from dedup_batch as b union select {new_tb} from dedup_batch as b"
+    ).format(old_tb=field("b.old_row", spec.tiebreaker),
+             new_tb=field("b.new_row", spec.tiebreaker))
     # Whether the new table's row `s` is its live row, found by the tie-breaker's unique index.
     # A scalar subquery, so one index probe per new row: as a join, the planner may hash the
     # whole live table, each row cast to text (a second for a 700K-row table, far more for the
     # tables this is for) where the new table has a few thousand rows.
     matches_live = sql.SQL(
         "coalesce((select {same} from {L} as l where l.{tb} = s.{tb}), false)"
-    ).format(same=same_as_live("l", "s"), L=L, tb=tb)
+    ).format(same=same_as("l", "s", columns, t.filled), L=_id(live), tb=tb)
     # The new table's rows this batch touched, found first: the planner would otherwise test
     # every row against the live table, a condition on the new table alone, before the join.
     touched_rows = sql.SQL(
         "with touched_rows as materialized (select * from {S} where {tb} in ({touched}))"
-    ).format(S=S, tb=tb, touched=touched)
+    ).format(S=shadow_id, tb=tb, touched=touched)
     # The rows a change waiting in the log names: the live table may have moved past them.
+    # By the operation, never by `old_row is not null`: a row value with any NULL column is
+    # not "not null".
     waiting = sql.SQL(
-        "select (g.old_row).{tb} from {G} as g where g.old_row is not null"
-        " union select (g.new_row).{tb} from {G} as g where g.new_row is not null"
-    ).format(tb=tb, G=G)
+        "select (g.old_row).{tb} from {G} as g where g.op in ('U', 'D')"
+        " union select (g.new_row).{tb} from {G} as g where g.op in ('I', 'U')"
+    ).format(tb=tb, G=_id(log))
     return Replay(
-        take_batch=take_batch,
+        take_batch=_take_batch(t, batch_rows),
+        taken=sql.SQL("select count(*) from dedup_taken"),
+        truncated=sql.SQL("select exists (select from dedup_taken where op = 'T')"),
         needs_rescan=sql.SQL("select exists (select from dedup_rescan)"),
-        rescan=rescan,
-        apply=apply,
+        rescan=_rescan(t),
+        apply=_apply(t),
         touched_rows_match=sql.SQL(
             "{touched_rows} select count(*) = 0, count(*) as rows_differing_from_live"
             " from touched_rows as s where not {matches_live}"
@@ -377,10 +529,10 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation, kep
             "{touched_rows} select count(*) = 0, count(*) as rows_differing_from_live"
             " from touched_rows as s where not {matches_live} and s.{tb} not in ({waiting})"
         ).format(touched_rows=touched_rows, matches_live=matches_live, tb=tb, waiting=waiting),
-        pending=sql.SQL("select count(*) from {}").format(G),
-        anything_pending=sql.SQL("select exists (select from {})").format(G),
+        pending=sql.SQL("select count(*) from {}").format(_id(log)),
+        anything_pending=sql.SQL("select exists (select from {})").format(_id(log)),
         all_rows_match=sql.SQL(
             "select count(*) = 0, count(*) as rows_differing_from_live from {S} as s"
             " where not {matches_live} and s.{tb} not in ({waiting})"
-        ).format(S=S, tb=tb, matches_live=matches_live, waiting=waiting),
+        ).format(S=shadow_id, tb=tb, matches_live=matches_live, waiting=waiting),
     )

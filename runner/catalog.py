@@ -123,6 +123,11 @@ class LiveTable:
     replica_identity_index: str | None
     column_grants: tuple[ColumnGrant, ...]
     identity_sequences: tuple[IdentitySequence, ...]
+    parents: tuple[str, ...] = ()
+    """Tables it inherits from, or the partitioned table it is a partition of."""
+    children: tuple[str, ...] = ()
+    """Tables that inherit from it, or its partitions."""
+    is_partition: bool = False
 
     def column_names(self) -> list[str]:
         return [column.name for column in self.columns]
@@ -146,7 +151,12 @@ _TABLE = """
 select c.oid, c.relkind, pg_get_userbyid(c.relowner), obj_description(c.oid, 'pg_class'),
        c.relrowsecurity, c.relforcerowsecurity, coalesce(c.reloptions, '{}'), c.relreplident,
        (select i.relname from pg_index as x join pg_class as i on i.oid = x.indexrelid
-        where x.indrelid = c.oid and x.indisreplident)
+        where x.indrelid = c.oid and x.indisreplident),
+       array(select inhparent::regclass::text from pg_inherits where inhrelid = c.oid
+             order by inhseqno),
+       array(select inhrelid::regclass::text from pg_inherits where inhparent = c.oid
+             order by 1),
+       c.relispartition
 from pg_class as c
 join pg_namespace as n on n.oid = c.relnamespace
 where n.nspname = %s and c.relname = %s
@@ -279,7 +289,7 @@ def read_live_table(conn: psycopg.Connection, relation: Relation) -> LiveTable:
         raise RunnerError(f"table {relation} does not exist: check the source's schema and name "
                           "in the dbt YAML (var breezeway_schema) and the database you connect to")
     (oid, kind, owner, comment, row_security, force_row_security, options, replica_identity,
-     replica_identity_index) = row
+     replica_identity_index, parents, children, is_partition) = row
     nulls_not_distinct = "x.indnullsnotdistinct" if server_version(conn) >= 150000 else "false"
     indexes = conn.execute(
         _INDEXES.format(nulls_not_distinct=nulls_not_distinct), (oid,)
@@ -322,6 +332,9 @@ def read_live_table(conn: psycopg.Connection, relation: Relation) -> LiveTable:
         identity_sequences=tuple(
             IdentitySequence(*r) for r in conn.execute(_IDENTITY_SEQUENCES, (oid,))
         ),
+        parents=tuple(parents),
+        children=tuple(children),
+        is_partition=is_partition,
     )
 
 
@@ -338,3 +351,33 @@ def relation_columns(conn: psycopg.Connection, relation: Relation) -> list[tuple
         """,
         (relation.schema, relation.name),
     ).fetchall()
+
+
+def lock_holders(conn: psycopg.Connection, tables: list[Relation]) -> str:
+    """Who holds a lock on these tables, for the message of a runner that gives up."""
+    names = [f"{table.schema}.{table.name}" for table in tables]
+    rows = conn.execute(
+        """
+        select distinct l.pid, coalesce(a.usename, '?'), coalesce(a.application_name, ''),
+               coalesce(a.state, ''), left(coalesce(a.query, ''), 60)
+        from pg_locks as l
+        join pg_class as c on c.oid = l.relation
+        join pg_namespace as n on n.oid = c.relnamespace
+        left join pg_stat_activity as a on a.pid = l.pid
+        where l.granted and l.pid <> pg_backend_pid()
+            and n.nspname || '.' || c.relname = any(%s)
+        """,
+        (names,),
+    ).fetchall()
+    return "; ".join(f"pid {pid} ({user} {app} {state}: {query})"
+                     for pid, user, app, state, query in rows) or "no holder left by now"
+
+
+def exists(conn: psycopg.Connection, relation: Relation) -> bool:
+    return conn.execute("select to_regclass(format('%%I.%%I', %s::text, %s::text)) is not null",
+                        (relation.schema, relation.name)).fetchone()[0]
+
+
+def schema_exists(conn: psycopg.Connection, schema: str) -> bool:
+    return conn.execute("select exists (select from pg_namespace where nspname = %s)",
+                        (schema,)).fetchone()[0]

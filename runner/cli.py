@@ -17,7 +17,18 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
-from runner import artifacts, audit, demo, report, rollback, swap, upsert, verify
+from runner import (
+    artifacts,
+    audit,
+    capturing,
+    cleanup,
+    demo,
+    report,
+    rollback,
+    swap,
+    upsert,
+    verify,
+)
 from runner.database import connect, database, uses_embedded
 from runner.dbt import run_dbt
 from runner.embedded import EmbeddedPostgres, default_data_dir
@@ -134,6 +145,11 @@ def cli() -> None:
     """
 
 
+def _rows(result: swap.SwapResult, plan) -> tuple[int, int]:
+    """The rows before and after as they were at the swap's commit."""
+    return result.rows.get(plan.target.live, (plan.counts.rows, plan.counts.keys))
+
+
 def _print_summary(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> None:
     schemas = sorted({str(p.target.live.schema) for p in result.plans})
     table = Table(title=f"runner swap: {', '.join(schemas)}")
@@ -142,15 +158,17 @@ def _print_summary(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -
         table.add_column(header, justify="left" if header in ("table", "action") else "right")
     for plan in result.plans:
         before, after = sizes.get(plan.target.live.name, (0, 0))
+        rows_before, rows_after = _rows(result, plan)
         table.add_row(
-            plan.target.live.name, plan.action, f"{plan.counts.rows:,}", f"{plan.counts.keys:,}",
-            f"{plan.counts.duplicates:,}", size_text(before), size_text(after),
+            plan.target.live.name, plan.action, f"{rows_before:,}", f"{rows_after:,}",
+            f"{rows_before - rows_after:,}", size_text(before), size_text(after),
         )
     console.print(table)
     archives = [str(p.archive) for p in result.plans if p.archive]
     if archives:
         click.echo(f"Live tables locked for {result.lock_ms:.0f} ms. Every original row is "
-                   f"kept in {', '.join(archives)}.")
+                   f"kept in {', '.join(archives)}; writes from now on are captured, for a "
+                   "rollback, until `runner cleanup` or `runner capture --stop`.")
 
 
 def _sizes(conn, result: swap.SwapResult) -> dict[str, tuple[int, int]]:
@@ -206,8 +224,8 @@ def _as_json(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> dict
         "tables": [
             {
                 "table": str(plan.target.live), "action": plan.action,
-                "rows_before": plan.counts.rows, "rows_after": plan.counts.keys,
-                "removed": plan.counts.duplicates,
+                "rows_before": _rows(result, plan)[0], "rows_after": _rows(result, plan)[1],
+                "removed": _rows(result, plan)[0] - _rows(result, plan)[1],
                 "bytes_before": sizes[plan.target.live.name][0],
                 "bytes_after": sizes[plan.target.live.name][1],
                 "archive": str(plan.archive) if plan.archive else None,
@@ -264,23 +282,64 @@ def plan_command(project_dir: Path, target_path: Path | None, select: tuple[str,
 @project_dir_option
 @target_path_option
 @select_option
+@archive_schema_option
+@lock_timeout_option
+@lock_wait_option
+@click.option("--status", "show_status", is_flag=True,
+              help="Show every capture: what it watches, since when, how much it logged.")
+@click.option("--stop", is_flag=True,
+              help="Remove the captures (--select: of these tables) with all they made; a "
+                   "swap whose capture is stopped can no longer be rolled back.")
+@output_format_option
 @_fails_cleanly
-def capture_command(project_dir: Path, target_path: Path | None,
-                    select: tuple[str, ...]) -> None:
+def capture_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
+                    archive_schema: str, lock_timeout: str, lock_wait: str, show_status: bool,
+                    stop: bool, output_format: str) -> None:
     """Start capturing writes to the live tables; run it before `dbt build`.
 
     The swap replays what the ETL writes between the build and its commit, so nothing is lost
-    while the ETL keeps running. The tables come from dbt's manifest (`dbt parse` writes one,
-    with your --vars; without a manifest this runs `dbt parse` itself).
+    while the ETL keeps running, then captures the writes to the new table, so that a rollback
+    knows them. All tables are captured in one transaction, or none. The tables come from
+    dbt's manifest (`dbt parse` writes one, with your --vars; without a manifest this runs
+    `dbt parse` itself).
     """
-    target_dir = _target_dir(project_dir, target_path)
+    if show_status and stop:
+        raise click.UsageError("--status and --stop exclude each other")
+    options = capturing.LockOptions(archive_schema, _duration_ms(lock_timeout),
+                                    _duration_ms(lock_wait) / 1000)
     with database(project_dir):
-        targets = _configured_targets(project_dir, target_dir, select)
+        if show_status:
+            with connect() as conn:
+                found = capturing.status(conn, archive_schema)
+            _emit("runner capture --status", [s.as_row() for s in found], output_format)
+            return
+        if stop:
+            with connect() as conn:
+                stopped = capturing.stop(conn, list(select) or None, options)
+            for state in stopped:
+                _say_stopped(state)
+            return
+        targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), select)
         with connect() as conn:
-            started = swap.start_capture(conn, targets, swap.SwapOptions(target_dir))
-    if started:
-        click.echo(f"Capturing writes to {', '.join(str(t) for t in started)}.")
+            result = capturing.start(conn, targets, options)
+    for registered in result.already:
+        if registered.capture.since_swap_of:
+            click.echo(f"{registered.capture.live}: captured since its swap, for a rollback; "
+                       "nothing to start.")
+    if result.started:
+        click.echo(f"Capturing writes to {', '.join(str(t) for t in result.started)}.")
     click.echo("Change capture is on; now run `dbt build`, then `runner swap`.")
+
+
+def _say_stopped(state: capturing.CaptureStatus) -> None:
+    registered = state.registered
+    changes = "its log was gone" if state.changes is None else (
+        f"{state.changes:,} logged changes dropped")
+    click.echo(f"Stopped capturing writes to {registered.capture.live} ({changes}).")
+    if registered.capture.since_swap_of:
+        click.echo(f"  Its swap can no longer be rolled back; the original rows stay in "
+                   f"{registered.capture.log.schema}.{registered.capture.since_swap_of} until "
+                   "`runner cleanup`.")
 
 
 @cli.command()
@@ -320,8 +379,8 @@ def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> N
             demo.generate(conn, scale, replace=True)
             timings["generate demo data"] = time.perf_counter() - started
             run_dbt(["parse", "--target-path", str(target_dir), "--quiet"], project_dir)
-            swap.start_capture(conn, artifacts.load_targets(target_dir),
-                               swap.SwapOptions(target_dir))
+            capturing.start(conn, artifacts.load_targets(target_dir),
+                            capturing.LockOptions(swap.DEFAULT_ARCHIVE_SCHEMA))
         started = time.perf_counter()
         run_dbt(["build", "--target-path", str(target_dir)], project_dir)
         timings["dbt build"] = time.perf_counter() - started
@@ -369,22 +428,26 @@ def cleanup_command(project_dir: Path, older_than: str, dry_run: bool, lock_time
                     lock_wait: str, archive_schema: str) -> None:
     """Drop the archives, kept-row tables and rolled-back copies of the swaps older than
     --older-than; those swaps can no longer be rolled back."""
-    age = rollback.parse_age(older_than)
-    options = rollback.RollbackOptions(
+    age = cleanup.parse_age(older_than)
+    options = cleanup.CleanupOptions(
         archive_schema=archive_schema, lock_timeout_ms=_duration_ms(lock_timeout),
         lock_wait_s=_duration_ms(lock_wait) / 1000,
     )
     with database(project_dir), connect() as conn:
-        items = rollback.plan_cleanup(conn, archive_schema, age)
+        items = cleanup.plan_cleanup(conn, archive_schema, age)
         if not items:
             click.echo(f"Nothing to clean up: no swap older than {older_than} kept anything.")
             return
         if dry_run:
-            click.echo(rollback.render_cleanup(conn, items, options))
+            click.echo(cleanup.render(conn, items, options))
             return
-        result = rollback.execute_cleanup(conn, items, options)
+        result = cleanup.execute(conn, items, options)
     for relation, size in result.freed:
         click.echo(f"Dropped {relation} ({size_text(size)}).")
+    for item in result.items:
+        if item.capture is not None:
+            click.echo(f"Stopped capturing writes to {item.entry.live}: its swap can no longer "
+                       "be rolled back.")
     total = sum(size for _, size in result.freed)
     click.echo(f"Freed {size_text(total)} ({total:,} bytes) in total from {len(result.freed)} "
                f"tables, kept by {len(result.items)} swaps older than {older_than}.")

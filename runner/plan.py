@@ -3,8 +3,11 @@
 For each table that has duplicates, a shadow table is built beside the live one with everything
 LIKE can copy, filled from dbt's deduplicated table, given the live table's indexes under
 temporary names and proven equal to the live rows it keeps. Under the lock the live table moves
-to the archive schema (nothing is copied: the original rows stay exactly as they were) and the
-shadow takes its name, indexes, sequence, owner, grants, comment and dependent views.
+to the archive schema (nothing is copied: the original rows stay exactly as they were), gives
+up what would let it constrain or fire anything there (its foreign keys are dropped, its
+triggers disabled, both recorded for a rollback), and the shadow takes its name, indexes,
+sequence, owner, grants, comment and dependent views, and a change capture of its own, so that
+a rollback knows every write made after the swap.
 
 `--dry-run` prints these statements; `runner.swap` runs them.
 """
@@ -16,8 +19,8 @@ from datetime import datetime
 
 from psycopg import sql
 
-from runner import capture
-from runner.artifacts import DedupTarget, Relation
+from runner import capture, swap_log
+from runner.artifacts import DedupSpec, DedupTarget, Relation
 from runner.catalog import ColumnGrant, Grant, LiveTable, View
 from runner.errors import RunnerError
 from runner.names import archive_name, constraint_name, pg_name
@@ -25,6 +28,8 @@ from runner.names import archive_name, constraint_name, pg_name
 PRIVILEGES = {
     "SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN",
 }
+# The first version with UNIQUE NULLS NOT DISTINCT.
+NULLS_NOT_DISTINCT_VERSION = 150000
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class BuildCounts:
 
     rows: int
     keys: int
+    snapshot: str | None = None
+    """The snapshot the build read the live table in; None when it found no row."""
 
     @property
     def duplicates(self) -> int:
@@ -57,6 +64,7 @@ class TablePlan:
     constraint: str = ""
     shadow: Relation | None = None
     capture: capture.Capture | None = None
+    """The change capture in place since before the build, which the swap ends."""
     replay: capture.Replay | None = None
     """How to bring the new table up to date with the writes since the build."""
     parents: tuple[str, ...] = ()
@@ -67,11 +75,6 @@ class TablePlan:
     """In the transaction, before the live table is locked."""
     cutover: list[Step] = field(default_factory=list)
     """In the transaction, under ACCESS EXCLUSIVE on the live table."""
-
-
-def lock_timeout(milliseconds: int) -> sql.Composed:
-    """How long this transaction waits for any lock before it gives up and tries again."""
-    return sql.SQL("set local lock_timeout = {}").format(sql.Literal(f"{milliseconds}ms"))
 
 
 def _grant(grant: Grant | ColumnGrant, table: sql.Composable, relation: Relation) -> Step:
@@ -104,12 +107,24 @@ def recreate_view(view: View, why: str) -> Step:
         sql.SQL(view.definition.rstrip().rstrip(";"))))
 
 
-def refuse_unsupported(live: LiveTable) -> None:
+def _nullable_key(spec: DedupSpec, live: LiveTable) -> list[str]:
+    not_null = {column.name for column in live.columns if column.not_null}
+    return [column for column in spec.natural_key if column not in not_null]
+
+
+def refuse_unsupported(spec: DedupSpec, live: LiveTable, server_version: int) -> None:
     """What this version cannot carry over to the new table: stop before changing anything."""
     name = str(live.relation)
     problems = []
     if live.kind != "r":
         problems.append("it is not a plain table (partitioned or foreign)")
+    if live.is_partition:
+        problems.append(f"it is a partition of {', '.join(live.parents)}, which a swap would "
+                        "take it out of")
+    elif live.parents:
+        problems.append(f"it inherits from {', '.join(live.parents)}")
+    if live.children and live.kind == "r":
+        problems.append(f"tables inherit from it ({', '.join(live.children)})")
     if live.referenced_by:
         # Rows of other tables may point at the duplicates the swap removes: moving them to the
         # kept row of the same key is a decision about their data, not a catalog copy.
@@ -119,6 +134,13 @@ def refuse_unsupported(live: LiveTable) -> None:
     if problems:
         raise RunnerError(f"runner swap cannot yet carry {name} over: {'; '.join(problems)}; "
                           "deduplicate it by hand or leave it out with --select")
+    nullable = _nullable_key(spec, live)
+    if spec.nulls == "not_distinct" and nullable and server_version < NULLS_NOT_DISTINCT_VERSION:
+        raise RunnerError(
+            f"nulls: not_distinct needs UNIQUE NULLS NOT DISTINCT, which PostgreSQL "
+            f"{server_version // 10000} lacks (15 or later has it), and {name} allows NULL in "
+            f"{', '.join(nullable)}: make those columns NOT NULL, choose nulls: distinct or "
+            "forbidden in the dbt YAML, or upgrade")
 
 
 def check_columns(target: DedupTarget, live: LiveTable, built: list[tuple[str, str]]) -> None:
@@ -142,226 +164,337 @@ def check_spec_columns(target: DedupTarget, live: LiveTable) -> None:
                               "YAML, or the table")
 
 
-def _unique_index(target: DedupTarget, name: str, table: sql.Composable,
+def _unique_index(spec: DedupSpec, live: LiveTable, name: str, table: sql.Composable,
                   concurrently: bool = False) -> sql.Composed:
+    # With every key column NOT NULL, NULLS NOT DISTINCT changes nothing: leaving it out
+    # keeps the statement valid before PostgreSQL 15.
+    nulls_not_distinct = spec.nulls == "not_distinct" and _nullable_key(spec, live)
     return sql.SQL("create unique index {concurrently}{name} on {table} ({keys}){nulls}").format(
         concurrently=sql.SQL("concurrently " if concurrently else ""),
         name=sql.Identifier(name),
         table=table,
-        keys=sql.SQL(", ").join(sql.Identifier(c) for c in target.spec.natural_key),
-        nulls=sql.SQL(" nulls not distinct" if target.spec.nulls == "not_distinct" else ""),
+        keys=sql.SQL(", ").join(sql.Identifier(c) for c in spec.natural_key),
+        nulls=sql.SQL(" nulls not distinct" if nulls_not_distinct else ""),
     )
+
+
+def _unseen_rows(log: Relation, snapshot: str | None) -> sql.Composed:
+    """Rows the capture's log says were written after the build read the table: inserted
+    minus deleted, over the changes the build's snapshot did not see."""
+    seen = sql.SQL("") if snapshot is None else sql.SQL(
+        " where not pg_visible_in_snapshot(xid, {}::pg_snapshot)").format(sql.Literal(snapshot))
+    return sql.SQL(
+        "(select count(*) filter (where op = 'I') - count(*) filter (where op = 'D') from {}{})"
+    ).format(sql.Identifier(log.schema, log.name), seen)
+
+
+def _constraint_only(target: DedupTarget, live: LiveTable, counts: BuildCounts,
+                     archive_schema: str, captured: capture.Capture | None) -> TablePlan:
+    """No duplicates, but nothing enforces the key: build its index concurrently, then make it
+    the constraint; the table is never replaced."""
+    live_id = sql.Identifier(live.relation.schema, live.relation.name)
+    name = constraint_name(live.relation.name)
+    pending_index = pg_name(live.relation.name, "natural_key_new")
+    rows = sql.SQL("{} + {}").format(sql.Literal(counts.rows),
+                                     _unseen_rows(captured.log, counts.snapshot)
+                                     ) if captured else sql.Literal(counts.rows)
+    return TablePlan(
+        target, "constraint", counts, constraint=name, capture=captured,
+        concurrent=[
+            Step("a leftover of an interrupted run would block the name",
+                 sql.SQL("drop index concurrently if exists {}").format(
+                     sql.Identifier(live.relation.schema, pending_index))),
+            Step("build the unique index without blocking writers",
+                 _unique_index(target.spec, live, pending_index, live_id, concurrently=True)),
+        ],
+        cutover=[
+            Step("the index becomes the natural key's constraint",
+                 sql.SQL("alter table {} add constraint {} unique using index {}").format(
+                     live_id, sql.Identifier(name), sql.Identifier(pending_index))),
+            Step(f"record the swap of {live.relation}, with its rows at commit", swap_log.entry(
+                archive_schema=archive_schema, live=live.relation, action="constraint",
+                archive=None, constraint=name, rows_before=rows, rows_after=rows,
+                tiebreaker=target.spec.tiebreaker, backfilled=[], foreign_keys=[],
+                triggers=[])),
+            *_end_capture(captured),
+        ],
+    )
+
+
+def _end_capture(captured: capture.Capture | None) -> list[Step]:
+    if captured is None:
+        return []
+    return [Step("the change capture ends with the swap", statement)
+            for statement in capture.remove(captured, captured.live)]
 
 
 def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: datetime,
-               archive_schema: str, captured_now: bool) -> TablePlan:
-    """The plan for one table; `captured_now`: its change capture is in place."""
-    spec = target.spec
-    live_id = sql.Identifier(live.relation.schema, live.relation.name)
-    name = constraint_name(live.relation.name)
-    captured = capture.Capture.of(live.relation, archive_schema)
-    stop_capture = [Step("the change capture ends with the swap", statement)
-                    for statement in capture.remove(captured)] if captured_now else []
-    if live.enforcing_index(spec) is not None and counts.duplicates == 0:
-        return TablePlan(target, "nothing", counts, cutover=stop_capture)
-    refuse_unsupported(live)
-    pending_index = pg_name(live.relation.name, "natural_key_new")
+               archive_schema: str, captured: capture.Capture | None,
+               swapped_since_build: bool = False,
+               server_version: int = NULLS_NOT_DISTINCT_VERSION) -> TablePlan:
+    """The plan for one table. `captured`: its change capture from before the build, if in
+    place; `swapped_since_build`: a swap the build did not see replaced the table already."""
+    if live.enforcing_index(target.spec) is not None and (
+            counts.duplicates == 0 or swapped_since_build):
+        return TablePlan(target, "nothing", counts, capture=captured,
+                         cutover=_end_capture(captured))
+    refuse_unsupported(target.spec, live, server_version)
     if counts.duplicates == 0:
-        return TablePlan(
-            target, "constraint", counts, constraint=name,
-            concurrent=[
-                Step("a leftover of an interrupted run would block the name",
-                     sql.SQL("drop index concurrently if exists {}").format(
-                         sql.Identifier(live.relation.schema, pending_index))),
-                Step("build the unique index without blocking writers",
-                     _unique_index(target, pending_index, live_id, concurrently=True)),
-            ],
-            cutover=[
-                Step("the index becomes the natural key's constraint",
-                     sql.SQL("alter table {} add constraint {} unique using index {}").format(
-                         live_id, sql.Identifier(name), sql.Identifier(pending_index))),
-                *stop_capture,
-            ],
-        )
+        return _constraint_only(target, live, counts, archive_schema, captured)
+    if captured is None:
+        raise RunnerError(f"{live.relation} has no change capture: run `runner capture`, then "
+                          "`dbt build`, then `runner swap`, so that no write between the build "
+                          "and the swap is lost")
+    return _swap(target, live, counts, stamp, archive_schema, captured)
 
+
+def _swap(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: datetime,
+          archive_schema: str, captured: capture.Capture) -> TablePlan:
     schema = live.relation.schema
-    shadow = pg_name(live.relation.name, "dedup_new")
-    shadow_id = sql.Identifier(schema, shadow)
+    shadow = Relation(schema, pg_name(live.relation.name, "dedup_new"))
     archive = Relation(archive_schema, archive_name(live.relation.name, stamp))
-    insert_columns = sql.SQL(", ").join(
-        sql.Identifier(c.name) for c in live.columns if not c.generated
-    )
-    options = with_options(live.options)
-
-    # Rows keep their identity values: the inserts override what the column would generate.
-    overriding = bool(live.identity_sequences)
     plan = TablePlan(
-        target, "swap", counts, archive=archive, constraint=name,
-        shadow=Relation(schema, shadow), capture=captured,
-        replay=capture.replay(spec, live.relation, Relation(schema, shadow), captured.log,
-                              Relation(archive_schema, kept_rows_name(archive.name)),
-                              live.columns, overriding=overriding),
+        target, "swap", counts, archive=archive, constraint=constraint_name(live.relation.name),
+        shadow=shadow, capture=captured,
+        replay=capture.replay(target.spec, live.relation, shadow, captured.log, live.columns,
+                              overriding=bool(live.identity_sequences),
+                              snapshot=counts.snapshot),
     )
-    plan.prepare += [
+    identity_prepare, identity_free, identity_take = _identity_steps(live, shadow, archive)
+    index_prepare, index_free, index_take = _index_steps(live, shadow, archive)
+    plan.parents = tuple(sorted({parent for _, _, parent in live.foreign_keys}))
+    plan.prepare = [
+        *_shadow_steps(live, shadow),
+        *identity_prepare,
+        *_fill_steps(target, live, shadow),
+        *index_prepare,
+        *_foreign_key_steps(live, shadow),
+        Step("statistics for the planner, gathered before the lock: a new table has none, and "
+             "until autovacuum came by every query on it would be planned blind",
+             sql.SQL("analyze {}").format(sql.Identifier(shadow.schema, shadow.name))),
+    ]
+    plan.cutover = [
+        *_end_capture(captured),
+        *identity_free,
+        *index_free,
+        *_archive_steps(live, shadow, archive),
+        Step("the new table takes the live name",
+             sql.SQL("alter table {} rename to {}").format(
+                 sql.Identifier(shadow.schema, shadow.name),
+                 sql.Identifier(live.relation.name))),
+        *index_take,
+        *identity_take,
+        *_takeover_steps(live),
+        _log_step(target, live, counts, archive, archive_schema),
+        *(Step("a change capture on the new table from the swap's own commit, so that a "
+               "rollback knows every write made after it", statement)
+          for statement in capture.install(capture.Capture.since_swap(live.relation, archive))),
+    ]
+    return plan
+
+
+def _shadow_steps(live: LiveTable, shadow: Relation) -> list[Step]:
+    shadow_id = sql.Identifier(shadow.schema, shadow.name)
+    return [
         Step("a leftover of an interrupted run would block the name",
              sql.SQL("drop table if exists {}").format(shadow_id)),
         Step("the new table: columns, defaults, NOT NULL, CHECK, storage, statistics, comments",
              sql.SQL("create table {shadow} (like {live} including all excluding indexes"
                      " excluding identity){opts}")
-             .format(shadow=shadow_id, live=live_id, opts=options)),
+             .format(shadow=shadow_id,
+                     live=sql.Identifier(live.relation.schema, live.relation.name),
+                     opts=with_options(live.options))),
     ]
-    seq_renames = []
+
+
+def _identity_steps(live: LiveTable, shadow: Relation,
+                    archive: Relation) -> tuple[list[Step], list[Step], list[Step]]:
+    """Each identity column's sequence: built beside the new table, its name freed on the
+    original under the lock, then taken, going on from where the original's was."""
+    shadow_id = sql.Identifier(shadow.schema, shadow.name)
+    prepare, free, take = [], [], []
     for sequence in live.identity_sequences:
-        pending_seq = pg_name(live.relation.name, "dedup_new", sequence.column, "seq")
-        plan.prepare.append(Step(
+        pending = pg_name(live.relation.name, "dedup_new", sequence.column, "seq")
+        kind = next(c.identity for c in live.columns if c.name == sequence.column)
+        prepare.append(Step(
             f"identity column {sequence.column}, its sequence under a temporary name",
             sql.SQL("alter table {shadow} alter column {col} add generated {kind} as identity"
                     " (sequence name {seq} increment by {inc} minvalue {min}"
                     " maxvalue {max} start with {start} cache {cache}{cycle})").format(
                 shadow=shadow_id, col=sql.Identifier(sequence.column),
-                kind=sql.SQL("always" if next(
-                    c.identity for c in live.columns if c.name == sequence.column) == "a"
-                    else "by default"),
-                seq=sql.Identifier(schema, pending_seq),
+                kind=sql.SQL("always" if kind == "a" else "by default"),
+                seq=sql.Identifier(shadow.schema, pending),
                 inc=sql.Literal(sequence.increment), min=sql.Literal(sequence.minimum),
                 max=sql.Literal(sequence.maximum), start=sql.Literal(sequence.start),
                 cache=sql.Literal(sequence.cache),
                 cycle=sql.SQL(" cycle" if sequence.cycle else ""))))
-        archived_seq = pg_name(archive.name, sequence.column, "seq")
-        plan.cutover.append(Step(
+        archived = pg_name(archive.name, sequence.column, "seq")
+        free.append(Step(
             f"free the name of sequence {sequence.name}",
             sql.SQL("alter sequence {} rename to {}").format(
-                sql.Identifier(sequence.schema, sequence.name), sql.Identifier(archived_seq))))
-        seq_renames += [
+                sql.Identifier(sequence.schema, sequence.name), sql.Identifier(archived))))
+        take += [
             Step(f"sequence {sequence.name} keeps its name",
                  sql.SQL("alter sequence {} rename to {}").format(
-                     sql.Identifier(schema, pending_seq), sql.Identifier(sequence.name))),
+                     sql.Identifier(shadow.schema, pending), sql.Identifier(sequence.name))),
             Step("and goes on from where the original's was",
                  sql.SQL("select setval({new}::regclass, s.last_value, s.is_called)"
                          " from {old} as s").format(
                      new=sql.Literal(sql.Identifier(sequence.schema, sequence.name)
                                      .as_string()),
-                     old=sql.Identifier(archive_schema, archived_seq))),
+                     old=sql.Identifier(archive.schema, archived))),
         ]
-    plan.prepare += [
-        Step("fill it with the rows dbt kept",
-             sql.SQL("insert into {shadow} ({cols}){overriding} select {cols} from {built}")
-             .format(shadow=shadow_id, cols=insert_columns,
-                     overriding=sql.SQL(" overriding system value" if overriding else ""),
-                     built=sql.Identifier(target.deduplicated.schema, target.deduplicated.name))),
+    return prepare, free, take
+
+
+def _fill_steps(target: DedupTarget, live: LiveTable, shadow: Relation) -> list[Step]:
+    shadow_id = sql.Identifier(shadow.schema, shadow.name)
+    columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in live.columns if not c.generated)
+    # Rows keep their identity values: the inserts override what the column would generate.
+    overriding = sql.SQL(" overriding system value" if live.identity_sequences else "")
+    return [
+        Step("where the swap counts the new table's rows, and the rows written since the build",
+             sql.SQL("insert into pg_temp.{} (live) values ({})").format(
+                 sql.Identifier(capture.COUNTS), capture.counts_key(live.relation))),
+        Step("fill it with the rows dbt kept", capture.counted(live.relation, sql.SQL(
+            "insert into {shadow} ({cols}){overriding} select {cols} from {built}").format(
+                shadow=shadow_id, cols=columns, overriding=overriding,
+                built=sql.Identifier(target.deduplicated.schema, target.deduplicated.name)))),
         Step("the natural key's unique index, built before the lock",
-             _unique_index(target, pending_index, shadow_id)),
-        Step("which rows are kept, so a rollback can tell a row deleted after the swap from a "
-             "duplicate the swap removed; each replay keeps it up to date",
-             sql.SQL("create table {} as select {} from {}").format(
-                 sql.Identifier(archive_schema, kept_rows_name(archive.name)),
-                 sql.SQL(", ").join(sql.Identifier(c) for c in
-                                    capture.kept_record_columns(spec, live.columns)),
-                 shadow_id)),
+             _unique_index(target.spec, live, pg_name(live.relation.name, "natural_key_new"),
+                           shadow_id)),
     ]
-    renames = []
+
+
+def _index_steps(live: LiveTable, shadow: Relation,
+                 archive: Relation) -> tuple[list[Step], list[Step], list[Step]]:
+    """The live table's indexes and unique constraints: built on the new table under temporary
+    names, the names freed on the original under the lock, then taken."""
+    shadow_id = sql.Identifier(shadow.schema, shadow.name)
+    live_id = sql.Identifier(live.relation.schema, live.relation.name)
+    prepare, free, take = [], [], []
     for position, index in enumerate(live.indexes):
         pending = pg_name(live.relation.name, f"dedup_new_{position}")
         archived = pg_name(archive.name, f"{position}")
         if index.constraint:
-            plan.prepare.append(Step(
+            prepare.append(Step(
                 f"rebuild {index.constraint} on the new table under a temporary name",
                 sql.SQL("alter table {} add constraint {} {}").format(
                     shadow_id, sql.Identifier(pending), sql.SQL(index.constraint_definition))))
-            plan.cutover.append(Step(
+            free.append(Step(
                 f"free the name {index.constraint} in the live schema",
                 sql.SQL("alter table {} rename constraint {} to {}").format(
                     live_id, sql.Identifier(index.constraint), sql.Identifier(archived))))
-            renames.append(Step(
+            take.append(Step(
                 f"{index.constraint} keeps its name",
                 sql.SQL("alter table {} rename constraint {} to {}").format(
                     live_id, sql.Identifier(pending), sql.Identifier(index.constraint))))
-        else:
-            if not index.method.startswith("USING "):
-                raise RunnerError(f"cannot read the definition of index {index.name} on "
-                                  f"{live.relation}: recreate it by hand after the swap")
-            plan.prepare.append(Step(
-                f"rebuild index {index.name} on the new table under a temporary name",
-                sql.SQL("create {unique}index {name} on {shadow} {method}").format(
-                    unique=sql.SQL("unique " if index.unique else ""),
-                    name=sql.Identifier(pending), shadow=shadow_id,
-                    method=sql.SQL(index.method))))
-            plan.cutover.append(Step(
-                f"free the name {index.name} in the live schema",
-                sql.SQL("alter index {} rename to {}").format(
-                    sql.Identifier(schema, index.name), sql.Identifier(archived))))
-            renames.append(Step(
-                f"{index.name} keeps its name",
-                sql.SQL("alter index {} rename to {}").format(
-                    sql.Identifier(schema, pending), sql.Identifier(index.name))))
-    plan.parents = tuple(sorted({parent for _, _, parent in live.foreign_keys}))
-    for fk_name, definition, _ in live.foreign_keys:
-        plan.prepare.append(Step(
-            f"foreign key {fk_name}, validated on the few kept rows",
-            sql.SQL("alter table {} add constraint {} {}").format(
-                shadow_id, sql.Identifier(fk_name), sql.SQL(definition))))
+            continue
+        if not index.method.startswith("USING "):
+            raise RunnerError(f"cannot read the definition of index {index.name} on "
+                              f"{live.relation}: recreate it by hand after the swap")
+        prepare.append(Step(
+            f"rebuild index {index.name} on the new table under a temporary name",
+            sql.SQL("create {unique}index {name} on {shadow} {method}").format(
+                unique=sql.SQL("unique " if index.unique else ""),
+                name=sql.Identifier(pending), shadow=shadow_id, method=sql.SQL(index.method))))
+        free.append(Step(
+            f"free the name {index.name} in the live schema",
+            sql.SQL("alter index {} rename to {}").format(
+                sql.Identifier(live.relation.schema, index.name), sql.Identifier(archived))))
+        take.append(Step(
+            f"{index.name} keeps its name",
+            sql.SQL("alter index {} rename to {}").format(
+                sql.Identifier(live.relation.schema, pending), sql.Identifier(index.name))))
+    take.append(Step(
+        "the natural key's constraint, from the index built before the lock",
+        sql.SQL("alter table {} add constraint {} unique using index {}").format(
+            live_id, sql.Identifier(constraint_name(live.relation.name)),
+            sql.Identifier(pg_name(live.relation.name, "natural_key_new")))))
+    return prepare, free, take
 
-    plan.prepare.append(Step(
-        "statistics for the planner, gathered before the lock: a new table has none, and "
-        "until autovacuum came by every query on it would be planned blind",
-        sql.SQL("analyze {}").format(shadow_id)))
 
-    plan.cutover[:0] = stop_capture
-    plan.cutover += [
-        Step(f"sequence {seq} stays with the table it numbers",
-             sql.SQL("alter sequence {} owned by {}.{}").format(
-                 sql.Identifier(seq_schema, seq), shadow_id, sql.Identifier(column)))
-        for seq_schema, seq, column, identity in live.owned_sequences if not identity
-    ]
-    plan.cutover += [
-        Step(f"publication {publication} publishes the new table, not the original",
-             sql.SQL("alter publication {} drop table {}").format(
-                 sql.Identifier(publication), live_id))
-        for publication in live.publications
-    ]
-    plan.cutover += [
+def _foreign_key_steps(live: LiveTable, shadow: Relation) -> list[Step]:
+    return [Step(f"foreign key {name}, validated on the few kept rows",
+                 sql.SQL("alter table {} add constraint {} {}").format(
+                     sql.Identifier(shadow.schema, shadow.name), sql.Identifier(name),
+                     sql.SQL(definition)))
+            for name, definition, _ in live.foreign_keys]
+
+
+def _firing_triggers(live: LiveTable) -> list[swap_log.ArchivedTrigger]:
+    """The live table's own triggers (not the capture's), with how each is enabled."""
+    return [swap_log.ArchivedTrigger(t.name, t.enabled) for t in live.triggers
+            if t.name not in capture.TRIGGERS]
+
+
+def _archive_steps(live: LiveTable, shadow: Relation, archive: Relation) -> list[Step]:
+    """The original moves to the archive untouched, every row of it, and from then on
+    constrains and fires nothing: no foreign key of its holds a parent row, no trigger of
+    its runs, no publication sends it. What it gave up is in swap_log, for a rollback."""
+    live_id = sql.Identifier(live.relation.schema, live.relation.name)
+    archive_id = sql.Identifier(archive.schema, archive.name)
+    return [
+        # Before the move: ALTER TABLE ... SET SCHEMA takes the sequences a table owns along.
+        *(Step(f"sequence {seq} stays with the table it numbers, and in its schema",
+               sql.SQL("alter sequence {} owned by {}.{}").format(
+                   sql.Identifier(seq_schema, seq), sql.Identifier(shadow.schema, shadow.name),
+                   sql.Identifier(column)))
+          for seq_schema, seq, column, identity in live.owned_sequences if not identity),
+        *(Step(f"publication {publication} publishes the new table, not the original",
+               sql.SQL("alter publication {} drop table {}").format(
+                   sql.Identifier(publication), live_id))
+          for publication in live.publications),
         Step("keep the original table, every row of it, in the archive schema",
              sql.SQL("alter table {} set schema {}").format(
-                 live_id, sql.Identifier(archive_schema))),
+                 live_id, sql.Identifier(archive.schema))),
         Step("under a name that says what it is and when",
              sql.SQL("alter table {} rename to {}").format(
-                 sql.Identifier(archive_schema, live.relation.name),
+                 sql.Identifier(archive.schema, live.relation.name),
                  sql.Identifier(archive.name))),
-        Step("the new table takes the live name",
-             sql.SQL("alter table {} rename to {}").format(
-                 shadow_id, sql.Identifier(live.relation.name))),
-        *renames,
-        *seq_renames,
-        Step("the natural key's constraint, from the index built before the lock",
-             sql.SQL("alter table {} add constraint {} unique using index {}").format(
-                 live_id, sql.Identifier(name), sql.Identifier(pending_index))),
+        *(Step(f"the archive holds no parent row: foreign key {name} goes (swap_log keeps it)",
+               sql.SQL("alter table {} drop constraint {}").format(
+                   archive_id, sql.Identifier(name)))
+          for name, _, _ in live.foreign_keys),
+        *(Step(f"the archive fires nothing: trigger {trigger.name} is disabled (swap_log "
+               "keeps how it was)",
+               sql.SQL("alter table {} disable trigger {}").format(
+                   archive_id, sql.Identifier(trigger.name)))
+          for trigger in _firing_triggers(live) if trigger.enabled != "D"),
+    ]
+
+
+def _takeover_steps(live: LiveTable) -> list[Step]:
+    """Under the live name, the new table gets what else made the original what it was."""
+    live_id = sql.Identifier(live.relation.schema, live.relation.name)
+    steps = [
         Step("same owner",
              sql.SQL("alter table {} owner to {}").format(live_id, sql.Identifier(live.owner))),
+        *(_grant(grant, live_id, live.relation) for grant in live.grants),
     ]
-    plan.cutover += [_grant(grant, live_id, live.relation) for grant in live.grants]
     if live.comment is not None:
-        plan.cutover.append(Step("same comment", sql.SQL("comment on table {} is {}").format(
+        steps.append(Step("same comment", sql.SQL("comment on table {} is {}").format(
             live_id, sql.Literal(live.comment))))
-    plan.cutover += [_grant(grant, live_id, live.relation) for grant in live.column_grants]
+    steps += [_grant(grant, live_id, live.relation) for grant in live.column_grants]
     if live.replica_identity in ("f", "n"):
-        plan.cutover.append(Step("same replica identity", sql.SQL(
+        steps.append(Step("same replica identity", sql.SQL(
             "alter table {} replica identity {}").format(
                 live_id, sql.SQL("full" if live.replica_identity == "f" else "nothing"))))
     if live.replica_identity == "i" and live.replica_identity_index:
-        plan.cutover.append(Step("same replica identity", sql.SQL(
+        steps.append(Step("same replica identity", sql.SQL(
             "alter table {} replica identity using index {}").format(
                 live_id, sql.Identifier(live.replica_identity_index))))
     if live.row_security:
-        plan.cutover.append(Step("same row-level security", sql.SQL(
+        steps.append(Step("same row-level security", sql.SQL(
             "alter table {} enable row level security").format(live_id)))
     if live.force_row_security:
-        plan.cutover.append(Step("row-level security binds the owner too", sql.SQL(
+        steps.append(Step("row-level security binds the owner too", sql.SQL(
             "alter table {} force row level security").format(live_id)))
     commands = {"*": "all", "r": "select", "a": "insert", "w": "update", "d": "delete"}
     for policy in live.policies:
         roles = sql.SQL(", ").join(
             sql.Identifier(role) if role else sql.SQL("public") for role in policy.roles)
-        plan.cutover.append(Step(f"policy {policy.name}", sql.SQL(
+        steps.append(Step(f"policy {policy.name}", sql.SQL(
             "create policy {name} on {live} as {kind} for {command} to {roles}{using}{check}"
         ).format(
             name=sql.Identifier(policy.name), live=live_id,
@@ -372,66 +505,46 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
             check=sql.SQL(" with check ({})").format(sql.SQL(policy.with_check))
             if policy.with_check else sql.SQL(""))))
     for trigger in live.triggers:
-        if trigger.name == capture.TRIGGER:
+        if trigger.name in capture.TRIGGERS:
             continue
         # Created last, so that none fires while the runner copies and replays rows.
-        plan.cutover.append(Step(f"trigger {trigger.name}", sql.SQL(trigger.definition)))
+        steps.append(Step(f"trigger {trigger.name}", sql.SQL(trigger.definition)))
         enablement = {"D": "disable trigger", "R": "enable replica trigger",
                       "A": "enable always trigger"}.get(trigger.enabled)
         if enablement:
-            plan.cutover.append(Step(f"trigger {trigger.name} as it was set", sql.SQL(
+            steps.append(Step(f"trigger {trigger.name} as it was set", sql.SQL(
                 "alter table {} {} {}").format(live_id, sql.SQL(enablement),
                                               sql.Identifier(trigger.name))))
-    for publication in live.publications:
-        plan.cutover.append(Step(f"publication {publication}", sql.SQL(
-            "alter publication {} add table {}").format(sql.Identifier(publication), live_id)))
-    plan.cutover += [recreate_view(view, f"view {view.relation} reads the new table")
-                     for view in live.views]
-    return plan
+    steps += [Step(f"publication {publication}", sql.SQL(
+        "alter publication {} add table {}").format(sql.Identifier(publication), live_id))
+        for publication in live.publications]
+    steps += [recreate_view(view, f"view {view.relation} reads the new table")
+              for view in live.views]
+    return steps
 
 
-SWAP_LOG = "swap_log"
-
-
-def kept_rows_name(archive: str) -> str:
-    """The table of the tie-breakers the swap kept, beside the archive."""
-    return pg_name(archive, "kept")
-
-
-def log_table(archive_schema: str) -> sql.Composed:
-    return sql.SQL(
-        "create table if not exists {} ("
-        "swapped_at timestamptz not null default now(), live_schema text not null,"
-        " live_table text not null, action text not null, archive_table text,"
-        " constraint_name text not null, rows_before bigint not null, rows_after bigint not null,"
-        " bytes_before bigint not null, bytes_after bigint not null,"
-        " rolled_back_at timestamptz, rolled_back_table text, cleaned_at timestamptz)"
-    ).format(sql.Identifier(archive_schema, SWAP_LOG))
-
-
-def log_entry(plan: TablePlan, archive_schema: str) -> sql.Composed:
-    live = plan.target.live
-    live_id = sql.Identifier(live.schema, live.name)
-    before = (
-        sql.SQL("pg_total_relation_size({}::regclass)").format(sql.Literal(
-            sql.Identifier(plan.archive.schema, plan.archive.name).as_string()))
-        if plan.archive else sql.SQL("pg_total_relation_size({}::regclass)").format(
-            sql.Literal(live_id.as_string()))
-    )
-    return sql.SQL(
-        "insert into {log} (live_schema, live_table, action, archive_table, constraint_name,"
-        " rows_before, rows_after, bytes_before, bytes_after)"
-        " values ({schema}, {table}, {action}, {archive}, {constraint}, {before_rows},"
-        " {after_rows}, {before}, pg_total_relation_size({live}::regclass))"
-    ).format(
-        log=sql.Identifier(archive_schema, SWAP_LOG),
-        schema=sql.Literal(live.schema), table=sql.Literal(live.name),
-        action=sql.Literal(plan.action),
-        archive=sql.Literal(plan.archive.name if plan.archive else None),
-        constraint=sql.Literal(plan.constraint),
-        before_rows=sql.Literal(plan.counts.rows), after_rows=sql.Literal(plan.counts.keys),
-        before=before, live=sql.Literal(live_id.as_string()),
-    )
+def _log_step(target: DedupTarget, live: LiveTable, counts: BuildCounts, archive: Relation,
+              archive_schema: str) -> Step:
+    """The swap's record, with the rows true at commit: the build's rows and those the capture
+    says were written since, and the new table's rows as the swap counted them."""
+    counted = sql.SQL("(select {} from pg_temp.{} where live = {})")
+    key = capture.counts_key(live.relation)
+    return Step(
+        f"record the swap of {live.relation}, with its rows at commit",
+        swap_log.entry(
+            archive_schema=archive_schema, live=live.relation, action="swap", archive=archive,
+            constraint=constraint_name(live.relation.name),
+            rows_before=sql.SQL("{} + {}").format(
+                sql.Literal(counts.rows),
+                counted.format(sql.Identifier("unseen_rows"), sql.Identifier(capture.COUNTS),
+                               key)),
+            rows_after=counted.format(sql.Identifier("kept_rows"),
+                                      sql.Identifier(capture.COUNTS), key),
+            tiebreaker=target.spec.tiebreaker,
+            backfilled=[c.name for c in capture.backfilled(target.spec, live.columns)],
+            foreign_keys=[swap_log.ArchivedForeignKey(name, definition)
+                          for name, definition, _ in live.foreign_keys],
+            triggers=_firing_triggers(live)))
 
 
 def lock_statement(plans: list[TablePlan]) -> sql.Composed:

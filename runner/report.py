@@ -27,8 +27,7 @@ from psycopg import sql
 
 from runner.artifacts import Relation
 from runner.errors import RunnerError
-from runner.plan import SWAP_LOG
-from runner.rollback import LogEntry, latest_swaps
+from runner.swap_log import SWAP_LOG, LogEntry, latest_swaps, selected, when
 from runner.units import size_text
 
 ONE_PARENT = "rows of one parent"
@@ -219,9 +218,6 @@ where con.conrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) and con.
 """
 
 
-def _when(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
 
 def _size_of(conn: psycopg.Connection, relation: Relation) -> int | None:
     return conn.execute(_SIZE, (relation.schema, relation.name)).fetchone()[0]
@@ -229,20 +225,11 @@ def _size_of(conn: psycopg.Connection, relation: Relation) -> int | None:
 
 def _latest_swaps(conn: psycopg.Connection, options: ReportOptions) -> list[LogEntry]:
     """The latest swap_log entry of every table, or of the selected ones."""
-    log = f"{options.archive_schema}.{SWAP_LOG}"
     entries = latest_swaps(conn, options.archive_schema)
     if not entries:
-        raise RunnerError(f"no swap recorded in {log}: run `runner swap` first")
-    if not options.select:
-        return entries
-    chosen: list[LogEntry] = []
-    for name in options.select:
-        matches = [e for e in entries if name in (e.live.name, str(e.live))]
-        if not matches:
-            raise RunnerError(f"--select {name}: {log} records no swap of that table; swapped: "
-                              f"{', '.join(str(e.live) for e in entries)}")
-        chosen += [e for e in matches if e not in chosen]
-    return chosen
+        raise RunnerError(f"no swap recorded in {options.archive_schema}.{SWAP_LOG}: run "
+                          "`runner swap` first")
+    return selected(entries, options.select, options.archive_schema)
 
 
 def _table_report(conn: psycopg.Connection, row: LogEntry, archive_schema: str) -> TableReport:
@@ -339,7 +326,7 @@ def _no_queries_because(table: TableReport) -> str | None:
         return f"{table.live} does not exist any more: no example queries."
     if table.archive_bytes_now is None:
         dropped = (f"runner cleanup dropped its original {table.archive} at "
-                   f"{_when(table.cleaned_at)}" if table.cleaned_at
+                   f"{when(table.cleaned_at)}" if table.cleaned_at
                    else f"its original {table.archive} is missing")
         return f"{table.live}: {dropped}, so the example queries' \"before\" is gone; sizes only."
     return None
@@ -354,8 +341,8 @@ def gather(conn: psycopg.Connection, options: ReportOptions) -> Report:
         which = (f" of {', '.join(options.select)} in {log}: the latest swap of each"
                  if options.select else f" in {log}: the latest swap of every table")
         raise RunnerError(f"no current swap{which} was rolled back; run `runner swap` first")
-    notes = [f"{row.live}: its swap at {_when(row.swapped_at)} was rolled back at "
-             f"{_when(row.rolled_back_at)}, so the table is not reported."
+    notes = [f"{row.live}: its swap at {when(row.swapped_at)} was rolled back at "
+             f"{when(row.rolled_back_at)}, so the table is not reported."
              for row in rows if row.rolled_back_at is not None]
     tables = [_table_report(conn, row, options.archive_schema) for row in current]
     queries: list[ExampleQuery] = []
@@ -413,7 +400,7 @@ def _kept_in(table: TableReport) -> str:
     if table.archive_bytes_now is not None:
         return f"{table.archive} ({size_text(table.archive_bytes_now)})"
     if table.cleaned_at is not None:
-        return f"dropped by runner cleanup at {_when(table.cleaned_at)}"
+        return f"dropped by runner cleanup at {when(table.cleaned_at)}"
     return f"{table.archive}, missing"
 
 
@@ -421,7 +408,7 @@ def _table_rows(report: Report) -> tuple[list[str], list[list[str]], list[str]]:
     """Headers, one row per table and the total row, as text, for Markdown and HTML alike."""
     headers = ["Table", "Swapped", "Rows before", "Rows after", "Removed", "Size before",
                "Size after", "Freed", "Size now", "Original kept in"]
-    rows = [[str(t.live), _when(t.swapped_at), f"{t.rows_before:,}", f"{t.rows_after:,}",
+    rows = [[str(t.live), when(t.swapped_at), f"{t.rows_before:,}", f"{t.rows_after:,}",
              f"{t.removed:,} ({_percent(t.removed, t.rows_before)})", size_text(t.bytes_before),
              size_text(t.bytes_after), size_text(t.freed),
              size_text(t.bytes_now) if t.bytes_now is not None else "missing", _kept_in(t)]
@@ -519,7 +506,7 @@ def to_markdown(report: Report) -> str:
     headers, rows, total = _table_rows(report)
     lines = [
         f"# {_md(_title(report))}", "",
-        f"Generated {_when(report.generated_at)} from {_md(report.archive_schema)}."
+        f"Generated {when(report.generated_at)} from {_md(report.archive_schema)}."
         f"{_md(SWAP_LOG)}.", "",
         "## Tables", "",
         *_md_table(headers, rows, total=total), "",
@@ -694,7 +681,7 @@ def to_html(report: Report) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(_title(report))}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
         f"<h1>{_e(_title(report))}</h1>",
-        f'<p class="muted">Generated {_e(_when(report.generated_at))} from '
+        f'<p class="muted">Generated {_e(when(report.generated_at))} from '
         f"{_e(Relation(report.archive_schema, SWAP_LOG))}.</p>",
         f'<p class="freed">Total space freed: <strong>{_e(_freed_sentence(report))}</strong>'
         ".</p>",

@@ -1,38 +1,41 @@
-"""Undo a swap, and drop what swaps and rollbacks kept once nobody can want it back.
+"""Undo a swap: the original table back in place, duplicates and all, with every write made to
+the deduplicated table since the swap, proven before the commit.
 
-A rollback puts each swapped table's original back in place, duplicates and all, and carries
-over what the ETL wrote to the deduplicated table since the swap. The table of tie-breakers the
-swap kept is what tells the writes apart from the swap's own removals: a live row whose
-tie-breaker the swap did not keep was inserted after it; a kept one that differs from its
-archived row was updated; a kept tie-breaker missing from the live table was deleted.
-
-The archive's kept rows are copied aside before the lock, so that under it the diff only
-compares the deduplicated table with that small copy, and touches the large archive only by its
-tie-breaker's unique index for the rows that changed. Nothing is dropped: the deduplicated
-table moves to the archive schema. `runner cleanup` drops what is kept, past a retention age.
+The swap started a change capture on the deduplicated table in its own transaction, so the
+rollback knows, rather than infers, what the ETL inserted, updated and deleted since. In one
+transaction it counts the original against the rows the swap recorded at its commit, carries
+the captured writes over to it batch by batch (runner.restore, each batch proven), proves every
+row of the deduplicated table to be in it, then takes the lock, carries over the last few
+writes, and puts the original back under the live name. The deduplicated table moves to the
+archive schema, where it constrains and fires nothing; `runner cleanup` drops what is kept
+past a retention age.
 
 Statements are built from facts alone, so that --dry-run prints exactly what runs.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import psycopg
 from psycopg import sql
 
-from runner import capture, catalog, swap
+from runner import capture, catalog, locking, restore, swap, swap_log
 from runner.artifacts import Relation
 from runner.catalog import Index, LiveTable
 from runner.errors import RunnerError
+from runner.locking import lock_timeout
 from runner.names import pg_name
-from runner.plan import SWAP_LOG, Step, kept_rows_name, lock_timeout, recreate_view
+from runner.plan import Step, recreate_view
+from runner.swap import ASYNC_COMMIT, FLUSH, Registered, run_batched, run_steps
+from runner.swap_log import LogEntry, when
 
 ROLLED_BACK = "rolled_back"
+# Carry over outside the lock until fewer changes than this wait.
+SMALL_ENOUGH = 200
 
 
 @dataclass(frozen=True)
@@ -45,35 +48,20 @@ class RollbackOptions:
     """How long all attempts together may take before the runner gives up."""
 
 
-@dataclass(frozen=True)
-class LogEntry:
-    """One row of swap_log."""
-
-    swapped_at: datetime
-    live: Relation
-    action: str
-    archive_table: str | None
-    constraint_name: str
-    rolled_back_at: datetime | None
-    rolled_back_table: str | None
-    cleaned_at: datetime | None
-    rows_before: int
-    rows_after: int
-    bytes_before: int
-    bytes_after: int
-
-
 @dataclass
 class TableRollback:
     entry: LogEntry
     rolled_back: Relation | None = None
     """Where the deduplicated table is kept after the rollback."""
-    before_lock: list[Step] = field(default_factory=list)
-    diff: list[Step] = field(default_factory=list)
-    """Under the lock: which rows the ETL inserted, updated and deleted since the swap."""
-    counts: sql.Composed | None = None
-    """Under the lock, after `diff`: (inserted, updated, deleted)."""
+    archive: Relation | None = None
+    restore: restore.Restore | None = None
+    prepare: list[Step] = field(default_factory=list)
+    """Before the lock, with the archive locked."""
+    locked: list[Step] = field(default_factory=list)
+    """Under the lock, before any row is written: statements that lock other tables."""
     cutover: list[Step] = field(default_factory=list)
+    validate: list[Step] = field(default_factory=list)
+    """After the commit, one transaction each: foreign keys checked without blocking writers."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -83,12 +71,11 @@ class RollbackResult:
     lock_ms: float
     """How long the tables were held under ACCESS EXCLUSIVE, until the commit."""
     attempts: int
-    carried: dict[Relation, tuple[int, int, int]]
-    """Rows inserted, updated and deleted since the swap, carried over to the original."""
-
-
-def _log(archive_schema: str) -> sql.Identifier:
-    return sql.Identifier(archive_schema, SWAP_LOG)
+    carried: dict[Relation, tuple[int, int, int, int]]
+    """Rows inserted, updated and deleted since the swap, carried over to the original, and
+    the rows the restored table has."""
+    notes: list[str] = field(default_factory=list)
+    """What the commit left to do by hand: foreign keys that could not be validated."""
 
 
 def _id(relation: Relation) -> sql.Identifier:
@@ -99,64 +86,24 @@ def _regclass(relation: Relation) -> sql.Composed:
     return sql.SQL("{}::regclass").format(sql.Literal(_id(relation).as_string()))
 
 
-_LOG_ROWS = """
-select swapped_at, live_schema, live_table, action, archive_table, constraint_name,
-       rolled_back_at, rolled_back_table, cleaned_at, rows_before, rows_after, bytes_before,
-       bytes_after
-from {log} as l
-"""
-
-
-def _log_exists(conn: psycopg.Connection, archive_schema: str) -> bool:
-    return conn.execute("select to_regclass(format('%%I.%%I', %s::text, %s::text)) is not null",
-                        (archive_schema, SWAP_LOG)).fetchone()[0]
-
-
-def _entries(rows: list[tuple]) -> list[LogEntry]:
-    return [LogEntry(r[0], Relation(r[1], r[2]), *r[3:]) for r in rows]
-
-
-def latest_swaps(conn: psycopg.Connection, archive_schema: str) -> list[LogEntry]:
-    """The latest swap_log entry of every table ever swapped."""
-    if not _log_exists(conn, archive_schema):
-        return []
-    query = sql.SQL(_LOG_ROWS + " order by live_schema, live_table, swapped_at").format(
-        log=_log(archive_schema))
-    latest: dict[Relation, LogEntry] = {}
-    for entry in _entries(conn.execute(query).fetchall()):
-        latest[entry.live] = entry
-    return list(latest.values())
-
-
-def _when(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
 def choose(entries: list[LogEntry], select: list[str] | None,
            archive_schema: str) -> list[LogEntry]:
     """The entries to roll back: the named tables', or every one not rolled back yet."""
-    log = f"{archive_schema}.{SWAP_LOG}"
+    log = f"{archive_schema}.{swap_log.SWAP_LOG}"
+    if not entries:
+        raise RunnerError(f"nothing to roll back: {log} records no swap")
     if not select:
         chosen = [e for e in entries if e.rolled_back_at is None]
-        if not entries:
-            raise RunnerError(f"nothing to roll back: {log} records no swap")
         if not chosen:
             raise RunnerError(f"nothing to roll back: every swap in {log} was rolled back "
                               "already")
         return chosen
-    chosen = []
-    for name in select:
-        matches = [e for e in entries if name in (e.live.name, str(e.live))]
-        if not matches:
-            known = ", ".join(str(e.live) for e in entries) or "none"
-            raise RunnerError(f"--select {name}: {log} records no swap of that table; "
-                              f"swapped: {known}")
-        chosen += [e for e in matches if e not in chosen]
+    chosen = swap_log.selected(entries, select, archive_schema)
     for entry in chosen:
         if entry.rolled_back_at is not None:
             raise RunnerError(f"nothing to roll back for {entry.live}: its latest swap, at "
-                              f"{_when(entry.swapped_at)}, was rolled back at "
-                              f"{_when(entry.rolled_back_at)}")
+                              f"{when(entry.swapped_at)}, was rolled back at "
+                              f"{when(entry.rolled_back_at)}")
     return chosen
 
 
@@ -198,14 +145,8 @@ def _rename_index(table: sql.Identifier, schema: str, index: Index, new: str) ->
 
 
 def _mark(entry: LogEntry, archive_schema: str, rolled_back: Relation | None) -> Step:
-    return Step(
-        f"record the rollback of {entry.live}",
-        sql.SQL("update {} set rolled_back_at = now(), rolled_back_table = {}"
-                " where live_schema = {} and live_table = {} and swapped_at = {}"
-                " and action = {}").format(
-            _log(archive_schema), sql.Literal(rolled_back.name if rolled_back else None),
-            sql.Literal(entry.live.schema), sql.Literal(entry.live.name),
-            sql.Literal(entry.swapped_at), sql.Literal(entry.action)))
+    return Step(f"record the rollback of {entry.live}",
+                swap_log.mark_rolled_back(entry, archive_schema, rolled_back))
 
 
 def _column_list(relation: Relation) -> sql.Composed:
@@ -231,168 +172,156 @@ def plan_constraint(entry: LogEntry, archive_schema: str) -> TableRollback:
     ])
 
 
-def plan_table(position: int, entry: LogEntry, live: LiveTable, archive: LiveTable,
-               tiebreaker: str, stamp: datetime, archive_schema: str,
-               backfilled: tuple[str, ...] = ()) -> TableRollback:
-    """The rollback of one swapped table; `position` keeps its temporary tables apart.
+def _not_valid(definition: str) -> tuple[str, bool]:
+    """A foreign key's definition to add NOT VALID, and whether it was validated before."""
+    suffix = " NOT VALID"
+    if definition.endswith(suffix):
+        return definition[: -len(suffix)], False
+    return definition, True
 
-    `backfilled`: key columns whose NULLs the swap filled with uuids, recorded with the kept
-    rows; a row is unchanged since the swap when it equals its original so filled, and then the
-    original, NULL and all, is what comes back."""
+
+def check_capture(entry: LogEntry, registered: Registered | None) -> None:
+    """The capture since the swap is whole: else a rollback would lose the writes it missed."""
+    where = (f"cannot roll back {entry.live}: nothing was changed; the original rows stay in "
+             f"{entry.archive}")
+    if registered is None or registered.capture.since_swap_of != entry.archive_table:
+        raise RunnerError(f"{where}, but the writes made since the swap are no longer "
+                          "captured (its capture was stopped), so a rollback would lose them: "
+                          "restore them by hand, or leave the table out with --select")
+    if registered.trigger not in ("O", "A") or not registered.log_exists:
+        broken = ("its log is missing" if not registered.log_exists
+                  else "its trigger is missing" if registered.trigger is None
+                  else "its trigger was disabled")
+        raise RunnerError(f"{where}, but the capture of the writes since the swap is broken "
+                          f"({broken}), so some may be missing: restore them by hand, or leave "
+                          "the table out with --select")
+
+
+def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered: Registered,
+               stamp: datetime, archive_schema: str) -> TableRollback:
+    """The rollback of one swapped table, from swap_log's entry and the catalog."""
     if _columns(live) != _columns(archive):
         raise RunnerError(f"the columns of {entry.live} changed since the swap, so its rows no "
                           f"longer fit the original table {archive.relation}: roll it back by "
                           "hand, or leave it out with --select")
-    if live.referenced_by:
-        raise RunnerError(f"foreign keys now point at {entry.live} "
-                          f"({', '.join(live.referenced_by)}) and would keep pointing at the "
-                          "deduplicated table: drop them, roll back, then create them again")
+    for what, found in (("foreign keys now point at", live.referenced_by),
+                        ("materialized views now read", live.materialized_views)):
+        if found:
+            raise RunnerError(f"{what} {entry.live} ({', '.join(found)}) and would keep "
+                              "reading the deduplicated table: drop them, roll back, then "
+                              "create them again")
+    tiebreaker = entry.tiebreaker or ""
+    if not any(i.unique and i.valid and not i.partial and i.key_columns == (tiebreaker,)
+               for i in archive.indexes):
+        raise RunnerError(f"cannot roll back {entry.live}: the original {archive.relation} has "
+                          f"no valid unique index on its tie-breaker {tiebreaker!r} any more, "
+                          "which the rollback finds its rows by; rebuild it, then run again")
     schema, name = entry.live.schema, entry.live.name
     L, A = _id(entry.live), _id(archive.relation)
-    K = sql.Identifier(archive_schema, kept_rows_name(archive.relation.name))
-    t = sql.Identifier(tiebreaker)
-    kept, diff, gone = (sql.Identifier(f"rollback_{what}_{position}")
-                        for what in ("kept", "diff", "gone"))
-    tmp_kept, tmp_diff, tmp_gone = (sql.Identifier("pg_temp", f"rollback_{what}_{position}")
-                                    for what in ("kept", "diff", "gone"))
-    columns = [c.name for c in live.columns if not c.generated]
-    cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
-    live_cols = sql.SQL(", ").join(sql.SQL("l.{}").format(sql.Identifier(c)) for c in columns)
-    # GENERATED ALWAYS identity columns cannot be set by an update; the check after the
-    # writes catches the one way the ETL could have changed them (SET ... = DEFAULT).
-    updatable = [c.name for c in live.columns if not c.generated and c.identity != "a"]
-    overriding = sql.SQL(" overriding system value" if live.identity_sequences else "")
     rolled_back = Relation(archive_schema,
                            pg_name(name, stamp.strftime("%Y%m%d%H%M%S"), ROLLED_BACK))
-    moved = sql.Identifier(schema, rolled_back.name)
-    plan = TableRollback(entry, rolled_back=rolled_back)
-
-    # row(x.*)::text, not x::text: a column named like the alias would win over the row.
-    as_swapped = sql.SQL("row(a.*)") if not backfilled else sql.SQL("row({})").format(
-        sql.SQL(", ").join(
-            sql.SQL("coalesce(a.{c}, k.{c})" if c.name in backfilled else "a.{c}").format(
-                c=sql.Identifier(c.name))
-            for c in archive.columns))
-    plan.before_lock = [
-        Step(f"the version of every row the swap kept in {entry.live} as the swap wrote it, "
-             "read before the lock, so that under it the diff never scans the archive",
-             sql.SQL("create temp table {kept} on commit drop as"
-                     " select a.{t} as tiebreaker, {as_swapped}::text as content from {A} as a"
-                     " join {K} as k on k.{t} = a.{t}").format(
-                 kept=kept, t=t, A=A, K=K, as_swapped=as_swapped)),
-        Step("", sql.SQL("analyze {}").format(tmp_kept)),
-        Step(f"the archive {archive.relation} still holds every row the swap kept",
-             sql.SQL("select count(*) = (select count(*) from {K}), count(*) as kept_in_archive,"
-                     " (select count(*) from {K}) as kept_by_the_swap from {kept}").format(
-                 K=K, kept=tmp_kept), check=True),
+    plan = TableRollback(
+        entry, rolled_back=rolled_back, archive=archive.relation,
+        restore=restore.restore(entry.live, archive.relation, registered.capture.log,
+                                live.columns, tiebreaker, entry.backfilled, entry.rows_before))
+    plan.prepare = [
+        Step(f"nothing fires in {archive.relation} while the writes are carried over; the "
+             "triggers it had come back as they were with it",
+             sql.SQL("alter table {} disable trigger user").format(A)),
+        Step(f"{archive.relation} still holds the rows it had at the swap's commit",
+             plan.restore.archive_rows, check=True),
     ]
-    plan.diff = [
+    revalidated = []
+    for key in entry.archive_foreign_keys:
+        definition, validated = _not_valid(key.definition)
+        plan.locked.append(Step(
+            f"foreign key {key.name} of the original again, NOT VALID: validated after the "
+            "commit, so that checking the original's rows holds no lock",
+            sql.SQL("alter table {} add constraint {} {} not valid").format(
+                A, sql.Identifier(key.name), sql.SQL(definition))))
+        if validated:
+            revalidated.append(key.name)
+    plan.validate = [Step(f"foreign key {key} of {entry.live}, checked without blocking writers",
+                          sql.SQL("alter table {} validate constraint {}").format(
+                              L, sql.Identifier(key)))
+                     for key in revalidated]
+    plan.cutover = [
         Step(f"{entry.live} still has the columns of {archive.relation}",
              sql.SQL("select l = a, l::text as live_columns, a::text as archive_columns"
                      " from (select {} as l, {} as a) as c").format(
                  _column_list(entry.live), _column_list(archive.relation)), check=True),
-        Step("rows inserted (tie-breaker not kept by the swap) or updated (differs from its "
-             "archived version) since the swap",
-             sql.SQL("create temp table {diff} on commit drop as"
-                     " select l.{t} as tiebreaker, k.tiebreaker is null as inserted"
-                     " from {L} as l left join {kept} as k on k.tiebreaker = l.{t}"
-                     " where k.content is distinct from row(l.*)::text").format(
-                 diff=diff, t=t, L=L, kept=tmp_kept)),
-        Step("rows the swap kept and the ETL deleted since",
-             sql.SQL("create temp table {gone} on commit drop as select k.tiebreaker"
-                     " from {kept} as k where not exists"
-                     " (select from {L} as l where l.{t} = k.tiebreaker)").format(
-                 gone=gone, kept=tmp_kept, L=L, t=t)),
-        Step("", sql.SQL("analyze {}, {}").format(tmp_diff, tmp_gone)),
-    ]
-    plan.counts = sql.SQL(
-        "select count(*) filter (where inserted), count(*) filter (where not inserted),"
-        " (select count(*) from {gone}) from {diff}").format(gone=tmp_gone, diff=tmp_diff)
-
-    # The ETL's writes already fired the deduplicated table's copies of these triggers.
-    firing = [trigger for trigger in archive.triggers if trigger.enabled != "D"]
-    enable = {"O": "enable trigger", "R": "enable replica trigger", "A": "enable always trigger"}
-    plan.cutover = [
-        Step(f"no row inserted into {entry.live} since the swap reuses the tie-breaker of a row "
-             "the swap removed",
-             sql.SQL("select count(*) = 0, count(*) as reused_tiebreakers from {diff} as d"
-                     " where d.inserted and exists (select from {A} as a"
-                     " where a.{t} = d.tiebreaker)").format(diff=tmp_diff, A=A, t=t),
-             check=True),
-        *(Step(f"trigger {trigger.name} already fired for these writes",
-               sql.SQL("alter table {} disable trigger {}").format(
-                   A, sql.Identifier(trigger.name)))
-          for trigger in firing),
-        Step("the original loses the rows deleted since the swap",
-             sql.SQL("delete from {A} as a using {gone} as g where a.{t} = g.tiebreaker").format(
-                 A=A, gone=tmp_gone, t=t)),
-        Step("and takes the updates",
-             sql.SQL("update {A} as a set ({cols}) = row({live_cols}) from {L} as l, {diff} as d"
-                     " where not d.inserted and l.{t} = d.tiebreaker and a.{t} = d.tiebreaker")
-             .format(A=A, cols=sql.SQL(", ").join(sql.Identifier(c) for c in updatable),
-                     live_cols=sql.SQL(", ").join(
-                         sql.SQL("l.{}").format(sql.Identifier(c)) for c in updatable),
-                     L=L, diff=tmp_diff, t=t)),
-        Step("and the inserts",
-             sql.SQL("insert into {A} ({cols}){overriding} select {live_cols} from {L} as l"
-                     " join {diff} as d on d.tiebreaker = l.{t} where d.inserted").format(
-                 A=A, cols=cols, overriding=overriding, live_cols=live_cols, L=L,
-                 diff=tmp_diff, t=t)),
-        *(Step(f"trigger {trigger.name} as it was",
-               sql.SQL("alter table {} {} {}").format(
-                   A, sql.SQL(enable[trigger.enabled]), sql.Identifier(trigger.name)))
-          for trigger in firing),
-        Step(f"every row written since the swap is now in {archive.relation} as "
-             f"{entry.live} has it",
-             sql.SQL("select count(*) = 0 and (select count(*) from {A} as a join {gone} as g"
-                     " on a.{t} = g.tiebreaker) = 0, count(*) as rows_differing,"
-                     " (select count(*) from {A} as a join {gone} as g on a.{t} = g.tiebreaker)"
-                     " as deleted_rows_left from {L} as l join {diff} as d on d.tiebreaker = l.{t}"
-                     " where not exists (select from {A} as a where a.{t} = l.{t}"
-                     " and row(a.*)::text = row(l.*)::text)").format(
-                 A=A, gone=tmp_gone, t=t, L=L, diff=tmp_diff), check=True),
-    ]
-    if any(trigger.name == capture.TRIGGER for trigger in live.triggers):
-        plan.cutover += [
-            Step("a change capture started for the next swap watched the deduplicated table: "
-                 "it ends here; run `runner capture` again", statement)
-            for statement in capture.remove(capture.Capture.of(entry.live, archive_schema))]
-    plan.cutover += [
-        Step(f"publication {publication} stops publishing the deduplicated table",
-             sql.SQL("alter publication {} drop table {}").format(
-                 sql.Identifier(publication), L))
-        for publication in live.publications
-    ]
-    plan.cutover += [
-        Step(f"free the name {index.name} in {schema}",
-             _rename_index(L, schema, index, pg_name(rolled_back.name, str(p))))
-        for p, index in enumerate(live.indexes)
-    ]
-    aside = {s.column: pg_name(rolled_back.name, s.column, "seq")
-             for s in live.identity_sequences}
-    plan.cutover += [
-        Step(f"free the name of identity sequence {s.name}",
-             sql.SQL("alter sequence {} rename to {}").format(
-                 sql.Identifier(s.schema, s.name), sql.Identifier(aside[s.column])))
-        for s in live.identity_sequences
-    ]
-    plan.cutover += [
-        Step("the deduplicated table steps aside, renamed first so that no name in the archive "
-             "schema can be in its way",
-             sql.SQL("alter table {} rename to {}").format(L, sql.Identifier(rolled_back.name))),
+        *(Step("the change capture since the swap ends with the rollback", statement)
+          for statement in capture.remove(registered.capture, entry.live)),
+        *_inert_steps(live),
+        *_set_aside_steps(entry, live, rolled_back),
         Step("the original table comes back to the live schema, with its own owner, grants, "
-             "comment, policies and triggers",
+             "comment and policies",
              sql.SQL("alter table {} set schema {}").format(A, sql.Identifier(schema))),
         Step("under its own name",
              sql.SQL("alter table {} rename to {}").format(
                  sql.Identifier(schema, archive.relation.name), sql.Identifier(name))),
     ]
-    pairs, unmatched, left = match_indexes(live, archive, entry.constraint_name)
+    plan.cutover += _names_back_steps(plan, entry, live, archive, rolled_back)
+    plan.cutover += _trigger_steps(entry)
+    plan.cutover.append(Step(
+        "the deduplicated table is kept in the archive schema, never dropped by a rollback",
+        sql.SQL("alter table {} set schema {}").format(
+            sql.Identifier(schema, rolled_back.name), sql.Identifier(archive_schema))))
     plan.cutover += [
-        Step(f"{original.name} gets its name back",
-             _rename_index(L, schema, archived, original.name))
-        for archived, original in pairs
+        Step(f"publication {publication} publishes the original table again",
+             sql.SQL("alter publication {} add table {}").format(sql.Identifier(publication), L))
+        for publication in live.publications
     ]
+    plan.cutover += [recreate_view(view, f"view {view.relation} reads the original table again")
+                     for view in live.views]
+    plan.cutover.append(_mark(entry, archive_schema, rolled_back))
+    return plan
+
+
+def _inert_steps(live: LiveTable) -> list[Step]:
+    """The deduplicated table, bound for the archive, constrains and fires nothing there."""
+    L = _id(live.relation)
+    return [
+        *(Step(f"the deduplicated table holds no parent row in the archive: {name} goes",
+               sql.SQL("alter table {} drop constraint {}").format(L, sql.Identifier(name)))
+          for name, _, _ in live.foreign_keys),
+        *(Step(f"trigger {t.name} of the deduplicated table fires no more",
+               sql.SQL("alter table {} disable trigger {}").format(L, sql.Identifier(t.name)))
+          for t in live.triggers if t.name not in capture.TRIGGERS and t.enabled != "D"),
+        *(Step(f"publication {publication} stops publishing the deduplicated table",
+               sql.SQL("alter publication {} drop table {}").format(
+                   sql.Identifier(publication), L))
+          for publication in live.publications),
+    ]
+
+
+def _set_aside_steps(entry: LogEntry, live: LiveTable, rolled_back: Relation) -> list[Step]:
+    """The deduplicated table frees every name the original is to take back."""
+    schema, L = entry.live.schema, _id(entry.live)
+    return [
+        *(Step(f"free the name {index.name} in {schema}",
+               _rename_index(L, schema, index, pg_name(rolled_back.name, str(p))))
+          for p, index in enumerate(live.indexes)),
+        *(Step(f"free the name of identity sequence {s.name}",
+               sql.SQL("alter sequence {} rename to {}").format(
+                   sql.Identifier(s.schema, s.name),
+                   sql.Identifier(pg_name(rolled_back.name, s.column, "seq"))))
+          for s in live.identity_sequences),
+        Step("the deduplicated table steps aside, renamed first so that no name in the archive "
+             "schema can be in its way",
+             sql.SQL("alter table {} rename to {}").format(L, sql.Identifier(rolled_back.name))),
+    ]
+
+
+def _names_back_steps(plan: TableRollback, entry: LogEntry, live: LiveTable,
+                      archive: LiveTable, rolled_back: Relation) -> list[Step]:
+    """The original's indexes and identity sequences take their names back; its sequences go
+    on from where the deduplicated table's left off."""
+    schema, L = entry.live.schema, _id(entry.live)
+    pairs, unmatched, left = match_indexes(live, archive, entry.constraint_name)
+    steps = [Step(f"{original.name} gets its name back",
+                  _rename_index(L, schema, archived, original.name))
+             for archived, original in pairs]
     plan.notes += [f"index {i.name} of {entry.live} has no counterpart on the deduplicated "
                    "table, so it keeps its archive name" for i in unmatched]
     plan.notes += [f"index {i.name}, created on the deduplicated {entry.live} after the swap, "
@@ -402,103 +331,104 @@ def plan_table(position: int, entry: LogEntry, live: LiveTable, archive: LiveTab
         if original is None:
             raise RunnerError(f"identity column {s.column} of {entry.live} has no sequence on "
                               f"{archive.relation}: roll it back by hand")
-        plan.cutover += [
+        steps += [
             Step(f"identity sequence {s.name} gets its name back",
                  sql.SQL("alter sequence {} rename to {}").format(
                      sql.Identifier(schema, original.name), sql.Identifier(s.name))),
             Step("and goes on from where the deduplicated table's left off",
                  sql.SQL("select setval({}::regclass, s.last_value, s.is_called) from {} as s")
                  .format(sql.Literal(sql.Identifier(schema, s.name).as_string()),
-                         sql.Identifier(s.schema, aside[s.column]))),
+                         sql.Identifier(s.schema, pg_name(rolled_back.name, s.column, "seq")))),
         ]
-    plan.cutover += [
+    steps += [
         Step(f"sequence {seq} numbers the original table again",
              sql.SQL("alter sequence {} owned by {}.{}").format(
                  sql.Identifier(seq_schema, seq), L, sql.Identifier(column)))
         for seq_schema, seq, column, identity in live.owned_sequences if not identity
     ]
-    plan.cutover.append(Step(
-        "the deduplicated table is kept in the archive schema, never dropped by a rollback",
-        sql.SQL("alter table {} set schema {}").format(moved, sql.Identifier(archive_schema))))
-    plan.cutover += [
-        Step(f"publication {publication} publishes the original table again",
-             sql.SQL("alter publication {} add table {}").format(sql.Identifier(publication), L))
-        for publication in live.publications
-    ]
-    plan.cutover += [
-        recreate_view(view, f"view {view.relation} reads the original table again")
-        for view in live.views
-    ]
-    plan.cutover.append(_mark(entry, archive_schema, rolled_back))
-    return plan
+    return steps
 
 
-def _exists(conn: psycopg.Connection, relation: Relation) -> bool:
-    return conn.execute("select to_regclass(format('%%I.%%I', %s::text, %s::text)) is not null",
-                        (relation.schema, relation.name)).fetchone()[0]
+def _trigger_steps(entry: LogEntry) -> list[Step]:
+    """The original's triggers fire again as they did before the swap."""
+    enable = {"O": "enable trigger", "R": "enable replica trigger", "A": "enable always trigger"}
+    return [Step(f"trigger {t.name} as it was before the swap",
+                 sql.SQL("alter table {} {} {}").format(
+                     _id(entry.live), sql.SQL(enable[t.enabled]), sql.Identifier(t.name)))
+            for t in entry.archive_triggers if t.enabled in enable]
 
 
 def make_plans(conn: psycopg.Connection, options: RollbackOptions,
                stamp: datetime | None = None) -> list[TableRollback]:
     """Read swap_log and the catalog, refuse what cannot be rolled back, plan every table."""
     stamp = stamp or datetime.now(timezone.utc)
-    entries = choose(latest_swaps(conn, options.archive_schema), options.select,
+    entries = choose(swap_log.latest_swaps(conn, options.archive_schema), options.select,
                      options.archive_schema)
+    captures = {r.capture.live: r
+                for r in swap.registered_captures(conn, options.archive_schema)}
     plans = []
-    for position, entry in enumerate(entries):
-        if not _exists(conn, entry.live):
+    for entry in entries:
+        if not catalog.exists(conn, entry.live):
             raise RunnerError(f"cannot roll back {entry.live}: the table does not exist any "
                               "more; nothing was changed; leave it out with --select")
         if entry.action == "constraint":
             plans.append(plan_constraint(entry, options.archive_schema))
             continue
-        archive = Relation(options.archive_schema, entry.archive_table or "")
         if entry.cleaned_at is not None:
             raise RunnerError(f"cannot roll back {entry.live}: runner cleanup dropped its "
-                              f"archive {archive} at {_when(entry.cleaned_at)}, so the original "
-                              "rows are gone; leave it out with --select")
-        kept = Relation(options.archive_schema, kept_rows_name(archive.name))
-        for what, relation in (("archive", archive), ("table of kept rows", kept)):
-            if not entry.archive_table or not _exists(conn, relation):
-                raise RunnerError(f"cannot roll back {entry.live}: its {what} {relation} is "
-                                  "missing (dropped by hand?); nothing was changed; restore it "
-                                  "or leave the table out with --select")
-        live = catalog.read_live_table(conn, entry.live)
-        kept_columns = [name for name, _ in catalog.relation_columns(conn, kept)]
-        # The tie-breaker, then any key columns the swap backfilled (nulls: backfill).
-        if not kept_columns or not set(kept_columns[1:]) <= set(live.column_names()):
-            raise RunnerError(f"{kept} should hold the tie-breaker and backfilled key columns of "
-                              f"{entry.live}, and has {kept_columns}: restore it or roll back "
-                              "by hand")
-        plans.append(plan_table(
-            position, entry, live, catalog.read_live_table(conn, archive), kept_columns[0],
-            stamp, options.archive_schema, backfilled=tuple(kept_columns[1:])))
+                              f"archive {entry.archive} at {when(entry.cleaned_at)}, so the "
+                              "original rows are gone; leave it out with --select")
+        if not entry.archive or not catalog.exists(conn, entry.archive):
+            raise RunnerError(f"cannot roll back {entry.live}: its archive {entry.archive} is "
+                              "missing (dropped by hand?); nothing was changed; restore it or "
+                              "leave the table out with --select")
+        registered = captures.get(entry.live)
+        check_capture(entry, registered)
+        plans.append(plan_table(entry, catalog.read_live_table(conn, entry.live),
+                                catalog.read_live_table(conn, entry.archive), registered,
+                                stamp, options.archive_schema))
     return plans
 
 
-def _locked(plans: list[TableRollback], archive_schema: str) -> list[Relation]:
+def _restoring(plans: list[TableRollback]) -> list[TableRollback]:
+    return [p for p in plans if p.restore is not None]
+
+
+def _locked(plans: list[TableRollback]) -> list[Relation]:
     tables = []
     for plan in plans:
         tables.append(plan.entry.live)
-        if plan.rolled_back:
-            tables.append(Relation(archive_schema, plan.entry.archive_table))
+        if plan.archive:
+            tables.append(plan.archive)
     return tables
 
 
+def _lock(tables: list[Relation], why: str) -> Step:
+    return Step(why, sql.SQL("lock table {} in access exclusive mode").format(
+        sql.SQL(", ").join(_id(t) for t in tables)))
+
+
 def _phases(plans: list[TableRollback], options: RollbackOptions
-            ) -> tuple[list[Step], list[Step]]:
-    before = []
+            ) -> tuple[list[Step], list[Step], list[Step]]:
+    """Before the lock; taking it; and under it, before any row is written."""
+    archives = [p.archive for p in _restoring(plans)]
+    before = [ASYNC_COMMIT,
+              Step("wait at most this long for each lock, so no session queues behind the "
+                   "runner for longer; on timeout, try again",
+                   lock_timeout(options.lock_timeout_ms)),
+              Step("", restore.counts_table())]
+    if archives:
+        before.append(_lock(archives, "the originals, which nobody else may change meanwhile"))
     for plan in plans:
-        before += plan.before_lock
-    locking = [
+        before += plan.prepare
+    locking_steps = [
         Step("wait at most this long for the lock, so no session queues behind the runner for "
-             "longer; on timeout, try again",
+             "longer; on timeout, carry over and try again",
              lock_timeout(options.lock_timeout_ms)),
-        Step("the live tables and their archives, all at once",
-             sql.SQL("lock table {} in access exclusive mode").format(sql.SQL(", ").join(
-                 _id(t) for t in _locked(plans, options.archive_schema)))),
+        _lock(_locked(plans), "the live tables and their originals, all at once"),
     ]
-    return before, locking
+    locked = [step for plan in plans for step in plan.locked]
+    return before, locking_steps, locked
 
 
 def render(conn: psycopg.Connection, plans: list[TableRollback],
@@ -511,88 +441,156 @@ def render(conn: psycopg.Connection, plans: list[TableRollback],
             lines.append(f"-- {step.why}{' (must be true)' if step.check else ''}")
         lines.append(step.statement.as_string(conn) + ";")
 
+    def add_restore(plan: TableRollback, under_lock: bool) -> None:
+        r = plan.restore
+        lines.append(f"-- carry the writes captured on {plan.entry.live} since the swap over "
+                     f"to {plan.archive}, a batch at a time, until the log is empty")
+        lines.extend(statement.as_string(conn) + ";" for statement in r.take_batch)
+        lines.append("-- a TRUNCATE stops the rollback: " + r.truncated.as_string(conn) + ";")
+        lines.append("-- must be true: " + r.no_reused_tiebreaker.as_string(conn) + ";")
+        lines.extend(statement.as_string(conn) + ";" for statement in r.apply)
+        lines.append("-- after each batch, must be true: " + r.batch_applied.as_string(conn)
+                     + ";")
+        check = r.touched_rows_in_archive if under_lock else r.touched_rows_settled
+        lines.append("-- and: " + check.as_string(conn) + ";")
+        if not under_lock:
+            lines.append("-- then must be true: " + r.all_rows_in_archive.as_string(conn) + ";")
+
     for plan in plans:
         lines += [f"-- note: {note}" for note in plan.notes]
-    before, locking = _phases(plans, options)
+    before, locking_steps, locked = _phases(plans, options)
     lines.append("begin;")
     for step in before:
         add(step)
+    for plan in _restoring(plans):
+        add_restore(plan, under_lock=False)
     lines.append("savepoint cutover;")
-    for step in locking:
+    for step in [*locking_steps, *locked]:
         add(step)
-    for plan in plans:
-        for step in plan.diff:
-            add(step)
-        if plan.counts is not None:
-            lines.append("-- rows inserted, updated and deleted since the swap, for the report")
-            lines.append(plan.counts.as_string(conn) + ";")
+    for plan in _restoring(plans):
+        add_restore(plan, under_lock=True)
     for plan in plans:
         for step in plan.cutover:
             add(step)
     lines += ["release savepoint cutover;", "commit;"]
+    add(FLUSH)
+    for plan in plans:
+        for step in plan.validate:
+            add(step)
     return "\n".join(lines)
 
 
-def _advisory_lock(conn: psycopg.Connection) -> None:
-    if not conn.execute("select pg_try_advisory_lock(%s)",
-                        (swap.ADVISORY_LOCK_KEY,)).fetchone()[0]:
-        raise RunnerError("another runner swap, rollback or cleanup is working on this "
-                          "database: wait for it to finish, then run again")
+def _carry_over(conn: psycopg.Connection, plan: TableRollback, *, under_lock: bool) -> None:
+    """Carry a table's captured writes over to its original until the log is empty (under the
+    lock) or the remaining writes are few, each batch proven."""
+    r, live = plan.restore, plan.entry.live
+    while conn.execute(r.anything_pending).fetchone()[0]:
+        run_batched(conn, [Step("", statement) for statement in r.take_batch])
+        if conn.execute(r.taken).fetchone()[0] == 0:
+            return
+        if conn.execute(r.truncated).fetchone()[0]:
+            raise RunnerError(f"cannot roll back {live}: it was truncated since the swap, and "
+                              "which rows that took is nowhere recorded; nothing was changed; "
+                              f"the original rows stay in {plan.archive}")
+        run_steps(conn, [
+            Step(f"no row written to {live} since the swap reuses the tie-breaker of a row the "
+                 "swap removed, which the original still holds", r.no_reused_tiebreaker,
+                 check=True)])
+        run_batched(conn, [Step("", statement) for statement in r.apply])
+        run_steps(conn, [
+            Step(f"the batch took from {plan.archive} exactly the rows it names and gave it "
+                 "exactly their final versions", r.batch_applied, check=True),
+            Step(f"every row of {live} the batch touched is in {plan.archive} as it is now"
+                 + ("" if under_lock else ", unless a captured write waits to explain it"),
+                 r.touched_rows_in_archive if under_lock else r.touched_rows_settled,
+                 check=True)])
+        if not under_lock and conn.execute(r.pending).fetchone()[0] < SMALL_ENOUGH:
+            return
 
 
-def _with_lock(conn: psycopg.Connection, locking: list[Step], work: Callable[[], None],
-               tables: list[Relation], timeout_ms: int, wait_s: float) -> int:
-    """Run `work` under `locking` in a savepoint, tried again with backoff on lock timeouts;
-    returns the number of tries."""
-    deadline = time.monotonic() + wait_s
-    backoff = 0.05
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            with conn.transaction():
-                swap.run_steps(conn, locking)
-                work()
-            return attempts
-        except psycopg.errors.LockNotAvailable as error:
-            if time.monotonic() > deadline:
-                raise RunnerError(
-                    f"could not lock {', '.join(str(t) for t in tables)} in {attempts} tries of "
-                    f"{timeout_ms} ms over {wait_s:g} s, nothing was changed; held by "
-                    f"{swap.lock_holders(conn, tables)}: retry when they finish, or raise "
-                    "--lock-wait") from error
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+def execute(conn: psycopg.Connection, plans: list[TableRollback], options: RollbackOptions,
+            after_step: Callable[[str], None] | None = None) -> RollbackResult:
+    """Roll every planned table back in one transaction; any failed check changes nothing.
 
+    `after_step` is called with a label after each step and each lock try that timed out."""
+    step_done = after_step or (lambda label: None)
+    restoring = _restoring(plans)
+    before, locking_steps, locked = _phases(plans, options)
+    carried: dict[Relation, tuple[int, int, int, int]] = {}
+    locked_at = [0.0]
+    deadline = time.monotonic() + options.lock_wait_s
+    tables = _locked(plans)
 
-def execute(conn: psycopg.Connection, plans: list[TableRollback],
-            options: RollbackOptions) -> RollbackResult:
-    """Roll every planned table back in one transaction; any failed check changes nothing."""
-    _advisory_lock(conn)
-    try:
-        before, locking = _phases(plans, options)
-        carried: dict[Relation, tuple[int, int, int]] = {}
-        locked_at = 0.0
+    def gave_up(tries: int, error: Exception) -> str:
+        return (f"could not lock {', '.join(str(t) for t in tables)} in {tries} tries of "
+                f"{options.lock_timeout_ms} ms over {options.lock_wait_s:g} s, nothing was "
+                f"changed; held by {catalog.lock_holders(conn, tables)}: retry when they "
+                "finish, or raise --lock-wait")
 
-        def under_lock() -> None:
-            nonlocal locked_at
-            locked_at = time.perf_counter()
-            for plan in plans:
-                swap.run_steps(conn, plan.diff)
-                if plan.counts is not None:
-                    carried[plan.entry.live] = tuple(conn.execute(plan.counts).fetchone())
-            for plan in plans:
-                swap.run_steps(conn, plan.cutover)
+    def carry_all(under_lock: bool) -> None:
+        for plan in restoring:
+            _carry_over(conn, plan, under_lock=under_lock)
 
+    def cut_over() -> None:
+        run_steps(conn, locking_steps)
+        locked_at[0] = time.perf_counter()
+        step_done("lock")
+        # Before any row is written: these lock the parents of the foreign keys, and a
+        # timeout here must leave nothing to undo but the savepoint.
+        run_steps(conn, locked)
+        carry_all(under_lock=True)
+        for plan in restoring:
+            carried[plan.entry.live] = tuple(conn.execute(plan.restore.carried).fetchone())
+        run_batched(conn, [step for plan in plans for step in plan.cutover])
+        step_done("cutover")
+
+    def lock_try_failed(reason: Exception) -> None:
+        step_done("lock try timed out")
+        carry_all(under_lock=False)
+
+    with locking.one_runner(conn):
         with conn.transaction():
-            swap.run_steps(conn, before)
-            attempts = _with_lock(conn, locking, under_lock,
-                                  _locked(plans, options.archive_schema),
-                                  options.lock_timeout_ms, options.lock_wait_s)
-        lock_ms = (time.perf_counter() - locked_at) * 1000
-        return RollbackResult(plans, lock_ms, attempts, carried)
-    finally:
-        conn.execute("select pg_advisory_unlock(%s)", (swap.ADVISORY_LOCK_KEY,))
+            for step in before:
+                locking.retry_until(conn, lambda step=step: run_steps(conn, [step]),
+                                    wait_s=deadline - time.monotonic(), gave_up=gave_up)
+                step_done(step.why)
+            for plan in restoring:
+                _carry_over(conn, plan, under_lock=False)
+                run_steps(conn, [Step(f"every row of {plan.entry.live} is in {plan.archive} as "
+                                 "it is now, unless a captured write waits to explain it",
+                                 plan.restore.all_rows_in_archive, check=True)])
+                step_done(f"carried over to {plan.archive}")
+            carry_all(under_lock=False)
+            step_done("catch-up before the lock")
+            attempts = locking.retry_until(conn, cut_over,
+                                           wait_s=max(0.0, deadline - time.monotonic()),
+                                           gave_up=gave_up, between=lock_try_failed)
+        lock_ms = (time.perf_counter() - locked_at[0]) * 1000
+        run_steps(conn, [FLUSH])
+        notes = _validate(conn, plans, options)
+    return RollbackResult(plans, lock_ms, attempts, carried, notes)
+
+
+def _validate(conn: psycopg.Connection, plans: list[TableRollback],
+              options: RollbackOptions) -> list[str]:
+    """Validate the foreign keys the originals got back, each in a transaction of its own that
+    blocks no writer; what fails stays NOT VALID, enforced for new rows, and is reported."""
+    notes = []
+    for plan in plans:
+        for step in plan.validate:
+            try:
+                locking.retry_until(
+                    conn, lambda step=step: (conn.execute(lock_timeout(options.lock_timeout_ms)),
+                                             conn.execute(step.statement)),
+                    wait_s=options.lock_wait_s,
+                    gave_up=lambda tries, error, step=step: f"could not lock for {step.why}")
+            except (RunnerError, psycopg.errors.ForeignKeyViolation) as error:
+                said = (getattr(getattr(error, "diag", None), "message_detail", None)
+                        or str(error))
+                notes.append(f"{step.why}: not validated ({said}); it holds for every new row: "
+                             "fix the rows it names, then "
+                             f"{step.statement.as_string(conn)}")
+    return notes
 
 
 def report(result: RollbackResult) -> list[str]:
@@ -603,151 +601,15 @@ def report(result: RollbackResult) -> list[str]:
         if plan.rolled_back is None:
             lines.append(f"{entry.live}: dropped the constraint {entry.constraint_name}.")
             continue
-        inserted, updated, deleted = result.carried.get(entry.live, (0, 0, 0))
-        lines.append(f"{entry.live}: the original table is live again, with the writes made "
-                     f"since the swap ({inserted:,} inserted, {updated:,} updated, {deleted:,} "
-                     f"deleted rows); the deduplicated table is kept as {plan.rolled_back}.")
+        inserted, updated, deleted, rows = result.carried.get(entry.live, (0, 0, 0, 0))
+        lines.append(f"{entry.live}: the original table is live again, {rows:,} rows, with the "
+                     f"writes made since the swap ({inserted:,} inserted, {updated:,} updated, "
+                     f"{deleted:,} deleted rows); the deduplicated table is kept as "
+                     f"{plan.rolled_back}.")
         lines += [f"  note: {note}" for note in plan.notes]
+    lines += [f"Note: {note}" for note in result.notes]
     lines.append(f"Live tables locked for {result.lock_ms:.0f} ms ({result.attempts} "
                  f"{'try' if result.attempts == 1 else 'tries'}).")
     if any(p.rolled_back for p in result.plans):
         lines.append("To swap again: `runner capture`, `dbt build`, then `runner swap`.")
     return lines
-
-
-# Cleanup.
-
-_AGE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|min|h|d)\s*")
-_AGE_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400}
-
-
-def parse_age(text: str) -> timedelta:
-    match = _AGE.fullmatch(text)
-    if not match:
-        raise RunnerError(f"--older-than {text!r} is not an age such as 7d, 12h, 30min or 0s")
-    return timedelta(seconds=float(match.group(1)) * _AGE_UNITS[match.group(2)])
-
-
-@dataclass(frozen=True)
-class CleanupItem:
-    entry: LogEntry
-    drop: tuple[Relation, ...]
-    """What the swap and its rollback kept, as far as it still exists."""
-
-
-@dataclass(frozen=True)
-class CleanupResult:
-    items: list[CleanupItem]
-    freed: list[tuple[Relation, int]]
-    """Each dropped table with its total size, indexes and TOAST included."""
-
-
-def kept_by(entry: LogEntry, archive_schema: str) -> list[Relation]:
-    """What a swap left in the archive schema; after a rollback its archive is the live table
-    again, and what is kept instead is the deduplicated table."""
-    if entry.action != "swap" or not entry.archive_table:
-        return []
-    kept = [Relation(archive_schema, kept_rows_name(entry.archive_table))]
-    if entry.rolled_back_at is None:
-        return [Relation(archive_schema, entry.archive_table), *kept]
-    if entry.rolled_back_table:
-        return [Relation(archive_schema, entry.rolled_back_table), *kept]
-    return kept
-
-
-def plan_cleanup(conn: psycopg.Connection, archive_schema: str,
-                 older_than: timedelta) -> list[CleanupItem]:
-    """Every swap older than the age whose leftovers were not cleaned up yet."""
-    if not _log_exists(conn, archive_schema):
-        return []
-    query = sql.SQL(_LOG_ROWS + " where action = 'swap' and cleaned_at is null"
-                    " and swapped_at < now() - %s::interval"
-                    " order by swapped_at, live_schema, live_table").format(
-        log=_log(archive_schema))
-    items = []
-    for entry in _entries(conn.execute(query, (older_than,)).fetchall()):
-        drop = tuple(r for r in kept_by(entry, archive_schema) if _exists(conn, r))
-        items.append(CleanupItem(entry, drop))
-    return items
-
-
-def cleanup_steps(items: list[CleanupItem], archive_schema: str) -> list[Step]:
-    steps = []
-    for item in items:
-        entry = item.entry
-        # No cascade: a view someone built on an archive must stop the cleanup, not vanish.
-        steps += [Step(f"drop {relation}, kept by the swap of {entry.live} at "
-                       f"{_when(entry.swapped_at)}",
-                       sql.SQL("drop table {}").format(_id(relation)))
-                  for relation in item.drop]
-        steps.append(Step(
-            "so that a rollback says the archive was cleaned up",
-            sql.SQL("update {} set cleaned_at = now() where live_schema = {} and live_table = {}"
-                    " and swapped_at = {} and action = {}").format(
-                _log(archive_schema), sql.Literal(entry.live.schema),
-                sql.Literal(entry.live.name), sql.Literal(entry.swapped_at),
-                sql.Literal(entry.action))))
-    return steps
-
-
-def _cleanup_phases(items: list[CleanupItem], options: RollbackOptions
-                    ) -> tuple[list[Step], list[Step], list[Step]]:
-    dropped = [r for item in items for r in item.drop]
-    before: list[Step] = []
-    # DROP also locks the parents its foreign keys reference, which the ETL writes: the
-    # timeout keeps it from making the ETL queue, as for the swap.
-    locking = [Step("wait at most this long for each lock, here and in each drop",
-                    lock_timeout(options.lock_timeout_ms))]
-    if dropped:
-        locking.append(Step("the tables to drop, all at once",
-                            sql.SQL("lock table {} in access exclusive mode").format(
-                                sql.SQL(", ").join(_id(r) for r in dropped))))
-    return before, locking, cleanup_steps(items, options.archive_schema)
-
-
-def sizes(relations: list[Relation]) -> sql.Composed:
-    return sql.SQL("select array[{}]::bigint[]").format(sql.SQL(", ").join(
-        sql.SQL("pg_total_relation_size({})").format(_regclass(r)) for r in relations))
-
-
-def render_cleanup(conn: psycopg.Connection, items: list[CleanupItem],
-                   options: RollbackOptions) -> str:
-    before, locking, steps = _cleanup_phases(items, options)
-    lines = ["begin;"]
-    for step in [*before, *locking, *steps]:
-        if step.why:
-            lines.append(f"-- {step.why}")
-        lines.append(step.statement.as_string(conn) + ";")
-    lines.append("commit;")
-    return "\n".join(lines)
-
-
-def execute_cleanup(conn: psycopg.Connection, items: list[CleanupItem],
-                    options: RollbackOptions) -> CleanupResult:
-    """Drop everything the items name and mark their swap_log rows, in one transaction."""
-    _advisory_lock(conn)
-    try:
-        before, locking, steps = _cleanup_phases(items, options)
-        dropped = [r for item in items for r in item.drop]
-        freed: list[tuple[Relation, int]] = []
-
-        def drop() -> None:
-            freed.clear()
-            if dropped:
-                freed.extend(zip(dropped, conn.execute(sizes(dropped)).fetchone()[0],
-                                 strict=True))
-            try:
-                swap.run_steps(conn, steps)
-            except psycopg.errors.DependentObjectsStillExist as error:
-                detail = (error.diag.message_detail or "").splitlines()
-                raise RunnerError(f"nothing was dropped: {error.diag.message_primary} "
-                                  f"({'; '.join(detail)}); drop or move those objects first"
-                                  ) from error
-
-        with conn.transaction():
-            swap.run_steps(conn, before)
-            _with_lock(conn, locking, drop, dropped, options.lock_timeout_ms,
-                       options.lock_wait_s)
-        return CleanupResult(items, freed)
-    finally:
-        conn.execute("select pg_advisory_unlock(%s)", (swap.ADVISORY_LOCK_KEY,))

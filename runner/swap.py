@@ -13,31 +13,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
-from runner import artifacts, capture, catalog
+from runner import artifacts, capture, catalog, locking, swap_log
+from runner.artifacts import Relation
 from runner.errors import RunnerError
+from runner.locking import lock_timeout
 from runner.plan import (
     BuildCounts,
     Step,
     TablePlan,
     check_columns,
-    check_spec_columns,
     lock_statement,
-    lock_timeout,
-    log_entry,
-    log_table,
     plan_table,
 )
 
 DEFAULT_ARCHIVE_SCHEMA = "dedup_archive"
-# One runner at a time per database: the key is arbitrary but fixed.
-ADVISORY_LOCK_KEY = 4_242_001
 # Replay outside the lock until fewer changes than this wait, so the lock covers only a few.
 SMALL_ENOUGH = 200
 
@@ -61,42 +57,69 @@ class SwapResult:
     attempts: int = 0
     replayed: int = 0
     """Captured writes replayed into the new tables."""
+    rows: dict[Relation, tuple[int, int]] = field(default_factory=dict)
+    """Per table, the rows of the original and of the new table at commit."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A change capture from the archive schema's registry."""
+
+    capture: capture.Capture
+    xid: int
+    """The transaction that installed it."""
+    started_at: datetime
+    trigger: str | None
+    """How its trigger is enabled (pg_trigger.tgenabled), or None when it is missing."""
+    live_exists: bool
+    log_exists: bool
+
+
+def registered_captures(conn: psycopg.Connection, archive_schema: str) -> list[Registered]:
+    """Every capture the registry holds, whatever its state."""
+    if not catalog.exists(conn, Relation(archive_schema, capture.REGISTRY)):
+        return []
+    return [Registered(capture.Capture(Relation(schema, table), Relation(archive_schema, log),
+                                       Relation(archive_schema, function), since_swap_of),
+                       int(xid), started_at, trigger, live_exists, log_exists)
+            for (schema, table, log, function, since_swap_of, xid, started_at, live_exists,
+                 trigger, log_exists) in conn.execute(capture.registered(archive_schema))]
 
 
 def build_counts(conn: psycopg.Connection, target: artifacts.DedupTarget) -> BuildCounts:
     relation = sql.Identifier(target.key_groups.schema, target.key_groups.name)
     try:
-        rows, keys = conn.execute(
-            sql.SQL("select coalesce(sum(dedup_rows), 0), count(*) from {}").format(relation)
+        rows, keys, snapshot = conn.execute(sql.SQL(
+            "select coalesce(sum(dedup_rows), 0), count(*),"
+            " (select dedup_snapshot::text from {} limit 1) from {}").format(relation, relation)
         ).fetchone()
     except psycopg.errors.UndefinedTable as error:
         raise RunnerError(f"{target.key_groups} does not exist: run `dbt build`") from error
-    return BuildCounts(int(rows), int(keys))
+    return BuildCounts(int(rows), int(keys), snapshot)
 
 
-def captures(conn: psycopg.Connection, archive_schema: str) -> dict[tuple[str, str], int]:
-    """The transaction id that started each live table's change capture still in place."""
-    exists = conn.execute("select to_regclass(format('%%I.%%I', %s::text, %s::text))",
-                          (archive_schema, capture.REGISTRY)).fetchone()[0]
-    if exists is None:
-        return {}
-    rows = conn.execute(capture.installed(archive_schema)).fetchall()
-    return {(schema, table): xid for schema, table, xid in rows}
+def _check_capture_before_build(conn: psycopg.Connection, plan: TablePlan, xid: int) -> None:
+    if plan.counts.snapshot is None:
+        return
+    seen = conn.execute("select pg_visible_in_snapshot(%s::xid8, %s::pg_snapshot)",
+                        (str(xid), plan.counts.snapshot)).fetchone()[0]
+    if not seen:
+        raise RunnerError(f"the change capture of {plan.target.live} started after dbt read "
+                          "it: run `runner capture`, then `dbt build`, then `runner swap`, so "
+                          "that no write between the build and the swap is lost")
 
 
-def _check_capture_before_build(conn: psycopg.Connection, plan: TablePlan,
-                                xid: int | None) -> None:
-    live = plan.target.live
-    advice = ("run `runner capture`, then `dbt build`, then `runner swap`, so that no write "
-              "between the build and the swap is lost")
-    if xid is None:
-        raise RunnerError(f"{live} has no change capture: {advice}")
-    groups = sql.Identifier(plan.target.key_groups.schema, plan.target.key_groups.name)
-    seen = conn.execute(
-        sql.SQL("select pg_visible_in_snapshot(%s::xid8, dedup_snapshot) from {} limit 1")
-        .format(groups), (str(xid),)).fetchone()
-    if seen is not None and seen[0] is not True:
-        raise RunnerError(f"the change capture of {live} started after dbt read it: {advice}")
+def _swapped_since_build(conn: psycopg.Connection, archive_schema: str, live: Relation,
+                         snapshot: str | None) -> bool:
+    """Whether the table's latest swap, still in effect, committed after the build read it."""
+    if snapshot is None or not swap_log.exists(conn, archive_schema):
+        return False
+    row = conn.execute(sql.SQL(
+        "select rolled_back_at is null and not pg_visible_in_snapshot(xid, %s::pg_snapshot)"
+        " from {} where live_schema = %s and live_table = %s order by swapped_at desc limit 1"
+    ).format(sql.Identifier(archive_schema, swap_log.SWAP_LOG)),
+        (snapshot, live.schema, live.name)).fetchone()
+    return bool(row and row[0])
 
 
 def make_plans(conn: psycopg.Connection, options: SwapOptions,
@@ -105,16 +128,23 @@ def make_plans(conn: psycopg.Connection, options: SwapOptions,
     targets = artifacts.select_targets(artifacts.load_targets(options.target_dir), options.select)
     artifacts.check_build(options.target_dir, targets)
     stamp = stamp or datetime.now(timezone.utc)
-    started = captures(conn, options.archive_schema)
+    before_swap = {(r.capture.live.schema, r.capture.live.name): r
+                   for r in registered_captures(conn, options.archive_schema)
+                   if r.capture.since_swap_of is None and r.trigger is not None}
     plans = []
     for target in targets:
         live = catalog.read_live_table(conn, target.live)
         check_columns(target, live, catalog.relation_columns(conn, target.deduplicated))
-        xid = started.get((target.live.schema, target.live.name))
-        plan = plan_table(target, live, build_counts(conn, target), stamp,
-                          options.archive_schema, captured_now=xid is not None)
+        counts = build_counts(conn, target)
+        registered = before_swap.get((target.live.schema, target.live.name))
+        plan = plan_table(
+            target, live, counts, stamp, options.archive_schema,
+            registered.capture if registered else None,
+            swapped_since_build=_swapped_since_build(conn, options.archive_schema, target.live,
+                                                     counts.snapshot),
+            server_version=conn.info.server_version)
         if plan.action == "swap":
-            _check_capture_before_build(conn, plan, xid)
+            _check_capture_before_build(conn, plan, registered.xid)
         plans.append(plan)
     return plans
 
@@ -126,35 +156,35 @@ def make_plans(conn: psycopg.Connection, options: SwapOptions,
 ASYNC_COMMIT = Step("commit without waiting for the disk, so the locks end before the flush; "
                     "the flush is awaited after the commit, before anything is reported",
                     sql.SQL("set local synchronous_commit = off"))
-FLUSH = Step("wait for the swap's commit to reach the disk: this transaction's own commit "
-             "flushes the log up to it", sql.SQL("select pg_current_xact_id()"))
+FLUSH = Step("wait for the commit to reach the disk: this transaction's own commit flushes "
+             "the log up to it", sql.SQL("select pg_current_xact_id()"))
+
+
+def archive_schema_steps(archive_schema: str) -> list[Step]:
+    """The archive schema and the tables every swap and capture writes to."""
+    return [Step("the archive schema, made if there is none", capture.ensure_schema(
+                archive_schema)),
+            Step("the record of every swap, for the summary, rollback and cleanup",
+                 swap_log.table(archive_schema)),
+            Step("the registry of change captures", capture.registry_table(archive_schema))]
 
 
 def _phases(plans: list[TablePlan], options: SwapOptions) -> tuple[list[Step], list[Step],
                                                                      list[Step]]:
     """The statements before the lock, the ones that take it, and the ones under it."""
     active = [p for p in plans if p.cutover or p.concurrent]
-    before = [ASYNC_COMMIT,
-              Step("record of every swap, for the summary, rollback and cleanup",
-                   sql.SQL("create schema if not exists {}").format(
-                       sql.Identifier(options.archive_schema))),
-              Step("", log_table(options.archive_schema)),
-              Step("", capture.registry_table(options.archive_schema))]
+    before = [ASYNC_COMMIT, *archive_schema_steps(options.archive_schema),
+              Step("", capture.counts_table())]
     for plan in active:
         before += plan.prepare
-    locking = [
+    locking_steps = [
         Step("wait at most this long for the lock, so no session queues behind the runner for "
              "longer; on timeout, replay and try again",
              lock_timeout(options.lock_timeout_ms)),
         Step("all tables at once", lock_statement(active)),
     ]
-    under_lock = []
-    for plan in active:
-        under_lock += plan.cutover
-        if plan.action != "nothing":
-            under_lock.append(Step(f"record the swap of {plan.target.live}",
-                                   log_entry(plan, options.archive_schema)))
-    return before, locking, under_lock
+    under_lock = [step for plan in active for step in plan.cutover]
+    return before, locking_steps, under_lock
 
 
 def _lock_summary(plans: list[TablePlan], options: SwapOptions) -> list[str]:
@@ -207,6 +237,7 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
                          else ""))
         for statement in replay.take_batch:
             lines.append(statement.as_string(conn) + ";")
+        lines.append("-- a TRUNCATE stops the swap: " + replay.truncated.as_string(conn) + ";")
         lines.append("-- only when this is true: " + replay.needs_rescan.as_string(conn) + ";")
         for statement in replay.rescan:
             lines.append(statement.as_string(conn) + ";")
@@ -220,7 +251,7 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
     for plan in plans:
         for step in plan.concurrent:
             add(step)
-    before, locking, under_lock = _phases(plans, options)
+    before, locking_steps, under_lock = _phases(plans, options)
     lines.append("begin;")
     for step in before:
         add(step)
@@ -229,7 +260,7 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
             add_replay(plan, under_lock=False)
     lines.append("-- once more for every table, for the writes made during the checks")
     lines.append("savepoint cutover;")
-    for step in locking:
+    for step in locking_steps:
         add(step)
     for plan in plans:
         if plan.replay:
@@ -254,25 +285,6 @@ def run_steps(conn: psycopg.Connection, steps: list[Step]) -> None:
             raise RunnerError(f"check failed, nothing was changed: {step.why} ({details})")
 
 
-def _run_retrying(conn: psycopg.Connection, step: Step, deadline: float,
-                  options: SwapOptions) -> None:
-    """One step in a savepoint of its own, tried again while a lock it needs is held."""
-    backoff = 0.05
-    while True:
-        try:
-            with conn.transaction():
-                run_steps(conn, [step])
-            return
-        except psycopg.errors.LockNotAvailable as error:
-            if time.monotonic() > deadline:
-                raise RunnerError(
-                    f"could not get a lock for \"{step.why}\" within {options.lock_wait_s:g} "
-                    f"s, nothing was changed; {error.diag.message_primary}: retry when the "
-                    "session holding it finishes, or raise --lock-wait") from error
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
-
-
 def run_batched(conn: psycopg.Connection, steps: list[Step]) -> None:
     """As run_steps, but consecutive statements go to the server as one string: under the lock
     the round trips, not the statements, are most of the time."""
@@ -292,7 +304,7 @@ def run_batched(conn: psycopg.Connection, steps: list[Step]) -> None:
     flush()
 
 
-class _NeedsRescan(Exception):
+class _NeedsRescan(locking.Retry):
     """Under the lock, a captured write needs a scan of a live table: give the lock back."""
 
 
@@ -303,16 +315,19 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool) -> i
     replayed = 0
     while conn.execute(replay.anything_pending).fetchone()[0]:
         run_batched(conn, [Step("", statement) for statement in replay.take_batch])
-        batch = conn.execute("select count(*) from dedup_batch").fetchone()[0]
-        if batch == 0:
+        if conn.execute(replay.taken).fetchone()[0] == 0:
             return replayed
+        if conn.execute(replay.truncated).fetchone()[0]:
+            raise RunnerError(f"{plan.target.live} was truncated after dbt read it, so the "
+                              "build no longer says which rows to keep; nothing was changed: "
+                              "run `dbt build` again, then `runner swap`")
         if conn.execute(replay.needs_rescan).fetchone()[0]:
             if under_lock:
                 raise _NeedsRescan
             for statement in replay.rescan:
                 conn.execute(statement)
         run_batched(conn, [Step("", statement) for statement in replay.apply])
-        replayed += batch
+        replayed += conn.execute("select count(*) from pg_temp.dedup_batch").fetchone()[0]
         if under_lock:
             run_steps(conn, [Step(f"every row the replay touched in {plan.target.live} equals its "
                              "live row", replay.touched_rows_match, check=True)])
@@ -325,143 +340,95 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool) -> i
     return replayed
 
 
-def _lock_holders(conn: psycopg.Connection, plans: list[TablePlan]) -> str:
-    return lock_holders(conn, [p.target.live for p in plans])
-
-
-def lock_holders(conn: psycopg.Connection, tables: list[artifacts.Relation]) -> str:
-    """Who holds a lock on these tables, for the message of a runner that gives up."""
-    names = [f"{table.schema}.{table.name}" for table in tables]
-    rows = conn.execute(
-        """
-        select distinct l.pid, coalesce(a.usename, '?'), coalesce(a.application_name, ''),
-               coalesce(a.state, ''), left(coalesce(a.query, ''), 60)
-        from pg_locks as l
-        join pg_class as c on c.oid = l.relation
-        join pg_namespace as n on n.oid = c.relnamespace
-        left join pg_stat_activity as a on a.pid = l.pid
-        where l.granted and l.pid <> pg_backend_pid()
-            and n.nspname || '.' || c.relname = any(%s)
-        """,
-        (names,),
-    ).fetchall()
-    return "; ".join(f"pid {pid} ({user} {app} {state}: {query})"
-                     for pid, user, app, state, query in rows) or "no holder left by now"
+def _rows_at_commit(conn: psycopg.Connection,
+                    archive_schema: str) -> dict[Relation, tuple[int, int]]:
+    """What this transaction recorded in swap_log: rows before and after, at commit."""
+    rows = conn.execute(sql.SQL(
+        "select live_schema, live_table, rows_before, rows_after from {}"
+        " where xid = pg_current_xact_id()").format(
+            sql.Identifier(archive_schema, swap_log.SWAP_LOG))).fetchall()
+    return {Relation(schema, table): (before, after) for schema, table, before, after in rows}
 
 
 def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptions,
             after_step: Callable[[str], None] | None = None) -> SwapResult:
     """Swap every planned table in one transaction; any failed check rolls all of them back.
 
-    `after_step` is called with a label after each step, for tests that interrupt the runner.
+    `after_step` is called with a label after each step, and after each lock try that timed
+    out, for progress and for tests that interrupt the runner or write meanwhile.
     """
     active = [p for p in plans if p.cutover or p.concurrent]
     if not active:
         return SwapResult(plans, 0.0)
     step_done = after_step or (lambda label: None)
-    if not conn.execute("select pg_try_advisory_lock(%s)", (ADVISORY_LOCK_KEY,)).fetchone()[0]:
-        raise RunnerError("another runner swap, rollback or cleanup is working on this "
-                          "database: wait for it to finish, then run again")
     replaying = [p for p in active if p.replay]
-    try:
+    live_tables = [p.target.live for p in active]
+    with locking.one_runner(conn):
         for plan in active:
             run_steps(conn, plan.concurrent)
             step_done(f"concurrent index of {plan.target.live}")
-        before, locking, under_lock = _phases(plans, options)
-        replayed = attempts = 0
+        before, locking_steps, under_lock = _phases(plans, options)
+        replayed = [0]
+        locked_at = [0.0]
+        rows: dict[Relation, tuple[int, int]] = {}
         deadline = time.monotonic() + options.lock_wait_s
+
+        def replay_all(under_lock: bool) -> None:
+            for plan in replaying:
+                replayed[0] += _replay(conn, plan, under_lock=under_lock)
+
+        def cut_over() -> None:
+            run_steps(conn, locking_steps)
+            locked_at[0] = time.perf_counter()
+            step_done("lock")
+            replay_all(under_lock=True)
+            run_batched(conn, under_lock)
+            rows.update(_rows_at_commit(conn, options.archive_schema))
+            step_done("cutover")
+
+        def lock_try_failed(reason: Exception) -> None:
+            step_done("lock try timed out" if isinstance(reason, psycopg.errors.LockNotAvailable)
+                      else "lock given back for a rescan")
+            replay_all(under_lock=False)
+
+        def gave_up(tries: int, reason: Exception) -> str:
+            if isinstance(reason, _NeedsRescan):
+                return (f"gave up after {tries} tries over {options.lock_wait_s:g} s, nothing "
+                        "was changed: the ETL keeps deleting or re-keying kept rows, which can "
+                        "only be replayed outside the lock; pause it briefly, or raise "
+                        "--lock-wait")
+            return (f"could not lock the live tables in {tries} tries of "
+                    f"{options.lock_timeout_ms} ms over {options.lock_wait_s:g} s, nothing was "
+                    f"changed; held by {catalog.lock_holders(conn, live_tables)}: retry when "
+                    "they finish, or raise --lock-wait")
+
         with conn.transaction():
             # Every lock, not only the last one: adding a foreign key to a new table locks its
             # parent against writers, and must not make them queue behind the runner either.
             conn.execute(lock_timeout(options.lock_timeout_ms))
             for step in before:
-                _run_retrying(conn, step, deadline, options)
+                locking.retry_until(
+                    conn, lambda step=step: run_steps(conn, [step]),
+                    wait_s=deadline - time.monotonic(),
+                    gave_up=lambda tries, error, step=step: (
+                        f"could not get a lock for \"{step.why}\" within "
+                        f"{options.lock_wait_s:g} s, nothing was changed; "
+                        f"{error.diag.message_primary}: retry when the session holding it "
+                        "finishes, or raise --lock-wait"))
                 step_done(step.why)
             for plan in replaying:
-                replayed += _replay(conn, plan, under_lock=False)
+                replayed[0] += _replay(conn, plan, under_lock=False)
                 run_steps(conn, [Step(f"every kept row of {plan.target.live} equals its live row, "
                                  "unless a captured write waits to explain it",
                                  plan.replay.all_rows_match, check=True)])
                 step_done(f"replay before the lock of {plan.target.live}")
             # The ETL kept writing while the other tables were checked: what it wrote then is
             # replayed now, not under the lock.
-            for plan in replaying:
-                replayed += _replay(conn, plan, under_lock=False)
+            replay_all(under_lock=False)
             step_done("catch-up replay before the lock")
-            backoff = 0.05
-            while True:
-                attempts += 1
-                try:
-                    with conn.transaction():
-                        run_steps(conn, locking)
-                        locked_at = time.perf_counter()
-                        step_done("lock")
-                        for plan in replaying:
-                            replayed += _replay(conn, plan, under_lock=True)
-                        run_batched(conn, under_lock)
-                        step_done("cutover")
-                    break
-                except (psycopg.errors.LockNotAvailable, _NeedsRescan) as reason:
-                    if time.monotonic() > deadline:
-                        if isinstance(reason, _NeedsRescan):
-                            raise RunnerError(
-                                f"gave up after {attempts} tries over {options.lock_wait_s:g} "
-                                "s, nothing was changed: the ETL keeps deleting or re-keying "
-                                "kept rows, which can only be replayed outside the lock; "
-                                "pause it briefly, or raise --lock-wait") from reason
-                        raise RunnerError(
-                            f"could not lock the live tables in {attempts} tries of "
-                            f"{options.lock_timeout_ms} ms over {options.lock_wait_s:g} s, "
-                            f"nothing was changed; held by {_lock_holders(conn, active)}: "
-                            "retry when they finish, or raise --lock-wait") from reason
-                    if isinstance(reason, psycopg.errors.LockNotAvailable):
-                        time.sleep(backoff)
-                        backoff = min(backoff * 2, 1.0)
-                    for plan in replaying:
-                        replayed += _replay(conn, plan, under_lock=False)
-        lock_ms = (time.perf_counter() - locked_at) * 1000
+            attempts = locking.retry_until(conn, cut_over,
+                                           wait_s=max(0.0, deadline - time.monotonic()),
+                                           gave_up=gave_up, between=lock_try_failed)
+        lock_ms = (time.perf_counter() - locked_at[0]) * 1000
         run_steps(conn, [FLUSH])
-        return SwapResult(plans, lock_ms, attempts, replayed)
-    except psycopg.errors.LockNotAvailable as error:
-        raise RunnerError(f"gave up waiting for a lock, nothing was changed: "
-                          f"{error.diag.message_primary}; retry when the session holding it "
-                          "finishes") from error
-    finally:
-        conn.execute("select pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
-
-
-def start_capture(conn: psycopg.Connection, targets: list[artifacts.DedupTarget],
-                  options: SwapOptions) -> list[artifacts.Relation]:
-    """Put the change capture on each target's live table; returns those newly captured.
-
-    Each table is its own transaction: creating a trigger needs SHARE ROW EXCLUSIVE, which
-    waits for the ETL's writes, so it is tried with the short lock_timeout and retried.
-    """
-    for target in targets:
-        check_spec_columns(target, catalog.read_live_table(conn, target.live))
-    already = captures(conn, options.archive_schema)
-    started = []
-    for target in targets:
-        live = target.live
-        if (live.schema, live.name) in already:
-            continue
-        statements = capture.install(capture.Capture.of(live, options.archive_schema))
-        deadline = time.monotonic() + options.lock_wait_s
-        backoff = 0.05
-        while True:
-            try:
-                with conn.transaction():
-                    conn.execute(lock_timeout(options.lock_timeout_ms))
-                    for statement in statements:
-                        conn.execute(statement)
-                break
-            except psycopg.errors.LockNotAvailable as error:
-                if time.monotonic() > deadline:
-                    raise RunnerError(
-                        f"could not lock {live} to start its change capture within "
-                        f"{options.lock_wait_s:g} s; held by "
-                        f"{lock_holders(conn, [live])}: retry when they finish") from error
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-        started.append(live)
-    return started
+        return SwapResult(plans, lock_ms, attempts, replayed[0], rows)

@@ -11,7 +11,6 @@ replayed on a sample of its rows, which must insert nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import psycopg
 from psycopg import sql
@@ -20,8 +19,8 @@ from runner import catalog
 from runner.artifacts import DedupSpec, DedupTarget, Relation
 from runner.catalog import LiveTable
 from runner.errors import RunnerError
-from runner.plan import SWAP_LOG, lock_timeout
-from runner.rollback import latest_swaps
+from runner.locking import lock_timeout
+from runner.swap_log import SWAP_LOG, latest_swaps, when
 from runner.units import size_text
 
 # The policies under which a NULL in the key is data. Any other (forbidden; backfill, whose
@@ -315,9 +314,6 @@ def check_sequences(conn: psycopg.Connection, live: LiveTable,
     return True, "; ".join(state for _, state in found)
 
 
-def _when(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
 
 def check_size(conn: psycopg.Connection, live: LiveTable, rows_now: int,
                archive_schema: str) -> tuple[bool, str]:
@@ -329,7 +325,7 @@ def check_size(conn: psycopg.Connection, live: LiveTable, rows_now: int,
     if swap is None:
         return True, (f"{rows_now:,} rows, {now} now; no swap in effect in "
                       f"{archive_schema}.{SWAP_LOG} to compare with")
-    return True, (f"{rows_now:,} rows, {now} now; swap at {_when(swap.swapped_at)}: "
+    return True, (f"{rows_now:,} rows, {now} now; swap at {when(swap.swapped_at)}: "
                   f"{swap.rows_before:,} rows, {size_text(swap.bytes_before)} before, "
                   f"{swap.rows_after:,} rows, {size_text(swap.bytes_after)} after")
 

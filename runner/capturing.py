@@ -1,0 +1,172 @@
+"""`runner capture`: start, show and stop change captures, against the database.
+
+Starting captures every chosen table or none: one transaction locks them all at once, with the
+short lock_timeout of every runner lock, and installs each table's capture (runner.capture).
+Stopping removes every trigger, function and log table a capture made, and the registry and
+archive schema too once nothing else is in them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg
+from psycopg import sql
+
+from runner import capture, catalog, locking, swap_log
+from runner.artifacts import DedupTarget, Relation
+from runner.errors import RunnerError
+from runner.locking import lock_timeout
+from runner.plan import check_spec_columns, refuse_unsupported
+from runner.swap import Registered, registered_captures
+
+
+@dataclass(frozen=True)
+class LockOptions:
+    archive_schema: str
+    lock_timeout_ms: int = 100
+    lock_wait_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Started:
+    started: list[Relation]
+    already: list[Registered]
+    """Tables whose capture was in place already: before a swap, or since one."""
+
+
+def start(conn: psycopg.Connection, targets: list[DedupTarget],
+          options: LockOptions) -> Started:
+    """Capture the writes to every target's live table, or to none: every table is checked
+    first, then all are captured in one transaction."""
+    for target in targets:
+        live = catalog.read_live_table(conn, target.live)
+        check_spec_columns(target, live)
+        if live.enforcing_index(target.spec) is None:
+            refuse_unsupported(target.spec, live, conn.info.server_version)
+    in_place = {r.capture.live: r for r in registered_captures(conn, options.archive_schema)
+                if r.trigger is not None and r.log_exists}
+    to_start = [t.live for t in targets if t.live not in in_place]
+    already = [in_place[t.live] for t in targets if t.live in in_place]
+    if not to_start:
+        return Started([], already)
+    statements = [lock_timeout(options.lock_timeout_ms),
+                  capture.ensure_schema(options.archive_schema),
+                  capture.registry_table(options.archive_schema),
+                  # All at once, so the runner never holds one while it queues for another.
+                  sql.SQL("lock table {} in share row exclusive mode").format(
+                      sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in to_start))]
+    for live in to_start:
+        statements += capture.install(capture.Capture.before_swap(live, options.archive_schema))
+
+    def install() -> None:
+        for statement in statements:
+            conn.execute(statement)
+
+    with locking.one_runner(conn), conn.transaction():
+        locking.retry_until(
+            conn, install, wait_s=options.lock_wait_s,
+            gave_up=lambda tries, error: (
+                f"could not lock {', '.join(str(t) for t in to_start)} to start their change "
+                f"capture in {tries} tries over {options.lock_wait_s:g} s, nothing was "
+                f"changed; held by {catalog.lock_holders(conn, to_start)}: retry when they "
+                "finish, or raise --lock-wait"))
+    return Started(to_start, already)
+
+
+@dataclass(frozen=True)
+class CaptureStatus:
+    registered: Registered
+    swapped_at: datetime | None
+    """For a capture since a swap: when that swap was."""
+    changes: int | None
+    """Changes waiting in its log; None when the log is gone."""
+    log_bytes: int | None
+
+    @property
+    def state(self) -> str:
+        r = self.registered
+        if not r.live_exists:
+            return f"broken: {r.capture.live} does not exist any more"
+        if r.trigger is None:
+            return "broken: its trigger is missing, writes are not captured"
+        if not r.log_exists:
+            return f"broken: its log {r.capture.log} is missing"
+        if r.trigger == "D":
+            return "broken: its trigger is disabled, writes are not captured"
+        return "capturing"
+
+    def as_row(self) -> dict:
+        r = self.registered
+        since = ("before the swap" if r.capture.since_swap_of is None
+                 else f"since the swap at {swap_log.when(self.swapped_at)}"
+                 if self.swapped_at else f"since the swap into {r.capture.since_swap_of}")
+        return {"table": str(r.capture.live), "phase": since,
+                "started": swap_log.when(r.started_at), "state": self.state,
+                "changes": self.changes, "log_bytes": self.log_bytes,
+                "log": str(r.capture.log)}
+
+
+def status(conn: psycopg.Connection, archive_schema: str) -> list[CaptureStatus]:
+    swaps = {e.archive_table: e.swapped_at for e in swap_log.read(conn, archive_schema)
+             if e.archive_table}
+    found = []
+    for registered in registered_captures(conn, archive_schema):
+        log = registered.capture.log
+        changes = log_bytes = None
+        if registered.log_exists:
+            changes, log_bytes = conn.execute(sql.SQL(
+                "select count(*), pg_total_relation_size({}::regclass) from {}").format(
+                    sql.Literal(sql.Identifier(log.schema, log.name).as_string()),
+                    sql.Identifier(log.schema, log.name))).fetchone()
+        found.append(CaptureStatus(registered,
+                                   swaps.get(registered.capture.since_swap_of), changes,
+                                   log_bytes))
+    return found
+
+
+def _chosen(found: list[Registered], select: list[str] | None,
+            archive_schema: str) -> list[Registered]:
+    registry = f"{archive_schema}.{capture.REGISTRY}"
+    if not found:
+        raise RunnerError(f"no change capture to stop: {registry} records none")
+    if not select:
+        return found
+    chosen: list[Registered] = []
+    for name in select:
+        matches = [r for r in found if name in (r.capture.live.name, str(r.capture.live))]
+        if not matches:
+            known = ", ".join(str(r.capture.live) for r in found)
+            raise RunnerError(f"--select {name}: no change capture of that table in "
+                              f"{registry}; captured: {known}")
+        chosen += [r for r in matches if r not in chosen]
+    return chosen
+
+
+def stop(conn: psycopg.Connection, select: list[str] | None,
+         options: LockOptions) -> list[CaptureStatus]:
+    """Remove the chosen captures entirely, in one transaction; returns what they were."""
+    chosen = _chosen(registered_captures(conn, options.archive_schema), select,
+                     options.archive_schema)
+    before = {s.registered.capture.live: s for s in status(conn, options.archive_schema)}
+    statements = [lock_timeout(options.lock_timeout_ms)]
+    for registered in chosen:
+        table = registered.capture.live if registered.live_exists else None
+        statements += capture.remove(registered.capture, table)
+    statements += capture.drop_if_unused(options.archive_schema)
+
+    def remove() -> None:
+        for statement in statements:
+            conn.execute(statement)
+
+    live = [r.capture.live for r in chosen if r.live_exists]
+    with locking.one_runner(conn), conn.transaction():
+        locking.retry_until(
+            conn, remove, wait_s=options.lock_wait_s,
+            gave_up=lambda tries, error: (
+                f"could not lock {', '.join(map(str, live))} to stop their change capture in "
+                f"{tries} tries over {options.lock_wait_s:g} s, nothing was changed; held by "
+                f"{catalog.lock_holders(conn, live)}: retry when they finish, or raise "
+                "--lock-wait"))
+    return [before[r.capture.live] for r in chosen]
