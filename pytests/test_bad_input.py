@@ -87,6 +87,14 @@ def _a_failed_uniqueness_test(db: Database) -> None:
     path.write_text(json.dumps(results))
 
 
+def _a_partition_configured_alone(db: Database) -> None:
+    with db.connect() as conn:
+        conn.execute("create table breezeway.all_task_photos (like breezeway.task_photos)"
+                     " partition by range (id)")
+        conn.execute("alter table breezeway.all_task_photos attach partition"
+                     " breezeway.task_photos for values from (minvalue) to (maxvalue)")
+
+
 @dataclass
 class Case:
     name: str
@@ -120,6 +128,12 @@ CASES = [
          [["audit"], ["verify"], ["swap"], ["capture"]],
          "permission denied", env={"PGUSER": "bystander"}),
     Case("nothing swapped yet", None, [["report"], ["rollback"]], "swap"),
+    Case("a partition configured as a table of its own", _a_partition_configured_alone,
+         [["capture", "--select", "task_photos"], ["swap", "--select", "task_photos"],
+          ["plan", "--select", "task_photos"]],
+         "it is a partition of breezeway.all_task_photos, which a swap would take it out of"),
+    Case("no capture to stop", None, [["capture", "--stop", "--archive-schema", "elsewhere"]],
+         "no change capture to stop: elsewhere.captures records none"),
     Case("a lock that cannot be had", None,
          [["swap", "--lock-timeout", "50ms", "--lock-wait", "1s"],
           ["swap", "--select", "task_photos", "--lock-timeout", "50ms", "--lock-wait", "1s"]],

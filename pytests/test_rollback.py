@@ -437,3 +437,60 @@ def test_rollback_gives_back_the_originals_and_every_later_write_exactly(
     with fresh.connect() as conn:
         assert rows_as_text(conn, "property_photos") == expected
     assert f"is live again, {sum(expected.values()):,} rows" in output
+
+
+def test_after_the_swap_a_parent_row_can_go_and_the_rollback_says_what_it_left(
+        fresh: Database) -> None:
+    """The archive holds no parent row, so the application can delete one once the live rows
+    that point at it are gone. The rollback gives the original its foreign key back, validated
+    after the commit; the original's duplicates still point at that parent, so it stays NOT
+    VALID, enforced for every new row, and the rollback says so."""
+    swapped(fresh)
+    with fresh.connect() as conn:
+        task = conn.execute("select max(task_pk) from breezeway.task_photos").fetchone()[0]
+        for child in ("task_photos", "task_requirements", "task_assignments", "task_tags"):
+            conn.execute(sql.SQL("delete from {} where task_pk = %s").format(
+                sql.Identifier("breezeway", child)), (task,))
+        conn.execute("delete from breezeway.tasks where id = %s", (task,))
+    output = rolled_back(fresh)
+    assert ("Note: foreign key task_photos_task_pk_fkey of breezeway.task_photos, checked "
+            "without blocking writers: not validated (Key (task_pk)=") in output
+    with fresh.connect() as conn:
+        validated = conn.execute(
+            "select convalidated from pg_constraint where conname = 'task_photos_task_pk_fkey'"
+            " and conrelid = 'breezeway.task_photos'::regclass").fetchone()[0]
+        assert validated is False
+        orphans = conn.execute("select count(*) from breezeway.task_photos where task_pk = %s",
+                               (task,)).fetchone()[0]
+        assert orphans > 0
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            conn.execute("insert into breezeway.task_photos (task_pk) values (%s)", (task,))
+
+
+def test_the_original_gets_its_foreign_keys_back_validated(fresh: Database) -> None:
+    swapped(fresh)
+    rolled_back(fresh)
+    with fresh.connect() as conn:
+        keys = conn.execute("select conrelid::regclass::text, convalidated from pg_constraint"
+                            " where contype = 'f' and connamespace = 'breezeway'::regnamespace"
+                            " order by 1").fetchall()
+        archived = conn.execute("select count(*) from pg_constraint where contype = 'f'"
+                                " and connamespace = 'dedup_archive'::regnamespace"
+                                ).fetchone()[0]
+    assert [validated for _, validated in keys] == [True] * len(keys)
+    assert {table for table, _ in keys} >= {f"breezeway.{t}" for t in SWAPPED
+                                             if t != "business_events"}
+    # The deduplicated tables set aside are as inert as the archives were.
+    assert archived == 0
+
+
+def test_refuses_a_table_a_materialized_view_now_reads(fresh: Database) -> None:
+    swapped(fresh, "--select", "task_photos")
+    with fresh.connect() as conn:
+        conn.execute("create materialized view public.photo_counts as"
+                     " select task_pk, count(*) from breezeway.task_photos group by 1")
+    message = refused(fresh, "rollback")
+    assert message == (
+        "Error: materialized views now read breezeway.task_photos (public.photo_counts) and "
+        "would keep reading the deduplicated table: drop them, roll back, then create them "
+        "again")

@@ -403,3 +403,32 @@ def test_names_the_runner_gives_fit_postgres_and_stay_apart(table: str) -> None:
     assert len(names) == 3
     assert all(len(name.encode()) <= 63 for name in names)
     assert constraint_name(table) == constraint_name(table)
+
+
+def test_the_rows_reported_are_those_at_commit(fresh: Database) -> None:
+    """The ETL writes between the build and the swap: new keys, copies, deletes. What the
+    summary and swap_log say was there before and after is what the archive and the live
+    table hold at commit, not what the build saw."""
+    with fresh.connect() as conn:
+        conn.execute("insert into breezeway.property_photos (property_pk, photo_id, url)"
+                     " select 1, 'new ' || g, 'u' from generate_series(1, 5) as g")
+        conn.execute("insert into breezeway.property_photos (property_pk, photo_id, url)"
+                     " select property_pk, photo_id, url from breezeway.property_photos"
+                     " order by id limit 3")
+        conn.execute("delete from breezeway.property_photos"
+                     " where id in (select id from breezeway.property_photos order by id limit 2)")
+    result = fresh.runner("swap", "--select", "property_photos", "--json")
+    assert result.exit_code == 0, result.output
+    reported = json.loads(result.stdout)["tables"][0]
+    with fresh.connect() as conn:
+        archive, rows_before, rows_after = conn.execute(
+            "select archive_table, rows_before, rows_after from dedup_archive.swap_log"
+            ).fetchone()
+        archived = conn.execute(psycopg.sql.SQL("select count(*) from {}").format(
+            psycopg.sql.Identifier("dedup_archive", archive))).fetchone()[0]
+        live = conn.execute("select count(*) from breezeway.property_photos").fetchone()[0]
+    built = demo.expected_counts(TEST_SCALE)["property_photos"]
+    assert (rows_before, rows_after) == (archived, live)
+    assert rows_before == built.total + 5 + 3 - 2
+    assert (reported["rows_before"], reported["rows_after"], reported["removed"]) == (
+        archived, live, archived - live)

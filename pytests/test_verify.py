@@ -19,7 +19,7 @@ from runner.cli import cli
 from runner.names import constraint_name
 
 CHECKS = ["duplicates", "null keys", "natural key constraint", "indexes valid",
-          "foreign keys valid", "sequences", "size", "idempotent"]
+          "foreign keys valid", "sequences", "archive", "size", "idempotent"]
 TABLES = [table.name for table in demo.CHILD_TABLES]
 # The key columns and the foreign key of each demo table, as demo.generate creates them.
 NATURAL_KEYS = {
@@ -91,6 +91,9 @@ def swapped(database: Database, *args: str) -> None:
 
 def test_after_the_swap_every_check_passes_with_the_exact_numbers(fresh: Database) -> None:
     swapped(fresh)
+    with fresh.connect() as conn:
+        archives = dict(conn.execute("select live_table, archive_table from"
+                                     " dedup_archive.swap_log").fetchall())
     checks, last_line = verified(fresh, exit_code=0)
     assert last_line == f"All {len(TABLES) * len(CHECKS)} checks passed."
     assert len(checks) == len(TABLES) * len(CHECKS)
@@ -131,10 +134,18 @@ def test_after_the_swap_every_check_passes_with_the_exact_numbers(fresh: Databas
                 rf"{counts.unique:,} rows, \S+ \S+ now; swap at \S+ \S+ UTC: "
                 rf"{counts.total:,} rows, \S+ \S+ before, {counts.unique:,} rows, \S+ \S+ after",
                 details["size"]), details["size"]
-        # Rows with a NULL key never conflict where NULLs are distinct: not replayed.
-        replayable = counts.unique - (null_rows if nulls != "not_distinct" else 0)
+        # NULL-key rows are sampled too: after the swap none is left where NULLs are distinct,
+        # and where they are equal each conflicts with its kept row.
         assert details["idempotent"] == (
-            f"{min(SAMPLE, replayable):,} existing rows replayed, 0 inserted")
+            f"{min(SAMPLE, counts.unique):,} existing rows replayed, 0 inserted")
+        if table == "task_tags":
+            assert details["archive"] == ("no archive: no swap that replaced the table is in "
+                                          "effect")
+        else:
+            assert details["archive"] == (
+                f"dedup_archive.{archives[table]} holds the original rows and constrains, "
+                "fires and publishes nothing; the writes since the swap are captured, so it "
+                "can be rolled back")
 
 
 def test_before_the_swap_the_duplicates_and_the_replay_fail(fresh: Database) -> None:
@@ -224,6 +235,41 @@ def test_a_sequence_behind_or_owned_elsewhere_is_reported(fresh: Database) -> No
         ("task_assignments", "sequences"), ("task_photos", "sequences")]
 
 
+def test_a_sequence_unowned_before_the_swap_is_not_the_swaps_failure(fresh: Database) -> None:
+    with fresh.connect() as conn:
+        conn.execute("alter sequence breezeway.task_assignments_id_seq owned by none")
+    swapped(fresh, "--select", "task_assignments")
+    checks, _ = verified(fresh, "--select", "task_assignments", exit_code=0)
+    total = demo.expected_counts(TEST_SCALE)["task_assignments"].total
+    highest = max(demo.expected_kept_ids("task_assignments", TEST_SCALE))
+    assert checks["task_assignments", "sequences"] == ("ok", (
+        f"breezeway.task_assignments_id_seq: next {total + 1:,}, max(id) {highest:,}; no column "
+        "owns it, as before the swap (not the swap's doing); to tie it to the table: ALTER "
+        "SEQUENCE breezeway.task_assignments_id_seq OWNED BY breezeway.task_assignments.id"))
+
+
+def test_an_archive_that_constrains_or_fires_is_reported(fresh: Database) -> None:
+    swapped(fresh, "--select", "task_photos")
+    with fresh.connect() as conn:
+        archive = conn.execute("select archive_table from dedup_archive.swap_log").fetchone()[0]
+        conn.execute(psycopg.sql.SQL(
+            "alter table {} add constraint back foreign key (task_pk) references"
+            " breezeway.tasks (id)").format(psycopg.sql.Identifier("dedup_archive", archive)))
+    checks, _ = verified(fresh, "--select", "task_photos", exit_code=1)
+    assert checks["task_photos", "archive"] == ("FAIL", (
+        f"dedup_archive.{archive} is not inert: its foreign keys back hold rows of their "
+        f"parents: ALTER TABLE dedup_archive.{archive} DROP CONSTRAINT each"))
+    with fresh.connect() as conn:
+        conn.execute(psycopg.sql.SQL("alter table {} drop constraint back").format(
+            psycopg.sql.Identifier("dedup_archive", archive)))
+    stopped = fresh.runner("capture", "--stop", "--select", "task_photos")
+    assert stopped.exit_code == 0, stopped.output
+    checks, _ = verified(fresh, "--select", "task_photos", exit_code=0)
+    assert checks["task_photos", "archive"] == ("ok", (
+        f"dedup_archive.{archive} holds the original rows and constrains, fires and publishes "
+        "nothing; the writes since the swap are not captured, so it cannot be rolled back"))
+
+
 def test_a_foreign_key_not_valid_is_reported(fresh: Database) -> None:
     swapped(fresh)
     with fresh.connect() as conn:
@@ -281,12 +327,22 @@ def test_the_null_policy_decides_what_a_null_key_means(fresh: Database, policy: 
         assert checks["natural key constraint"] == (False, (
             "unique index business_events__natural_key on (request_id) treats NULLs as "
             "distinct; nulls: not_distinct needs UNIQUE NULLS NOT DISTINCT"))
-        # The replay may or may not sample a NULL-key row, which nothing would stop.
-        assert [check for check in failed if check != "idempotent"] == [
-            "duplicates", "natural key constraint"]
+        # The replay samples the NULL-key rows first: the constraint lets each in again.
+        assert checks["idempotent"] == (False, (
+            f"{nulls:,} of {SAMPLE} existing rows replayed were inserted again, each with a "
+            "NULL in the key, which the table's unique constraint treats as distinct where "
+            "nulls: not_distinct makes NULLs equal: enforce the key with NULLS NOT DISTINCT "
+            "(runner swap does)"))
+        assert failed == ["duplicates", "natural key constraint", "idempotent"]
         return
     assert checks["duplicates"] == (True, f"{rows:,} rows, one per key")
-    assert failed == ([] if policy == "distinct" else ["null keys"])
+    # A re-sent NULL-key row conflicts with nothing: the ETL is not idempotent for them, and
+    # verify says so under every policy that lets them be rows of their own.
+    assert checks["idempotent"] == (False, (
+        f"{nulls:,} of {SAMPLE} existing rows replayed were inserted again, each with a NULL "
+        f"in the key, which under nulls: {policy} conflicts with nothing, so every re-send "
+        "adds a row: give those rows a key (nulls: backfill), or declare nulls: not_distinct"))
+    assert failed == (["idempotent"] if policy == "distinct" else ["null keys", "idempotent"])
 
 
 def test_a_unique_index_treating_nulls_as_equal_is_wrong_when_they_are_distinct(
@@ -400,13 +456,14 @@ def test_a_role_that_may_not_insert_is_one_line(fresh: Database) -> None:
         conn.execute("grant usage on schema breezeway, dedup_archive to verify_monitor")
         conn.execute("grant select on all tables in schema breezeway to verify_monitor")
         conn.execute("grant select on all sequences in schema breezeway to verify_monitor")
+        conn.execute("grant select on all tables in schema dedup_archive to verify_monitor")
     try:
         result = CliRunner().invoke(cli, ["verify", "--select", "task_tags"], env={
             **fresh.env, "PGUSER": "verify_monitor", "DBT_TARGET_PATH": str(fresh.target_dir)})
         assert one_line_error(result) == (
             "Error: permission denied for table task_tags: run runner verify as a role that may "
-            "read these tables and their sequences and insert into them (its inserts are "
-            "always rolled back)")
+            "read these tables, their sequences and those of dedup_archive, and insert into the "
+            "tables (its inserts are always rolled back)")
     finally:
         with fresh.connect() as conn:
             conn.execute("drop owned by verify_monitor")

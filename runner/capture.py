@@ -218,7 +218,8 @@ class Replay:
     taken: sql.Composed
     """Returns how many changes the batch took from the log, seen by the build or not."""
     truncated: sql.Composed
-    """Returns whether the batch holds a TRUNCATE, after which no replay can be right."""
+    """Returns whether the batch holds a TRUNCATE the build did not see, after which no replay
+    can be right."""
     needs_rescan: sql.Composed
     """Returns one boolean: whether this batch needs a scan of the live table."""
     rescan: list[sql.Composed]
@@ -517,7 +518,7 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation,
     return Replay(
         take_batch=_take_batch(t, batch_rows),
         taken=sql.SQL("select count(*) from dedup_taken"),
-        truncated=sql.SQL("select exists (select from dedup_taken where op = 'T')"),
+        truncated=sql.SQL("select exists (select from dedup_batch where op = 'T')"),
         needs_rescan=sql.SQL("select exists (select from dedup_rescan)"),
         rescan=_rescan(t),
         apply=_apply(t),

@@ -96,6 +96,20 @@ class IdentitySequence:
 
 
 @dataclass(frozen=True)
+class NumberingSequence:
+    """A sequence that numbers a column of the table: owned by one of its columns, or called
+    by one of its column defaults."""
+
+    schema: str
+    name: str
+    column: str
+    increment: int
+    owner: str | None
+    """The table.column that owns it, if any."""
+    owned_here: bool
+
+
+@dataclass(frozen=True)
 class LiveTable:
     relation: Relation
     owner: str
@@ -128,6 +142,8 @@ class LiveTable:
     children: tuple[str, ...] = ()
     """Tables that inherit from it, or its partitions."""
     is_partition: bool = False
+    numbering: tuple[NumberingSequence, ...] = ()
+    """The sequences that number its columns, owned by them or called by their defaults."""
 
     def column_names(self) -> list[str]:
         return [column.name for column in self.columns]
@@ -279,6 +295,40 @@ order by 1, 2 nulls first, 3
 """
 
 
+_NUMBERING_SEQUENCES = """
+with numbering as (
+    -- serial and identity columns: the sequence depends on the column that owns it
+    select d.objid as sequence, d.refobjsubid as attnum
+    from pg_depend as d
+    where d.classid = 'pg_class'::regclass and d.refclassid = 'pg_class'::regclass
+        and d.refobjid = %(table)s::oid and d.refobjsubid > 0 and d.deptype in ('a', 'i')
+    union
+    -- a default calling nextval(): the default depends on the sequence, whoever owns it
+    select d.refobjid, ad.adnum
+    from pg_attrdef as ad
+    join pg_depend as d on d.classid = 'pg_attrdef'::regclass and d.objid = ad.oid
+        and d.refclassid = 'pg_class'::regclass
+    where ad.adrelid = %(table)s::oid
+)
+select sn.nspname, s.relname, a.attname, q.seqincrement,
+       (select o.refobjid::regclass::text || '.' || quote_ident(oa.attname)
+        from pg_depend as o
+        join pg_attribute as oa on oa.attrelid = o.refobjid and oa.attnum = o.refobjsubid
+        where o.classid = 'pg_class'::regclass and o.objid = s.oid
+            and o.refclassid = 'pg_class'::regclass and o.deptype in ('a', 'i')),
+       exists (select from pg_depend as o
+               where o.classid = 'pg_class'::regclass and o.objid = s.oid
+                   and o.refobjid = %(table)s::oid and o.refobjsubid = a.attnum
+                   and o.deptype in ('a', 'i'))
+from numbering
+join pg_class as s on s.oid = numbering.sequence and s.relkind = 'S'
+join pg_namespace as sn on sn.oid = s.relnamespace
+join pg_sequence as q on q.seqrelid = s.oid
+join pg_attribute as a on a.attrelid = %(table)s::oid and a.attnum = numbering.attnum
+order by a.attnum, 1, 2
+"""
+
+
 def server_version(conn: psycopg.Connection) -> int:
     return conn.info.server_version
 
@@ -335,6 +385,8 @@ def read_live_table(conn: psycopg.Connection, relation: Relation) -> LiveTable:
         parents=tuple(parents),
         children=tuple(children),
         is_partition=is_partition,
+        numbering=tuple(NumberingSequence(*r)
+                        for r in conn.execute(_NUMBERING_SEQUENCES, {"table": oid})),
     )
 
 

@@ -215,7 +215,7 @@ def _constraint_only(target: DedupTarget, live: LiveTable, counts: BuildCounts,
                 archive_schema=archive_schema, live=live.relation, action="constraint",
                 archive=None, constraint=name, rows_before=rows, rows_after=rows,
                 tiebreaker=target.spec.tiebreaker, backfilled=[], foreign_keys=[],
-                triggers=[])),
+                triggers=[], sequences_not_owned=_sequences_not_owned(live))),
             *_end_capture(captured),
         ],
     )
@@ -544,7 +544,12 @@ def _log_step(target: DedupTarget, live: LiveTable, counts: BuildCounts, archive
             backfilled=[c.name for c in capture.backfilled(target.spec, live.columns)],
             foreign_keys=[swap_log.ArchivedForeignKey(name, definition)
                           for name, definition, _ in live.foreign_keys],
-            triggers=_firing_triggers(live)))
+            triggers=_firing_triggers(live),
+            sequences_not_owned=_sequences_not_owned(live)))
+
+
+def _sequences_not_owned(live: LiveTable) -> list[tuple[str, str | None]]:
+    return [(f"{s.schema}.{s.name}", s.owner) for s in live.numbering if not s.owned_here]
 
 
 def lock_statement(plans: list[TablePlan]) -> sql.Composed:

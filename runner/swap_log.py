@@ -33,6 +33,7 @@ def table(archive_schema: str) -> sql.Composed:
         " backfilled text[] not null default '{{}}',"
         " archive_foreign_keys jsonb not null default '[]',"
         " archive_triggers jsonb not null default '[]',"
+        " sequences_not_owned jsonb not null default '[]',"
         " rolled_back_at timestamptz, rolled_back_table text, cleaned_at timestamptz)"
     ).format(sql.Identifier(archive_schema, SWAP_LOG))
 
@@ -71,6 +72,9 @@ class LogEntry:
     """Key columns whose NULLs the swap filled with uuids (nulls: backfill)."""
     archive_foreign_keys: tuple[ArchivedForeignKey, ...] = ()
     archive_triggers: tuple[ArchivedTrigger, ...] = ()
+    sequences_not_owned: tuple[tuple[str, str | None], ...] = ()
+    """Sequences numbering the table that none of its columns owned at the swap, with who
+    owned them then (None: nobody)."""
     archive_schema: str = ""
     """The schema of this log, where the archive is."""
 
@@ -83,7 +87,8 @@ class LogEntry:
 def entry(*, archive_schema: str, live: Relation, action: str, archive: Relation | None,
           constraint: str, rows_before: sql.Composable, rows_after: sql.Composable,
           tiebreaker: str, backfilled: list[str], foreign_keys: list[ArchivedForeignKey],
-          triggers: list[ArchivedTrigger]) -> sql.Composed:
+          triggers: list[ArchivedTrigger],
+          sequences_not_owned: list[tuple[str, str | None]]) -> sql.Composed:
     """The row a swap writes, under its lock, after its renames: the sizes are those of the
     relations as they are at commit."""
     def size(relation: Relation) -> sql.Composed:
@@ -93,10 +98,10 @@ def entry(*, archive_schema: str, live: Relation, action: str, archive: Relation
     return sql.SQL(
         "insert into {log} (live_schema, live_table, action, archive_table, constraint_name,"
         " rows_before, rows_after, bytes_before, bytes_after, tiebreaker, backfilled,"
-        " archive_foreign_keys, archive_triggers)"
+        " archive_foreign_keys, archive_triggers, sequences_not_owned)"
         " values ({schema}, {table}, {action}, {archive}, {constraint}, {rows_before},"
         " {rows_after}, {bytes_before}, {bytes_after}, {tiebreaker}, {backfilled},"
-        " {foreign_keys}, {triggers})"
+        " {foreign_keys}, {triggers}, {sequences})"
     ).format(
         log=sql.Identifier(archive_schema, SWAP_LOG),
         schema=sql.Literal(live.schema), table=sql.Literal(live.name),
@@ -106,6 +111,7 @@ def entry(*, archive_schema: str, live: Relation, action: str, archive: Relation
         tiebreaker=sql.Literal(tiebreaker), backfilled=sql.Literal(backfilled),
         foreign_keys=sql.Literal(json.dumps([[k.name, k.definition] for k in foreign_keys])),
         triggers=sql.Literal(json.dumps([[t.name, t.enabled] for t in triggers])),
+        sequences=sql.Literal(json.dumps([list(s) for s in sequences_not_owned])),
     )
 
 
@@ -132,7 +138,8 @@ def mark_cleaned(entry: LogEntry, archive_schema: str) -> sql.Composed:
 _ROWS = """
 select swapped_at, live_schema, live_table, action, archive_table, constraint_name,
        rolled_back_at, rolled_back_table, cleaned_at, rows_before, rows_after, bytes_before,
-       bytes_after, tiebreaker, backfilled, archive_foreign_keys, archive_triggers
+       bytes_after, tiebreaker, backfilled, archive_foreign_keys, archive_triggers,
+       sequences_not_owned
 from {log} as l
 """
 
@@ -147,6 +154,7 @@ def _entries(rows: list[tuple], archive_schema: str) -> list[LogEntry]:
                      backfilled=tuple(r[14]),
                      archive_foreign_keys=tuple(ArchivedForeignKey(*k) for k in r[15]),
                      archive_triggers=tuple(ArchivedTrigger(*t) for t in r[16]),
+                     sequences_not_owned=tuple(tuple(s) for s in r[17]),
                      archive_schema=archive_schema)
             for r in rows]
 

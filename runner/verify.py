@@ -17,10 +17,11 @@ from psycopg import sql
 
 from runner import catalog
 from runner.artifacts import DedupSpec, DedupTarget, Relation
-from runner.catalog import LiveTable
+from runner.catalog import LiveTable, NumberingSequence
 from runner.errors import RunnerError
 from runner.locking import lock_timeout
-from runner.swap_log import SWAP_LOG, latest_swaps, when
+from runner.swap import Registered, registered_captures
+from runner.swap_log import SWAP_LOG, LogEntry, latest_swaps, when
 from runner.units import size_text
 
 # The policies under which a NULL in the key is data. Any other (forbidden; backfill, whose
@@ -62,20 +63,6 @@ class KeyCounts:
     """One duplicated key, as a row literal."""
 
 
-@dataclass(frozen=True)
-class NumberingSequence:
-    """A sequence that numbers a column of the table: owned by one of its columns, or called
-    by one of its column defaults."""
-
-    schema: str
-    name: str
-    column: str
-    increment: int
-    owner: str | None
-    """The table.column that owns it, if any."""
-    owned_here: bool
-
-
 def _table(relation: Relation) -> sql.Identifier:
     return sql.Identifier(relation.schema, relation.name)
 
@@ -104,40 +91,6 @@ def key_counts_query(relation: Relation, spec: DedupSpec) -> sql.Composed:
     ).format(any_null=any_null, keys=keys, table=_table(relation), own_group=own_group)
 
 
-_NUMBERING_SEQUENCES = """
-with numbering as (
-    -- serial and identity columns: the sequence depends on the column that owns it
-    select d.objid as sequence, d.refobjsubid as attnum
-    from pg_depend as d
-    where d.classid = 'pg_class'::regclass and d.refclassid = 'pg_class'::regclass
-        and d.refobjid = %(table)s::regclass and d.refobjsubid > 0 and d.deptype in ('a', 'i')
-    union
-    -- a default calling nextval(): the default depends on the sequence, whoever owns it
-    select d.refobjid, ad.adnum
-    from pg_attrdef as ad
-    join pg_depend as d on d.classid = 'pg_attrdef'::regclass and d.objid = ad.oid
-        and d.refclassid = 'pg_class'::regclass
-    where ad.adrelid = %(table)s::regclass
-)
-select sn.nspname, s.relname, a.attname, q.seqincrement,
-       (select o.refobjid::regclass::text || '.' || quote_ident(oa.attname)
-        from pg_depend as o
-        join pg_attribute as oa on oa.attrelid = o.refobjid and oa.attnum = o.refobjsubid
-        where o.classid = 'pg_class'::regclass and o.objid = s.oid
-            and o.refclassid = 'pg_class'::regclass and o.deptype in ('a', 'i')),
-       exists (select from pg_depend as o
-               where o.classid = 'pg_class'::regclass and o.objid = s.oid
-                   and o.refobjid = %(table)s::regclass and o.refobjsubid = a.attnum
-                   and o.deptype in ('a', 'i'))
-from numbering
-join pg_class as s on s.oid = numbering.sequence and s.relkind = 'S'
-join pg_namespace as sn on sn.oid = s.relnamespace
-join pg_sequence as q on q.seqrelid = s.oid
-join pg_attribute as a on a.attrelid = %(table)s::regclass and a.attnum = numbering.attnum
-order by a.attnum, 1, 2
-"""
-
-
 def sequence_position_query(sequence: NumberingSequence, relation: Relation) -> sql.Composed:
     """The sequence's state and the extremes of the column it numbers."""
     column = sql.Identifier(sequence.column)
@@ -150,22 +103,22 @@ def sequence_position_query(sequence: NumberingSequence, relation: Relation) -> 
 
 def replay_statement(relation: Relation, spec: DedupSpec, columns: list[str],
                      sample: int) -> sql.Composed:
-    """The ETL's statement fed `sample` of the table's own rows; returns how many rows it was
-    fed and how many it inserted.
-
-    Where NULLs are not equal a NULL-key row never conflicts, under any constraint: such rows
-    are not sampled.
-    """
+    """The ETL's statement fed `sample` of the table's own rows, up to half of them with a NULL
+    in the key (where NULLs are not equal, those are what a constraint lets through); returns
+    how many rows it was fed and how many it inserted, and of those how many with a NULL key."""
     names = sql.SQL(", ").join(sql.Identifier(column) for column in columns)
-    only_full_keys = (sql.SQL("") if spec.nulls == NULLS_EQUAL
-                      else sql.SQL(" where not ({})").format(_any_null(spec.natural_key)))
+    any_null = _any_null(spec.natural_key)
     return sql.SQL(
-        "with replayed as (select {names} from {table}{where} limit {sample}),"
+        "with replayed as (select {names} from ("
+        "(select 0 as part, {names} from {table} where {any_null} limit {half})"
+        " union all (select 1, {names} from {table} where not ({any_null}) limit {sample})"
+        ") as sampled order by part limit {sample}),"
         " inserted as (insert into {table} ({names}) select {names} from replayed"
-        " on conflict do nothing returning 1)"
-        " select (select count(*) from replayed), (select count(*) from inserted)"
-    ).format(table=_table(relation), names=names, where=only_full_keys,
-             sample=sql.Literal(sample))
+        " on conflict do nothing returning {any_null} as null_key)"
+        " select (select count(*) from replayed), (select count(*) from inserted),"
+        " (select count(*) filter (where null_key) from inserted)"
+    ).format(table=_table(relation), names=names, any_null=any_null,
+             sample=sql.Literal(sample), half=sql.Literal((sample + 1) // 2))
 
 
 def _qualified(relation: Relation) -> str:
@@ -272,29 +225,33 @@ def check_foreign_keys(conn: psycopg.Connection, live: LiveTable) -> tuple[bool,
     return True, f"{len(rows)} validated: {', '.join(name for name, _ in rows)}"
 
 
-def numbering_sequences(conn: psycopg.Connection,
-                        relation: Relation) -> list[NumberingSequence]:
-    rows = conn.execute(_NUMBERING_SEQUENCES, {"table": _qualified(relation)}).fetchall()
-    return [NumberingSequence(*row) for row in rows]
-
-
 def _sequence_problem(conn: psycopg.Connection, sequence: NumberingSequence,
-                      relation: Relation) -> tuple[str | None, str]:
-    """(what is wrong or None, what it is) of one sequence."""
+                      relation: Relation,
+                      before_swap: dict[str, str | None] | None) -> tuple[str | None, str]:
+    """(what is wrong or None, what it is) of one sequence. `before_swap`: the sequences no
+    column of the table owned when the swap in effect ran, with who owned them then."""
     name = f"{sequence.schema}.{sequence.name}"
+    notes = []
     if not sequence.owned_here:
         fix = f"ALTER SEQUENCE {name} OWNED BY {relation}.{sequence.column}"
-        if sequence.owner is None:
+        owner = "no column" if sequence.owner is None else sequence.owner
+        if before_swap is not None and name in before_swap and before_swap[name] == (
+                sequence.owner):
+            notes.append(f"{owner} owns it, as before the swap (not the swap's doing); to tie "
+                         f"it to the table: {fix}")
+        elif sequence.owner is None:
             return f"{name} numbers {sequence.column} but no column owns it: {fix}", name
-        return (f"{name} numbers {sequence.column} but {sequence.owner} owns it, so dropping "
-                f"that table drops it: {fix}"), name
+        else:
+            return (f"{name} numbers {sequence.column} but {sequence.owner} owns it, so "
+                    f"dropping that table drops it: {fix}"), name
     last_value, is_called, highest, lowest = conn.execute(
         sequence_position_query(sequence, relation)).fetchone()
     upcoming = last_value + sequence.increment if is_called else last_value
     used = highest if sequence.increment > 0 else lowest
     limit = "max" if sequence.increment > 0 else "min"
     shown = "none" if used is None else f"{used:,}"
-    state = f"{name}: next {upcoming:,}, {limit}({sequence.column}) {shown}"
+    state = "; ".join([f"{name}: next {upcoming:,}, {limit}({sequence.column}) {shown}",
+                       *notes])
     behind = used is not None and (upcoming <= used if sequence.increment > 0
                                    else upcoming >= used)
     if behind:
@@ -304,8 +261,10 @@ def _sequence_problem(conn: psycopg.Connection, sequence: NumberingSequence,
 
 
 def check_sequences(conn: psycopg.Connection, live: LiveTable,
-                    sequences: list[NumberingSequence]) -> tuple[bool, str]:
-    found = [_sequence_problem(conn, sequence, live.relation) for sequence in sequences]
+                    swap: LogEntry | None) -> tuple[bool, str]:
+    before_swap = None if swap is None else dict(swap.sequences_not_owned)
+    found = [_sequence_problem(conn, sequence, live.relation, before_swap)
+             for sequence in live.numbering]
     if not found:
         return True, "no sequence numbers this table"
     problems = [problem for problem, _ in found if problem]
@@ -314,14 +273,47 @@ def check_sequences(conn: psycopg.Connection, live: LiveTable,
     return True, "; ".join(state for _, state in found)
 
 
+def check_archive(conn: psycopg.Connection, swap: LogEntry | None,
+                  capture: Registered | None) -> tuple[bool, str]:
+    """The original kept by the swap in effect constrains, fires and publishes nothing, and
+    whether a rollback can still carry the writes since the swap over to it."""
+    if swap is None or swap.action != "swap":
+        return True, "no archive: no swap that replaced the table is in effect"
+    if swap.cleaned_at is not None:
+        return True, (f"{swap.archive} was dropped by runner cleanup at "
+                      f"{when(swap.cleaned_at)}: the swap can no longer be rolled back")
+    if not catalog.exists(conn, swap.archive):
+        return False, (f"{swap.archive} is missing, and with it the original rows: it was "
+                       "dropped by hand; restore it from a backup if you need them")
+    archive = catalog.read_live_table(conn, swap.archive)
+    problems = []
+    if archive.foreign_keys:
+        problems.append(f"its foreign keys {', '.join(k[0] for k in archive.foreign_keys)} "
+                        f"hold rows of their parents: ALTER TABLE {swap.archive} DROP "
+                        "CONSTRAINT each")
+    firing = [t.name for t in archive.triggers if t.enabled != "D"]
+    if firing:
+        problems.append(f"its triggers {', '.join(firing)} fire: ALTER TABLE {swap.archive} "
+                        "DISABLE TRIGGER each")
+    if archive.publications:
+        problems.append(f"publications {', '.join(archive.publications)} publish it: ALTER "
+                        f"PUBLICATION ... DROP TABLE {swap.archive}")
+    if problems:
+        return False, f"{swap.archive} is not inert: {'; '.join(problems)}"
+    if capture is not None and capture.capture.since_swap_of == swap.archive_table and (
+            capture.trigger in ("O", "A")):
+        rollback = "the writes since the swap are captured, so it can be rolled back"
+    else:
+        rollback = "the writes since the swap are not captured, so it cannot be rolled back"
+    return True, (f"{swap.archive} holds the original rows and constrains, fires and "
+                  f"publishes nothing; {rollback}")
+
 
 def check_size(conn: psycopg.Connection, live: LiveTable, rows_now: int,
-               archive_schema: str) -> tuple[bool, str]:
+               swap: LogEntry | None, archive_schema: str) -> tuple[bool, str]:
     """Informational: the table now beside the swap's record of it, when there is one."""
     now = size_text(conn.execute("select pg_total_relation_size(%s::regclass)",
                                  (_qualified(live.relation),)).fetchone()[0])
-    swap = next((entry for entry in latest_swaps(conn, archive_schema)
-                 if entry.live == live.relation and entry.rolled_back_at is None), None)
     if swap is None:
         return True, (f"{rows_now:,} rows, {now} now; no swap in effect in "
                       f"{archive_schema}.{SWAP_LOG} to compare with")
@@ -330,9 +322,9 @@ def check_size(conn: psycopg.Connection, live: LiveTable, rows_now: int,
                   f"{swap.rows_after:,} rows, {size_text(swap.bytes_after)} after")
 
 
-def insert_columns(live: LiveTable, sequences: list[NumberingSequence]) -> list[str]:
+def insert_columns(live: LiveTable) -> list[str]:
     """The columns the ETL sends: all but those the table fills itself."""
-    numbered = {sequence.column for sequence in sequences}
+    numbered = {sequence.column for sequence in live.numbering}
     return [column.name for column in live.columns
             if not (column.identity or column.generated or column.name in numbered)]
 
@@ -344,21 +336,32 @@ def check_idempotent(conn: psycopg.Connection, target: DedupTarget, columns: lis
     try:
         with conn.transaction(force_rollback=True):
             conn.execute(lock_timeout(options.lock_timeout_ms))
-            replayed, inserted = conn.execute(statement).fetchone()
+            replayed, inserted, null_keys = conn.execute(statement).fetchone()
     except psycopg.errors.LockNotAvailable:
         return False, (f"waited {options.lock_timeout_ms} ms for a lock another session holds "
                        "(the ETL?) and gave up: run runner verify again")
-    if inserted:
+    if inserted > null_keys:
         return False, (f"{inserted:,} of {replayed:,} existing rows replayed were inserted "
                        "again: the ETL duplicates them; add the natural key's constraint "
                        "(runner swap)")
+    if null_keys and target.spec.nulls == NULLS_EQUAL:
+        return False, (f"{null_keys:,} of {replayed:,} existing rows replayed were inserted "
+                       "again, each with a NULL in the key, which the table's unique "
+                       "constraint treats as distinct where nulls: not_distinct makes NULLs "
+                       "equal: enforce the key with NULLS NOT DISTINCT (runner swap does)")
+    if null_keys:
+        return False, (f"{null_keys:,} of {replayed:,} existing rows replayed were inserted "
+                       f"again, each with a NULL in the key, which under nulls: "
+                       f"{target.spec.nulls} conflicts with nothing, so every re-send adds a "
+                       "row: give those rows a key (nulls: backfill), or declare nulls: "
+                       "not_distinct")
     return True, f"{replayed:,} existing rows replayed, 0 inserted"
 
 
 def verify_table(conn: psycopg.Connection, target: DedupTarget, live: LiveTable,
+                 swap: LogEntry | None, capture: Registered | None,
                  options: VerifyOptions) -> list[CheckResult]:
     counts = key_counts(conn, target)
-    sequences = numbering_sequences(conn, live.relation)
     # The sequences are checked before the replay, whose inserts advance them.
     outcomes = [
         ("duplicates", check_duplicates(counts)),
@@ -366,10 +369,10 @@ def verify_table(conn: psycopg.Connection, target: DedupTarget, live: LiveTable,
         ("natural key constraint", check_constraint(live, target.spec)),
         ("indexes valid", check_indexes(live)),
         ("foreign keys valid", check_foreign_keys(conn, live)),
-        ("sequences", check_sequences(conn, live, sequences)),
-        ("size", check_size(conn, live, counts.rows, options.archive_schema)),
-        ("idempotent", check_idempotent(conn, target, insert_columns(live, sequences),
-                                        options)),
+        ("sequences", check_sequences(conn, live, swap)),
+        ("archive", check_archive(conn, swap, capture)),
+        ("size", check_size(conn, live, counts.rows, swap, options.archive_schema)),
+        ("idempotent", check_idempotent(conn, target, insert_columns(live), options)),
     ]
     return [CheckResult(str(target.live), check, ok, detail)
             for check, (ok, detail) in outcomes]
@@ -380,10 +383,15 @@ def verify(conn: psycopg.Connection, targets: list[DedupTarget],
     """Every check of every table; a missing table or key column stops it before any check."""
     tables = [(target, read_table(conn, target)) for target in targets]
     try:
+        swaps = {entry.live: entry for entry in latest_swaps(conn, options.archive_schema)
+                 if entry.rolled_back_at is None}
+        captures = {r.capture.live: r
+                    for r in registered_captures(conn, options.archive_schema)}
         return [result for target, live in tables
-                for result in verify_table(conn, target, live, options)]
+                for result in verify_table(conn, target, live, swaps.get(target.live),
+                                           captures.get(target.live), options)]
     except psycopg.errors.InsufficientPrivilege as error:
         reason = str(error).strip().splitlines()[0]
-        raise RunnerError(f"{reason}: run runner verify as a role that may read these tables "
-                          "and their sequences and insert into them (its inserts are always "
-                          "rolled back)") from error
+        raise RunnerError(f"{reason}: run runner verify as a role that may read these tables, "
+                          f"their sequences and those of {options.archive_schema}, and insert "
+                          "into the tables (its inserts are always rolled back)") from error

@@ -1,0 +1,106 @@
+"""The swap's pure builders on hand-built facts: no server, milliseconds."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timezone
+
+import pytest
+from psycopg import sql
+
+from runner import capture, plan
+from runner.artifacts import DedupSpec, DedupTarget, KeepColumn, Relation
+from runner.catalog import Column, LiveTable
+from runner.errors import RunnerError
+
+LIVE = Relation("shop", "order lines")
+SPEC = DedupSpec(("order_id", "line"), (KeepColumn("id", True),), "not_distinct")
+TARGET = DedupTarget("shop.order lines", LIVE, Relation("dedup", "order lines"),
+                     Relation("dedup_work", "groups"), SPEC, "model.x.order_lines")
+
+
+def live_table(*, nullable_key: bool = True, **changes) -> LiveTable:
+    columns = (Column("id", "bigint", True, "", False),
+               Column("order_id", "text", not nullable_key, "", False),
+               Column("line", "integer", True, "", False))
+    table = LiveTable(
+        relation=LIVE, owner="app", columns=columns, indexes=(), foreign_keys=(),
+        referenced_by=(), views=(), grants=(), comment=None, owned_sequences=(), triggers=(),
+        row_security=False, force_row_security=False, policies=(), options=(), kind="r",
+        materialized_views=(), publications=(), replica_identity="d",
+        replica_identity_index=None, column_grants=(), identity_sequences=())
+    return dataclasses.replace(table, **changes)
+
+
+def as_text(statement: sql.Composable) -> str:
+    """A statement as PostgreSQL would receive it, without a connection: names and literals
+    here are plain ASCII, which every client encoding spells the same."""
+    return statement.as_string(None)
+
+
+@pytest.mark.parametrize("version", [130000, 140000])
+def test_not_distinct_on_a_nullable_key_is_refused_before_15(version: int) -> None:
+    with pytest.raises(RunnerError) as refused:
+        plan.refuse_unsupported(SPEC, live_table(), version)
+    assert str(refused.value) == (
+        f"nulls: not_distinct needs UNIQUE NULLS NOT DISTINCT, which PostgreSQL "
+        f"{version // 10000} lacks (15 or later has it), and shop.order lines allows NULL in "
+        "order_id: make those columns NOT NULL, choose nulls: distinct or forbidden in the dbt "
+        "YAML, or upgrade")
+
+
+@pytest.mark.parametrize("version", [130000, 140000, 150000])
+def test_not_distinct_on_a_key_that_cannot_be_null_needs_no_nulls_clause(version: int) -> None:
+    live = live_table(nullable_key=False)
+    plan.refuse_unsupported(SPEC, live, version)
+    index = plan._unique_index(SPEC, live, "key_new", sql.Identifier(LIVE.schema, LIVE.name))
+    assert as_text(index) == ('create unique index "key_new" on "shop"."order lines" '
+                              '("order_id", "line")')
+
+
+def test_not_distinct_on_a_nullable_key_is_enforced_with_nulls_not_distinct() -> None:
+    index = plan._unique_index(SPEC, live_table(), "key_new",
+                               sql.Identifier(LIVE.schema, LIVE.name))
+    assert as_text(index).endswith(' ("order_id", "line") nulls not distinct')
+
+
+@pytest.mark.parametrize(("changes", "says"), [
+    ({"is_partition": True, "parents": ("shop.all lines",)},
+     "it is a partition of shop.all lines, which a swap would take it out of"),
+    ({"parents": ("shop.base",)}, "it inherits from shop.base"),
+    ({"children": ("shop.old lines",)}, "tables inherit from it (shop.old lines)"),
+    ({"kind": "p"}, "it is not a plain table (partitioned or foreign)"),
+    ({"referenced_by": ("shop.refunds.refunds_line_fkey",)},
+     "foreign keys point at it (shop.refunds.refunds_line_fkey)"),
+    ({"materialized_views": ("shop.totals",)}, "materialized views read it (shop.totals)"),
+])
+def test_what_the_swap_cannot_carry_over_is_refused_by_name(changes: dict, says: str) -> None:
+    with pytest.raises(RunnerError) as refused:
+        plan.refuse_unsupported(SPEC, live_table(**changes), 160000)
+    assert str(refused.value) == (f"runner swap cannot yet carry shop.order lines over: {says}; "
+                                  "deduplicate it by hand or leave it out with --select")
+
+
+def test_a_table_with_duplicates_and_no_capture_is_refused() -> None:
+    with pytest.raises(RunnerError) as refused:
+        plan.plan_table(TARGET, live_table(), plan.BuildCounts(10, 4, None),
+                        datetime(2026, 12, 1, tzinfo=timezone.utc), "dedup_archive", None)
+    assert "has no change capture: run `runner capture`" in str(refused.value)
+
+
+def test_the_archive_is_made_inert_and_a_capture_follows_the_swap() -> None:
+    live = live_table(foreign_keys=(("lines_order_fkey", "FOREIGN KEY (order_id) REFERENCES "
+                                     "shop.orders(id)", "shop.orders"),))
+    stamp = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+    captured = capture.Capture.before_swap(LIVE, "dedup_archive")
+    planned = plan.plan_table(TARGET, live, plan.BuildCounts(10, 4, "1:1:"), stamp,
+                              "dedup_archive", captured)
+    cutover = [as_text(step.statement) for step in planned.cutover]
+    archive = '"dedup_archive"."order lines__20261201120000"'
+    moved = cutover.index('alter table "shop"."order lines" set schema "dedup_archive"')
+    dropped = cutover.index(f'alter table {archive} drop constraint "lines_order_fkey"')
+    assert moved < dropped
+    # The capture of the original ends first; the one of the new table starts last.
+    assert cutover[0] == 'drop trigger if exists "dedup_capture" on "shop"."order lines"'
+    assert cutover[-1].startswith('insert into "dedup_archive"."captures"')
+    assert "'order lines__20261201120000'" in cutover[-1]
