@@ -13,7 +13,10 @@ are warm and marked so):
   dbt build  the dedup models and their tests for the chosen tables;
   swap       runner swap of the chosen tables, and how long it held the lock; meanwhile a
              writer in a process of its own re-inserts copies of rows into the first table, as
-             the ETL did, from before the build until after the swap;
+             the ETL did, from before the build until after the rollback;
+  rollback   runner rollback of the same tables right after, the writer still writing (copies,
+             and updates the capture since the swap logs): not part of the job, timed for its
+             lock beside the swap's;
   path A     000_648f24a0cfaa4c82.txt's Path A, as written, on its own copy;
   seed 003   003_9b81cec79fade74f.txt's Part 4.2, as written, on its own copy.
 After each, the live tables' rows and bytes, without and with indexes, also as multiples of
@@ -42,7 +45,7 @@ import seed_plans
 import yaml
 from psycopg import sql
 
-from runner import artifacts, audit, capturing, demo, swap
+from runner import artifacts, audit, capturing, demo, locking, rollback, swap
 from runner.database import connect, uses_embedded
 from runner.embedded import EmbeddedPostgres, default_data_dir
 
@@ -191,8 +194,9 @@ def explain_key_groups(targets: list[artifacts.DedupTarget], target: Path) -> di
 
 
 def write_like_the_etl(conninfo: dict, table: str, stop, results: str) -> None:
-    """Copies of existing rows, INSERT ... ON CONFLICT DO NOTHING, ~500 a second. Writes
-    [start, seconds] of each to results; time.monotonic() is one clock for every process."""
+    """Copies of existing rows, INSERT ... ON CONFLICT DO NOTHING, and every fourth time an
+    update of the latest row, ~500 writes a second. Writes [start, seconds] of each to results;
+    time.monotonic() is one clock for every process."""
     writes = []
     with psycopg.connect(autocommit=True, **conninfo) as conn:
         columns = [r[0] for r in conn.execute(
@@ -204,10 +208,17 @@ def write_like_the_etl(conninfo: dict, table: str, stop, results: str) -> None:
             " on conflict do nothing").format(
                 t=sql.Identifier(demo.DEMO_SCHEMA, table),
                 cols=sql.SQL(", ").join(sql.Identifier(c) for c in columns))
+        # After the swap the copies conflict with the kept rows; the updates go on being writes
+        # for the capture since the swap, which a rollback carries over.
+        touch = sql.SQL("update {t} set {c} = {c} where id = (select max(id) from {t})").format(
+            t=sql.Identifier(demo.DEMO_SCHEMA, table), c=sql.Identifier(columns[-1]))
         n = 0
         while not stop.is_set():
             started = time.monotonic()
-            conn.execute(statement, (n % 1000 + 1,))
+            if n % 4 == 3:
+                conn.execute(touch)
+            else:
+                conn.execute(statement, (n % 1000 + 1,))
             writes.append([started, time.monotonic() - started])
             n += 1
             time.sleep(0.002)
@@ -385,7 +396,7 @@ def main() -> None:
             explained = explain_key_groups(list(specs.values()), target)
         with connect() as conn:
             capturing.start(conn, list(specs.values()),
-                            capturing.LockOptions(options.archive_schema))
+                            locking.LockOptions(options.archive_schema))
         server.empty_caches()
         stop = multiprocessing.Event()
         writer_results = target / "writer.json"
@@ -406,6 +417,16 @@ def main() -> None:
                 result = swap.execute(conn, swap.make_plans(conn, options), options)
                 spans["swap"] = (started, time.monotonic())
                 phases["swap"] = spans["swap"][1] - started
+            after["this project"] = _measure(tables)
+            compact = _compact_bytes(tables)
+            # The rollback, as an operator would run it while the ETL writes: not part of the
+            # job, timed for its lock beside the swap's.
+            with counting_writes("rollback", writes), connect() as conn:
+                started = time.monotonic()
+                undo = rollback.RollbackOptions(select=tables)
+                undone = rollback.execute(conn, rollback.make_plans(conn, undo), undo)
+                spans["rollback"] = (started, time.monotonic())
+                phases["rollback"] = spans["rollback"][1] - started
         finally:
             time.sleep(0.5)
             stop.set()
@@ -414,8 +435,6 @@ def main() -> None:
         timed_writes = json.loads(writer_results.read_text())
         latencies = sorted(seconds for _, seconds in timed_writes)
         worst_at = _when(max(timed_writes, key=lambda w: w[1])[0], spans)
-        after["this project"] = _measure(tables)
-        compact = _compact_bytes(tables)
         with connect() as conn:
             version = conn.execute("show server_version").fetchone()[0]
 
@@ -451,6 +470,8 @@ def main() -> None:
         "key_groups_plans": explained,
         "lock_ms": result.lock_ms, "lock_attempts": result.attempts,
         "replayed_writes": result.replayed,
+        "rollback_lock_ms": undone.lock_ms, "rollback_lock_attempts": undone.attempts,
+        "rollback_carried_writes": {str(t): list(c) for t, c in undone.carried.items()},
         "dbt_start_share_of_job": phases["dbt start"] / job,
         "writer": {"writes": len(latencies),
                    "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
@@ -493,6 +514,10 @@ def main() -> None:
           f"({worst_at}); "
           f"{result.replayed} captured writes replayed; lock held {result.lock_ms:.0f} ms, "
           f"taken in {result.attempts} tries")
+    carried = sum(i + u + d for i, u, d, _ in undone.carried.values())
+    print(f"rollback (not in the job): {phases['rollback']:.2f} s, {carried} writes since the "
+          f"swap carried over; lock held {undone.lock_ms:.0f} ms, taken in {undone.attempts} "
+          "tries")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"run-{report['when'].replace(':', '')}.json"
     out.write_text(json.dumps(report, indent=2))

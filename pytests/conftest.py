@@ -28,6 +28,65 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 TEST_SCALE = 0.003
 
 
+DESCRIBE = """
+select jsonb_build_object(
+    'columns', (select jsonb_agg(jsonb_build_array(attname, format_type(atttypid, atttypmod),
+                    attnotnull, pg_get_expr(d.adbin, d.adrelid)) order by attnum)
+                from pg_attribute left join pg_attrdef as d on d.adrelid = attrelid
+                    and d.adnum = attnum
+                where attrelid = c.oid and attnum > 0 and not attisdropped),
+    'indexes', (select jsonb_object_agg(i.relname, pg_get_indexdef(x.indexrelid))
+                from pg_index as x join pg_class as i on i.oid = x.indexrelid
+                where x.indrelid = c.oid),
+    'constraints', (select jsonb_object_agg(conname, pg_get_constraintdef(oid))
+                    from pg_constraint where conrelid = c.oid),
+    'grants', (select jsonb_agg(a::text order by a::text) from aclexplode(c.relacl) as a),
+    'owner', pg_get_userbyid(c.relowner),
+    'comment', obj_description(c.oid, 'pg_class'),
+    'options', c.reloptions,
+    'replica_identity', c.relreplident,
+    'sequences', (select jsonb_agg(s.oid::regclass::text order by 1) from pg_depend as d
+                  join pg_class as s on s.oid = d.objid and s.relkind = 'S'
+                  where d.refobjid = c.oid and d.deptype in ('a', 'i')),
+    'identity', (select jsonb_object_agg(attname, attidentity) from pg_attribute
+                 where attrelid = c.oid and attidentity <> ''),
+    'column_grants', (select jsonb_object_agg(attname, attacl::text) from pg_attribute
+                      where attrelid = c.oid and attacl is not null),
+    'triggers', (select jsonb_object_agg(tgname, jsonb_build_array(pg_get_triggerdef(oid),
+                     tgenabled)) from pg_trigger where tgrelid = c.oid and not tgisinternal
+                     and tgname not in ('dedup_capture', 'dedup_capture_truncate')),
+    'row_security', jsonb_build_array(c.relrowsecurity, c.relforcerowsecurity),
+    'policies', (select jsonb_agg(to_jsonb(p) - 'tablename' order by policyname)
+                 from pg_policies as p where p.schemaname = n.nspname
+                 and p.tablename = c.relname),
+    'publications', (select jsonb_agg(pubname order by pubname) from pg_publication_rel
+                     join pg_publication on pg_publication.oid = prpubid where prrelid = c.oid),
+    'replica_identity_index', (select i.relname from pg_index as x join pg_class as i
+                               on i.oid = x.indexrelid
+                               where x.indrelid = c.oid and x.indisreplident),
+    'views', (select jsonb_object_agg(v.oid::regclass::text, pg_get_viewdef(v.oid))
+              from pg_depend as d join pg_rewrite as r on r.oid = d.objid
+              join pg_class as v on v.oid = r.ev_class
+              where d.refobjid = c.oid and v.oid <> c.oid)
+)
+from pg_class as c
+join pg_namespace as n on n.oid = c.relnamespace
+where c.oid = %s::regclass
+"""
+
+
+def description(conn: psycopg.Connection, table: str) -> dict:
+    """What makes a table the table it is to everything around it, from the catalog: the
+    swap must leave all of it as it was but for the natural key's constraint."""
+    return conn.execute(DESCRIBE, (table,)).fetchone()[0]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", type=int, default=0, metavar="N",
+                     help="Run N random histories in test_histories.py instead of the suite's "
+                          "fixed few.")
+
+
 def run_dbt(args: list[str], env: dict[str, str], target_dir: Path, callbacks=()):
     """dbt in-process against the database in env; returns dbt's result object. Each callback
     gets every event dbt fires."""

@@ -6,7 +6,7 @@ import json
 
 import psycopg
 import pytest
-from conftest import TEST_SCALE, Database
+from conftest import TEST_SCALE, Database, description
 
 from runner import demo, locking, swap
 from runner.errors import RunnerError
@@ -14,52 +14,8 @@ from runner.names import constraint_name, pg_name
 
 SWAPPED = [t.name for t in demo.CHILD_TABLES if t.name != "task_tags"]
 
-DESCRIBE = """
-select jsonb_build_object(
-    'columns', (select jsonb_agg(jsonb_build_array(attname, format_type(atttypid, atttypmod),
-                    attnotnull, pg_get_expr(d.adbin, d.adrelid)) order by attnum)
-                from pg_attribute left join pg_attrdef as d on d.adrelid = attrelid
-                    and d.adnum = attnum
-                where attrelid = c.oid and attnum > 0 and not attisdropped),
-    'indexes', (select jsonb_object_agg(i.relname, pg_get_indexdef(x.indexrelid))
-                from pg_index as x join pg_class as i on i.oid = x.indexrelid
-                where x.indrelid = c.oid),
-    'constraints', (select jsonb_object_agg(conname, pg_get_constraintdef(oid))
-                    from pg_constraint where conrelid = c.oid),
-    'grants', (select jsonb_agg(a::text order by a::text) from aclexplode(c.relacl) as a),
-    'owner', pg_get_userbyid(c.relowner),
-    'comment', obj_description(c.oid, 'pg_class'),
-    'options', c.reloptions,
-    'replica_identity', c.relreplident,
-    'sequence', pg_get_serial_sequence(c.oid::regclass::text, 'id'),
-    'identity', (select jsonb_object_agg(attname, attidentity) from pg_attribute
-                 where attrelid = c.oid and attidentity <> ''),
-    'column_grants', (select jsonb_object_agg(attname, attacl::text) from pg_attribute
-                      where attrelid = c.oid and attacl is not null),
-    'triggers', (select jsonb_object_agg(tgname, jsonb_build_array(pg_get_triggerdef(oid),
-                     tgenabled)) from pg_trigger where tgrelid = c.oid and not tgisinternal
-                     and tgname not in ('dedup_capture', 'dedup_capture_truncate')),
-    'row_security', jsonb_build_array(c.relrowsecurity, c.relforcerowsecurity),
-    'policies', (select jsonb_agg(to_jsonb(p) - 'tablename' order by policyname)
-                 from pg_policies as p where p.schemaname = 'breezeway'
-                 and p.tablename = c.relname),
-    'publications', (select jsonb_agg(pubname order by pubname) from pg_publication_rel
-                     join pg_publication on pg_publication.oid = prpubid where prrelid = c.oid),
-    'replica_identity_index', (select i.relname from pg_index as x join pg_class as i
-                               on i.oid = x.indexrelid
-                               where x.indrelid = c.oid and x.indisreplident),
-    'views', (select jsonb_object_agg(v.oid::regclass::text, pg_get_viewdef(v.oid))
-              from pg_depend as d join pg_rewrite as r on r.oid = d.objid
-              join pg_class as v on v.oid = r.ev_class
-              where d.refobjid = c.oid and v.oid <> c.oid)
-)
-from pg_class as c
-where c.oid = %s::regclass
-"""
-
-
 def describe(conn: psycopg.Connection, table: str) -> dict:
-    return conn.execute(DESCRIBE, (f"breezeway.{table}",)).fetchone()[0]
+    return description(conn, f"breezeway.{table}")
 
 
 def schema_state(database: Database) -> list:
@@ -249,7 +205,7 @@ def test_refuses_an_unknown_table_in_select(fresh: Database) -> None:
 def test_gives_up_on_a_held_lock_and_names_the_holder(fresh: Database) -> None:
     with fresh.holding("lock table breezeway.task_photos in access share mode") as holder:
         message = _refused(fresh, "--lock-timeout", "200ms", "--lock-wait", "1s")
-    assert "could not lock the live tables in " in message
+    assert "could not lock breezeway.business_events, breezeway.property_photos, " in message
     assert "tries of 200 ms over 1 s, nothing was changed" in message
     assert f"pid {holder}" in message
 

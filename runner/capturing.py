@@ -17,16 +17,9 @@ from psycopg import sql
 from runner import capture, catalog, locking, swap_log
 from runner.artifacts import DedupTarget, Relation
 from runner.errors import RunnerError
-from runner.locking import lock_timeout
+from runner.locking import LockOptions
 from runner.plan import check_spec_columns, refuse_unsupported
 from runner.swap import Registered, registered_captures
-
-
-@dataclass(frozen=True)
-class LockOptions:
-    archive_schema: str
-    lock_timeout_ms: int = 100
-    lock_wait_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -51,27 +44,14 @@ def start(conn: psycopg.Connection, targets: list[DedupTarget],
     already = [in_place[t.live] for t in targets if t.live in in_place]
     if not to_start:
         return Started([], already)
-    statements = [lock_timeout(options.lock_timeout_ms),
-                  capture.ensure_schema(options.archive_schema),
+    statements = [capture.ensure_schema(options.archive_schema),
                   capture.registry_table(options.archive_schema),
                   # All at once, so the runner never holds one while it queues for another.
                   sql.SQL("lock table {} in share row exclusive mode").format(
                       sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in to_start))]
     for live in to_start:
         statements += capture.install(capture.Capture.before_swap(live, options.archive_schema))
-
-    def install() -> None:
-        for statement in statements:
-            conn.execute(statement)
-
-    with locking.one_runner(conn), conn.transaction():
-        locking.retry_until(
-            conn, install, wait_s=options.lock_wait_s,
-            gave_up=lambda tries, error: (
-                f"could not lock {', '.join(str(t) for t in to_start)} to start their change "
-                f"capture in {tries} tries over {options.lock_wait_s:g} s, nothing was "
-                f"changed; held by {catalog.lock_holders(conn, to_start)}: retry when they "
-                "finish, or raise --lock-wait"))
+    locking.run_alone(conn, statements, options, to_start, " to start their change capture")
     return Started(to_start, already)
 
 
@@ -150,23 +130,12 @@ def stop(conn: psycopg.Connection, select: list[str] | None,
     chosen = _chosen(registered_captures(conn, options.archive_schema), select,
                      options.archive_schema)
     before = {s.registered.capture.live: s for s in status(conn, options.archive_schema)}
-    statements = [lock_timeout(options.lock_timeout_ms)]
+    statements = []
     for registered in chosen:
         table = registered.capture.live if registered.live_exists else None
         statements += capture.remove(registered.capture, table)
     statements += capture.drop_if_unused(options.archive_schema)
-
-    def remove() -> None:
-        for statement in statements:
-            conn.execute(statement)
-
-    live = [r.capture.live for r in chosen if r.live_exists]
-    with locking.one_runner(conn), conn.transaction():
-        locking.retry_until(
-            conn, remove, wait_s=options.lock_wait_s,
-            gave_up=lambda tries, error: (
-                f"could not lock {', '.join(map(str, live))} to stop their change capture in "
-                f"{tries} tries over {options.lock_wait_s:g} s, nothing was changed; held by "
-                f"{catalog.lock_holders(conn, live)}: retry when they finish, or raise "
-                "--lock-wait"))
+    locking.run_alone(conn, statements, options,
+                      [r.capture.live for r in chosen if r.live_exists],
+                      " to stop their change capture")
     return [before[r.capture.live] for r in chosen]

@@ -17,20 +17,13 @@ from psycopg import sql
 from runner import capture, catalog, locking, swap_log
 from runner.artifacts import Relation
 from runner.errors import RunnerError
-from runner.locking import lock_timeout
+from runner.locking import LockOptions, lock_timeout
 from runner.plan import Step
 from runner.swap import Registered, registered_captures, run_steps
 from runner.swap_log import LogEntry, when
 
 _AGE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|min|h|d)\s*")
 _AGE_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400}
-
-
-@dataclass(frozen=True)
-class CleanupOptions:
-    archive_schema: str
-    lock_timeout_ms: int = 100
-    lock_wait_s: float = 60.0
 
 
 def parse_age(text: str) -> timedelta:
@@ -105,7 +98,7 @@ def cleanup_steps(items: list[CleanupItem], archive_schema: str) -> list[Step]:
     return steps
 
 
-def _phases(items: list[CleanupItem], options: CleanupOptions) -> tuple[list[Step], list[Step]]:
+def _phases(items: list[CleanupItem], options: LockOptions) -> tuple[list[Step], list[Step]]:
     dropped = [r for item in items for r in item.drop]
     # DROP also locks the parents its foreign keys reference, which the ETL writes: the
     # timeout keeps it from making the ETL queue, as for the swap.
@@ -126,7 +119,7 @@ def sizes(relations: list[Relation]) -> sql.Composed:
         for r in relations))
 
 
-def render(conn: psycopg.Connection, items: list[CleanupItem], options: CleanupOptions) -> str:
+def render(conn: psycopg.Connection, items: list[CleanupItem], options: LockOptions) -> str:
     locking_steps, steps = _phases(items, options)
     lines = ["begin;"]
     for step in [*locking_steps, *steps]:
@@ -138,7 +131,7 @@ def render(conn: psycopg.Connection, items: list[CleanupItem], options: CleanupO
 
 
 def execute(conn: psycopg.Connection, items: list[CleanupItem],
-            options: CleanupOptions) -> CleanupResult:
+            options: LockOptions) -> CleanupResult:
     """Drop everything the items name and mark their swap_log rows, in one transaction."""
     locking_steps, steps = _phases(items, options)
     dropped = [r for item in items for r in item.drop]
@@ -158,11 +151,7 @@ def execute(conn: psycopg.Connection, items: list[CleanupItem],
                               ) from error
 
     with locking.one_runner(conn), conn.transaction():
-        locking.retry_until(
-            conn, drop, wait_s=options.lock_wait_s,
-            gave_up=lambda tries, error: (
-                f"could not lock {', '.join(map(str, dropped))} in {tries} tries of "
-                f"{options.lock_timeout_ms} ms over {options.lock_wait_s:g} s, nothing was "
-                f"changed; held by {catalog.lock_holders(conn, dropped)}: retry when they "
-                "finish, or raise --lock-wait"))
+        locking.retry_until(conn, drop, wait_s=options.lock_wait_s,
+                            gave_up=locking.could_not_lock(conn, dropped, options.lock_timeout_ms,
+                                                           options.lock_wait_s))
     return CleanupResult(items, freed)

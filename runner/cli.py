@@ -23,6 +23,7 @@ from runner import (
     capturing,
     cleanup,
     demo,
+    locking,
     report,
     rollback,
     swap,
@@ -305,7 +306,7 @@ def capture_command(project_dir: Path, target_path: Path | None, select: tuple[s
     """
     if show_status and stop:
         raise click.UsageError("--status and --stop exclude each other")
-    options = capturing.LockOptions(archive_schema, _duration_ms(lock_timeout),
+    options = locking.LockOptions(archive_schema, _duration_ms(lock_timeout),
                                     _duration_ms(lock_wait) / 1000)
     with database(project_dir):
         if show_status:
@@ -380,7 +381,7 @@ def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> N
             timings["generate demo data"] = time.perf_counter() - started
             run_dbt(["parse", "--target-path", str(target_dir), "--quiet"], project_dir)
             capturing.start(conn, artifacts.load_targets(target_dir),
-                            capturing.LockOptions(swap.DEFAULT_ARCHIVE_SCHEMA))
+                            locking.LockOptions(swap.DEFAULT_ARCHIVE_SCHEMA))
         started = time.perf_counter()
         run_dbt(["build", "--target-path", str(target_dir)], project_dir)
         timings["dbt build"] = time.perf_counter() - started
@@ -429,7 +430,7 @@ def cleanup_command(project_dir: Path, older_than: str, dry_run: bool, lock_time
     """Drop the archives, kept-row tables and rolled-back copies of the swaps older than
     --older-than; those swaps can no longer be rolled back."""
     age = cleanup.parse_age(older_than)
-    options = cleanup.CleanupOptions(
+    options = locking.LockOptions(
         archive_schema=archive_schema, lock_timeout_ms=_duration_ms(lock_timeout),
         lock_wait_s=_duration_ms(lock_wait) / 1000,
     )

@@ -10,16 +10,30 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
+from runner.artifacts import Relation
+from runner.catalog import lock_holders
 from runner.errors import RunnerError
 
 # One runner at a time per database: the key is arbitrary but fixed.
 ADVISORY_LOCK_KEY = 4_242_001
 FIRST_PAUSE_S = 0.05
 LONGEST_PAUSE_S = 1.0
+
+
+@dataclass(frozen=True)
+class LockOptions:
+    """Where the runner keeps what it makes, and how it takes locks."""
+
+    archive_schema: str
+    lock_timeout_ms: int = 100
+    """How long one try waits for a lock: the longest anyone queues behind the runner."""
+    lock_wait_s: float = 60.0
+    """How long all tries together may take before the runner gives up."""
 
 
 def lock_timeout(milliseconds: int) -> sql.Composed:
@@ -76,3 +90,29 @@ def retry_until(conn: psycopg.Connection, attempt: Callable[[], None], *, wait_s
                 pause = min(pause * 2, LONGEST_PAUSE_S)
             if between is not None:
                 between(reason)
+
+
+def could_not_lock(conn: psycopg.Connection, tables: list[Relation], timeout_ms: int,
+                   wait_s: float, doing: str = "") -> Callable[[int, Exception], str]:
+    """The message of a runner that gave up on `tables` (`doing` says what for), naming who
+    holds them now."""
+    def message(tries: int, error: Exception) -> str:
+        return (f"could not lock {', '.join(map(str, tables))}{doing} in {tries} tries of "
+                f"{timeout_ms} ms over {wait_s:g} s, nothing was changed; held by "
+                f"{lock_holders(conn, tables)}: retry when they finish, or raise --lock-wait")
+    return message
+
+
+def run_alone(conn: psycopg.Connection, statements: list[sql.Composable],
+              options: LockOptions, tables: list[Relation], doing: str = "") -> None:
+    """`statements` in one transaction, as the only runner, tried until their locks are had:
+    all of them, or none."""
+    def run() -> None:
+        conn.execute(lock_timeout(options.lock_timeout_ms))
+        for statement in statements:
+            conn.execute(statement)
+
+    with one_runner(conn), conn.transaction():
+        retry_until(conn, run, wait_s=options.lock_wait_s,
+                    gave_up=could_not_lock(conn, tables, options.lock_timeout_ms,
+                                           options.lock_wait_s, doing))

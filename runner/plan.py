@@ -14,6 +14,7 @@ a rollback knows every write made after the swap.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -201,9 +202,7 @@ def _constraint_only(target: DedupTarget, live: LiveTable, counts: BuildCounts,
     return TablePlan(
         target, "constraint", counts, constraint=name, capture=captured,
         concurrent=[
-            Step("a leftover of an interrupted run would block the name",
-                 sql.SQL("drop index concurrently if exists {}").format(
-                     sql.Identifier(live.relation.schema, pending_index))),
+            _drop_pending(live),
             Step("build the unique index without blocking writers",
                  _unique_index(target.spec, live, pending_index, live_id, concurrently=True)),
         ],
@@ -234,6 +233,12 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
                server_version: int = NULLS_NOT_DISTINCT_VERSION) -> TablePlan:
     """The plan for one table. `captured`: its change capture from before the build, if in
     place; `swapped_since_build`: a swap the build did not see replaced the table already."""
+    pending = pg_name(live.relation.name, "natural_key_new")
+    leftover = [index for index in live.indexes if index.name == pending]
+    # The index an interrupted run left enforces the key, but it is not the constraint yet:
+    # it is dropped and built again.
+    live = dataclasses.replace(live, indexes=tuple(i for i in live.indexes
+                                                   if i.name != pending))
     if live.enforcing_index(target.spec) is not None and (
             counts.duplicates == 0 or swapped_since_build):
         return TablePlan(target, "nothing", counts, capture=captured,
@@ -245,7 +250,17 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
         raise RunnerError(f"{live.relation} has no change capture: run `runner capture`, then "
                           "`dbt build`, then `runner swap`, so that no write between the build "
                           "and the swap is lost")
-    return _swap(target, live, counts, stamp, archive_schema, captured)
+    planned = _swap(target, live, counts, stamp, archive_schema, captured)
+    if leftover:
+        planned.concurrent.append(_drop_pending(live))
+    return planned
+
+
+def _drop_pending(live: LiveTable) -> Step:
+    return Step("a leftover of an interrupted run would block the name",
+                sql.SQL("drop index concurrently if exists {}").format(
+                    sql.Identifier(live.relation.schema,
+                                   pg_name(live.relation.name, "natural_key_new"))))
 
 
 def _swap(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: datetime,

@@ -521,11 +521,7 @@ def execute(conn: psycopg.Connection, plans: list[TableRollback], options: Rollb
     deadline = time.monotonic() + options.lock_wait_s
     tables = _locked(plans)
 
-    def gave_up(tries: int, error: Exception) -> str:
-        return (f"could not lock {', '.join(str(t) for t in tables)} in {tries} tries of "
-                f"{options.lock_timeout_ms} ms over {options.lock_wait_s:g} s, nothing was "
-                f"changed; held by {catalog.lock_holders(conn, tables)}: retry when they "
-                "finish, or raise --lock-wait")
+    gave_up = locking.could_not_lock(conn, tables, options.lock_timeout_ms, options.lock_wait_s)
 
     def carry_all(under_lock: bool) -> None:
         for plan in restoring:

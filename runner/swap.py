@@ -340,6 +340,18 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool) -> i
     return replayed
 
 
+def _build_concurrently(conn: psycopg.Connection, plan: TablePlan) -> None:
+    """The statements that cannot run in a transaction. A unique index that meets duplicates
+    fails, and leaves itself INVALID: dropped again, so that nothing is changed."""
+    try:
+        run_steps(conn, plan.concurrent)
+    except psycopg.errors.UniqueViolation as error:
+        run_steps(conn, plan.concurrent[:1])
+        raise RunnerError(f"{plan.target.live} has rows that share a natural key again, written "
+                          "since dbt read it, so its unique index cannot be built; nothing was "
+                          "changed: run `dbt build` again, then `runner swap`") from error
+
+
 def _rows_at_commit(conn: psycopg.Connection,
                     archive_schema: str) -> dict[Relation, tuple[int, int]]:
     """What this transaction recorded in swap_log: rows before and after, at commit."""
@@ -365,7 +377,7 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
     live_tables = [p.target.live for p in active]
     with locking.one_runner(conn):
         for plan in active:
-            run_steps(conn, plan.concurrent)
+            _build_concurrently(conn, plan)
             step_done(f"concurrent index of {plan.target.live}")
         before, locking_steps, under_lock = _phases(plans, options)
         replayed = [0]
@@ -391,16 +403,16 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
                       else "lock given back for a rescan")
             replay_all(under_lock=False)
 
+        could_not_lock = locking.could_not_lock(conn, live_tables, options.lock_timeout_ms,
+                                                options.lock_wait_s)
+
         def gave_up(tries: int, reason: Exception) -> str:
             if isinstance(reason, _NeedsRescan):
                 return (f"gave up after {tries} tries over {options.lock_wait_s:g} s, nothing "
                         "was changed: the ETL keeps deleting or re-keying kept rows, which can "
                         "only be replayed outside the lock; pause it briefly, or raise "
                         "--lock-wait")
-            return (f"could not lock the live tables in {tries} tries of "
-                    f"{options.lock_timeout_ms} ms over {options.lock_wait_s:g} s, nothing was "
-                    f"changed; held by {catalog.lock_holders(conn, live_tables)}: retry when "
-                    "they finish, or raise --lock-wait")
+            return could_not_lock(tries, reason)
 
         with conn.transaction():
             # Every lock, not only the last one: adding a foreign key to a new table locks its
