@@ -390,7 +390,7 @@ class Histories(RuleBasedStateMachine):
             with self._connect() as conn:
                 capturing.stop(conn, [self.model.shape.table],
                                locking.LockOptions(swap.DEFAULT_ARCHIVE_SCHEMA,
-                                                     LOCK_TIMEOUT_MS))
+                                                   LOCK_TIMEOUT_MS))
             result = "stop"
         except RunnerError:
             result = "refused"

@@ -307,7 +307,7 @@ def capture_command(project_dir: Path, target_path: Path | None, select: tuple[s
     if show_status and stop:
         raise click.UsageError("--status and --stop exclude each other")
     options = locking.LockOptions(archive_schema, _duration_ms(lock_timeout),
-                                    _duration_ms(lock_wait) / 1000)
+                                  _duration_ms(lock_wait) / 1000)
     with database(project_dir):
         if show_status:
             with connect() as conn:

@@ -25,12 +25,13 @@ from psycopg import sql
 
 from runner import capture, catalog, locking, restore, swap, swap_log
 from runner.artifacts import Relation
+from runner.capturing import Registered, registered_captures
 from runner.catalog import Index, LiveTable
 from runner.errors import RunnerError
 from runner.locking import lock_timeout
 from runner.names import pg_name
 from runner.plan import Step, recreate_view
-from runner.swap import ASYNC_COMMIT, FLUSH, Registered, run_batched, run_steps
+from runner.swap import ASYNC_COMMIT, FLUSH, run_batched, run_steps
 from runner.swap_log import LogEntry, when
 
 ROLLED_BACK = "rolled_back"
@@ -365,7 +366,7 @@ def make_plans(conn: psycopg.Connection, options: RollbackOptions,
     entries = choose(swap_log.latest_swaps(conn, options.archive_schema), options.select,
                      options.archive_schema)
     captures = {r.capture.live: r
-                for r in swap.registered_captures(conn, options.archive_schema)}
+                for r in registered_captures(conn, options.archive_schema)}
     plans = []
     for entry in entries:
         if not catalog.exists(conn, entry.live):

@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from runner import artifacts, capture, catalog, locking, swap_log
+from runner import artifacts, capture, capturing, catalog, locking, swap_log
 from runner.artifacts import Relation
 from runner.errors import RunnerError
 from runner.locking import lock_timeout
@@ -59,31 +59,6 @@ class SwapResult:
     """Captured writes replayed into the new tables."""
     rows: dict[Relation, tuple[int, int]] = field(default_factory=dict)
     """Per table, the rows of the original and of the new table at commit."""
-
-
-@dataclass(frozen=True)
-class Registered:
-    """A change capture from the archive schema's registry."""
-
-    capture: capture.Capture
-    xid: int
-    """The transaction that installed it."""
-    started_at: datetime
-    trigger: str | None
-    """How its trigger is enabled (pg_trigger.tgenabled), or None when it is missing."""
-    live_exists: bool
-    log_exists: bool
-
-
-def registered_captures(conn: psycopg.Connection, archive_schema: str) -> list[Registered]:
-    """Every capture the registry holds, whatever its state."""
-    if not catalog.exists(conn, Relation(archive_schema, capture.REGISTRY)):
-        return []
-    return [Registered(capture.Capture(Relation(schema, table), Relation(archive_schema, log),
-                                       Relation(archive_schema, function), since_swap_of),
-                       int(xid), started_at, trigger, live_exists, log_exists)
-            for (schema, table, log, function, since_swap_of, xid, started_at, live_exists,
-                 trigger, log_exists) in conn.execute(capture.registered(archive_schema))]
 
 
 def build_counts(conn: psycopg.Connection, target: artifacts.DedupTarget) -> BuildCounts:
@@ -129,7 +104,7 @@ def make_plans(conn: psycopg.Connection, options: SwapOptions,
     artifacts.check_build(options.target_dir, targets)
     stamp = stamp or datetime.now(timezone.utc)
     before_swap = {(r.capture.live.schema, r.capture.live.name): r
-                   for r in registered_captures(conn, options.archive_schema)
+                   for r in capturing.registered_captures(conn, options.archive_schema)
                    if r.capture.since_swap_of is None and r.trigger is not None}
     plans = []
     for target in targets:

@@ -17,10 +17,10 @@ from psycopg import sql
 
 from runner import catalog
 from runner.artifacts import DedupSpec, DedupTarget, Relation
+from runner.capturing import Registered, registered_captures
 from runner.catalog import LiveTable, NumberingSequence
 from runner.errors import RunnerError
 from runner.locking import lock_timeout
-from runner.swap import Registered, registered_captures
 from runner.swap_log import SWAP_LOG, LogEntry, latest_swaps, when
 from runner.units import size_text
 
