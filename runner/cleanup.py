@@ -18,9 +18,9 @@ from runner import capture, catalog, locking, swap_log
 from runner.artifacts import Relation
 from runner.capturing import Registered, registered_captures
 from runner.errors import RunnerError
+from runner.executor import run_steps
 from runner.locking import LockOptions, lock_timeout
 from runner.plan import Step
-from runner.swap import run_steps
 from runner.swap_log import LogEntry, when
 
 _AGE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|min|h|d)\s*")

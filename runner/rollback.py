@@ -15,7 +15,6 @@ Statements are built from facts alone, so that --dry-run prints exactly what run
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,15 +22,15 @@ from datetime import datetime, timezone
 import psycopg
 from psycopg import sql
 
-from runner import capture, catalog, locking, restore, swap, swap_log
+from runner import capture, catalog, executor, locking, restore, swap, swap_log
 from runner.artifacts import Relation
 from runner.capturing import Registered, registered_captures
 from runner.catalog import Index, LiveTable
 from runner.errors import RunnerError
+from runner.executor import ASYNC_COMMIT, FLUSH, run_batched, run_steps
 from runner.locking import lock_timeout
 from runner.names import pg_name
 from runner.plan import Step, recreate_view
-from runner.swap import ASYNC_COMMIT, FLUSH, run_batched, run_steps
 from runner.swap_log import LogEntry, when
 
 ROLLED_BACK = "rolled_back"
@@ -518,20 +517,20 @@ def execute(conn: psycopg.Connection, plans: list[TableRollback], options: Rollb
     restoring = _restoring(plans)
     before, locking_steps, locked = _phases(plans, options)
     carried: dict[Relation, tuple[int, int, int, int]] = {}
-    locked_at = [0.0]
-    deadline = time.monotonic() + options.lock_wait_s
-    tables = _locked(plans)
+    gave_up = locking.could_not_lock(conn, _locked(plans), options.lock_timeout_ms,
+                                     options.lock_wait_s)
 
-    gave_up = locking.could_not_lock(conn, tables, options.lock_timeout_ms, options.lock_wait_s)
-
-    def carry_all(under_lock: bool) -> None:
+    def carry_all(under_lock: bool = False) -> None:
         for plan in restoring:
             _carry_over(conn, plan, under_lock=under_lock)
 
+    def prepare(plan: TableRollback) -> None:
+        _carry_over(conn, plan, under_lock=False)
+        run_steps(conn, [Step(f"every row of {plan.entry.live} is in {plan.archive} as it is "
+                              "now, unless a captured write waits to explain it",
+                              plan.restore.all_rows_in_archive, check=True)])
+
     def cut_over() -> None:
-        run_steps(conn, locking_steps)
-        locked_at[0] = time.perf_counter()
-        step_done("lock")
         # Before any row is written: these lock the parents of the foreign keys, and a
         # timeout here must leave nothing to undo but the savepoint.
         run_steps(conn, locked)
@@ -539,33 +538,17 @@ def execute(conn: psycopg.Connection, plans: list[TableRollback], options: Rollb
         for plan in restoring:
             carried[plan.entry.live] = tuple(conn.execute(plan.restore.carried).fetchone())
         run_batched(conn, [step for plan in plans for step in plan.cutover])
-        step_done("cutover")
-
-    def lock_try_failed(reason: Exception) -> None:
-        step_done("lock try timed out")
-        carry_all(under_lock=False)
 
     with locking.one_runner(conn):
-        with conn.transaction():
-            for step in before:
-                locking.retry_until(conn, lambda step=step: run_steps(conn, [step]),
-                                    wait_s=deadline - time.monotonic(), gave_up=gave_up)
-                step_done(step.why)
-            for plan in restoring:
-                _carry_over(conn, plan, under_lock=False)
-                run_steps(conn, [Step(f"every row of {plan.entry.live} is in {plan.archive} as "
-                                 "it is now, unless a captured write waits to explain it",
-                                 plan.restore.all_rows_in_archive, check=True)])
-                step_done(f"carried over to {plan.archive}")
-            carry_all(under_lock=False)
-            step_done("catch-up before the lock")
-            attempts = locking.retry_until(conn, cut_over,
-                                           wait_s=max(0.0, deadline - time.monotonic()),
-                                           gave_up=gave_up, between=lock_try_failed)
-        lock_ms = (time.perf_counter() - locked_at[0]) * 1000
-        run_steps(conn, [FLUSH])
+        result = executor.cut_over(conn, executor.CutOver(
+            before=before,
+            prepare=[(f"carried over to {plan.archive}", lambda plan=plan: prepare(plan))
+                     for plan in restoring],
+            catch_up=carry_all, take_lock=locking_steps, under_lock=cut_over,
+            lock_wait_s=options.lock_wait_s, gave_up=gave_up,
+            gave_up_before=lambda step: gave_up), step_done)
         notes = _validate(conn, plans, options)
-    return RollbackResult(plans, lock_ms, attempts, carried, notes)
+    return RollbackResult(plans, result.lock_ms, result.attempts, carried, notes)
 
 
 def _validate(conn: psycopg.Connection, plans: list[TableRollback],

@@ -11,7 +11,6 @@ gives the lock back and is done outside it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,9 +19,10 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from runner import artifacts, capture, capturing, catalog, locking, swap_log
+from runner import artifacts, capture, capturing, catalog, executor, locking, swap_log
 from runner.artifacts import Relation
 from runner.errors import RunnerError
+from runner.executor import ASYNC_COMMIT, FLUSH, run_batched, run_steps
 from runner.locking import lock_timeout
 from runner.plan import (
     BuildCounts,
@@ -124,17 +124,6 @@ def make_plans(conn: psycopg.Connection, options: SwapOptions,
     return plans
 
 
-# The locks end when the commit does, and a commit that waits for the disk holds them through a
-# flush (here about 10 ms of a 50 ms lock). Committed asynchronously, the swap is visible at
-# once and durable a moment later, as any later write's commit flushes it first; the runner
-# waits for that flush before it reports, with a commit of its own.
-ASYNC_COMMIT = Step("commit without waiting for the disk, so the locks end before the flush; "
-                    "the flush is awaited after the commit, before anything is reported",
-                    sql.SQL("set local synchronous_commit = off"))
-FLUSH = Step("wait for the commit to reach the disk: this transaction's own commit flushes "
-             "the log up to it", sql.SQL("select pg_current_xact_id()"))
-
-
 def archive_schema_steps(archive_schema: str) -> list[Step]:
     """The archive schema and the tables every swap and capture writes to."""
     return [Step("the archive schema, made if there is none", capture.ensure_schema(
@@ -148,7 +137,13 @@ def _phases(plans: list[TablePlan], options: SwapOptions) -> tuple[list[Step], l
                                                                      list[Step]]:
     """The statements before the lock, the ones that take it, and the ones under it."""
     active = [p for p in plans if p.cutover or p.concurrent]
-    before = [ASYNC_COMMIT, *archive_schema_steps(options.archive_schema),
+    before = [ASYNC_COMMIT,
+              # Every lock, not only the last one: adding a foreign key to a new table locks
+              # its parent against writers, who must not queue behind the runner either.
+              Step("wait at most this long for each lock, so no session queues behind the "
+                   "runner for longer; on timeout, try again",
+                   lock_timeout(options.lock_timeout_ms)),
+              *archive_schema_steps(options.archive_schema),
               Step("", capture.counts_table())]
     for plan in active:
         before += plan.prepare
@@ -248,37 +243,6 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
     return "\n".join(lines)
 
 
-def run_steps(conn: psycopg.Connection, steps: list[Step]) -> None:
-    for step in steps:
-        cursor = conn.execute(step.statement)
-        if not step.check:
-            continue
-        row = cursor.fetchone()
-        if not row or row[0] is not True:
-            explained = zip(cursor.description[1:], row[1:], strict=True)
-            details = ", ".join(f"{column.name}={value}" for column, value in explained)
-            raise RunnerError(f"check failed, nothing was changed: {step.why} ({details})")
-
-
-def run_batched(conn: psycopg.Connection, steps: list[Step]) -> None:
-    """As run_steps, but consecutive statements go to the server as one string: under the lock
-    the round trips, not the statements, are most of the time."""
-    pending: list[Step] = []
-
-    def flush() -> None:
-        if pending:
-            conn.execute(sql.SQL(";\n").join(step.statement for step in pending))
-            pending.clear()
-
-    for step in steps:
-        if step.check:
-            flush()
-            run_steps(conn, [step])
-        else:
-            pending.append(step)
-    flush()
-
-
 class _NeedsRescan(locking.Retry):
     """Under the lock, a captured write needs a scan of a live table: give the lock back."""
 
@@ -349,73 +313,55 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
         return SwapResult(plans, 0.0)
     step_done = after_step or (lambda label: None)
     replaying = [p for p in active if p.replay]
-    live_tables = [p.target.live for p in active]
+    replayed = 0
+    rows: dict[Relation, tuple[int, int]] = {}
+    before, locking_steps, under_lock = _phases(plans, options)
+
+    def replay(plan: TablePlan, under_lock: bool) -> None:
+        nonlocal replayed
+        replayed += _replay(conn, plan, under_lock=under_lock)
+
+    def replay_all(under_lock: bool = False) -> None:
+        for plan in replaying:
+            replay(plan, under_lock)
+
+    def prepare(plan: TablePlan) -> None:
+        replay(plan, under_lock=False)
+        run_steps(conn, [Step(f"every kept row of {plan.target.live} equals its live row, "
+                              "unless a captured write waits to explain it",
+                              plan.replay.all_rows_match, check=True)])
+
+    def cut_over() -> None:
+        replay_all(under_lock=True)
+        run_batched(conn, under_lock)
+        rows.update(_rows_at_commit(conn, options.archive_schema))
+
+    could_not_lock = locking.could_not_lock(conn, [p.target.live for p in active],
+                                            options.lock_timeout_ms, options.lock_wait_s)
+
+    def gave_up(tries: int, reason: Exception) -> str:
+        if isinstance(reason, _NeedsRescan):
+            return (f"gave up after {tries} tries over {options.lock_wait_s:g} s, nothing "
+                    "was changed: the ETL keeps deleting or re-keying kept rows, which can "
+                    "only be replayed outside the lock; pause it briefly, or raise "
+                    "--lock-wait")
+        return could_not_lock(tries, reason)
+
+    def gave_up_before(step: Step) -> Callable[[int, Exception], str]:
+        return lambda tries, error: (
+            f"could not get a lock for \"{step.why}\" within {options.lock_wait_s:g} s, "
+            f"nothing was changed; {error.diag.message_primary}: retry when the session "
+            "holding it finishes, or raise --lock-wait")
+
     with locking.one_runner(conn):
         for plan in active:
             _build_concurrently(conn, plan)
             step_done(f"concurrent index of {plan.target.live}")
-        before, locking_steps, under_lock = _phases(plans, options)
-        replayed = [0]
-        locked_at = [0.0]
-        rows: dict[Relation, tuple[int, int]] = {}
-        deadline = time.monotonic() + options.lock_wait_s
-
-        def replay_all(under_lock: bool) -> None:
-            for plan in replaying:
-                replayed[0] += _replay(conn, plan, under_lock=under_lock)
-
-        def cut_over() -> None:
-            run_steps(conn, locking_steps)
-            locked_at[0] = time.perf_counter()
-            step_done("lock")
-            replay_all(under_lock=True)
-            run_batched(conn, under_lock)
-            rows.update(_rows_at_commit(conn, options.archive_schema))
-            step_done("cutover")
-
-        def lock_try_failed(reason: Exception) -> None:
-            step_done("lock try timed out" if isinstance(reason, psycopg.errors.LockNotAvailable)
-                      else "lock given back for a rescan")
-            replay_all(under_lock=False)
-
-        could_not_lock = locking.could_not_lock(conn, live_tables, options.lock_timeout_ms,
-                                                options.lock_wait_s)
-
-        def gave_up(tries: int, reason: Exception) -> str:
-            if isinstance(reason, _NeedsRescan):
-                return (f"gave up after {tries} tries over {options.lock_wait_s:g} s, nothing "
-                        "was changed: the ETL keeps deleting or re-keying kept rows, which can "
-                        "only be replayed outside the lock; pause it briefly, or raise "
-                        "--lock-wait")
-            return could_not_lock(tries, reason)
-
-        with conn.transaction():
-            # Every lock, not only the last one: adding a foreign key to a new table locks its
-            # parent against writers, and must not make them queue behind the runner either.
-            conn.execute(lock_timeout(options.lock_timeout_ms))
-            for step in before:
-                locking.retry_until(
-                    conn, lambda step=step: run_steps(conn, [step]),
-                    wait_s=deadline - time.monotonic(),
-                    gave_up=lambda tries, error, step=step: (
-                        f"could not get a lock for \"{step.why}\" within "
-                        f"{options.lock_wait_s:g} s, nothing was changed; "
-                        f"{error.diag.message_primary}: retry when the session holding it "
-                        "finishes, or raise --lock-wait"))
-                step_done(step.why)
-            for plan in replaying:
-                replayed[0] += _replay(conn, plan, under_lock=False)
-                run_steps(conn, [Step(f"every kept row of {plan.target.live} equals its live row, "
-                                 "unless a captured write waits to explain it",
-                                 plan.replay.all_rows_match, check=True)])
-                step_done(f"replay before the lock of {plan.target.live}")
-            # The ETL kept writing while the other tables were checked: what it wrote then is
-            # replayed now, not under the lock.
-            replay_all(under_lock=False)
-            step_done("catch-up replay before the lock")
-            attempts = locking.retry_until(conn, cut_over,
-                                           wait_s=max(0.0, deadline - time.monotonic()),
-                                           gave_up=gave_up, between=lock_try_failed)
-        lock_ms = (time.perf_counter() - locked_at[0]) * 1000
-        run_steps(conn, [FLUSH])
-        return SwapResult(plans, lock_ms, attempts, replayed[0], rows)
+        result = executor.cut_over(conn, executor.CutOver(
+            before=before,
+            prepare=[(f"replay before the lock of {plan.target.live}",
+                      lambda plan=plan: prepare(plan)) for plan in replaying],
+            catch_up=replay_all, take_lock=locking_steps, under_lock=cut_over,
+            lock_wait_s=options.lock_wait_s, gave_up=gave_up, gave_up_before=gave_up_before),
+            step_done)
+    return SwapResult(plans, result.lock_ms, result.attempts, replayed, rows)
