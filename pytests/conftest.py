@@ -139,6 +139,13 @@ class Database:
             yield conn.info.backend_pid
 
 
+def said(result: Result) -> list[str]:
+    """What a command said, without the progress of its slow steps and lock tries, which it
+    reports on stderr as indented lines."""
+    return [line for line in result.output.splitlines()
+            if line.strip() and not line.startswith("  ")]
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[EmbeddedPostgres]:
     # Not pytest's tmp_path: that is 0700, and as root the server runs as nobody.

@@ -16,6 +16,8 @@ import psycopg
 from history_model import Backfilled, Column, Model, Shape, key_of
 from psycopg import sql
 
+from runner.rollback import TableRollback
+
 SCHEMA = "harness"
 ETL_ROLE = "harness_etl"
 READER_ROLE = "harness_reader"
@@ -260,3 +262,11 @@ def keys_of(model: Model) -> list[tuple]:
     return sorted({tuple(None if isinstance(v, Backfilled) else v
                          for v in key_of(model.shape, row)) for row in model.live.values()},
                   key=repr)
+
+
+def rollback_action(planned: TableRollback) -> str:
+    """What a rollback planned for a table: restore, constraint, or finish (only the foreign
+    keys a stopped run left unchecked)."""
+    if planned.finishing:
+        return "finish"
+    return "restore" if planned.restore else "constraint"

@@ -4,8 +4,8 @@ test_histories.py stops the runner as an operator's `kill -9` would.
     python history_kill.py swap|rollback TARGET_DIR TABLE N
 
 The database is the one the libpq environment names. Prints what the command planned (swap,
-constraint or nothing; restore or constraint), then exits 0 when it finished before its N-th
-step, 1 when it refused.
+constraint or nothing; restore, constraint or finish), and each step's label on stderr, then
+exits 0 when it finished before its N-th step, 1 when it refused.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import os
 import signal
 import sys
 from pathlib import Path
+
+from histories import rollback_action
 
 from runner import rollback, swap
 from runner.database import connect
@@ -26,6 +28,7 @@ def main() -> None:
 
     def step_done(label: str) -> None:
         done.append(label)
+        print(label, file=sys.stderr, flush=True)
         if len(done) == int(steps):
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -39,7 +42,7 @@ def main() -> None:
             else:
                 options = rollback.RollbackOptions(select=[table], lock_timeout_ms=50)
                 plans = rollback.make_plans(conn, options)
-                print("restore" if plans[0].restore else "constraint", flush=True)
+                print(rollback_action(plans[0]), flush=True)
                 rollback.execute(conn, plans, options, after_step=step_done)
     except RunnerError as error:
         print(error, file=sys.stderr)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import Database
+from conftest import Database, said
 
 # Every command that reads the configured tables; upsert-sql takes one of them.
 ON_TABLES = [["audit"], ["verify"], ["upsert-sql", "task_photos"], ["swap"], ["plan"],
@@ -153,7 +153,7 @@ def test_bad_input_is_one_line_exit_1_and_no_change(fresh: Database, case: Case)
                 result = broken.runner(*command)
         else:
             result = broken.runner(*command)
-        lines = result.output.strip().splitlines()
+        lines = said(result)
         assert result.exit_code == 1, (command, result.output)
         assert len(lines) == 1 and lines[0].startswith("Error: "), (command, result.output)
         assert case.says in lines[0], (command, lines[0])

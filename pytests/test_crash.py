@@ -77,6 +77,8 @@ def _steps(server, built: Database) -> list[str]:
 
 def test_a_kill_at_every_step_leaves_all_as_it_was_and_a_rerun_finishes(server,
                                                                          built) -> None:
+    # As it was, until the commit; after it, as it should be, but for the foreign key that
+    # is checked after the commit, which the rerun checks.
     steps = _steps(server, built)
     assert "lock" in steps and "cutover" in steps
     for number, label in enumerate(steps):
@@ -91,7 +93,10 @@ def test_a_kill_at_every_step_leaves_all_as_it_was_and_a_rerun_finishes(server,
                     plans = swap.make_plans(conn, options)
                     swap.execute(conn, plans, options,
                                  after_step=_kill_after(database, number + 1))
-            assert _state(database) == before, f"killed after {label!r}"
+            if label == "commit":
+                _swapped_correctly(database)
+            else:
+                assert _state(database) == before, f"killed after {label!r}"
             _swap(database)
             _swapped_correctly(database)
         finally:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import ClassVar
 
@@ -151,6 +152,15 @@ def harness() -> Harness:
     shutil.rmtree(base, ignore_errors=True)
 
 
+def summary(seen: collections.Counter) -> str:
+    return ", ".join(f"{count} {what}" for what, count in sorted(seen.items()))
+
+
+def _killed(label: str) -> str:
+    """What a kill at the step labelled `label` left: the commit is durable by then."""
+    return "killed after commit" if label == "commit" else "killed"
+
+
 class Killed(Exception):
     """The runner was stopped at the step the history chose."""
 
@@ -159,6 +169,7 @@ class Histories(RuleBasedStateMachine):
     h: Harness
     # What the run went through, for its summary.
     seen: ClassVar[collections.Counter] = collections.Counter()
+    report_every: ClassVar[int] = 0
 
     @initialize(shape=st.sampled_from([shape.name for shape in histories.SHAPES]),
                 keys=st.integers(2, 10), copies=st.integers(1, 5),
@@ -169,6 +180,10 @@ class Histories(RuleBasedStateMachine):
         histories start where the documented flow has its swap to do."""
         shape = next(s for s in histories.SHAPES if s.name == shape)
         self.seen["histories"] += 1
+        if self.report_every and self.seen["histories"] % self.report_every == 0:
+            # A long run shows how far it got, past pytest's capture, even if it is stopped.
+            print(f"{self.seen['histories']} histories: {summary(self.seen)}",
+                  file=sys.__stderr__, flush=True)
         self.h.fresh_database()
         self.model = Model(shape)
         with self.h.connect() as conn:
@@ -295,7 +310,7 @@ class Histories(RuleBasedStateMachine):
                     self.h.crash()
                 else:
                     self.h.terminate_runner()
-                raise Killed
+                raise Killed(label)
 
         return step_done
 
@@ -312,7 +327,7 @@ class Histories(RuleBasedStateMachine):
                 env=env, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)
             if finished.returncode == -9:
                 self.h.wait_for_runner_to_go()
-                return "killed"
+                return _killed(finished.stderr.splitlines()[-1])
             assert finished.returncode in (0, 1), finished.stderr
             return finished.stdout.strip() if finished.returncode == 0 else "refused"
         holder = None
@@ -335,17 +350,17 @@ class Histories(RuleBasedStateMachine):
                                                        lock_timeout_ms=LOCK_TIMEOUT_MS,
                                                        lock_wait_s=30)
                     plans = rollback.make_plans(conn, options)
-                    planned = "restore" if plans[0].restore else "constraint"
+                    planned = histories.rollback_action(plans[0])
                     rollback.execute(conn, plans, options, after_step=hook)
             return planned
         except RunnerError:
             return "refused"
-        except (Killed, psycopg.OperationalError):
+        except (Killed, psycopg.OperationalError) as error:
             if kill == "crash":
                 self.h.recover()
             else:
                 self.h.wait_for_runner_to_go()
-            return "killed"
+            return _killed(error.args[0] if isinstance(error, Killed) else "")
         finally:
             if holder is not None:
                 holder.close()
@@ -357,6 +372,18 @@ class Histories(RuleBasedStateMachine):
         result = self._run(command, kill, at, writes if working else 0,
                            hold if working and kill != "sigkill" else 0, data)
         self.seen[f"{command} {outcome}"] += 1
+        if result == "killed after commit":
+            # Wholly after, but for the foreign keys it adds NOT VALID and checks after its
+            # commit: the next run checks them.
+            self.seen[f"{command} killed after commit ({kill})"] += 1
+            model.swapped(outcome) if command == "swap" else model.rolled_back(outcome)
+            outcome = model.swap_outcome() if command == "swap" else model.rollback_outcome()
+            if command == "rollback" and outcome == "refused" and working and (
+                    "parent" in model.shape.extras):
+                outcome = "finish"
+            result = self._run(command, None, 0, 0, 0, data)
+            assert result == outcome, f"runner {command}: {result}, the model says {outcome}"
+            return
         if result == "killed":
             self.seen[f"{command} killed ({kill})"] += 1
             # Wholly before (but for the index a constraint-only swap builds outside any
@@ -403,7 +430,7 @@ class Histories(RuleBasedStateMachine):
     def clean_up(self) -> None:
         with self._connect() as conn:
             options = locking.LockOptions(swap.DEFAULT_ARCHIVE_SCHEMA, LOCK_TIMEOUT_MS)
-            items = cleanup.plan_cleanup(conn, options.archive_schema, cleanup.parse_age("0s"))
+            items = cleanup.plan_cleanup(conn, options.archive_schema, timedelta(0))
             if items:
                 cleanup.execute(conn, items, options)
         self.model.cleaned_up()
@@ -486,6 +513,7 @@ def test_histories(harness: Harness, request: pytest.FixtureRequest,
     soak = request.config.getoption("--soak")
     Histories.h = harness
     Histories.seen.clear()
+    Histories.report_every = 10 if soak else 0
     started = time.monotonic()
     try:
         run_state_machine_as_test(Histories, settings=settings(
@@ -493,10 +521,9 @@ def test_histories(harness: Harness, request: pytest.FixtureRequest,
             derandomize=not soak, deadline=None, database=None, print_blob=True,
             suppress_health_check=list(HealthCheck)))
     finally:
-        seen = Histories.seen
-        summary = ", ".join(f"{count} {what}" for what, count in sorted(seen.items()))
         with capsys.disabled():
-            print(f"\nhistories in {time.monotonic() - started:.0f} s: {summary}")
+            print(f"\nhistories in {time.monotonic() - started:.0f} s: "
+                  f"{summary(Histories.seen)}")
 
 
 def test_the_model_keeps_what_the_keep_rule_says() -> None:

@@ -73,6 +73,9 @@ def test_not_distinct_on_a_nullable_key_is_enforced_with_nulls_not_distinct() ->
     ({"referenced_by": ("shop.refunds.refunds_line_fkey",)},
      "foreign keys point at it (shop.refunds.refunds_line_fkey)"),
     ({"materialized_views": ("shop.totals",)}, "materialized views read it (shop.totals)"),
+    ({"foreign_keys": (("lines_parent_fkey", "FOREIGN KEY (parent) REFERENCES shop.lines(id)",
+                        LIVE),)},
+     "it references itself (lines_parent_fkey)"),
 ])
 def test_what_the_swap_cannot_carry_over_is_refused_by_name(changes: dict, says: str) -> None:
     with pytest.raises(RunnerError) as refused:
@@ -90,7 +93,7 @@ def test_a_table_with_duplicates_and_no_capture_is_refused() -> None:
 
 def test_the_archive_is_made_inert_and_a_capture_follows_the_swap() -> None:
     live = live_table(foreign_keys=(("lines_order_fkey", "FOREIGN KEY (order_id) REFERENCES "
-                                     "shop.orders(id)", "shop.orders"),))
+                                     "shop.orders(id)", Relation("shop", "orders")),))
     stamp = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
     captured = capture.Capture.before_swap(LIVE, "dedup_archive")
     planned = plan.plan_table(TARGET, live, plan.BuildCounts(10, 4, "1:1:"), stamp,
@@ -104,3 +107,27 @@ def test_the_archive_is_made_inert_and_a_capture_follows_the_swap() -> None:
     assert cutover[0] == 'drop trigger if exists "dedup_capture" on "shop"."order lines"'
     assert cutover[-1].startswith('insert into "dedup_archive"."captures"')
     assert "'order lines__20261201120000'" in cutover[-1]
+
+
+@pytest.mark.parametrize(("definition", "validated_after"), [
+    ("FOREIGN KEY (order_id) REFERENCES shop.orders(id)", True),
+    ("FOREIGN KEY (order_id) REFERENCES shop.orders(id) NOT VALID", False),
+])
+def test_foreign_keys_come_under_the_lock_not_valid_and_are_checked_after_it(
+        definition: str, validated_after: bool) -> None:
+    # Added before the lock, a foreign key would hold its parent against writers from then to
+    # the commit; validated under the lock, for a scan of the new table.
+    live = live_table(foreign_keys=(("lines_order_fkey", definition, Relation("shop", "orders")),))
+    planned = plan.plan_table(TARGET, live, plan.BuildCounts(10, 4, "1:1:"),
+                              datetime(2026, 12, 1, tzinfo=timezone.utc), "dedup_archive",
+                              capture.Capture.before_swap(LIVE, "dedup_archive"))
+    added = ('alter table "shop"."order lines__dedup_new" add constraint "lines_order_fkey" '
+             "FOREIGN KEY (order_id) REFERENCES shop.orders(id) not valid")
+    assert not any("foreign key" in as_text(step.statement).lower() for step in planned.prepare)
+    assert added in [as_text(step.statement) for step in planned.cutover]
+    assert [as_text(step.statement) for step in planned.validate] == (
+        ['alter table "shop"."order lines" validate constraint "lines_order_fkey"']
+        if validated_after else [])
+    assert planned.parents == (Relation("shop", "orders"),)
+    assert as_text(plan.parents_lock_statement([planned])) == (
+        'lock table "shop"."orders" in share row exclusive mode')

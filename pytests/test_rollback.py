@@ -8,7 +8,7 @@ import re
 
 import psycopg
 import pytest
-from conftest import TEST_SCALE, Database
+from conftest import TEST_SCALE, Database, said
 from psycopg import sql
 from test_other_project import EXPECTED_KEPT, OTHER_PROJECT, run_other_dbt
 from test_other_project import shop as shop  # imported, its fixture is this module's too
@@ -52,7 +52,7 @@ def refused(database: Database, *args: str) -> str:
     before = schema_state(database), _log_if_any(database)
     result = database.runner(*args)
     assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
+    lines = said(result)
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert (schema_state(database), _log_if_any(database)) == before
     return lines[0]

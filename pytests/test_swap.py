@@ -6,7 +6,7 @@ import json
 
 import psycopg
 import pytest
-from conftest import TEST_SCALE, Database, description
+from conftest import TEST_SCALE, Database, description, said
 
 from runner import demo, locking, swap
 from runner.errors import RunnerError
@@ -105,15 +105,22 @@ def test_dry_run_prints_every_statement_and_changes_nothing(fresh: Database) -> 
     before = schema_state(fresh)
     result = fresh.runner("swap", "--dry-run")
     assert result.exit_code == 0, result.output
-    assert result.output.count("lock table ") == 1
+    assert result.output.count(" in access exclusive mode;") == 1
+    assert result.output.count(" in share row exclusive mode;") == 1
     assert "alter table \"breezeway\".\"property_photos\" set schema \"dedup_archive\";" in (
         result.output)
     # Committed without waiting for the disk, then flushed by a commit of its own.
     assert result.output.count("set local synchronous_commit = off;") == 1
-    assert result.output.rstrip().endswith("commit;\n"
-                                           "-- wait for the commit to reach the disk: this "
-                                           "transaction's own commit flushes the log up to it\n"
-                                           "select pg_current_xact_id();")
+    flushed = ("commit;\n-- wait for the commit to reach the disk: this transaction's own "
+               "commit flushes the log up to it\nselect pg_current_xact_id();\n")
+    # Then, after the commit, each foreign key of a new table checked on its own.
+    validations = result.output[result.output.index(flushed) + len(flushed):].splitlines()
+    assert validations[1::2] == [
+        f'alter table "breezeway"."{table}" validate constraint "{table}_{column}_fkey";'
+        for table, column in (("property_photos", "property_pk"),
+                              ("reservation_guests", "reservation_pk"),
+                              ("task_assignments", "task_pk"), ("task_photos", "task_pk"),
+                              ("task_requirements", "task_pk"))]
     assert schema_state(fresh) == before
 
 
@@ -129,7 +136,7 @@ def _refused(database: Database, *args: str) -> str:
     before = schema_state(database)
     result = database.runner("swap", *args)
     assert result.exit_code == 1
-    lines = result.output.strip().splitlines()
+    lines = said(result)
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert schema_state(database) == before
     return lines[0]
@@ -214,11 +221,83 @@ def test_an_open_transaction_on_a_parent_table_makes_it_give_up_not_block(
         fresh: Database) -> None:
     # Adding the new table's foreign key locks the parent against writers: that must wait no
     # longer than the lock timeout either, or the ETL would queue behind the runner.
-    with fresh.holding("update breezeway.tasks set title = title where id = 1"):
+    with fresh.holding("update breezeway.tasks set title = title where id = 1") as holder:
         message = _refused(fresh, "--select", "task_photos", "--lock-timeout", "100ms",
                            "--lock-wait", "1s")
-    assert 'could not get a lock for "foreign key task_photos_task_pk_fkey' in message
+    assert "could not lock breezeway.task_photos, breezeway.tasks in " in message
     assert "nothing was changed" in message
+    assert f"pid {holder}" in message
+
+
+def test_the_parent_table_takes_writes_until_the_cut_over(fresh: Database) -> None:
+    # The foreign key is added under the cut-over's lock, not before it: while the swap builds
+    # and proves the new table, a write to the parent that would wait at all fails here.
+    written = []
+
+    def write_to_the_parent(label: str) -> None:
+        if label.startswith("replay before the lock of "):
+            with fresh.connect() as etl:
+                etl.execute("set lock_timeout = '1ms'")
+                written.append(etl.execute("update breezeway.tasks set title = title"
+                                           " where id = 1").rowcount)
+
+    options = swap.SwapOptions(target_dir=fresh.target_dir, select=["task_photos"])
+    with fresh.connect() as conn:
+        result = swap.execute(conn, swap.make_plans(conn, options), options,
+                              after_step=write_to_the_parent)
+    assert written == [1]
+    assert result.notes == []
+    with fresh.connect() as conn:
+        assert conn.execute("select conname, convalidated from pg_constraint"
+                            " where conrelid = 'breezeway.task_photos'::regclass"
+                            " and contype = 'f'").fetchall() == [("task_photos_task_pk_fkey",
+                                                                   True)]
+
+
+def test_a_run_stopped_before_the_foreign_keys_were_checked_is_finished_by_the_next(
+        fresh: Database) -> None:
+    class Stopped(Exception):
+        pass
+
+    def stop_after_the_commit(label: str) -> None:
+        if label == "commit":
+            raise Stopped
+
+    options = swap.SwapOptions(target_dir=fresh.target_dir, select=["task_photos"])
+    with fresh.connect() as conn, pytest.raises(Stopped):
+        swap.execute(conn, swap.make_plans(conn, options), options,
+                     after_step=stop_after_the_commit)
+    check = ("select convalidated from pg_constraint where conname = 'task_photos_task_pk_fkey'"
+             " and conrelid = 'breezeway.task_photos'::regclass")
+    with fresh.connect() as conn:
+        assert conn.execute(check).fetchone() == (False,)
+    assert "NOT VALID: task_photos_task_pk_fkey" in fresh.runner(
+        "verify", "--select", "task_photos").output
+    again = fresh.runner("swap", "--select", "task_photos")
+    assert again.exit_code == 0, again.output
+    assert "Nothing to do" in again.output
+    with fresh.connect() as conn:
+        assert conn.execute(check).fetchone() == (True,)
+
+
+def test_the_unique_index_waits_for_an_old_transaction_no_longer_than_lock_wait(
+        fresh: Database) -> None:
+    # CREATE INDEX CONCURRENTLY waits for every transaction with an older snapshot, even one
+    # that never touched the table: bounded by --lock-wait, it gives up and drops its index.
+    with fresh.connect() as conn:
+        conn.execute("alter table breezeway.task_tags drop constraint task_tags_task_pk_tag_pk_key")
+    with fresh.holding("set transaction isolation level repeatable read;"
+                       " select count(*) from breezeway.tasks") as holder:
+        message = _refused(fresh, "--select", "task_tags", "--lock-wait", "1s")
+    assert ("the unique index of breezeway.task_tags could not be built within 1 s: CREATE "
+            "INDEX CONCURRENTLY waits for every transaction older than it to end, and "
+            f"pid {holder} ") in message
+    assert "nothing was changed: retry when it ends, or raise --lock-wait" in message
+    again = fresh.runner("swap", "--select", "task_tags", "--lock-wait", "1s")
+    assert again.exit_code == 0, again.output
+    with fresh.connect() as conn:
+        assert conn.execute("select count(*) from pg_constraint where conname = %s",
+                            (constraint_name("task_tags"),)).fetchone()[0] == 1
 
 
 def test_refuses_when_the_built_rows_differ_from_the_live_rows(fresh: Database) -> None:
@@ -332,8 +411,8 @@ def test_plan_says_what_it_locks_and_for_how_long(fresh: Database) -> None:
     assert lines[1].startswith("-- locks ACCESS EXCLUSIVE on breezeway.task_photos at once;"
                                " each try waits at most 80 ms")
     assert "none of which reads a whole table" in lines[2]
-    assert lines[3].startswith("-- before that, SHARE ROW EXCLUSIVE for a moment on "
-                               "breezeway.tasks")
+    assert lines[3].startswith("-- with it, SHARE ROW EXCLUSIVE on breezeway.tasks, which "
+                               "holds their writers (not their readers) for the same moments")
     assert schema_state(fresh) == before
 
 

@@ -115,7 +115,7 @@ class LiveTable:
     owner: str
     columns: tuple[Column, ...]
     indexes: tuple[Index, ...]
-    foreign_keys: tuple[tuple[str, str, str], ...]
+    foreign_keys: tuple[tuple[str, str, Relation], ...]
     """(name, definition, referenced table) of the constraints by which it references others."""
     referenced_by: tuple[str, ...]
     """Foreign keys of other tables that point at this one, as table.constraint."""
@@ -214,10 +214,12 @@ order by i.relname
 """
 
 _FOREIGN_KEYS = """
-select conname, pg_get_constraintdef(oid), confrelid::regclass::text
-from pg_constraint
-where conrelid = %s and contype = 'f'
-order by conname
+select c.conname, pg_get_constraintdef(c.oid), n.nspname, p.relname
+from pg_constraint as c
+join pg_class as p on p.oid = c.confrelid
+join pg_namespace as n on n.oid = p.relnamespace
+where c.conrelid = %s and c.contype = 'f'
+order by c.conname
 """
 
 _REFERENCED_BY = """
@@ -357,7 +359,9 @@ def read_live_table(conn: psycopg.Connection, relation: Relation) -> LiveTable:
             )
             for r in indexes
         ),
-        foreign_keys=tuple(tuple(r) for r in conn.execute(_FOREIGN_KEYS, (oid,))),
+        foreign_keys=tuple((name, definition, Relation(schema, table))
+                           for name, definition, schema, table
+                           in conn.execute(_FOREIGN_KEYS, (oid,))),
         referenced_by=tuple(r[0] for r in conn.execute(_REFERENCED_BY, (oid,))),
         views=tuple(
             View(Relation(r[0], r[1]), r[2], tuple(r[3])) for r in views if r[4] == "v"
@@ -423,6 +427,25 @@ def lock_holders(conn: psycopg.Connection, tables: list[Relation]) -> str:
     ).fetchall()
     return "; ".join(f"pid {pid} ({user} {app} {state}: {query})"
                      for pid, user, app, state, query in rows) or "no holder left by now"
+
+
+def oldest_transactions(conn: psycopg.Connection, limit: int = 3) -> str:
+    """The sessions whose transactions began longest ago, for the message of a runner that
+    waited for them to end."""
+    rows = conn.execute(
+        """
+        select pid, coalesce(usename, '?'), coalesce(application_name, ''), coalesce(state, ''),
+               left(coalesce(query, ''), 60)
+        from pg_stat_activity
+        where xact_start is not null and pid <> pg_backend_pid()
+            and backend_type = 'client backend'
+        order by xact_start
+        limit %s
+        """,
+        (limit,),
+    ).fetchall()
+    return "; ".join(f"pid {pid} ({user} {app} {state}: {query})"
+                     for pid, user, app, state, query in rows) or "no transaction left by now"
 
 
 def exists(conn: psycopg.Connection, relation: Relation) -> bool:

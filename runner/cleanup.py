@@ -7,7 +7,6 @@ swap's row in swap_log stays, marked cleaned, so that a rollback says why it can
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -22,20 +21,6 @@ from runner.executor import run_steps
 from runner.locking import LockOptions, lock_timeout
 from runner.plan import Step
 from runner.swap_log import LogEntry, when
-
-_AGE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|min|h|d)\s*")
-_AGE_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400}
-
-
-def parse_age(text: str) -> timedelta:
-    match = _AGE.fullmatch(text)
-    if not match:
-        raise RunnerError(f"--older-than {text!r} is not an age such as 7d, 12h, 30min or 0s")
-    try:
-        return timedelta(seconds=float(match.group(1)) * _AGE_UNITS[match.group(2)])
-    except OverflowError:
-        raise RunnerError(f"--older-than {text!r} is longer than any swap can be old: give an "
-                          "age of less than a million days") from None
 
 
 @dataclass(frozen=True)

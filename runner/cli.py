@@ -6,10 +6,10 @@ import csv
 import functools
 import io
 import json
-import re
 import sys
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import click
@@ -34,7 +34,7 @@ from runner.database import connect, database, uses_embedded
 from runner.dbt import run_dbt
 from runner.embedded import EmbeddedPostgres, default_data_dir
 from runner.errors import RunnerError, from_database
-from runner.units import size_text
+from runner.units import duration_text, parse_duration, size_text
 
 # Off a terminal rich would assume 80 columns and squeeze the table.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -54,12 +54,34 @@ def _fails_cleanly(command):
     return wrapper
 
 
-def _duration_ms(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min)?\s*", text)
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a duration such as 500ms, 5s or 1min")
-    value, unit = float(match.group(1)), match.group(2) or "ms"
-    return int(value * {"ms": 1, "s": 1000, "min": 60_000}[unit])
+class Duration(click.ParamType):
+    """A duration with its unit (runner.units.parse_duration), at least `shortest`."""
+
+    name = "duration"
+
+    def __init__(self, shortest: timedelta = timedelta(0), why: str = "") -> None:
+        self.shortest, self.why = shortest, why
+
+    def convert(self, value, param, ctx) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        try:
+            duration = parse_duration(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+        if duration < self.shortest:
+            self.fail(f"{value!r} is less than {self.shortest // timedelta(milliseconds=1)} ms"
+                      f"{self.why}", param, ctx)
+        return duration
+
+
+def _ms(duration: timedelta) -> int:
+    return round(duration / timedelta(milliseconds=1))
+
+
+# 0 is no timeout at all to PostgreSQL: every session would queue behind the runner's lock.
+A_TIMEOUT = Duration(timedelta(milliseconds=1), ", which PostgreSQL would read as no timeout "
+                     "at all: give 1ms or more")
 
 
 project_dir_option = click.option(
@@ -85,10 +107,10 @@ swapped_select_option = click.option(
 dry_run_option = click.option(
     "--dry-run", is_flag=True, help="Print every statement, in order; change nothing.")
 lock_timeout_option = click.option(
-    "--lock-timeout", default="100ms", show_default=True,
+    "--lock-timeout", type=A_TIMEOUT, default="100ms", show_default=True,
     help="How long one try waits for a lock: the longest anyone queues behind the runner.")
 lock_wait_option = click.option(
-    "--lock-wait", default="60s", show_default=True,
+    "--lock-wait", type=Duration(), default="60s", show_default=True,
     help="How long all tries together may take before giving up with no change.")
 archive_schema_option = click.option(
     "--archive-schema", default=swap.DEFAULT_ARCHIVE_SCHEMA, show_default=True,
@@ -170,6 +192,8 @@ def _print_summary(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -
         click.echo(f"Live tables locked for {result.lock_ms:.0f} ms. Every original row is "
                    f"kept in {', '.join(archives)}; writes from now on are captured, for a "
                    "rollback, until `runner cleanup` or `runner capture --stop`.")
+    for note in result.notes:
+        click.echo(f"Note: {note}")
 
 
 def _sizes(conn, result: swap.SwapResult) -> dict[str, tuple[int, int]]:
@@ -222,6 +246,7 @@ def _as_json(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> dict
         "lock_ms": round(result.lock_ms, 1),
         "lock_attempts": result.attempts,
         "replayed_writes": result.replayed,
+        "notes": result.notes,
         "tables": [
             {
                 "table": str(plan.target.live), "action": plan.action,
@@ -248,14 +273,14 @@ def _as_json(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> dict
 @click.option("--json", "as_json", is_flag=True, help="Report as JSON, for machines.")
 @_fails_cleanly
 def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
-                 dry_run: bool, lock_timeout: str, lock_wait: str, archive_schema: str,
+                 dry_run: bool, lock_timeout: timedelta, lock_wait: timedelta, archive_schema: str,
                  as_json: bool) -> None:
     """Swap the tables `dbt build` deduplicated into the live schema and add their UNIQUE
     constraints, all in one transaction; refuses unless the latest build passed."""
     options = swap.SwapOptions(
         target_dir=_target_dir(project_dir, target_path), select=list(select) or None,
-        archive_schema=archive_schema, lock_timeout_ms=_duration_ms(lock_timeout),
-        lock_wait_s=_duration_ms(lock_wait) / 1000,
+        archive_schema=archive_schema, lock_timeout_ms=_ms(lock_timeout),
+        lock_wait_s=lock_wait.total_seconds(),
     )
     with database(project_dir):
         _swap(options, dry_run, as_json)
@@ -269,11 +294,11 @@ def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str,
 @lock_wait_option
 @_fails_cleanly
 def plan_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
-                 lock_timeout: str, lock_wait: str) -> None:
+                 lock_timeout: timedelta, lock_wait: timedelta) -> None:
     """What `runner swap` would do: what it locks and for how long, then every statement."""
     options = swap.SwapOptions(
         target_dir=_target_dir(project_dir, target_path), select=list(select) or None,
-        lock_timeout_ms=_duration_ms(lock_timeout), lock_wait_s=_duration_ms(lock_wait) / 1000,
+        lock_timeout_ms=_ms(lock_timeout), lock_wait_s=lock_wait.total_seconds(),
     )
     with database(project_dir):
         _swap(options, dry_run=True)
@@ -294,8 +319,8 @@ def plan_command(project_dir: Path, target_path: Path | None, select: tuple[str,
 @output_format_option
 @_fails_cleanly
 def capture_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
-                    archive_schema: str, lock_timeout: str, lock_wait: str, show_status: bool,
-                    stop: bool, output_format: str) -> None:
+                    archive_schema: str, lock_timeout: timedelta, lock_wait: timedelta,
+                    show_status: bool, stop: bool, output_format: str) -> None:
     """Start capturing writes to the live tables; run it before `dbt build`.
 
     The swap replays what the ETL writes between the build and its commit, so nothing is lost
@@ -306,8 +331,8 @@ def capture_command(project_dir: Path, target_path: Path | None, select: tuple[s
     """
     if show_status and stop:
         raise click.UsageError("--status and --stop exclude each other")
-    options = locking.LockOptions(archive_schema, _duration_ms(lock_timeout),
-                                  _duration_ms(lock_wait) / 1000)
+    options = locking.LockOptions(archive_schema, _ms(lock_timeout),
+                                  lock_wait.total_seconds())
     with database(project_dir):
         if show_status:
             with connect() as conn:
@@ -400,12 +425,12 @@ def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> N
 @archive_schema_option
 @_fails_cleanly
 def rollback_command(project_dir: Path, select: tuple[str, ...], dry_run: bool,
-                     lock_timeout: str, lock_wait: str, archive_schema: str) -> None:
+                     lock_timeout: timedelta, lock_wait: timedelta, archive_schema: str) -> None:
     """Put the original tables back, duplicates included, with every row written since the
     swap; the deduplicated tables are kept in the archive schema, all in one transaction."""
     options = rollback.RollbackOptions(
         select=list(select) or None, archive_schema=archive_schema,
-        lock_timeout_ms=_duration_ms(lock_timeout), lock_wait_s=_duration_ms(lock_wait) / 1000,
+        lock_timeout_ms=_ms(lock_timeout), lock_wait_s=lock_wait.total_seconds(),
     )
     with database(project_dir), connect() as conn:
         plans = rollback.make_plans(conn, options)
@@ -418,26 +443,26 @@ def rollback_command(project_dir: Path, select: tuple[str, ...], dry_run: bool,
 
 @cli.command(name="cleanup")
 @project_dir_option
-@click.option("--older-than", required=True,
+@click.option("--older-than", type=Duration(), required=True,
               help="Drop only what swaps older than this kept: 7d, 12h, 30min, 0s.")
 @dry_run_option
 @lock_timeout_option
 @lock_wait_option
 @archive_schema_option
 @_fails_cleanly
-def cleanup_command(project_dir: Path, older_than: str, dry_run: bool, lock_timeout: str,
-                    lock_wait: str, archive_schema: str) -> None:
+def cleanup_command(project_dir: Path, older_than: timedelta, dry_run: bool,
+                    lock_timeout: timedelta, lock_wait: timedelta, archive_schema: str) -> None:
     """Drop the archives, kept-row tables and rolled-back copies of the swaps older than
     --older-than; those swaps can no longer be rolled back."""
-    age = cleanup.parse_age(older_than)
     options = locking.LockOptions(
-        archive_schema=archive_schema, lock_timeout_ms=_duration_ms(lock_timeout),
-        lock_wait_s=_duration_ms(lock_wait) / 1000,
+        archive_schema=archive_schema, lock_timeout_ms=_ms(lock_timeout),
+        lock_wait_s=lock_wait.total_seconds(),
     )
     with database(project_dir), connect() as conn:
-        items = cleanup.plan_cleanup(conn, archive_schema, age)
+        items = cleanup.plan_cleanup(conn, archive_schema, older_than)
         if not items:
-            click.echo(f"Nothing to clean up: no swap older than {older_than} kept anything.")
+            click.echo(f"Nothing to clean up: no swap older than {duration_text(older_than)} "
+                       "kept anything.")
             return
         if dry_run:
             click.echo(cleanup.render(conn, items, options))
@@ -451,7 +476,7 @@ def cleanup_command(project_dir: Path, older_than: str, dry_run: bool, lock_time
                        "be rolled back.")
     total = sum(size for _, size in result.freed)
     click.echo(f"Freed {size_text(total)} ({total:,} bytes) in total from {len(result.freed)} "
-               f"tables, kept by {len(result.items)} swaps older than {older_than}.")
+               f"tables, kept by {len(result.items)} swaps older than {duration_text(older_than)}.")
 
 
 @cli.command(name="verify")
@@ -465,14 +490,14 @@ def cleanup_command(project_dir: Path, older_than: str, dry_run: bool, lock_time
 @output_format_option
 @_fails_cleanly
 def verify_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
-                   archive_schema: str, sample: int, lock_timeout: str,
+                   archive_schema: str, sample: int, lock_timeout: timedelta,
                    output_format: str) -> None:
     """Check the live tables after a swap: no duplicate or forbidden NULL key, the natural
     key's constraint and every index valid, foreign keys validated, sequences ahead of their
     columns, size against the swap, and the ETL's statement adding no row. Exit 1 if any
     check fails, for CI and monitoring. Changes nothing; the replay advances sequences."""
     options = verify.VerifyOptions(archive_schema=archive_schema, sample=sample,
-                                   lock_timeout_ms=_duration_ms(lock_timeout))
+                                   lock_timeout_ms=_ms(lock_timeout))
     with database(project_dir):
         targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), select)
         with connect() as conn:
@@ -517,18 +542,18 @@ def upsert_sql_command(table: str, touch: tuple[str, ...], project_dir: Path,
               help="Sizes only: do not time the example queries.")
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True,
               help="How often each example query runs per side; the report gives the median.")
-@click.option("--query-timeout", default="30s", show_default=True,
+@click.option("--query-timeout", type=A_TIMEOUT, default="30s", show_default=True,
               help="statement_timeout of each example query.")
 @_fails_cleanly
 def report_command(project_dir: Path, select: tuple[str, ...], archive_schema: str,
                    html_file: Path | None, as_json: bool, no_queries: bool, runs: int,
-                   query_timeout: str) -> None:
+                   query_timeout: timedelta) -> None:
     """What the swaps did: rows and size before and after per table, the space freed, and
     example queries timed with EXPLAIN (ANALYZE, BUFFERS) on the original and the deduplicated
     table, read-only. Markdown on stdout, or --html FILE, or --json."""
     options = report.ReportOptions(
         archive_schema=archive_schema, select=list(select) or None, queries=not no_queries,
-        runs=runs, timeout_ms=_duration_ms(query_timeout))
+        runs=runs, timeout_ms=_ms(query_timeout))
     with database(project_dir), connect() as conn:
         facts = report.gather(conn, options)
     if html_file:

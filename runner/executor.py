@@ -126,4 +126,25 @@ def cut_over(conn: psycopg.Connection, plan: CutOver,
                                        gave_up=plan.gave_up, between=try_failed)
     lock_ms = (time.perf_counter() - locked_at) * 1000
     run_steps(conn, [FLUSH])
+    step_done("commit")
     return CutOverResult(lock_ms, attempts)
+
+
+def validate_after_commit(conn: psycopg.Connection, steps: list[Step], lock_timeout_ms: int,
+                          lock_wait_s: float) -> list[str]:
+    """Validate foreign keys added NOT VALID, each in a transaction of its own that blocks no
+    writer; what fails stays NOT VALID, enforced for every new row, and is returned as a note
+    of what to do by hand."""
+    notes = []
+    for step in steps:
+        try:
+            locking.retry_until(
+                conn, lambda step=step: (conn.execute(locking.lock_timeout(lock_timeout_ms)),
+                                         conn.execute(step.statement)),
+                wait_s=lock_wait_s,
+                gave_up=lambda tries, error, step=step: f"could not lock for {step.why}")
+        except (RunnerError, psycopg.errors.ForeignKeyViolation) as error:
+            said = getattr(getattr(error, "diag", None), "message_detail", None) or str(error)
+            notes.append(f"{step.why}: not validated ({said}); it holds for every new row: fix "
+                         f"the rows it names, then {step.statement.as_string(conn)}")
+    return notes

@@ -2,12 +2,13 @@
 
 For each table that has duplicates, a shadow table is built beside the live one with everything
 LIKE can copy, filled from dbt's deduplicated table, given the live table's indexes under
-temporary names and proven equal to the live rows it keeps. Under the lock the live table moves
-to the archive schema (nothing is copied: the original rows stay exactly as they were), gives
-up what would let it constrain or fire anything there (its foreign keys are dropped, its
-triggers disabled, both recorded for a rollback), and the shadow takes its name, indexes,
-sequence, owner, grants, comment and dependent views, and a change capture of its own, so that
-a rollback knows every write made after the swap.
+temporary names and proven equal to the live rows it keeps. Under the lock (with the parents of
+its foreign keys held against writes) the shadow gets those keys NOT VALID, to be validated
+after the commit; the live table moves to the archive schema (nothing is copied: the original
+rows stay exactly as they were), gives up what would let it constrain or fire anything there
+(its foreign keys are dropped, its triggers disabled, both recorded for a rollback), and the
+shadow takes its name, indexes, sequence, owner, grants, comment and dependent views, and a
+change capture of its own, so that a rollback knows every write made after the swap.
 
 `--dry-run` prints these statements; `runner.swap` runs them.
 """
@@ -68,14 +69,17 @@ class TablePlan:
     """The change capture in place since before the build, which the swap ends."""
     replay: capture.Replay | None = None
     """How to bring the new table up to date with the writes since the build."""
-    parents: tuple[str, ...] = ()
-    """Tables the new table's foreign keys reference: locked briefly as they are added."""
+    parents: tuple[Relation, ...] = ()
+    """Tables the new table's foreign keys reference: locked against writes for the moment of
+    the cut-over, as the keys are added."""
     concurrent: list[Step] = field(default_factory=list)
     """Run before the transaction, outside it: CREATE INDEX CONCURRENTLY cannot run inside one."""
     prepare: list[Step] = field(default_factory=list)
     """In the transaction, before the live table is locked."""
     cutover: list[Step] = field(default_factory=list)
     """In the transaction, under ACCESS EXCLUSIVE on the live table."""
+    validate: list[Step] = field(default_factory=list)
+    """After the commit, each in a transaction of its own that blocks no writer."""
 
 
 def _grant(grant: Grant | ColumnGrant, table: sql.Composable, relation: Relation) -> Step:
@@ -126,6 +130,11 @@ def refuse_unsupported(spec: DedupSpec, live: LiveTable, server_version: int) ->
         problems.append(f"it inherits from {', '.join(live.parents)}")
     if live.children and live.kind == "r":
         problems.append(f"tables inherit from it ({', '.join(live.children)})")
+    referencing_itself = [name for name, _, parent in live.foreign_keys
+                          if parent == live.relation]
+    if referencing_itself:
+        # Its rows point at each other: the kept rows would point at the archive's.
+        problems.append(f"it references itself ({', '.join(referencing_itself)})")
     if live.referenced_by:
         # Rows of other tables may point at the duplicates the swap removes: moving them to the
         # kept row of the same key is a decision about their data, not a catalog copy.
@@ -256,11 +265,15 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
     return planned
 
 
+def pending_index(table: Relation) -> sql.Identifier:
+    """The unique index a table with no duplicates gets before it becomes the constraint."""
+    return sql.Identifier(table.schema, pg_name(table.name, "natural_key_new"))
+
+
 def _drop_pending(live: LiveTable) -> Step:
     return Step("a leftover of an interrupted run would block the name",
                 sql.SQL("drop index concurrently if exists {}").format(
-                    sql.Identifier(live.relation.schema,
-                                   pg_name(live.relation.name, "natural_key_new"))))
+                    pending_index(live.relation)))
 
 
 def _swap(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: datetime,
@@ -277,19 +290,19 @@ def _swap(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: date
     )
     identity_prepare, identity_free, identity_take = _identity_steps(live, shadow, archive)
     index_prepare, index_free, index_take = _index_steps(live, shadow, archive)
-    plan.parents = tuple(sorted({parent for _, _, parent in live.foreign_keys}))
+    plan.parents = tuple(dict.fromkeys(parent for _, _, parent in live.foreign_keys))
     plan.prepare = [
         *_shadow_steps(live, shadow),
         *identity_prepare,
         *_fill_steps(target, live, shadow),
         *index_prepare,
-        *_foreign_key_steps(live, shadow),
         Step("statistics for the planner, gathered before the lock: a new table has none, and "
              "until autovacuum came by every query on it would be planned blind",
              sql.SQL("analyze {}").format(sql.Identifier(shadow.schema, shadow.name))),
     ]
     plan.cutover = [
         *_end_capture(captured),
+        *_foreign_key_steps(live, shadow),
         *identity_free,
         *index_free,
         *_archive_steps(live, shadow, archive),
@@ -305,6 +318,8 @@ def _swap(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: date
                "rollback knows every write made after it", statement)
           for statement in capture.install(capture.Capture.since_swap(live.relation, archive))),
     ]
+    plan.validate = validate_steps(live.relation, [
+        name for name, definition, _ in live.foreign_keys if not_valid(definition)[1]])
     return plan
 
 
@@ -429,12 +444,42 @@ def _index_steps(live: LiveTable, shadow: Relation,
     return prepare, free, take
 
 
+def not_valid(definition: str) -> tuple[str, bool]:
+    """A foreign key's definition to add NOT VALID, and whether it was validated before."""
+    suffix = " NOT VALID"
+    if definition.endswith(suffix):
+        return definition[: -len(suffix)], False
+    return definition, True
+
+
 def _foreign_key_steps(live: LiveTable, shadow: Relation) -> list[Step]:
-    return [Step(f"foreign key {name}, validated on the few kept rows",
-                 sql.SQL("alter table {} add constraint {} {}").format(
+    # NOT VALID: checking the rows would hold the parents' lock, taken with the live table's,
+    # for a scan; they are checked after the commit, without blocking writers.
+    return [Step(f"foreign key {name}, enforced from now on, its rows checked after the commit",
+                 sql.SQL("alter table {} add constraint {} {} not valid").format(
                      sql.Identifier(shadow.schema, shadow.name), sql.Identifier(name),
-                     sql.SQL(definition)))
+                     sql.SQL(not_valid(definition)[0])))
             for name, definition, _ in live.foreign_keys]
+
+
+def left_to_validate(live: LiveTable, latest: swap_log.LogEntry | None) -> list[Step]:
+    """The foreign keys that the latest swap of `live`, or its rollback, added NOT VALID to be
+    checked after its commit, and that a run stopped before that left unchecked: those the
+    original had validated (its keys are the new table's, and the restored table's again)."""
+    if latest is None or latest.action != "swap":
+        return []
+    validated_before = {key.name for key in latest.archive_foreign_keys
+                        if not_valid(key.definition)[1]}
+    return validate_steps(live.relation, [
+        name for name, definition, _ in live.foreign_keys
+        if name in validated_before and not not_valid(definition)[1]])
+
+
+def validate_steps(table: Relation, foreign_keys: list[str]) -> list[Step]:
+    return [Step(f"foreign key {name} of {table}, checked without blocking writers",
+                 sql.SQL("alter table {} validate constraint {}").format(
+                     sql.Identifier(table.schema, table.name), sql.Identifier(name)))
+            for name in foreign_keys]
 
 
 def _firing_triggers(live: LiveTable) -> list[swap_log.ArchivedTrigger]:
@@ -571,3 +616,15 @@ def lock_statement(plans: list[TablePlan]) -> sql.Composed:
     """One LOCK for every table, so the runner never holds some while it queues for others."""
     return sql.SQL("lock table {} in access exclusive mode").format(sql.SQL(", ").join(
         sql.Identifier(p.target.live.schema, p.target.live.name) for p in plans))
+
+
+def parents(plans: list[TablePlan]) -> list[Relation]:
+    return sorted({parent for plan in plans for parent in plan.parents},
+                  key=lambda parent: (parent.schema, parent.name))
+
+
+def parents_lock_statement(plans: list[TablePlan]) -> sql.Composed:
+    """The tables the new tables' foreign keys reference, kept from changing while the keys are
+    added: their writers wait for the cut-over, their readers do not."""
+    return sql.SQL("lock table {} in share row exclusive mode").format(sql.SQL(", ").join(
+        sql.Identifier(parent.schema, parent.name) for parent in parents(plans)))

@@ -30,7 +30,7 @@ from runner.errors import RunnerError
 from runner.executor import ASYNC_COMMIT, FLUSH, run_batched, run_steps
 from runner.locking import lock_timeout
 from runner.names import pg_name
-from runner.plan import Step, recreate_view
+from runner.plan import Step, left_to_validate, not_valid, recreate_view, validate_steps
 from runner.swap_log import LogEntry, when
 
 ROLLED_BACK = "rolled_back"
@@ -63,6 +63,8 @@ class TableRollback:
     validate: list[Step] = field(default_factory=list)
     """After the commit, one transaction each: foreign keys checked without blocking writers."""
     notes: list[str] = field(default_factory=list)
+    finishing: bool = False
+    """Rolled back already, by a run stopped before it checked the foreign keys: only those."""
 
 
 @dataclass(frozen=True)
@@ -86,21 +88,22 @@ def _regclass(relation: Relation) -> sql.Composed:
     return sql.SQL("{}::regclass").format(sql.Literal(_id(relation).as_string()))
 
 
-def choose(entries: list[LogEntry], select: list[str] | None,
-           archive_schema: str) -> list[LogEntry]:
-    """The entries to roll back: the named tables', or every one not rolled back yet."""
+def choose(entries: list[LogEntry], select: list[str] | None, archive_schema: str,
+           finishing: frozenset[Relation] = frozenset()) -> list[LogEntry]:
+    """The entries to roll back: the named tables', or every one not rolled back yet; and the
+    rolled back ones whose foreign keys a stopped run left unchecked (`finishing`)."""
     log = f"{archive_schema}.{swap_log.SWAP_LOG}"
     if not entries:
         raise RunnerError(f"nothing to roll back: {log} records no swap")
     if not select:
-        chosen = [e for e in entries if e.rolled_back_at is None]
+        chosen = [e for e in entries if e.rolled_back_at is None or e.live in finishing]
         if not chosen:
             raise RunnerError(f"nothing to roll back: every swap in {log} was rolled back "
                               "already")
         return chosen
     chosen = swap_log.selected(entries, select, archive_schema)
     for entry in chosen:
-        if entry.rolled_back_at is not None:
+        if entry.rolled_back_at is not None and entry.live not in finishing:
             raise RunnerError(f"nothing to roll back for {entry.live}: its latest swap, at "
                               f"{when(entry.swapped_at)}, was rolled back at "
                               f"{when(entry.rolled_back_at)}")
@@ -172,14 +175,6 @@ def plan_constraint(entry: LogEntry, archive_schema: str) -> TableRollback:
     ])
 
 
-def _not_valid(definition: str) -> tuple[str, bool]:
-    """A foreign key's definition to add NOT VALID, and whether it was validated before."""
-    suffix = " NOT VALID"
-    if definition.endswith(suffix):
-        return definition[: -len(suffix)], False
-    return definition, True
-
-
 def check_capture(entry: LogEntry, registered: Registered | None) -> None:
     """The capture since the swap is whole: else a rollback would lose the writes it missed."""
     where = (f"cannot roll back {entry.live}: nothing was changed; the original rows stay in "
@@ -233,7 +228,7 @@ def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered:
     ]
     revalidated = []
     for key in entry.archive_foreign_keys:
-        definition, validated = _not_valid(key.definition)
+        definition, validated = not_valid(key.definition)
         plan.locked.append(Step(
             f"foreign key {key.name} of the original again, NOT VALID: validated after the "
             "commit, so that checking the original's rows holds no lock",
@@ -241,10 +236,7 @@ def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered:
                 A, sql.Identifier(key.name), sql.SQL(definition))))
         if validated:
             revalidated.append(key.name)
-    plan.validate = [Step(f"foreign key {key} of {entry.live}, checked without blocking writers",
-                          sql.SQL("alter table {} validate constraint {}").format(
-                              L, sql.Identifier(key)))
-                     for key in revalidated]
+    plan.validate = validate_steps(entry.live, revalidated)
     plan.cutover = [
         Step(f"{entry.live} still has the columns of {archive.relation}",
              sql.SQL("select l = a, l::text as live_columns, a::text as archive_columns"
@@ -362,12 +354,19 @@ def make_plans(conn: psycopg.Connection, options: RollbackOptions,
                stamp: datetime | None = None) -> list[TableRollback]:
     """Read swap_log and the catalog, refuse what cannot be rolled back, plan every table."""
     stamp = stamp or datetime.now(timezone.utc)
-    entries = choose(swap_log.latest_swaps(conn, options.archive_schema), options.select,
-                     options.archive_schema)
+    latest = swap_log.latest_swaps(conn, options.archive_schema)
+    unchecked = {entry.live: left_to_validate(catalog.read_live_table(conn, entry.live), entry)
+                 for entry in latest
+                 if entry.rolled_back_at is not None and catalog.exists(conn, entry.live)}
+    entries = choose(latest, options.select, options.archive_schema,
+                     frozenset(live for live, steps in unchecked.items() if steps))
     captures = {r.capture.live: r
                 for r in registered_captures(conn, options.archive_schema)}
     plans = []
     for entry in entries:
+        if entry.rolled_back_at is not None:
+            plans.append(TableRollback(entry, validate=unchecked[entry.live], finishing=True))
+            continue
         if not catalog.exists(conn, entry.live):
             raise RunnerError(f"cannot roll back {entry.live}: the table does not exist any "
                               "more; nothing was changed; leave it out with --select")
@@ -388,6 +387,10 @@ def make_plans(conn: psycopg.Connection, options: RollbackOptions,
                                 catalog.read_live_table(conn, entry.archive), registered,
                                 stamp, options.archive_schema))
     return plans
+
+
+def _cutting_over(plans: list[TableRollback]) -> list[TableRollback]:
+    return [p for p in plans if not p.finishing]
 
 
 def _restoring(plans: list[TableRollback]) -> list[TableRollback]:
@@ -456,8 +459,14 @@ def render(conn: psycopg.Connection, plans: list[TableRollback],
         if not under_lock:
             lines.append("-- then must be true: " + r.all_rows_in_archive.as_string(conn) + ";")
 
+    validate = [step for plan in plans for step in plan.validate]
+    plans = _cutting_over(plans)
     for plan in plans:
         lines += [f"-- note: {note}" for note in plan.notes]
+    if not plans:
+        for step in validate:
+            add(step)
+        return "\n".join(lines)
     before, locking_steps, locked = _phases(plans, options)
     lines.append("begin;")
     for step in before:
@@ -474,9 +483,8 @@ def render(conn: psycopg.Connection, plans: list[TableRollback],
             add(step)
     lines += ["release savepoint cutover;", "commit;"]
     add(FLUSH)
-    for plan in plans:
-        for step in plan.validate:
-            add(step)
+    for step in validate:
+        add(step)
     return "\n".join(lines)
 
 
@@ -514,6 +522,12 @@ def execute(conn: psycopg.Connection, plans: list[TableRollback], options: Rollb
 
     `after_step` is called with a label after each step and each lock try that timed out."""
     step_done = after_step or (lambda label: None)
+    validate = [step for plan in plans for step in plan.validate]
+    everything, plans = plans, _cutting_over(plans)
+    if not plans:
+        with locking.one_runner(conn):
+            return RollbackResult(everything, 0.0, 0, {}, executor.validate_after_commit(
+                conn, validate, options.lock_timeout_ms, options.lock_wait_s))
     restoring = _restoring(plans)
     before, locking_steps, locked = _phases(plans, options)
     carried: dict[Relation, tuple[int, int, int, int]] = {}
@@ -547,30 +561,9 @@ def execute(conn: psycopg.Connection, plans: list[TableRollback], options: Rollb
             catch_up=carry_all, take_lock=locking_steps, under_lock=cut_over,
             lock_wait_s=options.lock_wait_s, gave_up=gave_up,
             gave_up_before=lambda step: gave_up), step_done)
-        notes = _validate(conn, plans, options)
-    return RollbackResult(plans, result.lock_ms, result.attempts, carried, notes)
-
-
-def _validate(conn: psycopg.Connection, plans: list[TableRollback],
-              options: RollbackOptions) -> list[str]:
-    """Validate the foreign keys the originals got back, each in a transaction of its own that
-    blocks no writer; what fails stays NOT VALID, enforced for new rows, and is reported."""
-    notes = []
-    for plan in plans:
-        for step in plan.validate:
-            try:
-                locking.retry_until(
-                    conn, lambda step=step: (conn.execute(lock_timeout(options.lock_timeout_ms)),
-                                             conn.execute(step.statement)),
-                    wait_s=options.lock_wait_s,
-                    gave_up=lambda tries, error, step=step: f"could not lock for {step.why}")
-            except (RunnerError, psycopg.errors.ForeignKeyViolation) as error:
-                said = (getattr(getattr(error, "diag", None), "message_detail", None)
-                        or str(error))
-                notes.append(f"{step.why}: not validated ({said}); it holds for every new row: "
-                             "fix the rows it names, then "
-                             f"{step.statement.as_string(conn)}")
-    return notes
+        notes = executor.validate_after_commit(conn, validate, options.lock_timeout_ms,
+                                               options.lock_wait_s)
+    return RollbackResult(everything, result.lock_ms, result.attempts, carried, notes)
 
 
 def report(result: RollbackResult) -> list[str]:
@@ -578,6 +571,10 @@ def report(result: RollbackResult) -> list[str]:
     lines = []
     for plan in result.plans:
         entry = plan.entry
+        if plan.finishing:
+            lines.append(f"{entry.live}: rolled back already; the foreign keys a stopped run "
+                         f"left unchecked were checked now ({len(plan.validate)}).")
+            continue
         if plan.rolled_back is None:
             lines.append(f"{entry.live}: dropped the constraint {entry.constraint_name}.")
             continue
@@ -588,8 +585,9 @@ def report(result: RollbackResult) -> list[str]:
                      f"{plan.rolled_back}.")
         lines += [f"  note: {note}" for note in plan.notes]
     lines += [f"Note: {note}" for note in result.notes]
-    lines.append(f"Live tables locked for {result.lock_ms:.0f} ms ({result.attempts} "
-                 f"{'try' if result.attempts == 1 else 'tries'}).")
+    if result.attempts:
+        lines.append(f"Live tables locked for {result.lock_ms:.0f} ms ({result.attempts} "
+                     f"{'try' if result.attempts == 1 else 'tries'}).")
     if any(p.rolled_back for p in result.plans):
         lines.append("To swap again: `runner capture`, `dbt build`, then `runner swap`.")
     return lines

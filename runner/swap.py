@@ -29,7 +29,11 @@ from runner.plan import (
     Step,
     TablePlan,
     check_columns,
+    left_to_validate,
     lock_statement,
+    parents,
+    parents_lock_statement,
+    pending_index,
     plan_table,
 )
 
@@ -59,6 +63,8 @@ class SwapResult:
     """Captured writes replayed into the new tables."""
     rows: dict[Relation, tuple[int, int]] = field(default_factory=dict)
     """Per table, the rows of the original and of the new table at commit."""
+    notes: list[str] = field(default_factory=list)
+    """What the commit left to do by hand: foreign keys that could not be validated."""
 
 
 def build_counts(conn: psycopg.Connection, target: artifacts.DedupTarget) -> BuildCounts:
@@ -106,6 +112,7 @@ def make_plans(conn: psycopg.Connection, options: SwapOptions,
     before_swap = {(r.capture.live.schema, r.capture.live.name): r
                    for r in capturing.registered_captures(conn, options.archive_schema)
                    if r.capture.since_swap_of is None and r.trigger is not None}
+    latest = {entry.live: entry for entry in swap_log.latest_swaps(conn, options.archive_schema)}
     plans = []
     for target in targets:
         live = catalog.read_live_table(conn, target.live)
@@ -120,6 +127,8 @@ def make_plans(conn: psycopg.Connection, options: SwapOptions,
             server_version=conn.info.server_version)
         if plan.action == "swap":
             _check_capture_before_build(conn, plan, registered.xid)
+        if plan.action == "nothing":
+            plan.validate = left_to_validate(live, latest.get(target.live))
         plans.append(plan)
     return plans
 
@@ -153,6 +162,10 @@ def _phases(plans: list[TablePlan], options: SwapOptions) -> tuple[list[Step], l
              lock_timeout(options.lock_timeout_ms)),
         Step("all tables at once", lock_statement(active)),
     ]
+    if parents(active):
+        locking_steps.append(Step(
+            "their foreign keys' parent tables against writes, for the moment of the cut-over "
+            "as the keys are added", parents_lock_statement(active)))
     under_lock = [step for plan in active for step in plan.cutover]
     return before, locking_steps, under_lock
 
@@ -172,10 +185,11 @@ def _lock_summary(plans: list[TablePlan], options: SwapOptions) -> list[str]:
         f"{len(under_lock)} catalog statements, none of which reads a whole table: "
         "milliseconds, growing with the writes of those last moments only",
     ]
-    parents = sorted({parent for p in active for parent in p.parents})
-    if parents:
-        lines.append(f"-- before that, SHARE ROW EXCLUSIVE for a moment on {', '.join(parents)}"
-                     " as the new tables get their foreign keys, with the same timeout")
+    if parents(active):
+        lines.append(f"-- with it, SHARE ROW EXCLUSIVE on {', '.join(map(str, parents(active)))},"
+                     " which holds their writers (not their readers) for the same moments, as "
+                     "the new tables get their foreign keys NOT VALID; their rows are checked "
+                     "after the commit, which blocks no writer")
     for plan in active:
         if plan.concurrent:
             lines.append(f"-- {plan.target.live}: its unique index is built CONCURRENTLY, "
@@ -219,8 +233,9 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
             lines.append("-- then must be true: " + replay.all_rows_match.as_string(conn) + ";")
 
     for plan in plans:
-        for step in plan.concurrent:
-            add(step)
+        if plan.concurrent:
+            for step in _concurrent_steps(plan, options):
+                add(step)
     before, locking_steps, under_lock = _phases(plans, options)
     lines.append("begin;")
     for step in before:
@@ -240,6 +255,9 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
     lines.append("release savepoint cutover;")
     lines.append("commit;")
     add(FLUSH)
+    for plan in plans:
+        for step in plan.validate:
+            add(step)
     return "\n".join(lines)
 
 
@@ -279,16 +297,47 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool) -> i
     return replayed
 
 
-def _build_concurrently(conn: psycopg.Connection, plan: TablePlan) -> None:
-    """The statements that cannot run in a transaction. A unique index that meets duplicates
-    fails, and leaves itself INVALID: dropped again, so that nothing is changed."""
+def _concurrent_steps(plan: TablePlan, options: SwapOptions) -> list[Step]:
+    """The statements that cannot run in a transaction, each wait of theirs bounded."""
+    return [
+        Step("CREATE INDEX CONCURRENTLY waits for every transaction older than it to end: "
+             "at most --lock-wait, then it gives up", sql.SQL("set lock_timeout = {}").format(
+                 sql.Literal(f"{round(options.lock_wait_s * 1000)}ms"))),
+        *plan.concurrent,
+        Step("", sql.SQL("reset lock_timeout")),
+    ]
+
+
+def _build_concurrently(conn: psycopg.Connection, plan: TablePlan,
+                        options: SwapOptions) -> None:
+    """A unique index built without blocking writers. One that meets duplicates or waits too
+    long fails, and leaves itself INVALID: dropped again, so that nothing is changed."""
+    if not plan.concurrent:
+        return
+    steps = _concurrent_steps(plan, options)
+    drop_pending = plan.concurrent[0]
     try:
-        run_steps(conn, plan.concurrent)
+        run_steps(conn, steps)
     except psycopg.errors.UniqueViolation as error:
-        run_steps(conn, plan.concurrent[:1])
+        run_steps(conn, [drop_pending, steps[-1]])
         raise RunnerError(f"{plan.target.live} has rows that share a natural key again, written "
                           "since dbt read it, so its unique index cannot be built; nothing was "
                           "changed: run `dbt build` again, then `runner swap`") from error
+    except psycopg.errors.LockNotAvailable as error:
+        waited_for = catalog.oldest_transactions(conn)
+        run_steps(conn, [steps[-1]])
+        try:
+            with conn.transaction():
+                conn.execute(lock_timeout(options.lock_timeout_ms))
+                conn.execute(sql.SQL("drop index if exists {}").format(
+                    pending_index(plan.target.live)))
+            left = "nothing was changed"
+        except psycopg.errors.LockNotAvailable:
+            left = "its INVALID index is left, for the next run to drop"
+        raise RunnerError(f"the unique index of {plan.target.live} could not be built within "
+                          f"{options.lock_wait_s:g} s: CREATE INDEX CONCURRENTLY waits for every "
+                          f"transaction older than it to end, and {waited_for} had not; {left}: "
+                          "retry when it ends, or raise --lock-wait") from error
 
 
 def _rows_at_commit(conn: psycopg.Connection,
@@ -309,8 +358,11 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
     out, for progress and for tests that interrupt the runner or write meanwhile.
     """
     active = [p for p in plans if p.cutover or p.concurrent]
+    validate = [step for plan in plans for step in plan.validate]
     if not active:
-        return SwapResult(plans, 0.0)
+        with locking.one_runner(conn):
+            return SwapResult(plans, 0.0, notes=executor.validate_after_commit(
+                conn, validate, options.lock_timeout_ms, options.lock_wait_s))
     step_done = after_step or (lambda label: None)
     replaying = [p for p in active if p.replay]
     replayed = 0
@@ -336,8 +388,9 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
         run_batched(conn, under_lock)
         rows.update(_rows_at_commit(conn, options.archive_schema))
 
-    could_not_lock = locking.could_not_lock(conn, [p.target.live for p in active],
-                                            options.lock_timeout_ms, options.lock_wait_s)
+    could_not_lock = locking.could_not_lock(
+        conn, [*(p.target.live for p in active), *parents(active)], options.lock_timeout_ms,
+        options.lock_wait_s)
 
     def gave_up(tries: int, reason: Exception) -> str:
         if isinstance(reason, _NeedsRescan):
@@ -355,7 +408,7 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
 
     with locking.one_runner(conn):
         for plan in active:
-            _build_concurrently(conn, plan)
+            _build_concurrently(conn, plan, options)
             step_done(f"concurrent index of {plan.target.live}")
         result = executor.cut_over(conn, executor.CutOver(
             before=before,
@@ -364,4 +417,6 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
             catch_up=replay_all, take_lock=locking_steps, under_lock=cut_over,
             lock_wait_s=options.lock_wait_s, gave_up=gave_up, gave_up_before=gave_up_before),
             step_done)
-    return SwapResult(plans, result.lock_ms, result.attempts, replayed, rows)
+        notes = executor.validate_after_commit(conn, validate, options.lock_timeout_ms,
+                                               options.lock_wait_s)
+    return SwapResult(plans, result.lock_ms, result.attempts, replayed, rows, notes)
