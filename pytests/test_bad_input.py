@@ -87,6 +87,16 @@ def _a_failed_uniqueness_test(db: Database) -> None:
     path.write_text(json.dumps(results))
 
 
+def _a_tiebreaker_two_rows_share(db: Database) -> None:
+    """A build whose tie-breaker test fails for real, so that dbt skips what the swap needs."""
+    with db.connect() as conn:
+        conn.execute("alter table breezeway.task_photos drop constraint task_photos_pkey")
+        conn.execute("insert into breezeway.task_photos overriding system value"
+                     " select * from breezeway.task_photos"
+                     " where id = (select min(id) from breezeway.task_photos)")
+    assert not db.dbt("build", "--select", "source:breezeway.task_photos+").success
+
+
 def _a_partition_configured_alone(db: Database) -> None:
     with db.connect() as conn:
         conn.execute("create table breezeway.all_task_photos (like breezeway.task_photos)"
@@ -122,6 +132,10 @@ CASES = [
          'Tâsk "Photos" 1'),
     Case("natural key not unique in a deduplicated model", _a_failed_uniqueness_test,
          [["swap"], ["plan"]], "has status fail in the latest dbt build"),
+    Case("a tie-breaker two rows share", _a_tiebreaker_two_rows_share,
+         [["swap", "--select", "task_photos"], ["plan", "--select", "task_photos"]],
+         "was skipped in the latest dbt build because "
+         "source_dedup_tiebreaker_unique_breezeway_task_photos_ failed (Got 1 result"),
     Case("dbt results of another run", _results_of_another_run, [["swap"], ["plan"]],
          "come from different dbt runs"),
     Case("role without the privileges", _a_role_without_privileges,

@@ -111,20 +111,41 @@ def _load(path: Path, what: str) -> dict:
         raise RunnerError(f"{path} is unreadable ({error}): run `dbt build` again") from error
 
 
-def _upstream_sources(manifest: dict, node_id: str) -> set[str]:
-    found: set[str] = set()
-    pending = [node_id]
+def _upstream(manifest: dict, node_id: str) -> set[str]:
+    """Every node and source `node_id` is built from, however far up."""
     seen: set[str] = set()
+    pending = [node_id]
     while pending:
         current = pending.pop()
         if current in seen:
             continue
         seen.add(current)
-        if current in manifest["sources"]:
-            found.add(current)
-        elif current in manifest["nodes"]:
+        if current in manifest["nodes"]:
             pending.extend(manifest["nodes"][current]["depends_on"]["nodes"])
-    return found
+    seen.discard(node_id)
+    return seen
+
+
+def _upstream_sources(manifest: dict, node_id: str) -> set[str]:
+    return {found for found in _upstream(manifest, node_id) if found in manifest["sources"]}
+
+
+def _why_skipped(manifest: dict, results: list[dict], node_id: str) -> str | None:
+    """The failure upstream that made dbt skip `node_id`: a model that failed, or a test of
+    something it is built from, with dbt's message and where its SQL is."""
+    upstream = _upstream(manifest, node_id)
+    for result in results:
+        failed = manifest["nodes"].get(result["unique_id"])
+        if result["status"] not in ("fail", "error") or failed is None:
+            continue
+        if result["unique_id"] in upstream or (
+                failed["resource_type"] == "test"
+                and upstream & set(failed["depends_on"]["nodes"])):
+            where = failed.get("compiled_path")
+            return (f"{failed['name']} {'failed' if result['status'] == 'fail' else 'errored'}"
+                    f" ({(result.get('message') or '').strip() or 'no message'}"
+                    f"{'; its query: ' + where if where else ''})")
+    return None
 
 
 def _relation(node: dict) -> Relation:
@@ -218,6 +239,9 @@ def check_build(target_dir: Path, targets: list[DedupTarget]) -> None:
                 raise RunnerError(f"{name} did not run in the latest dbt invocation: run "
                                   f"`dbt build` (it must build and test {target.live.name})")
             if status[node_id] not in PASSING:
-                raise RunnerError(f"{name} has status {status[node_id]} in the latest dbt build: "
-                                  f"fix it and run `dbt build` again before swapping "
-                                  f"{target.live.name}")
+                cause = (_why_skipped(manifest, results.get("results", []), node_id)
+                         if status[node_id] == "skipped" else None)
+                said = (f"was skipped in the latest dbt build because {cause}" if cause
+                        else f"has status {status[node_id]} in the latest dbt build")
+                raise RunnerError(f"{name} {said}: fix it and run `dbt build` again before "
+                                  f"swapping {target.live.name}")
