@@ -14,7 +14,7 @@ from test_other_project import EXPECTED_KEPT, OTHER_PROJECT, run_other_dbt
 from test_other_project import shop as shop  # imported, its fixture is this module's too
 from test_swap import SWAPPED, describe, schema_state
 
-from runner import demo, locking
+from runner import demo, locking, rollback
 from runner.names import constraint_name
 
 CONTENT = "select count(*), md5(string_agg(t::text, ',' order by t::text)) from {} as t"
@@ -482,6 +482,38 @@ def test_the_original_gets_its_foreign_keys_back_validated(fresh: Database) -> N
                                              if t != "business_events"}
     # The deduplicated tables set aside are as inert as the archives were.
     assert archived == 0
+
+
+def test_a_rollback_stopped_before_its_foreign_keys_were_checked_is_finished_by_the_next(
+        fresh: Database) -> None:
+    swapped(fresh, "--select", "task_photos")
+
+    class Stopped(Exception):
+        pass
+
+    def stop_after_the_commit(label: str) -> None:
+        if label == "commit":
+            raise Stopped
+
+    options = rollback.RollbackOptions(select=["task_photos"])
+    with fresh.connect() as conn, pytest.raises(Stopped):
+        rollback.execute(conn, rollback.make_plans(conn, options), options,
+                         after_step=stop_after_the_commit)
+    check = ("select convalidated from pg_constraint where conname = 'task_photos_task_pk_fkey'"
+             " and conrelid = 'breezeway.task_photos'::regclass")
+    with fresh.connect() as conn:
+        assert conn.execute(check).fetchone() == (False,)
+    dry_run = rolled_back(fresh, "--dry-run")
+    assert dry_run.strip().splitlines()[-1] == (
+        'alter table "breezeway"."task_photos" validate constraint "task_photos_task_pk_fkey";')
+    assert rolled_back(fresh).strip() == (
+        "breezeway.task_photos: rolled back already; the foreign keys a stopped run left "
+        "unchecked were checked now (1).")
+    with fresh.connect() as conn:
+        assert conn.execute(check).fetchone() == (True,)
+    assert refused(fresh, "rollback") == (
+        "Error: nothing to roll back: every swap in dedup_archive.swap_log was rolled back "
+        "already")
 
 
 def test_refuses_a_table_a_materialized_view_now_reads(fresh: Database) -> None:
