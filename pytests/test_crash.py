@@ -15,6 +15,7 @@ from psycopg import sql
 from test_swap import schema_state
 
 from runner import demo, swap
+from runner.errors import ConnectionLost
 
 TABLE = "task_photos"
 
@@ -86,13 +87,15 @@ def test_a_kill_at_every_step_leaves_all_as_it_was_and_a_rerun_finishes(server,
         try:
             before = _state(database)
 
-            with pytest.raises(psycopg.OperationalError):
+            # What the runner says is what the server recorded.
+            with pytest.raises(ConnectionLost) as lost:
                 options = swap.SwapOptions(target_dir=database.target_dir, select=[TABLE])
                 with database.connect() as conn:
                     conn.execute("set application_name = 'runner-under-test'")
                     plans = swap.make_plans(conn, options)
                     swap.execute(conn, plans, options,
                                  after_step=_kill_after(database, number + 1))
+            assert lost.value.committed is (label == "commit"), (label, str(lost.value))
             if label == "commit":
                 _swapped_correctly(database)
             else:

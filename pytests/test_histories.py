@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import ClassVar
@@ -169,7 +170,7 @@ class Histories(RuleBasedStateMachine):
     h: Harness
     # What the run went through, for its summary.
     seen: ClassVar[collections.Counter] = collections.Counter()
-    report_every: ClassVar[int] = 0
+    progress: ClassVar[Callable[[str], None] | None] = None
 
     @initialize(shape=st.sampled_from([shape.name for shape in histories.SHAPES]),
                 keys=st.integers(2, 10), copies=st.integers(1, 5),
@@ -180,10 +181,8 @@ class Histories(RuleBasedStateMachine):
         histories start where the documented flow has its swap to do."""
         shape = next(s for s in histories.SHAPES if s.name == shape)
         self.seen["histories"] += 1
-        if self.report_every and self.seen["histories"] % self.report_every == 0:
-            # A long run shows how far it got, past pytest's capture, even if it is stopped.
-            print(f"{self.seen['histories']} histories: {summary(self.seen)}",
-                  file=sys.__stderr__, flush=True)
+        if self.progress and self.seen["histories"] % 10 == 0:
+            self.progress(f"{self.seen['histories']} histories: {summary(self.seen)}")
         self.h.fresh_database()
         self.model = Model(shape)
         with self.h.connect() as conn:
@@ -513,7 +512,13 @@ def test_histories(harness: Harness, request: pytest.FixtureRequest,
     soak = request.config.getoption("--soak")
     Histories.h = harness
     Histories.seen.clear()
-    Histories.report_every = 10 if soak else 0
+
+    def progress(line: str) -> None:
+        # A long run shows how far it got, past pytest's capture, even if it is stopped.
+        with capsys.disabled():
+            print(line, flush=True)
+
+    Histories.progress = staticmethod(progress) if soak else None
     started = time.monotonic()
     try:
         run_state_machine_as_test(Histories, settings=settings(

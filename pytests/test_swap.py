@@ -8,8 +8,8 @@ import psycopg
 import pytest
 from conftest import TEST_SCALE, Database, description, said
 
-from runner import demo, locking, swap
-from runner.errors import RunnerError
+from runner import demo, locking, swap, swap_log
+from runner.errors import ConnectionLost, RunnerError
 from runner.names import constraint_name, pg_name
 
 SWAPPED = [t.name for t in demo.CHILD_TABLES if t.name != "task_tags"]
@@ -278,6 +278,35 @@ def test_a_run_stopped_before_the_foreign_keys_were_checked_is_finished_by_the_n
     assert "Nothing to do" in again.output
     with fresh.connect() as conn:
         assert conn.execute(check).fetchone() == (True,)
+
+
+@pytest.mark.parametrize(("at", "committed", "says"), [
+    ("lock", False, "nothing was changed, its transaction was rolled back; run `runner swap` "
+                    "again"),
+    ("commit", True, "after the swap committed (terminating connection due to administrator "
+                     "command): it is done; run `runner swap` again for what follows the "
+                     "commit"),
+])
+def test_a_lost_connection_is_reported_as_the_server_recorded_it(
+        fresh: Database, at: str, committed: bool, says: str) -> None:
+    def terminate_at(label: str) -> None:
+        if label == at:
+            with fresh.connect() as other:
+                other.execute("select pg_terminate_backend(pid) from pg_stat_activity"
+                              " where application_name = 'runner-under-test'")
+
+    options = swap.SwapOptions(target_dir=fresh.target_dir, select=["task_photos"])
+    with fresh.connect() as conn:
+        conn.execute("set application_name = 'runner-under-test'")
+        plans = swap.make_plans(conn, options)
+        with pytest.raises(ConnectionLost) as lost:
+            swap.execute(conn, plans, options, after_step=terminate_at)
+    assert lost.value.committed is committed
+    assert says in str(lost.value)
+    with fresh.connect() as conn:
+        assert len(swap_log.read(conn, swap.DEFAULT_ARCHIVE_SCHEMA)) == int(committed)
+    again = fresh.runner("swap", "--select", "task_photos")
+    assert again.exit_code == 0, again.output
 
 
 def test_the_unique_index_waits_for_an_old_transaction_no_longer_than_lock_wait(

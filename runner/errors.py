@@ -9,6 +9,15 @@ class RunnerError(Exception):
     """A problem the user can fix: the message says what is wrong and what to do, in one line."""
 
 
+class ConnectionLost(RunnerError):
+    """The connection went during a change: `committed` says whether the change was made, as
+    the server recorded it (None: the server did not say)."""
+
+    def __init__(self, message: str, committed: bool | None) -> None:
+        super().__init__(message)
+        self.committed = committed
+
+
 def from_database(error: psycopg.Error) -> RunnerError:
     """An error PostgreSQL raised that no check of ours foresaw, as one line that names it."""
     said = (error.diag.message_primary or str(error) or type(error).__name__).strip()

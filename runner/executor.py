@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 
 from runner import locking
-from runner.errors import RunnerError
+from runner.errors import ConnectionLost, RunnerError
 from runner.plan import Step
 
 # The locks end when the commit does, and a commit that waits for the disk holds them through a
@@ -32,6 +32,8 @@ ASYNC_COMMIT = Step("commit without waiting for the disk, so the locks end befor
                     sql.SQL("set local synchronous_commit = off"))
 FLUSH = Step("wait for the commit to reach the disk: this transaction's own commit flushes "
              "the log up to it", sql.SQL("select pg_current_xact_id()"))
+IDENTIFY = Step("the transaction's id: a runner that loses its connection asks the server by "
+                "it whether the change committed", sql.SQL("select pg_current_xact_id()"))
 
 
 def run_steps(conn: psycopg.Connection, steps: list[Step]) -> None:
@@ -69,6 +71,8 @@ def run_batched(conn: psycopg.Connection, steps: list[Step]) -> None:
 class CutOver:
     """What one command's cut-over runs in each phase (see the module's docstring)."""
 
+    command: str
+    """swap or rollback: what the messages call it."""
     before: list[Step]
     prepare: list[tuple[str, Callable[[], None]]]
     """Per table: the label reported once it is done, and the catch-up with its proof."""
@@ -80,12 +84,17 @@ class CutOver:
     """The message when the lock could not be had within lock_wait_s."""
     gave_up_before: Callable[[Step], Callable[[int, Exception], str]]
     """The message when a step before the lock could not get its own."""
+    validate: list[Step]
+    """After the commit: the foreign keys added NOT VALID, each checked on its own."""
+    lock_timeout_ms: int
 
 
 @dataclass(frozen=True)
 class CutOverResult:
     lock_ms: float
     attempts: int
+    notes: list[str]
+    """The foreign keys that could not be validated, with what to do."""
 
 
 def cut_over(conn: psycopg.Connection, plan: CutOver,
@@ -110,24 +119,83 @@ def cut_over(conn: psycopg.Connection, plan: CutOver,
                   else "lock given back for a rescan")
         plan.catch_up()
 
-    with conn.transaction():
-        for step in plan.before:
-            locking.retry_until(conn, lambda step=step: run_steps(conn, [step]),
-                                wait_s=deadline - time.monotonic(),
-                                gave_up=plan.gave_up_before(step))
-            step_done(step.why)
-        for label, prepare in plan.prepare:
-            prepare()
-            step_done(label)
-        plan.catch_up()
-        step_done("catch-up before the lock")
-        attempts = locking.retry_until(conn, attempt,
-                                       wait_s=max(0.0, deadline - time.monotonic()),
-                                       gave_up=plan.gave_up, between=try_failed)
-    lock_ms = (time.perf_counter() - locked_at) * 1000
-    run_steps(conn, [FLUSH])
-    step_done("commit")
-    return CutOverResult(lock_ms, attempts)
+    xid = None
+    try:
+        with conn.transaction():
+            xid = conn.execute(IDENTIFY.statement).fetchone()[0]
+            attempts = _phases(conn, plan, deadline, attempt, try_failed, step_done)
+        lock_ms = (time.perf_counter() - locked_at) * 1000
+        run_steps(conn, [FLUSH])
+        step_done("commit")
+        notes = validate_after_commit(conn, plan.validate, plan.lock_timeout_ms,
+                                      plan.lock_wait_s)
+    except psycopg.OperationalError as error:
+        if not conn.broken:
+            raise
+        raise _lost(conn.info.dsn, None if xid is None else str(xid), plan.command,
+                    error) from error
+    return CutOverResult(lock_ms, attempts, notes)
+
+
+def _phases(conn: psycopg.Connection, plan: CutOver, deadline: float,
+            attempt: Callable[[], None], try_failed: Callable[[Exception], None],
+            step_done: Callable[[str], None]) -> int:
+    """Phases 1 to 4 in the open transaction; returns how many tries the lock took."""
+    for step in plan.before:
+        locking.retry_until(conn, lambda step=step: run_steps(conn, [step]),
+                            wait_s=deadline - time.monotonic(),
+                            gave_up=plan.gave_up_before(step))
+        step_done(step.why)
+    for label, prepare in plan.prepare:
+        prepare()
+        step_done(label)
+    plan.catch_up()
+    step_done("catch-up before the lock")
+    return locking.retry_until(conn, attempt, wait_s=max(0.0, deadline - time.monotonic()),
+                               gave_up=plan.gave_up, between=try_failed)
+
+
+def _xact_status(conn: psycopg.Connection, xid: str, wait_s: float = 10.0) -> str | None:
+    """committed, aborted, in progress, or None (too old to know). A backend that lost its
+    client may report the error before it has rolled back: a moment is given for that."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        status = conn.execute("select pg_xact_status(%s::xid8)", (xid,)).fetchone()[0]
+        if status != "in progress" or time.monotonic() > deadline:
+            return status
+        time.sleep(0.05)
+
+
+def _lost(dsn: str, xid: str | None, command: str,
+          error: psycopg.OperationalError) -> ConnectionLost:
+    """What a lost connection left, as the server tells it from a connection of its own."""
+    said = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if xid is None:
+        return ConnectionLost(f"the connection was lost as the {command} began ({said}): "
+                              f"nothing was changed; run `runner {command}` again", False)
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as asked:
+            status = _xact_status(asked, xid)
+            if status == "committed":
+                run_steps(asked, [FLUSH])
+    except psycopg.OperationalError:
+        return ConnectionLost(
+            f"the connection was lost during the {command} ({said}) and the server does not "
+            f"answer: once it is back, `runner {command} --dry-run` says whether the {command} "
+            "was made (nothing or all of it was: one transaction)", None)
+    if status == "committed":
+        return ConnectionLost(
+            f"the connection was lost after the {command} committed ({said}): it is done; run "
+            f"`runner {command}` again for what follows the commit (its foreign keys are "
+            "checked), then `runner verify`", True)
+    if status == "in progress":
+        return ConnectionLost(
+            f"the connection was lost during the {command} ({said}), and its transaction "
+            f"{xid} is still ending on the server: wait for it, then run `runner {command} "
+            "--dry-run` to see whether it was made", None)
+    return ConnectionLost(f"the connection was lost during the {command} ({said}): nothing was "
+                          f"changed, its transaction was rolled back; run `runner {command}` "
+                          "again", False)
 
 
 def validate_after_commit(conn: psycopg.Connection, steps: list[Step], lock_timeout_ms: int,

@@ -27,7 +27,7 @@ from runner.artifacts import Relation
 from runner.capturing import Registered, registered_captures
 from runner.catalog import Index, LiveTable
 from runner.errors import RunnerError
-from runner.executor import ASYNC_COMMIT, FLUSH, run_batched, run_steps
+from runner.executor import ASYNC_COMMIT, FLUSH, IDENTIFY, run_batched, run_steps
 from runner.locking import lock_timeout
 from runner.names import pg_name
 from runner.plan import Step, left_to_validate, not_valid, recreate_view, validate_steps
@@ -469,6 +469,7 @@ def render(conn: psycopg.Connection, plans: list[TableRollback],
         return "\n".join(lines)
     before, locking_steps, locked = _phases(plans, options)
     lines.append("begin;")
+    add(IDENTIFY)
     for step in before:
         add(step)
     for plan in _restoring(plans):
@@ -555,15 +556,14 @@ def execute(conn: psycopg.Connection, plans: list[TableRollback], options: Rollb
 
     with locking.one_runner(conn):
         result = executor.cut_over(conn, executor.CutOver(
-            before=before,
+            command="rollback", before=before,
             prepare=[(f"carried over to {plan.archive}", lambda plan=plan: prepare(plan))
                      for plan in restoring],
             catch_up=carry_all, take_lock=locking_steps, under_lock=cut_over,
             lock_wait_s=options.lock_wait_s, gave_up=gave_up,
-            gave_up_before=lambda step: gave_up), step_done)
-        notes = executor.validate_after_commit(conn, validate, options.lock_timeout_ms,
-                                               options.lock_wait_s)
-    return RollbackResult(everything, result.lock_ms, result.attempts, carried, notes)
+            gave_up_before=lambda step: gave_up, validate=validate,
+            lock_timeout_ms=options.lock_timeout_ms), step_done)
+    return RollbackResult(everything, result.lock_ms, result.attempts, carried, result.notes)
 
 
 def report(result: RollbackResult) -> list[str]:

@@ -22,7 +22,7 @@ from psycopg import sql
 from runner import artifacts, capture, capturing, catalog, executor, locking, swap_log
 from runner.artifacts import Relation
 from runner.errors import RunnerError
-from runner.executor import ASYNC_COMMIT, FLUSH, run_batched, run_steps
+from runner.executor import ASYNC_COMMIT, FLUSH, IDENTIFY, run_batched, run_steps
 from runner.locking import lock_timeout
 from runner.plan import (
     BuildCounts,
@@ -238,6 +238,7 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
                 add(step)
     before, locking_steps, under_lock = _phases(plans, options)
     lines.append("begin;")
+    add(IDENTIFY)
     for step in before:
         add(step)
     for plan in plans:
@@ -312,8 +313,6 @@ def _build_concurrently(conn: psycopg.Connection, plan: TablePlan,
                         options: SwapOptions) -> None:
     """A unique index built without blocking writers. One that meets duplicates or waits too
     long fails, and leaves itself INVALID: dropped again, so that nothing is changed."""
-    if not plan.concurrent:
-        return
     steps = _concurrent_steps(plan, options)
     drop_pending = plan.concurrent[0]
     try:
@@ -408,15 +407,14 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
 
     with locking.one_runner(conn):
         for plan in active:
-            _build_concurrently(conn, plan, options)
-            step_done(f"concurrent index of {plan.target.live}")
+            if plan.concurrent:
+                _build_concurrently(conn, plan, options)
+                step_done(f"concurrent index of {plan.target.live}")
         result = executor.cut_over(conn, executor.CutOver(
-            before=before,
+            command="swap", before=before,
             prepare=[(f"replay before the lock of {plan.target.live}",
                       lambda plan=plan: prepare(plan)) for plan in replaying],
             catch_up=replay_all, take_lock=locking_steps, under_lock=cut_over,
-            lock_wait_s=options.lock_wait_s, gave_up=gave_up, gave_up_before=gave_up_before),
-            step_done)
-        notes = executor.validate_after_commit(conn, validate, options.lock_timeout_ms,
-                                               options.lock_wait_s)
-    return SwapResult(plans, result.lock_ms, result.attempts, replayed, rows, notes)
+            lock_wait_s=options.lock_wait_s, gave_up=gave_up, gave_up_before=gave_up_before,
+            validate=validate, lock_timeout_ms=options.lock_timeout_ms), step_done)
+    return SwapResult(plans, result.lock_ms, result.attempts, replayed, rows, result.notes)
