@@ -160,6 +160,13 @@ kept_rows as (
     {%- else %}
     where source_rows.{{ tiebreaker }} in (select kept_ids.dedup_kept from kept_ids)
     {%- endif %}
+        {#- Still under the key its group has: a row the ETL re-keyed since the key groups
+            were read belongs to another key now, which the swap works out as it replays. #}
+        and exists (
+            select from {{ groups }} as key_groups
+            where key_groups.dedup_kept = source_rows.{{ tiebreaker }}
+                and {{ dedup.dedup_same_key(spec.natural_key, "key_groups", "source_rows") }}
+        )
 
 )
 

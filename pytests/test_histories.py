@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -56,8 +57,9 @@ from runner.errors import RunnerError
 from runner.names import constraint_name
 
 DATABASE = "histories"
-SUITE_HISTORIES = 12
+SUITE_HISTORIES = 20
 STEPS = 16
+DURING_BUILD = [None, "key groups", "kept rows"]
 KILLS = (None, None, "terminate", "sigkill", "crash")
 LOCK_TIMEOUT_MS = 50
 # The runner's backend, for the kills.
@@ -89,12 +91,12 @@ class Harness:
             **self.server.conninfo, "dbname": DATABASE, "user": user or "postgres"})
         return conn
 
-    def dbt(self, *args: str):
+    def dbt(self, *args: str, callbacks=()):
         from dbt.cli.main import dbtRunner
 
         target = [] if args[0] == "deps" else ["--target-path", str(self.target)]
         with environment(self.env):
-            return dbtRunner().invoke([
+            return dbtRunner(callbacks=list(callbacks)).invoke([
                 *args, "--project-dir", str(self.project), "--profiles-dir", str(PROJECT_DIR),
                 *target, "--quiet"])
 
@@ -282,11 +284,45 @@ class Histories(RuleBasedStateMachine):
                             locking.LockOptions(swap.DEFAULT_ARCHIVE_SCHEMA, LOCK_TIMEOUT_MS))
         self.model.capture_started()
 
-    @rule()
-    def build(self) -> None:
-        result = self.h.dbt("build", "--select", f"source:harness.{self.model.shape.name}+")
-        assert result.success, result.exception
-        self.model.built()
+    @rule(during=st.sampled_from(DURING_BUILD), writes=st.integers(1, 3), data=st.data())
+    def build(self, during: str | None = None, writes: int = 0, data=None) -> None:
+        """dbt build; the ETL may write once it has built the key groups (what it saw of the
+        table, for the model), or once it has built the kept rows, before their tests."""
+        name = self.model.shape.name
+        after = {"key groups": f"model.histories.int_{name}_grouped_by_key",
+                 "kept rows": f"model.histories.{name}"}.get(during)
+        # dbt calls back on its worker thread, where nothing may be drawn: it waits there
+        # while this thread writes.
+        reached, resume, outcome = threading.Event(), threading.Event(), []
+
+        def pause_meanwhile(event) -> None:
+            if (after and not reached.is_set() and event.info.name == "NodeFinished"
+                    and event.data.node_info.unique_id == after):
+                reached.set()
+                resume.wait(timeout=300)
+
+        dbt = threading.Thread(target=lambda: outcome.append(self.h.dbt(
+            "build", "--select", f"source:harness.{name}+", callbacks=[pause_meanwhile])))
+        dbt.start()
+        while dbt.is_alive() and not reached.wait(timeout=0.05):
+            pass
+        seen = reached.is_set()
+        try:
+            if seen:
+                self.model.built()
+                for _ in range(writes):
+                    self._write(data)
+        finally:
+            resume.set()
+            dbt.join()
+        result = outcome[0]
+        assert result.success, result.exception or [
+            (r.node.name, r.status, r.message) for r in result.result.results
+            if r.status not in ("success", "pass")]
+        if seen:
+            self.seen[f"writes during the build, after the {during}"] += 1
+        else:
+            self.model.built()
 
     def _hook(self, kill: str | None, at: int, writes: int, hold: int, holder, data):
         """The runner's step callback: the ETL writes at the steps before the lock, the held

@@ -6,7 +6,8 @@ import json
 
 import psycopg
 import pytest
-from conftest import TEST_SCALE, Database, description, said
+from conftest import TEST_SCALE, Database, description, run_dbt, said
+from psycopg import sql
 
 from runner import demo, locking, swap, swap_log
 from runner.errors import ConnectionLost, RunnerError
@@ -327,6 +328,41 @@ def test_the_unique_index_waits_for_an_old_transaction_no_longer_than_lock_wait(
     with fresh.connect() as conn:
         assert conn.execute("select count(*) from pg_constraint where conname = %s",
                             (constraint_name("task_tags"),)).fetchone()[0] == 1
+
+
+@pytest.mark.parametrize("after", ["int_task_photos_grouped_by_key", "task_photos"])
+def test_the_build_and_the_swap_hold_while_the_etl_deletes_kept_rows(fresh: Database,
+                                                                     after: str) -> None:
+    # The ETL deletes a kept row once the key groups are built (before the kept rows are), or
+    # once the kept rows are (before their tests run): the build's tests hold on what it read,
+    # and the swap replays the delete.
+    deleted = []
+
+    def delete_a_kept_row(event) -> None:
+        if (event.info.name == "NodeFinished" and not deleted
+                and event.data.node_info.unique_id == f"model.dedup.{after}"):
+            with fresh.connect() as etl:
+                deleted.append(etl.execute(
+                    "delete from breezeway.task_photos"
+                    " where id = (select max(id) from breezeway.task_photos) returning id"
+                ).fetchone()[0])
+
+    build = run_dbt(["build", "--select", "source:breezeway.task_photos+"], fresh.env,
+                    fresh.target_dir, callbacks=[delete_a_kept_row])
+    assert deleted and build.success, build.exception
+    result = fresh.runner("swap", "--select", "task_photos")
+    assert result.exit_code == 0, result.output
+    with fresh.connect() as conn:
+        kept = {row[0] for row in conn.execute("select id from breezeway.task_photos")}
+        archive = swap_log.read(conn, swap.DEFAULT_ARCHIVE_SCHEMA)[-1].archive
+        # The keep rule on the rows there were at the swap: its key's next copy, if any.
+        latest = {row[0] for row in conn.execute(sql.SQL(
+            "select max(id) from {} group by task_pk, photo_id").format(
+                sql.Identifier(archive.schema, archive.name)))}
+    assert deleted[0] not in kept
+    assert kept == latest
+    assert len(kept) == len(demo.expected_kept_ids("task_photos", TEST_SCALE)) - (
+        1 if deleted[0] in latest else 0)
 
 
 def test_refuses_when_the_built_rows_differ_from_the_live_rows(fresh: Database) -> None:

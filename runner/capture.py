@@ -16,8 +16,9 @@ A registry table in the archive schema says which capture watches which table.
 
 Replaying one batch of a capture into the new table of a swap, as a set:
   0. changes the build already saw (their transaction is visible in its snapshot) are skipped;
-  1. keys to rescan: a kept row was deleted, or its key or keep columns changed; only a scan of
-     the live table can say which row of that key is now the one to keep (never under the lock);
+  1. keys to rescan: a kept row was deleted, or its key or keep columns changed, or a changed
+     row's key has no kept row; only a scan of the live table can say which row of that key is
+     now the one to keep (never under the lock);
   2. rows to keep: the latest version of each changed row that still exists, the best per key
      under the keep rule; each replaces the kept row of its key if it beats it, or fills the
      key if none is kept;
@@ -389,14 +390,17 @@ def _take_batch(t: _Tables, batch_rows: int) -> list[sql.Composed]:
             " (where op = 'I') - count(*) filter (where op = 'D') from dedup_batch)"
             " where live = {key}"
         ).format(counts=sql.Identifier(COUNTS), key=counts_key(t.live)),
-        # Keys whose kept row left or changed its key or keep columns, or whose row came and
-        # went within the batch.
+        # Keys whose kept row left or changed its key or keep columns, whose row came and
+        # went within the batch, or that have no kept row at all: the build's kept rows are
+        # read after its key groups, and a kept row the ETL deleted or re-keyed in between
+        # left its key with none.
         sql.SQL(
             "create temp table dedup_rescan on commit drop as"
             " select distinct {keys} from dedup_batch as b"
             " where b.op in ('U', 'D'){rescannable}"
             " and ({old_tb} in (select {tb} from {S}) or {old_tb} in"
-            " (select {new_tb} from dedup_batch as n where n.op in ('I', 'U')))"
+            " (select {new_tb} from dedup_batch as n where n.op in ('I', 'U'))"
+            " or not {key_kept})"
             " and (b.op = 'D' or {changed})"
         ).format(
             keys=sql.SQL(", ").join(
@@ -404,8 +408,22 @@ def _take_batch(t: _Tables, batch_rows: int) -> list[sql.Composed]:
                 for k in t.spec.natural_key),
             rescannable=rescannable, old_tb=field("b.old_row", t.spec.tiebreaker),
             tb=t.tiebreaker, S=_id(t.shadow), new_tb=field("n.new_row", t.spec.tiebreaker),
-            changed=changed),
+            key_kept=_key_kept(t, "b.old_row"), changed=changed),
     ]
+
+
+def _key_kept(t: _Tables, row: str) -> sql.Composed:
+    """The new table keeps a row of `row`'s key: by the unique index where the key has no
+    NULL, and only where it has one by IS NOT DISTINCT FROM, which no index serves."""
+    def kept(operator: str) -> sql.Composed:
+        return sql.SQL("exists (select from {S} as s where {match})").format(
+            S=_id(t.shadow), match=sql.SQL(" and ").join(
+                sql.SQL("s.{} {} {}").format(sql.Identifier(k), sql.SQL(operator), field(row, k))
+                for k in t.spec.natural_key))
+    if not t.nulls_equal:
+        return kept("=")
+    return sql.SQL("(case when {} then {} else {} end)").format(
+        t.null_in_key(row), kept("is not distinct from"), kept("="))
 
 
 def _rescan(t: _Tables) -> list[sql.Composed]:

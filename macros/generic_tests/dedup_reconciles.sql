@@ -1,22 +1,24 @@
 {#
-    Nothing vanishes and nothing is invented: kept + removed = source rows, and kept = the
-    number of natural keys (groups) the build found.
-    The removed rows are the source rows whose tie-breaker is not kept (dedup_removed_rows), and
-    the tie-breaker is unique in the source (dedup_tiebreaker_unique), so kept + removed =
-    source holds exactly when the kept rows' tie-breakers pick out as many source rows as there
-    are kept rows: none invented, none twice. That is what is checked here, by index lookups,
-    where counting the sum's two sides would scan the source twice (1.3-2 s for the 10M rows of
-    property_photos at scale 1.0). It holds while the ETL keeps writing: a row written since
-    the build is a source row and a removed row alike. (Whether the build saw every row is for
-    the swap to prove: it replays what was written since, row by row.) Fails with one row
-    holding all the counts.
+    Nothing vanishes and nothing is invented: every kept row is the one its key group chose,
+    once, and every group's chosen row is kept, unless the ETL has deleted it from the source
+    since the build read it (the swap replays that delete). With the tie-breaker unique in the
+    source (dedup_tiebreaker_unique), the removed rows (dedup_removed_rows: the source rows
+    whose tie-breaker is not kept) are then the rest: kept + removed = source.
+    It holds on the build's own snapshot, whatever the ETL writes meanwhile: a row written
+    since is a source row and a removed row alike, and a kept row deleted since, between the
+    key groups and the kept rows or between those and this test, is a row the source no longer
+    has. The kept rows and the groups are as many as the table's keys, so comparing them is
+    cheap; the source is read by its tie-breaker only for a chosen row that is not kept, which
+    is none when all is well. A kept row the ETL re-keyed since is kept under its new key by
+    the swap's replay, not here. (Whether the build saw every row is for the swap to prove: it
+    replays what was written since, row by row.) Fails with one row holding all the counts.
 #}
 {% test dedup_reconciles(model, source_rows, key_groups) %}
     {{ return(adapter.dispatch("test_dedup_reconciles", "dedup")(model, source_rows, key_groups)) }}
 {% endtest %}
 
 {% macro postgres__test_dedup_reconciles(model, source_rows, key_groups) %}
-    {#- An array of the kept tie-breakers: PostgreSQL looks them all up in one index scan. -#}
+    {#- The chosen rows not kept, as one array: PostgreSQL looks them all up in one index scan. -#}
     {{ return(dedup.default__test_dedup_reconciles(model, source_rows, key_groups, kept_as_array=true)) }}
 {% endmacro %}
 
@@ -30,27 +32,56 @@ with kept_rows as (
 
 ),
 
+chosen as (
+
+    select
+        dedup_kept as tiebreaker
+        {%- for column in spec.natural_key %},
+        {{ adapter.quote(column) }}
+        {%- endfor %}
+    from {{ key_groups }}
+
+),
+
 kept_count as (
 
-    select count(*) as kept_rows from kept_rows
+    select count(*) as kept_rows, count(distinct tiebreaker) as distinct_kept_rows
+    from kept_rows
 
 ),
 
-found_in_source as (
+not_chosen as (
 
-    select count(*) as source_rows_kept
+    select count(*) as kept_rows_not_chosen
+    from kept_rows
+    where not exists (select from chosen where chosen.tiebreaker = kept_rows.tiebreaker)
+
+),
+
+chosen_not_kept as (
+
+    select chosen.*
+    from chosen
+    where not exists (select from kept_rows where kept_rows.tiebreaker = chosen.tiebreaker)
+
+),
+
+vanished as (
+
+    {#- Chosen, not kept, and still in the source under the same key: lost by the build, not
+        deleted or re-keyed since. #}
+    select count(*) as chosen_rows_lost
     from {{ source_rows }} as source_rows
     {%- if kept_as_array %}
-    where source_rows.{{ tiebreaker }} = any(array(select kept_rows.tiebreaker from kept_rows))
+    where source_rows.{{ tiebreaker }} = any(array(select tiebreaker from chosen_not_kept))
     {%- else %}
-    where source_rows.{{ tiebreaker }} in (select kept_rows.tiebreaker from kept_rows)
+    where source_rows.{{ tiebreaker }} in (select tiebreaker from chosen_not_kept)
     {%- endif %}
-
-),
-
-group_counts as (
-
-    select count(*) as natural_keys from {{ key_groups }}
+        and exists (
+            select from chosen_not_kept
+            where chosen_not_kept.tiebreaker = source_rows.{{ tiebreaker }}
+                and {{ dedup.dedup_same_key(spec.natural_key, "chosen_not_kept", "source_rows") }}
+        )
 
 ),
 
@@ -58,15 +89,17 @@ counts as (
 
     select
         kept_count.kept_rows,
-        found_in_source.source_rows_kept,
-        group_counts.natural_keys
+        kept_count.distinct_kept_rows,
+        not_chosen.kept_rows_not_chosen,
+        vanished.chosen_rows_lost
     from kept_count
-    cross join found_in_source
-    cross join group_counts
+    cross join not_chosen
+    cross join vanished
 
 )
 
 select * from counts
-where source_rows_kept <> kept_rows
-    or kept_rows <> natural_keys
+where kept_rows <> distinct_kept_rows
+    or kept_rows_not_chosen <> 0
+    or chosen_rows_lost <> 0
 {%- endmacro %}
