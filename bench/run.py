@@ -423,7 +423,8 @@ def main() -> None:
             # job, timed for its lock beside the swap's.
             with counting_writes("rollback", writes), connect() as conn:
                 started = time.monotonic()
-                undo = rollback.RollbackOptions(select=tables)
+                undo = rollback.RollbackOptions(select=[
+                    plan.target.live.name for plan in result.plans if plan.action != "nothing"])
                 undone = rollback.execute(conn, rollback.make_plans(conn, undo), undo)
                 spans["rollback"] = (started, time.monotonic())
                 phases["rollback"] = spans["rollback"][1] - started
