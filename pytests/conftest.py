@@ -139,6 +139,26 @@ class Database:
             yield conn.info.backend_pid
 
 
+class Stopped(Exception):
+    """A runner stopped by a test at one of its steps, as a kill would stop it."""
+
+
+def stop_at(label: str):
+    """A step hook that stops the runner once the step labelled `label` is done."""
+    def step_done(done: str) -> None:
+        if done == label:
+            raise Stopped(label)
+    return step_done
+
+
+def task_photos_foreign_key_valid(database: Database) -> bool:
+    """Whether task_photos' foreign key to tasks is validated (false: NOT VALID)."""
+    with database.connect() as conn:
+        return conn.execute(
+            "select convalidated from pg_constraint where conname = 'task_photos_task_pk_fkey'"
+            " and conrelid = 'breezeway.task_photos'::regclass").fetchone()[0]
+
+
 def said(result: Result) -> list[str]:
     """What a command said, without the progress of its slow steps and lock tries, which it
     reports on stderr as indented lines."""

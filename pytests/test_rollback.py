@@ -8,7 +8,7 @@ import re
 
 import psycopg
 import pytest
-from conftest import TEST_SCALE, Database, said
+from conftest import TEST_SCALE, Database, Stopped, said, stop_at, task_photos_foreign_key_valid
 from psycopg import sql
 from test_other_project import EXPECTED_KEPT, OTHER_PROJECT, run_other_dbt
 from test_other_project import shop as shop  # imported, its fixture is this module's too
@@ -488,29 +488,18 @@ def test_a_rollback_stopped_before_its_foreign_keys_were_checked_is_finished_by_
         fresh: Database) -> None:
     swapped(fresh, "--select", "task_photos")
 
-    class Stopped(Exception):
-        pass
-
-    def stop_after_the_commit(label: str) -> None:
-        if label == "commit":
-            raise Stopped
-
     options = rollback.RollbackOptions(select=["task_photos"])
     with fresh.connect() as conn, pytest.raises(Stopped):
         rollback.execute(conn, rollback.make_plans(conn, options), options,
-                         after_step=stop_after_the_commit)
-    check = ("select convalidated from pg_constraint where conname = 'task_photos_task_pk_fkey'"
-             " and conrelid = 'breezeway.task_photos'::regclass")
-    with fresh.connect() as conn:
-        assert conn.execute(check).fetchone() == (False,)
+                         after_step=stop_at("commit"))
+    assert not task_photos_foreign_key_valid(fresh)
     dry_run = rolled_back(fresh, "--dry-run")
     assert dry_run.strip().splitlines()[-1] == (
         'alter table "breezeway"."task_photos" validate constraint "task_photos_task_pk_fkey";')
     assert rolled_back(fresh).strip() == (
         "breezeway.task_photos: rolled back already; the foreign keys a stopped run left "
         "unchecked were checked now (1).")
-    with fresh.connect() as conn:
-        assert conn.execute(check).fetchone() == (True,)
+    assert task_photos_foreign_key_valid(fresh)
     assert refused(fresh, "rollback") == (
         "Error: nothing to roll back: every swap in dedup_archive.swap_log was rolled back "
         "already")

@@ -6,7 +6,16 @@ import json
 
 import psycopg
 import pytest
-from conftest import TEST_SCALE, Database, description, run_dbt, said
+from conftest import (
+    TEST_SCALE,
+    Database,
+    Stopped,
+    description,
+    run_dbt,
+    said,
+    stop_at,
+    task_photos_foreign_key_valid,
+)
 from psycopg import sql
 
 from runner import demo, locking, swap, swap_log
@@ -257,28 +266,17 @@ def test_the_parent_table_takes_writes_until_the_cut_over(fresh: Database) -> No
 
 def test_a_run_stopped_before_the_foreign_keys_were_checked_is_finished_by_the_next(
         fresh: Database) -> None:
-    class Stopped(Exception):
-        pass
-
-    def stop_after_the_commit(label: str) -> None:
-        if label == "commit":
-            raise Stopped
-
     options = swap.SwapOptions(target_dir=fresh.target_dir, select=["task_photos"])
     with fresh.connect() as conn, pytest.raises(Stopped):
         swap.execute(conn, swap.make_plans(conn, options), options,
-                     after_step=stop_after_the_commit)
-    check = ("select convalidated from pg_constraint where conname = 'task_photos_task_pk_fkey'"
-             " and conrelid = 'breezeway.task_photos'::regclass")
-    with fresh.connect() as conn:
-        assert conn.execute(check).fetchone() == (False,)
+                     after_step=stop_at("commit"))
+    assert not task_photos_foreign_key_valid(fresh)
     assert "NOT VALID: task_photos_task_pk_fkey" in fresh.runner(
         "verify", "--select", "task_photos").output
     again = fresh.runner("swap", "--select", "task_photos")
     assert again.exit_code == 0, again.output
     assert "Nothing to do" in again.output
-    with fresh.connect() as conn:
-        assert conn.execute(check).fetchone() == (True,)
+    assert task_photos_foreign_key_valid(fresh)
 
 
 @pytest.mark.parametrize(("at", "committed", "says"), [
