@@ -227,6 +227,55 @@ def test_gives_up_on_a_held_lock_and_names_the_holder(fresh: Database) -> None:
     assert f"pid {holder}" in message
 
 
+def test_when_the_etl_never_leaves_a_gap_it_says_what_would_help(fresh: Database) -> None:
+    # The ETL writes between every two tries while a reader holds the table.
+    def etl_writes(label: str) -> None:
+        if label == "lock try timed out":
+            with fresh.connect() as etl:
+                etl.execute("insert into breezeway.task_photos (task_pk, photo_id, url)"
+                            " values (1, 'again', 'from the ETL')")
+
+    options = swap.SwapOptions(target_dir=fresh.target_dir, select=["task_photos"],
+                               lock_timeout_ms=50, lock_wait_s=1)
+    before = schema_state(fresh)
+    with fresh.holding("lock table breezeway.task_photos in access share mode"), \
+            fresh.connect() as conn, pytest.raises(RunnerError) as refused:
+        swap.execute(conn, swap.make_plans(conn, options), options, after_step=etl_writes)
+    message = str(refused.value)
+    assert message.startswith("could not lock breezeway.task_photos, breezeway.tasks in ")
+    assert "nothing was changed: the ETL kept writing (" in message
+    assert message.endswith(": raise --lock-timeout, choose a quieter moment, or hold the "
+                            "cut-over with --postpone-cut-over FILE until there is one")
+    assert schema_state(fresh) == before
+
+
+def test_a_postponed_cut_over_catches_up_until_the_file_is_gone(fresh: Database,
+                                                                tmp_path) -> None:
+    flag = tmp_path / "postpone"
+    flag.touch()
+    postponed = []
+
+    def operator(label: str) -> None:
+        if label != "cut-over postponed":
+            return
+        postponed.append(label)
+        if len(postponed) == 1:
+            with fresh.connect() as etl:
+                etl.execute("insert into breezeway.task_photos (task_pk, photo_id, url)"
+                            " values (1, 'while postponed', 'from the ETL')")
+        if len(postponed) == 2:
+            flag.unlink()
+
+    options = swap.SwapOptions(target_dir=fresh.target_dir, select=["task_photos"],
+                               postpone=flag)
+    with fresh.connect() as conn:
+        swap.execute(conn, swap.make_plans(conn, options), options, after_step=operator)
+        written = conn.execute("select count(*) from breezeway.task_photos"
+                               " where photo_id = 'while postponed'").fetchone()[0]
+    assert len(postponed) == 2
+    assert written == 1
+
+
 def test_an_open_transaction_on_a_parent_table_makes_it_give_up_not_block(
         fresh: Database) -> None:
     # Adding the new table's foreign key locks the parent against writers: that must wait no

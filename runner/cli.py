@@ -112,6 +112,11 @@ lock_timeout_option = click.option(
 lock_wait_option = click.option(
     "--lock-wait", type=Duration(), default="60s", show_default=True,
     help="How long all tries together may take before giving up with no change.")
+postpone_option = click.option(
+    "--postpone-cut-over", "postpone", type=click.Path(dir_okay=False, path_type=Path),
+    help="While this file exists, keep catching up with the ETL instead of taking the lock; "
+         "delete it to cut over (--lock-wait counts from then). The transaction stays open "
+         "meanwhile, which holds back vacuum.")
 archive_schema_option = click.option(
     "--archive-schema", default=swap.DEFAULT_ARCHIVE_SCHEMA, show_default=True,
     help="Where the original tables are kept, with every row they had.")
@@ -214,11 +219,17 @@ def _sizes(conn, result: swap.SwapResult) -> dict[str, tuple[int, int]]:
 def _progress() -> Callable[[str], None]:
     """Tell the user, on stderr, about the steps that take a while and about the lock."""
     last = [time.perf_counter()]
+    said: set[str] = set()
 
     def step_done(label: str) -> None:
         now = time.perf_counter()
         took, last[0] = now - last[0], now
-        if took >= 0.5 or label in ("lock", "cutover"):
+        if label == "cut-over postponed":
+            # Once, not every second it goes on catching up.
+            if label not in said:
+                click.echo("  cut-over postponed: catching up until the file is gone", err=True)
+            said.add(label)
+        elif took >= 0.5 or label in ("lock", "cutover"):
             click.echo(f"  {label or 'step'}: {took:.1f} s", err=True)
 
     return step_done
@@ -269,18 +280,19 @@ def _as_json(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> dict
 @dry_run_option
 @lock_timeout_option
 @lock_wait_option
+@postpone_option
 @archive_schema_option
 @click.option("--json", "as_json", is_flag=True, help="Report as JSON, for machines.")
 @_fails_cleanly
 def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
-                 dry_run: bool, lock_timeout: timedelta, lock_wait: timedelta, archive_schema: str,
-                 as_json: bool) -> None:
+                 dry_run: bool, lock_timeout: timedelta, lock_wait: timedelta,
+                 postpone: Path | None, archive_schema: str, as_json: bool) -> None:
     """Swap the tables `dbt build` deduplicated into the live schema and add their UNIQUE
     constraints, all in one transaction; refuses unless the latest build passed."""
     options = swap.SwapOptions(
         target_dir=_target_dir(project_dir, target_path), select=list(select) or None,
         archive_schema=archive_schema, lock_timeout_ms=_ms(lock_timeout),
-        lock_wait_s=lock_wait.total_seconds(),
+        lock_wait_s=lock_wait.total_seconds(), postpone=postpone,
     )
     with database(project_dir):
         _swap(options, dry_run, as_json)
@@ -422,15 +434,18 @@ def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> N
 @dry_run_option
 @lock_timeout_option
 @lock_wait_option
+@postpone_option
 @archive_schema_option
 @_fails_cleanly
 def rollback_command(project_dir: Path, select: tuple[str, ...], dry_run: bool,
-                     lock_timeout: timedelta, lock_wait: timedelta, archive_schema: str) -> None:
+                     lock_timeout: timedelta, lock_wait: timedelta, postpone: Path | None,
+                     archive_schema: str) -> None:
     """Put the original tables back, duplicates included, with every row written since the
     swap; the deduplicated tables are kept in the archive schema, all in one transaction."""
     options = rollback.RollbackOptions(
         select=list(select) or None, archive_schema=archive_schema,
         lock_timeout_ms=_ms(lock_timeout), lock_wait_s=lock_wait.total_seconds(),
+        postpone=postpone,
     )
     with database(project_dir), connect() as conn:
         plans = rollback.make_plans(conn, options)

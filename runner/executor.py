@@ -4,7 +4,8 @@ and a rollback share.
 A cut-over is one transaction in five named phases:
   1. before: statements that need a lock others may hold for a moment, each tried alone;
   2. prepare: each table caught up with what the ETL wrote since, and proven, outside the lock;
-  3. catch up: what the ETL wrote during those proofs, once more outside the lock;
+  3. catch up: what the ETL wrote during those proofs, once more outside the lock, and again
+     every second for as long as the operator postpones the cut-over (a file that exists);
   4. cut over: the lock on every table at once, the last few writes, the catalog changes; a
      try that times out gives every lock back, catches up again and tries again;
   5. commit without waiting for the disk, then wait for the flush before anything reports.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 from psycopg import sql
@@ -30,6 +32,7 @@ from runner.plan import Step
 ASYNC_COMMIT = Step("commit without waiting for the disk, so the locks end before the flush; "
                     "the flush is awaited after the commit, before anything is reported",
                     sql.SQL("set local synchronous_commit = off"))
+POSTPONED_CATCH_UP_S = 1.0
 FLUSH = Step("wait for the commit to reach the disk: this transaction's own commit flushes "
              "the log up to it", sql.SQL("select pg_current_xact_id()"))
 IDENTIFY = Step("the transaction's id: a runner that loses its connection asks the server by "
@@ -87,6 +90,8 @@ class CutOver:
     validate: list[Step]
     """After the commit: the foreign keys added NOT VALID, each checked on its own."""
     lock_timeout_ms: int
+    postpone: Path | None = None
+    """While this file exists the cut-over waits, catching up; lock_wait_s counts from then."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,12 @@ def _phases(conn: psycopg.Connection, plan: CutOver, deadline: float,
         step_done(label)
     plan.catch_up()
     step_done("catch-up before the lock")
+    if plan.postpone is not None and plan.postpone.exists():
+        while plan.postpone.exists():
+            time.sleep(POSTPONED_CATCH_UP_S)
+            plan.catch_up()
+            step_done("cut-over postponed")
+        deadline = time.monotonic() + plan.lock_wait_s
     return locking.retry_until(conn, attempt, wait_s=max(0.0, deadline - time.monotonic()),
                                gave_up=plan.gave_up, between=try_failed)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import psycopg
 from psycopg import sql
@@ -46,6 +47,8 @@ class RollbackOptions:
     """How long one attempt waits for the lock: the longest anyone queues behind the runner."""
     lock_wait_s: float = 60.0
     """How long all attempts together may take before the runner gives up."""
+    postpone: Path | None = None
+    """While this file exists, the rollback catches up with the ETL instead of cutting over."""
 
 
 @dataclass
@@ -562,7 +565,7 @@ def execute(conn: psycopg.Connection, plans: list[TableRollback], options: Rollb
             catch_up=carry_all, take_lock=locking_steps, under_lock=cut_over,
             lock_wait_s=options.lock_wait_s, gave_up=gave_up,
             gave_up_before=lambda step: gave_up, validate=validate,
-            lock_timeout_ms=options.lock_timeout_ms), step_done)
+            lock_timeout_ms=options.lock_timeout_ms, postpone=options.postpone), step_done)
     return RollbackResult(everything, result.lock_ms, result.attempts, carried, result.notes)
 
 

@@ -51,6 +51,8 @@ class SwapOptions:
     """How long one attempt waits for the lock: the longest anyone queues behind the runner."""
     lock_wait_s: float = 60.0
     """How long all attempts together may take before the runner gives up."""
+    postpone: Path | None = None
+    """While this file exists, the swap catches up with the ETL instead of cutting over."""
 
 
 @dataclass(frozen=True)
@@ -391,13 +393,29 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
         conn, [*(p.target.live for p in active), *parents(active)], options.lock_timeout_ms,
         options.lock_wait_s)
 
+    replayed_when_trying = [0]
+
     def gave_up(tries: int, reason: Exception) -> str:
         if isinstance(reason, _NeedsRescan):
             return (f"gave up after {tries} tries over {options.lock_wait_s:g} s, nothing "
                     "was changed: the ETL keeps deleting or re-keying kept rows, which can "
                     "only be replayed outside the lock; pause it briefly, or raise "
                     "--lock-wait")
-        return could_not_lock(tries, reason)
+        arrived = replayed - replayed_when_trying[0]
+        if not arrived:
+            return could_not_lock(tries, reason)
+        tables = [*(p.target.live for p in active), *parents(active)]
+        return (f"could not lock {', '.join(map(str, tables))} in {tries} tries of "
+                f"{options.lock_timeout_ms} ms over {options.lock_wait_s:g} s, nothing was "
+                f"changed: the ETL kept writing ({arrived} captured writes came meanwhile, "
+                f"{arrived / tries:.1f} a try; held last by {catalog.lock_holders(conn, tables)})"
+                ": raise --lock-timeout, choose a quieter moment, or hold the cut-over with "
+                "--postpone-cut-over FILE until there is one")
+
+    def counting_steps(label: str) -> None:
+        if label in ("catch-up before the lock", "cut-over postponed"):
+            replayed_when_trying[0] = replayed
+        step_done(label)
 
     def gave_up_before(step: Step) -> Callable[[int, Exception], str]:
         return lambda tries, error: (
@@ -416,5 +434,6 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
                       lambda plan=plan: prepare(plan)) for plan in replaying],
             catch_up=replay_all, take_lock=locking_steps, under_lock=cut_over,
             lock_wait_s=options.lock_wait_s, gave_up=gave_up, gave_up_before=gave_up_before,
-            validate=validate, lock_timeout_ms=options.lock_timeout_ms), step_done)
+            validate=validate, lock_timeout_ms=options.lock_timeout_ms,
+            postpone=options.postpone), counting_steps)
     return SwapResult(plans, result.lock_ms, result.attempts, replayed, rows, result.notes)
