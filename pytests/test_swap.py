@@ -121,6 +121,8 @@ def test_dry_run_prints_every_statement_and_changes_nothing(fresh: Database) -> 
         result.output)
     # Committed without waiting for the disk, then flushed by a commit of its own.
     assert result.output.count("set local synchronous_commit = off;") == 1
+    # No JIT: it once compiled a statement under the lock for three quarters of it.
+    assert result.output.count("set local jit = off;") == 1
     flushed = ("commit;\n-- wait for the commit to reach the disk: this transaction's own "
                "commit flushes the log up to it\nselect pg_current_xact_id();\n")
     # Then, after the commit, each foreign key of a new table checked on its own.

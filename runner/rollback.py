@@ -28,7 +28,7 @@ from runner.artifacts import Relation
 from runner.capturing import Registered, registered_captures
 from runner.catalog import Index, LiveTable
 from runner.errors import RunnerError
-from runner.executor import ASYNC_COMMIT, FLUSH, IDENTIFY, run_batched, run_steps
+from runner.executor import ASYNC_COMMIT, FLUSH, IDENTIFY, NO_JIT, run_batched, run_steps
 from runner.locking import lock_timeout
 from runner.names import pg_name
 from runner.plan import Step, left_to_validate, not_valid, recreate_view, validate_steps
@@ -418,7 +418,7 @@ def _phases(plans: list[TableRollback], options: RollbackOptions
             ) -> tuple[list[Step], list[Step], list[Step]]:
     """Before the lock; taking it; and under it, before any row is written."""
     archives = [p.archive for p in _restoring(plans)]
-    before = [ASYNC_COMMIT,
+    before = [ASYNC_COMMIT, NO_JIT,
               Step("wait at most this long for each lock, so no session queues behind the "
                    "runner for longer; on timeout, try again",
                    lock_timeout(options.lock_timeout_ms)),

@@ -22,7 +22,7 @@ from psycopg import sql
 from runner import artifacts, capture, capturing, catalog, executor, locking, swap_log
 from runner.artifacts import Relation
 from runner.errors import RunnerError
-from runner.executor import ASYNC_COMMIT, FLUSH, IDENTIFY, run_batched, run_steps
+from runner.executor import ASYNC_COMMIT, FLUSH, IDENTIFY, NO_JIT, run_batched, run_steps
 from runner.locking import lock_timeout
 from runner.plan import (
     BuildCounts,
@@ -148,7 +148,7 @@ def _phases(plans: list[TablePlan], options: SwapOptions) -> tuple[list[Step], l
                                                                      list[Step]]:
     """The statements before the lock, the ones that take it, and the ones under it."""
     active = [p for p in plans if p.cutover or p.concurrent]
-    before = [ASYNC_COMMIT,
+    before = [ASYNC_COMMIT, NO_JIT,
               # Every lock, not only the last one: adding a foreign key to a new table locks
               # its parent against writers, who must not queue behind the runner either.
               Step("wait at most this long for each lock, so no session queues behind the "
