@@ -158,16 +158,17 @@ def _phases(plans: list[TablePlan], options: SwapOptions) -> tuple[list[Step], l
               Step("", capture.counts_table())]
     for plan in active:
         before += plan.prepare
+    # The parents first: the live tables, which the ETL writes most, are then held from the
+    # moment the last lock is had, and the lock measured from then is the whole of their wait.
     locking_steps = [
         Step("wait at most this long for the lock, so no session queues behind the runner for "
              "longer; on timeout, replay and try again",
              lock_timeout(options.lock_timeout_ms)),
+        *([Step("the parent tables of the new tables' foreign keys, against writes for the "
+                "moment of the cut-over, as the keys are added", parents_lock_statement(active))]
+          if parents(active) else []),
         Step("all tables at once", lock_statement(active)),
     ]
-    if parents(active):
-        locking_steps.append(Step(
-            "their foreign keys' parent tables against writes, for the moment of the cut-over "
-            "as the keys are added", parents_lock_statement(active)))
     under_lock = [step for plan in active for step in plan.cutover]
     return before, locking_steps, under_lock
 
