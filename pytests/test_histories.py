@@ -267,7 +267,7 @@ class Histories(RuleBasedStateMachine):
 
     @precondition(lambda self: not self.model.constrained)
     @rule(before=st.integers(0, 4), after=st.integers(0, 4), kill=st.sampled_from(KILLS),
-          at=st.integers(1, 24), writes=st.integers(0, 3), hold=st.integers(0, 2),
+          at=st.integers(1, 40), writes=st.integers(0, 3), hold=st.integers(0, 2),
           data=st.data())
     def job(self, before: int, after: int, kill, at, writes, hold, data) -> None:
         """The documented flow, the ETL writing throughout: capture, build, swap."""
@@ -433,13 +433,13 @@ class Histories(RuleBasedStateMachine):
             model.rolled_back(outcome)
 
     @precondition(lambda self: self.model.build is not None)
-    @rule(kill=st.sampled_from(KILLS), at=st.integers(1, 24), writes=st.integers(0, 3),
+    @rule(kill=st.sampled_from(KILLS), at=st.integers(1, 40), writes=st.integers(0, 3),
           hold=st.integers(0, 2), data=st.data())
     def swap(self, kill, at, writes, hold, data) -> None:
         self._command("swap", kill, at, writes, hold, data)
 
     @precondition(lambda self: bool(self.model.swaps))
-    @rule(kill=st.sampled_from(KILLS), at=st.integers(1, 24), writes=st.integers(0, 3),
+    @rule(kill=st.sampled_from(KILLS), at=st.integers(1, 40), writes=st.integers(0, 3),
           hold=st.integers(0, 2), data=st.data())
     def rollback(self, kill, at, writes, hold, data) -> None:
         self._command("rollback", kill, at, writes, hold, data)
