@@ -85,6 +85,8 @@ class CutOver:
     prepare: list[tuple[str, Callable[[], None]]]
     """Per table: the label reported once it is done, and the catch-up with its proof."""
     catch_up: Callable[[], None]
+    between_tries: Callable[[], None]
+    """The catch-up after a lock try that failed."""
     take_lock: list[Step]
     under_lock: Callable[[], None]
     lock_wait_s: float
@@ -127,7 +129,7 @@ def cut_over(conn: psycopg.Connection, plan: CutOver,
     def try_failed(reason: Exception) -> None:
         step_done("lock try timed out" if isinstance(reason, psycopg.errors.LockNotAvailable)
                   else "lock given back for a rescan")
-        plan.catch_up()
+        plan.between_tries()
 
     xid = None
     try:

@@ -93,13 +93,24 @@ def retry_until(conn: psycopg.Connection, attempt: Callable[[], None], *, wait_s
 
 
 def could_not_lock(conn: psycopg.Connection, tables: list[Relation], timeout_ms: int,
-                   wait_s: float, doing: str = "") -> Callable[[int, Exception], str]:
+                   wait_s: float, doing: str = "",
+                   writes_between_tries: Callable[[], int] | None = None
+                   ) -> Callable[[int, Exception], str]:
     """The message of a runner that gave up on `tables` (`doing` says what for), naming who
-    holds them now."""
+    holds them now; and, when the ETL kept writing between the tries (as many captured writes
+    as `writes_between_tries` says), what would help."""
     def message(tries: int, error: Exception) -> str:
-        return (f"could not lock {', '.join(map(str, tables))}{doing} in {tries} tries of "
-                f"{timeout_ms} ms over {wait_s:g} s, nothing was changed; held by "
-                f"{lock_holders(conn, tables)}: retry when they finish, or raise --lock-wait")
+        gave_up = (f"could not lock {', '.join(map(str, tables))}{doing} in {tries} tries of "
+                   f"{timeout_ms} ms over {wait_s:g} s, nothing was changed")
+        writes = writes_between_tries() if writes_between_tries else 0
+        if writes:
+            return (f"{gave_up}: the ETL kept writing ({writes} captured writes came "
+                    f"meanwhile, {writes / tries:.1f} a try; held last by "
+                    f"{lock_holders(conn, tables)}): raise --lock-timeout, choose a quieter "
+                    "moment, or hold the cut-over with --postpone-cut-over FILE until there "
+                    "is one")
+        return (f"{gave_up}; held by {lock_holders(conn, tables)}: retry when they finish, or "
+                "raise --lock-wait")
     return message
 
 

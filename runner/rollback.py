@@ -562,7 +562,8 @@ def execute(conn: psycopg.Connection, plans: list[TableRollback], options: Rollb
             command="rollback", before=before,
             prepare=[(f"carried over to {plan.archive}", lambda plan=plan: prepare(plan))
                      for plan in restoring],
-            catch_up=carry_all, take_lock=locking_steps, under_lock=cut_over,
+            catch_up=carry_all, between_tries=carry_all, take_lock=locking_steps,
+            under_lock=cut_over,
             lock_wait_s=options.lock_wait_s, gave_up=gave_up,
             gave_up_before=lambda step: gave_up, validate=validate,
             lock_timeout_ms=options.lock_timeout_ms, postpone=options.postpone), step_done)

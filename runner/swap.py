@@ -149,8 +149,8 @@ def _phases(plans: list[TablePlan], options: SwapOptions) -> tuple[list[Step], l
     """The statements before the lock, the ones that take it, and the ones under it."""
     active = [p for p in plans if p.cutover or p.concurrent]
     before = [ASYNC_COMMIT, NO_JIT,
-              # Every lock, not only the last one: adding a foreign key to a new table locks
-              # its parent against writers, who must not queue behind the runner either.
+              # Every lock, not only the cut-over's: no session may queue behind the runner
+              # for longer than one try at any step.
               Step("wait at most this long for each lock, so no session queues behind the "
                    "runner for longer; on timeout, try again",
                    lock_timeout(options.lock_timeout_ms)),
@@ -390,11 +390,17 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
         run_batched(conn, under_lock)
         rows.update(_rows_at_commit(conn, options.archive_schema))
 
+    replayed_between_tries = 0
+
+    def replay_between_tries() -> None:
+        nonlocal replayed_between_tries
+        already = replayed
+        replay_all()
+        replayed_between_tries += replayed - already
+
     could_not_lock = locking.could_not_lock(
         conn, [*(p.target.live for p in active), *parents(active)], options.lock_timeout_ms,
-        options.lock_wait_s)
-
-    replayed_when_trying = [0]
+        options.lock_wait_s, writes_between_tries=lambda: replayed_between_tries)
 
     def gave_up(tries: int, reason: Exception) -> str:
         if isinstance(reason, _NeedsRescan):
@@ -402,21 +408,7 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
                     "was changed: the ETL keeps deleting or re-keying kept rows, which can "
                     "only be replayed outside the lock; pause it briefly, or raise "
                     "--lock-wait")
-        arrived = replayed - replayed_when_trying[0]
-        if not arrived:
-            return could_not_lock(tries, reason)
-        tables = [*(p.target.live for p in active), *parents(active)]
-        return (f"could not lock {', '.join(map(str, tables))} in {tries} tries of "
-                f"{options.lock_timeout_ms} ms over {options.lock_wait_s:g} s, nothing was "
-                f"changed: the ETL kept writing ({arrived} captured writes came meanwhile, "
-                f"{arrived / tries:.1f} a try; held last by {catalog.lock_holders(conn, tables)})"
-                ": raise --lock-timeout, choose a quieter moment, or hold the cut-over with "
-                "--postpone-cut-over FILE until there is one")
-
-    def counting_steps(label: str) -> None:
-        if label in ("catch-up before the lock", "cut-over postponed"):
-            replayed_when_trying[0] = replayed
-        step_done(label)
+        return could_not_lock(tries, reason)
 
     def gave_up_before(step: Step) -> Callable[[int, Exception], str]:
         return lambda tries, error: (
@@ -433,8 +425,9 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
             command="swap", before=before,
             prepare=[(f"replay before the lock of {plan.target.live}",
                       lambda plan=plan: prepare(plan)) for plan in replaying],
-            catch_up=replay_all, take_lock=locking_steps, under_lock=cut_over,
+            catch_up=replay_all, between_tries=replay_between_tries,
+            take_lock=locking_steps, under_lock=cut_over,
             lock_wait_s=options.lock_wait_s, gave_up=gave_up, gave_up_before=gave_up_before,
             validate=validate, lock_timeout_ms=options.lock_timeout_ms,
-            postpone=options.postpone), counting_steps)
+            postpone=options.postpone), step_done)
     return SwapResult(plans, result.lock_ms, result.attempts, replayed, rows, result.notes)
