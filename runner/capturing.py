@@ -8,17 +8,21 @@ archive schema too once nothing else is in them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 import psycopg
 from psycopg import sql
 
-from runner import capture, catalog, locking, swap_log
+from runner import capture, catalog, executor, privileges, swap_log
 from runner.artifacts import DedupTarget, Relation
 from runner.errors import RunnerError
 from runner.locking import LockOptions
 from runner.plan import check_spec_columns, refuse_unsupported
+
+# What shows, after a lost connection, whether a capture was started or stopped.
+STATUS = "`runner capture --status`"
 
 
 @dataclass(frozen=True)
@@ -53,10 +57,11 @@ class Started:
     """Tables whose capture was in place already: before a swap, or since one."""
 
 
-def start(conn: psycopg.Connection, targets: list[DedupTarget],
-          options: LockOptions) -> Started:
+def start(conn: psycopg.Connection, targets: list[DedupTarget], options: LockOptions,
+          step_done: Callable[[str], None] | None = None) -> Started:
     """Capture the writes to every target's live table, or to none: every table is checked
-    first, then all are captured in one transaction."""
+    first, then all are captured in one transaction. `step_done` is called after each
+    statement, for tests that interrupt the runner."""
     for target in targets:
         live = catalog.read_live_table(conn, target.live)
         check_spec_columns(target, live)
@@ -68,6 +73,9 @@ def start(conn: psycopg.Connection, targets: list[DedupTarget],
     already = [in_place[t.live] for t in targets if t.live in in_place]
     if not to_start:
         return Started([], already)
+    privileges.check(conn, "runner capture", [
+        privileges.archive_schema(options.archive_schema),
+        *(privileges.act_as_owner(live) for live in to_start)])
     statements = [capture.ensure_schema(options.archive_schema),
                   capture.registry_table(options.archive_schema),
                   # All at once, so the runner never holds one while it queues for another.
@@ -75,7 +83,8 @@ def start(conn: psycopg.Connection, targets: list[DedupTarget],
                       sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in to_start))]
     for live in to_start:
         statements += capture.install(capture.Capture.before_swap(live, options.archive_schema))
-    locking.run_alone(conn, statements, options, to_start, " to start their change capture")
+    executor.run_alone(conn, "capture", statements, options, to_start,
+                       doing=" to start their change capture", status=STATUS, step_done=step_done)
     return Started(to_start, already)
 
 
@@ -154,12 +163,15 @@ def stop(conn: psycopg.Connection, select: list[str] | None,
     chosen = _chosen(registered_captures(conn, options.archive_schema), select,
                      options.archive_schema)
     before = {s.registered.capture.live: s for s in status(conn, options.archive_schema)}
+    privileges.check(conn, "runner capture --stop", [
+        privileges.archive_schema(options.archive_schema),
+        *(privileges.act_as_owner(r.capture.live) for r in chosen if r.live_exists)])
     statements = []
     for registered in chosen:
         table = registered.capture.live if registered.live_exists else None
         statements += capture.remove(registered.capture, table)
     statements += capture.drop_if_unused(options.archive_schema)
-    locking.run_alone(conn, statements, options,
-                      [r.capture.live for r in chosen if r.live_exists],
-                      " to stop their change capture")
+    executor.run_alone(conn, "capture --stop", statements, options,
+                       [r.capture.live for r in chosen if r.live_exists],
+                       doing=" to stop their change capture", status=STATUS)
     return [before[r.capture.live] for r in chosen]

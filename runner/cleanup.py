@@ -13,7 +13,7 @@ from datetime import timedelta
 import psycopg
 from psycopg import sql
 
-from runner import capture, catalog, locking, swap_log
+from runner import capture, catalog, locking, privileges, swap_log
 from runner.artifacts import Relation
 from runner.capturing import Registered, registered_captures
 from runner.errors import RunnerError
@@ -119,6 +119,11 @@ def render(conn: psycopg.Connection, items: list[CleanupItem], options: LockOpti
 def execute(conn: psycopg.Connection, items: list[CleanupItem],
             options: LockOptions) -> CleanupResult:
     """Drop everything the items name and mark their swap_log rows, in one transaction."""
+    privileges.check(conn, "runner cleanup", [
+        privileges.archive_schema(options.archive_schema),
+        *(privileges.act_as_owner(r) for item in items for r in item.drop),
+        *(privileges.act_as_owner(item.entry.live) for item in items
+          if item.capture and item.capture.live_exists)])
     locking_steps, steps = _phases(items, options)
     dropped = [r for item in items for r in item.drop]
     freed: list[tuple[Relation, int]] = []

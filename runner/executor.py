@@ -22,6 +22,7 @@ import psycopg
 from psycopg import sql
 
 from runner import locking
+from runner.artifacts import Relation
 from runner.errors import ConnectionLost, RunnerError
 from runner.plan import Step
 
@@ -144,8 +145,10 @@ def cut_over(conn: psycopg.Connection, plan: CutOver,
     except psycopg.OperationalError as error:
         if not conn.broken:
             raise
-        raise _lost(conn.info.dsn, None if xid is None else str(xid), plan.command,
-                    error) from error
+        raise _lost(conn.info.dsn, None if xid is None else str(xid), plan.command, error,
+                    done=f"run `runner {plan.command}` again for what follows the commit (its "
+                    "foreign keys are checked), then `runner verify`",
+                    find_out=f"`runner {plan.command} --dry-run`") from error
     return CutOverResult(lock_ms, attempts, notes)
 
 
@@ -184,9 +187,42 @@ def _xact_status(conn: psycopg.Connection, xid: str, wait_s: float = 10.0) -> st
         time.sleep(0.05)
 
 
-def _lost(dsn: str, xid: str | None, command: str,
-          error: psycopg.OperationalError) -> ConnectionLost:
-    """What a lost connection left, as the server tells it from a connection of its own."""
+def run_alone(conn: psycopg.Connection, command: str, statements: list[sql.Composable],
+              options: locking.LockOptions, tables: list[Relation], *, doing: str,
+              status: str, step_done: Callable[[str], None] | None = None) -> None:
+    """`statements` in one transaction, as the only runner, tried until their locks are had:
+    all of them, or none. A lost connection is reported as the server recorded it, with
+    `status`, the command that shows what was made. `step_done` is called with each
+    statement's number once it ran, and with "commit"."""
+    step_done = step_done or (lambda label: None)
+
+    def run() -> None:
+        conn.execute(locking.lock_timeout(options.lock_timeout_ms))
+        for number, statement in enumerate(statements, 1):
+            conn.execute(statement)
+            step_done(f"statement {number}")
+
+    xid = None
+    try:
+        with locking.one_runner(conn):
+            with conn.transaction():
+                xid = conn.execute(IDENTIFY.statement).fetchone()[0]
+                locking.retry_until(conn, run, wait_s=options.lock_wait_s,
+                                    gave_up=locking.could_not_lock(
+                                        conn, tables, options.lock_timeout_ms,
+                                        options.lock_wait_s, doing))
+            step_done("commit")
+    except psycopg.OperationalError as error:
+        if not conn.broken:
+            raise
+        raise _lost(conn.info.dsn, None if xid is None else str(xid), command, error,
+                    done=f"{status} shows it", find_out=status) from error
+
+
+def _lost(dsn: str, xid: str | None, command: str, error: psycopg.OperationalError, *,
+          done: str, find_out: str) -> ConnectionLost:
+    """What a lost connection left, as the server tells it from a connection of its own:
+    `done` says what to do once it committed, `find_out` how to see whether it did."""
     said = (str(error).strip().splitlines() or [type(error).__name__])[0]
     if xid is None:
         return ConnectionLost(f"the connection was lost as the {command} began ({said}): "
@@ -199,18 +235,17 @@ def _lost(dsn: str, xid: str | None, command: str,
     except psycopg.OperationalError:
         return ConnectionLost(
             f"the connection was lost during the {command} ({said}) and the server does not "
-            f"answer: once it is back, `runner {command} --dry-run` says whether the {command} "
-            "was made (nothing or all of it was: one transaction)", None)
+            f"answer: once it is back, {find_out} says whether the {command} was made "
+            "(nothing or all of it was: one transaction)", None)
     if status == "committed":
         return ConnectionLost(
-            f"the connection was lost after the {command} committed ({said}): it is done; run "
-            f"`runner {command}` again for what follows the commit (its foreign keys are "
-            "checked), then `runner verify`", True)
+            f"the connection was lost after the {command} committed ({said}): it is done; "
+            f"{done}", True)
     if status == "in progress":
         return ConnectionLost(
             f"the connection was lost during the {command} ({said}), and its transaction "
-            f"{xid} is still ending on the server: wait for it, then run `runner {command} "
-            "--dry-run` to see whether it was made", None)
+            f"{xid} is still ending on the server: wait for it, then {find_out} says whether "
+            "it was made", None)
     return ConnectionLost(f"the connection was lost during the {command} ({said}): nothing was "
                           f"changed, its transaction was rolled back; run `runner {command}` "
                           "again", False)

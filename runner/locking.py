@@ -113,17 +113,3 @@ def could_not_lock(conn: psycopg.Connection, tables: list[Relation], timeout_ms:
                 "raise --lock-wait")
     return message
 
-
-def run_alone(conn: psycopg.Connection, statements: list[sql.Composable],
-              options: LockOptions, tables: list[Relation], doing: str = "") -> None:
-    """`statements` in one transaction, as the only runner, tried until their locks are had:
-    all of them, or none."""
-    def run() -> None:
-        conn.execute(lock_timeout(options.lock_timeout_ms))
-        for statement in statements:
-            conn.execute(statement)
-
-    with one_runner(conn), conn.transaction():
-        retry_until(conn, run, wait_s=options.lock_wait_s,
-                    gave_up=could_not_lock(conn, tables, options.lock_timeout_ms,
-                                           options.lock_wait_s, doing))

@@ -334,6 +334,11 @@ def _shadow_steps(live: LiveTable, shadow: Relation) -> list[Step]:
              .format(shadow=shadow_id,
                      live=sql.Identifier(live.relation.schema, live.relation.name),
                      opts=with_options(live.options))),
+        # From its start: the sequences it will own must have its owner, and a job that acts
+        # as the owner through membership would otherwise own it itself.
+        Step("owned by the original's owner",
+             sql.SQL("alter table {} owner to {}").format(
+                 shadow_id, sql.Identifier(live.owner))),
     ]
 
 
@@ -527,11 +532,7 @@ def _archive_steps(live: LiveTable, shadow: Relation, archive: Relation) -> list
 def _takeover_steps(live: LiveTable) -> list[Step]:
     """Under the live name, the new table gets what else made the original what it was."""
     live_id = sql.Identifier(live.relation.schema, live.relation.name)
-    steps = [
-        Step("same owner",
-             sql.SQL("alter table {} owner to {}").format(live_id, sql.Identifier(live.owner))),
-        *(_grant(grant, live_id, live.relation) for grant in live.grants),
-    ]
+    steps = [_grant(grant, live_id, live.relation) for grant in live.grants]
     if live.comment is not None:
         steps.append(Step("same comment", sql.SQL("comment on table {} is {}").format(
             live_id, sql.Literal(live.comment))))

@@ -23,7 +23,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from runner import capture, catalog, executor, locking, restore, swap, swap_log
+from runner import capture, catalog, executor, locking, privileges, restore, swap, swap_log
 from runner.artifacts import Relation
 from runner.capturing import Registered, registered_captures
 from runner.catalog import Index, LiveTable
@@ -520,11 +520,25 @@ def _carry_over(conn: psycopg.Connection, plan: TableRollback, *, under_lock: bo
             return
 
 
+def needs(plans: list[TableRollback], options: RollbackOptions) -> list[privileges.Need]:
+    """What the role must be allowed for every change the plans make."""
+    found = []
+    for plan in plans:
+        found.append(privileges.act_as_owner(plan.entry.live))
+        if plan.finishing:
+            continue
+        found += [privileges.archive_schema(options.archive_schema),
+                  privileges.create_in(plan.entry.live.schema)]
+        found += [privileges.act_as_owner(plan.archive)] if plan.archive else []
+    return found
+
+
 def execute(conn: psycopg.Connection, plans: list[TableRollback], options: RollbackOptions,
             after_step: Callable[[str], None] | None = None) -> RollbackResult:
     """Roll every planned table back in one transaction; any failed check changes nothing.
 
     `after_step` is called with a label after each step and each lock try that timed out."""
+    privileges.check(conn, "runner rollback", needs(plans, options))
     step_done = after_step or (lambda label: None)
     validate = [step for plan in plans for step in plan.validate]
     everything, plans = plans, _cutting_over(plans)

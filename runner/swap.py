@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from runner import artifacts, capture, capturing, catalog, executor, locking, swap_log
+from runner import artifacts, capture, capturing, catalog, executor, locking, privileges, swap_log
 from runner.artifacts import Relation
 from runner.errors import RunnerError
 from runner.executor import ASYNC_COMMIT, FLUSH, IDENTIFY, NO_JIT, run_batched, run_steps
@@ -352,6 +352,22 @@ def _rows_at_commit(conn: psycopg.Connection,
     return {Relation(schema, table): (before, after) for schema, table, before, after in rows}
 
 
+def needs(plans: list[TablePlan], options: SwapOptions) -> list[privileges.Need]:
+    """What the role must be allowed for every change the plans make."""
+    found = []
+    for plan in plans:
+        live = plan.target.live
+        if plan.action == "nothing":
+            found += [privileges.act_as_owner(live)] if plan.validate else []
+            continue
+        found += [privileges.act_as_owner(live), privileges.archive_schema(options.archive_schema)]
+        if plan.action == "swap":
+            found += [privileges.create_in(live.schema), privileges.owner_creates_in(live),
+                      privileges.read(plan.target.deduplicated),
+                      *(privileges.reference(parent) for parent in plan.parents)]
+    return found
+
+
 def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptions,
             after_step: Callable[[str], None] | None = None) -> SwapResult:
     """Swap every planned table in one transaction; any failed check rolls all of them back.
@@ -359,6 +375,7 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
     `after_step` is called with a label after each step, and after each lock try that timed
     out, for progress and for tests that interrupt the runner or write meanwhile.
     """
+    privileges.check(conn, "runner swap", needs(plans, options))
     active = [p for p in plans if p.cutover or p.concurrent]
     validate = [step for plan in plans for step in plan.validate]
     if not active:
