@@ -1,11 +1,11 @@
 """A runner command in a process of its own that kills itself with SIGKILL at its N-th step: how
 test_histories.py stops the runner as an operator's `kill -9` would.
 
-    python history_kill.py swap|rollback TARGET_DIR TABLE N
+    python history_kill.py capture|swap|rollback TARGET_DIR TABLE N
 
-The database is the one the libpq environment names. Prints what the command planned (swap,
-constraint or nothing; restore, constraint or finish), and each step's label on stderr, then
-exits 0 when it finished before its N-th step, 1 when it refused.
+The database is the one the libpq environment names. Prints what the command planned
+(capture; swap, constraint or nothing; restore, constraint or finish), and each step's label
+on stderr, then exits 0 when it finished before its N-th step, 1 when it refused.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from pathlib import Path
 
 from histories import rollback_action
 
-from runner import rollback, swap
+from runner import capturing, rollback, swap
+from runner.artifacts import load_targets, select_targets
 from runner.database import connect
 from runner.errors import RunnerError
+from runner.locking import LockOptions
 
 
 def main() -> None:
@@ -34,7 +36,12 @@ def main() -> None:
 
     try:
         with connect() as conn:
-            if command == "swap":
+            if command == "capture":
+                print("capture", flush=True)
+                capturing.start(conn, select_targets(load_targets(target_dir), [table]),
+                                LockOptions(swap.DEFAULT_ARCHIVE_SCHEMA, 50),
+                                step_done=step_done)
+            elif command == "swap":
                 options = swap.SwapOptions(target_dir, select=[table], lock_timeout_ms=50)
                 plans = swap.make_plans(conn, options)
                 print(plans[0].action, flush=True)

@@ -9,6 +9,10 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from conftest import Database, _create_database
+from psycopg import sql
+
+from runner import artifacts, capturing, locking, swap
+from runner.errors import ConnectionLost
 
 CATALOG = """
 select jsonb_build_object(
@@ -133,6 +137,72 @@ def test_capture_starts_on_every_table_or_on_none(uncaptured: Database) -> None:
     assert result.output.startswith("Error: could not lock breezeway.business_events, "), (
         result.output)
     assert catalog(uncaptured) == before
+
+
+def _capture_status(database: Database) -> list:
+    return [(row["table"], row["state"])
+            for row in json.loads(ran(database, "capture", "--status", "--format", "json"))]
+
+
+def _cut_after(database: Database, pid: int, steps: int):
+    """A step hook that terminates backend `pid` once `steps` steps are done."""
+    done: list[str] = []
+
+    def step_done(label: str) -> None:
+        done.append(label)
+        if len(done) == steps:
+            with database.connect() as other:
+                other.execute("select pg_terminate_backend(%s)", (pid,))
+
+    return step_done
+
+
+def test_a_capture_interrupted_at_any_statement_is_wholly_there_or_not_and_says_which(
+        server, built: Database, uncaptured: Database) -> None:
+    """The runner's connection is cut after each statement of the capture's one transaction,
+    and right after its commit: all tables are captured, or none; what the runner says is what
+    the server recorded; a rerun finishes."""
+    # Two tables, to be all or none of: each of the others adds the same statements again.
+    targets = artifacts.select_targets(artifacts.load_targets(built.target_dir),
+                                       ["task_photos", "task_tags"])
+    options = locking.LockOptions(swap.DEFAULT_ARCHIVE_SCHEMA, lock_timeout_ms=50)
+    labels: list[str] = []
+    with psycopg.connect(autocommit=True, **{**server.conninfo, "dbname": "uncaptured"}) as c:
+        c.execute(sql.SQL("create database {} template uncaptured").format(
+            sql.Identifier("capture_count")))
+    counting = Database({**uncaptured.env, "PGDATABASE": "capture_count"}, built.target_dir)
+    with counting.connect() as conn:
+        conn.execute("set search_path = pg_catalog")
+        capturing.start(conn, targets, options, step_done=labels.append)
+    everything = _capture_status(counting)
+    assert len(everything) == len(targets) and labels[-1] == "commit", labels
+    before = catalog(uncaptured)
+    for number, label in enumerate(labels, 1):
+        name = f"capture_cut_{number}"
+        with psycopg.connect(autocommit=True, **server.conninfo) as admin:
+            admin.execute(sql.SQL("create database {} template uncaptured").format(
+                sql.Identifier(name)))
+        database = Database({**uncaptured.env, "PGDATABASE": name}, built.target_dir)
+        try:
+            with pytest.raises(ConnectionLost) as lost, database.connect() as conn:
+                conn.execute("set search_path = pg_catalog")
+                capturing.start(conn, targets, options, step_done=_cut_after(
+                    database, conn.info.backend_pid, number))
+            assert lost.value.committed is (label == "commit"), (label, str(lost.value))
+            if label == "commit":
+                assert "it is done; `runner capture --status` shows it" in str(lost.value)
+                assert _capture_status(database) == everything
+            else:
+                assert "nothing was changed" in str(lost.value)
+                assert catalog(database) == before, f"cut after {label}"
+            ran(database, "capture", "--select", "task_photos", "--select", "task_tags")
+            assert _capture_status(database) == everything
+        finally:
+            with psycopg.connect(autocommit=True, **server.conninfo) as admin:
+                admin.execute(sql.SQL("drop database {} with (force)").format(
+                    sql.Identifier(name)))
+    with psycopg.connect(autocommit=True, **server.conninfo) as admin:
+        admin.execute("drop database capture_count with (force)")
 
 
 def test_a_truncate_while_captured_stops_the_swap(fresh: Database) -> None:

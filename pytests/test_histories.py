@@ -277,11 +277,18 @@ class Histories(RuleBasedStateMachine):
         self.etl_writes(after, data) if after else None
         self.swap(kill, at, writes, hold, data)
 
-    @rule()
-    def capture(self) -> None:
-        with self._connect() as conn:
-            capturing.start(conn, self._targets(),
-                            locking.LockOptions(swap.DEFAULT_ARCHIVE_SCHEMA, LOCK_TIMEOUT_MS))
+    @rule(kill=st.sampled_from(KILLS), at=st.integers(1, 12))
+    def capture(self, kill: str | None = None, at: int = 0) -> None:
+        """runner capture, maybe killed at one of its statements or right after its commit:
+        captured wholly or not at all, and a rerun finishes."""
+        result = self._run("capture", kill, at, 0, 0, None)
+        if result.startswith("killed"):
+            self.seen[f"capture {result} ({kill})"] += 1
+            if result == "killed after commit":
+                self.model.capture_started()
+            self.database_is_the_model()
+            result = self._run("capture", None, 0, 0, 0, None)
+        assert result == "capture", f"runner capture: {result}"
         self.model.capture_started()
 
     @rule(during=st.sampled_from(DURING_BUILD), writes=st.integers(1, 3), data=st.data())
@@ -351,8 +358,8 @@ class Histories(RuleBasedStateMachine):
 
     def _run(self, command: str, kill: str | None, at: int, writes: int, hold: int,
              data) -> str:
-        """Run swap or rollback with what the history chose; returns what it did (swap,
-        constraint, nothing; restore, constraint), refused, or killed."""
+        """Run capture, swap or rollback with what the history chose; returns what it did
+        (capture; swap, constraint, nothing; restore, constraint), refused, or killed."""
         table = self.model.shape.table
         if kill == "sigkill":
             env = {**os.environ, **self.h.env, "PGAPPNAME": APPLICATION}
@@ -374,7 +381,12 @@ class Histories(RuleBasedStateMachine):
         hook = self._hook(kill, at, writes, hold, holder, data)
         try:
             with self._connect() as conn:
-                if command == "swap":
+                if command == "capture":
+                    planned = "capture"
+                    capturing.start(conn, self._targets(),
+                                    locking.LockOptions(swap.DEFAULT_ARCHIVE_SCHEMA,
+                                                        LOCK_TIMEOUT_MS), step_done=hook)
+                elif command == "swap":
                     options = swap.SwapOptions(self.h.target, select=[table],
                                                lock_timeout_ms=LOCK_TIMEOUT_MS, lock_wait_s=30)
                     plans = swap.make_plans(conn, options)
