@@ -15,6 +15,7 @@ from test_other_project import shop as shop  # imported, its fixture is this mod
 from test_swap import SWAPPED, describe, schema_state
 
 from runner import demo, locking, rollback
+from runner.errors import RunnerError
 from runner.names import constraint_name
 
 CONTENT = "select count(*), md5(string_agg(t::text, ',' order by t::text)) from {} as t"
@@ -306,6 +307,32 @@ def test_gives_up_on_a_held_lock_and_names_the_holder(fresh: Database) -> None:
         message = refused(fresh, "rollback", "--lock-timeout", "200ms", "--lock-wait", "1s")
     assert "tries of 200 ms over 1 s, nothing was changed" in message
     assert f"pid {holder}" in message
+
+
+def test_when_the_etl_never_leaves_a_gap_it_says_what_would_help(fresh: Database) -> None:
+    swapped(fresh, "--select", "task_photos")
+
+    def etl_writes(label: str) -> None:
+        if label == "lock try timed out":
+            with fresh.connect() as etl:
+                etl.execute("insert into breezeway.task_photos (task_pk, photo_id, url)"
+                            " values (1, 'new again', 'from the ETL') on conflict do nothing")
+                etl.execute("update breezeway.task_photos set url = 'edited'"
+                            " where photo_id = 'new again'")
+
+    options = rollback.RollbackOptions(select=["task_photos"], lock_timeout_ms=50,
+                                       lock_wait_s=1)
+    before = schema_state(fresh)
+    with fresh.holding("lock table breezeway.task_photos in access share mode"), \
+            fresh.connect() as conn, pytest.raises(RunnerError) as refused_:
+        rollback.execute(conn, rollback.make_plans(conn, options), options,
+                         after_step=etl_writes)
+    message = str(refused_.value)
+    assert "nothing was changed: the ETL kept writing (" in message
+    assert " captured writes came meanwhile, " in message
+    assert message.endswith(": raise --lock-timeout, choose a quieter moment, or hold the "
+                            "cut-over with --postpone-cut-over FILE until there is one")
+    assert schema_state(fresh) == before
 
 
 def test_dry_run_prints_every_statement_and_changes_nothing(fresh: Database) -> None:

@@ -492,14 +492,17 @@ def render(conn: psycopg.Connection, plans: list[TableRollback],
     return "\n".join(lines)
 
 
-def _carry_over(conn: psycopg.Connection, plan: TableRollback, *, under_lock: bool) -> None:
+def _carry_over(conn: psycopg.Connection, plan: TableRollback, *, under_lock: bool) -> int:
     """Carry a table's captured writes over to its original until the log is empty (under the
-    lock) or the remaining writes are few, each batch proven."""
+    lock) or the remaining writes are few, each batch proven; returns how many it carried."""
     r, live = plan.restore, plan.entry.live
+    carried = 0
     while conn.execute(r.anything_pending).fetchone()[0]:
         run_batched(conn, [Step("", statement) for statement in r.take_batch])
-        if conn.execute(r.taken).fetchone()[0] == 0:
-            return
+        taken = conn.execute(r.taken).fetchone()[0]
+        if taken == 0:
+            return carried
+        carried += taken
         if conn.execute(r.truncated).fetchone()[0]:
             raise RunnerError(f"cannot roll back {live}: it was truncated since the swap, and "
                               "which rows that took is nowhere recorded; nothing was changed; "
@@ -517,7 +520,8 @@ def _carry_over(conn: psycopg.Connection, plan: TableRollback, *, under_lock: bo
                  r.touched_rows_in_archive if under_lock else r.touched_rows_settled,
                  check=True)])
         if not under_lock and conn.execute(r.pending).fetchone()[0] < SMALL_ENOUGH:
-            return
+            return carried
+    return carried
 
 
 def needs(plans: list[TableRollback], options: RollbackOptions) -> list[privileges.Need]:
@@ -549,12 +553,17 @@ def execute(conn: psycopg.Connection, plans: list[TableRollback], options: Rollb
     restoring = _restoring(plans)
     before, locking_steps, locked = _phases(plans, options)
     carried: dict[Relation, tuple[int, int, int, int]] = {}
+    carried_between_tries = 0
     gave_up = locking.could_not_lock(conn, _locked(plans), options.lock_timeout_ms,
-                                     options.lock_wait_s)
+                                     options.lock_wait_s,
+                                     writes_between_tries=lambda: carried_between_tries)
 
-    def carry_all(under_lock: bool = False) -> None:
-        for plan in restoring:
-            _carry_over(conn, plan, under_lock=under_lock)
+    def carry_all(under_lock: bool = False) -> int:
+        return sum(_carry_over(conn, plan, under_lock=under_lock) for plan in restoring)
+
+    def carry_between_tries() -> None:
+        nonlocal carried_between_tries
+        carried_between_tries += carry_all()
 
     def prepare(plan: TableRollback) -> None:
         _carry_over(conn, plan, under_lock=False)
@@ -576,7 +585,7 @@ def execute(conn: psycopg.Connection, plans: list[TableRollback], options: Rollb
             command="rollback", before=before,
             prepare=[(f"carried over to {plan.archive}", lambda plan=plan: prepare(plan))
                      for plan in restoring],
-            catch_up=carry_all, between_tries=carry_all, take_lock=locking_steps,
+            catch_up=carry_all, between_tries=carry_between_tries, take_lock=locking_steps,
             under_lock=cut_over,
             lock_wait_s=options.lock_wait_s, gave_up=gave_up,
             gave_up_before=lambda step: gave_up, validate=validate,
