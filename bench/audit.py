@@ -47,8 +47,10 @@ from run import (
     timed,
 )
 
-from runner import artifacts, audit, demo
-from runner.database import connect
+from runner import demo
+from runner.declaration import artifacts
+from runner.facts import audit
+from runner.server.connection import connect
 from runner.units import size_text
 
 RUNNER = str(Path(sys.executable).with_name("runner"))
@@ -59,7 +61,7 @@ CONNECTIONS = 2
 def runner_audit(tables: list[str], target: Path) -> tuple[float, list[dict], str]:
     """The CLI from a cold database, but with Python's own files read back into the page cache
     that emptying the caches dropped too: a user's Python is rarely cold, their table may be."""
-    subprocess.run([sys.executable, "-c", "import runner.cli, runner.audit, rich.progress"],
+    subprocess.run([sys.executable, "-c", "import runner.cli, runner.facts.audit, rich.progress"],
                    check=True)
     command = [RUNNER, "audit", "--project-dir", str(PROJECT_DIR), "--target-path", str(target),
                "--format", "json", *[arg for t in tables for arg in ("--select", t)]]

@@ -45,9 +45,13 @@ import seed_plans
 import yaml
 from psycopg import sql
 
-from runner import artifacts, audit, capturing, demo, locking, rollback, swap
-from runner.database import connect, uses_embedded
-from runner.embedded import EmbeddedPostgres, default_data_dir
+from runner import demo
+from runner.declaration import artifacts
+from runner.execution import locking
+from runner.facts import audit
+from runner.jobs import capturing, rollback, swap
+from runner.server.connection import connect, uses_embedded
+from runner.server.embedded import EmbeddedPostgres, default_data_dir
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 RESULTS_DIR = PROJECT_DIR / "bench" / "results"

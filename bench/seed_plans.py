@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from runner.artifacts import DedupSpec, Relation
+from runner.declaration.artifacts import DedupSpec, Relation
 
 
 def _keys(spec: DedupSpec) -> sql.Composable:

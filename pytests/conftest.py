@@ -21,8 +21,8 @@ from psycopg import sql
 
 from runner import demo
 from runner.cli import cli
-from runner.database import environment
-from runner.embedded import EmbeddedPostgres
+from runner.server.connection import environment
+from runner.server.embedded import EmbeddedPostgres
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 TEST_SCALE = 0.003

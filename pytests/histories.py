@@ -16,7 +16,7 @@ import psycopg
 from history_model import Backfilled, Column, Model, Shape, key_of
 from psycopg import sql
 
-from runner.rollback import TableRollback
+from runner.jobs.rollback import TableRollback
 
 SCHEMA = "harness"
 ETL_ROLE = "harness_etl"

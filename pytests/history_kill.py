@@ -17,11 +17,11 @@ from pathlib import Path
 
 from histories import rollback_action
 
-from runner import capturing, rollback, swap
-from runner.artifacts import load_targets, select_targets
-from runner.database import connect
+from runner.declaration.artifacts import load_targets, select_targets
 from runner.errors import RunnerError
-from runner.locking import LockOptions
+from runner.execution.locking import LockOptions
+from runner.jobs import capturing, rollback, swap
+from runner.server.connection import connect
 
 
 def main() -> None:

@@ -14,9 +14,11 @@ from conftest import PROJECT_DIR, TEST_SCALE, Database
 from test_other_project import OTHER_PROJECT, run_other_dbt
 from test_other_project import shop as shop  # imported, its fixture is this module's too
 
-from runner import artifacts, audit, demo
-from runner.catalog import read_live_table
-from runner.names import constraint_name
+from runner import demo
+from runner.declaration import artifacts
+from runner.declaration.names import constraint_name
+from runner.facts import audit
+from runner.server.catalog import read_live_table
 from runner.units import size_text
 
 EXPECTED = demo.expected_counts(TEST_SCALE)

@@ -11,8 +11,10 @@ import pytest
 from conftest import Database, _create_database
 from psycopg import sql
 
-from runner import artifacts, capturing, locking, swap
+from runner.declaration import artifacts
 from runner.errors import ConnectionLost
+from runner.execution import locking
+from runner.jobs import capturing, swap
 
 CATALOG = """
 select jsonb_build_object(

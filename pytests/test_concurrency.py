@@ -14,7 +14,8 @@ from pathlib import Path
 import psycopg
 from conftest import TEST_SCALE, Database, _create_database
 
-from runner import demo, swap
+from runner import demo
+from runner.jobs import swap
 
 PHOTOS = next(t for t in demo.CHILD_TABLES if t.name == "property_photos")
 ETL_ROLE = "concurrent_etl"

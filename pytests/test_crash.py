@@ -14,8 +14,9 @@ from conftest import PROJECT_DIR, TEST_SCALE, Database, _create_database
 from psycopg import sql
 from test_swap import schema_state
 
-from runner import demo, swap
+from runner import demo
 from runner.errors import ConnectionLost
+from runner.jobs import swap
 
 TABLE = "task_photos"
 

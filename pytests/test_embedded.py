@@ -17,8 +17,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from runner.embedded import EmbeddedPostgres, default_data_dir, find_bindir
 from runner.errors import RunnerError
+from runner.server.embedded import EmbeddedPostgres, default_data_dir, find_bindir
 
 MakePg = Callable[..., EmbeddedPostgres]
 

@@ -16,7 +16,7 @@ from psycopg import sql
 from test_swap import SWAPPED
 
 from runner import demo
-from runner.artifacts import GUARD_TAG
+from runner.declaration.artifacts import GUARD_TAG
 
 # The command of README.md and examples/ci/dedup-guard.yml, checked against both below.
 GUARD = ["build", "--selector", "dedup_guard",

@@ -49,12 +49,13 @@ from hypothesis.stateful import (
 )
 from psycopg import sql
 
-from runner import capturing, cleanup, locking, rollback, swap
-from runner.artifacts import load_targets, select_targets
-from runner.database import environment
-from runner.embedded import EmbeddedPostgres
+from runner.declaration.artifacts import load_targets, select_targets
+from runner.declaration.names import constraint_name
 from runner.errors import RunnerError
-from runner.names import constraint_name
+from runner.execution import locking
+from runner.jobs import capturing, cleanup, rollback, swap
+from runner.server.connection import environment
+from runner.server.embedded import EmbeddedPostgres
 
 DATABASE = "histories"
 SUITE_HISTORIES = 20

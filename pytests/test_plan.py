@@ -8,10 +8,10 @@ from datetime import datetime, timezone
 import pytest
 from psycopg import sql
 
-from runner import capture, plan
-from runner.artifacts import DedupSpec, DedupTarget, KeepColumn, Relation
-from runner.catalog import Column, LiveTable
+from runner.declaration.artifacts import DedupSpec, DedupTarget, KeepColumn, Relation
 from runner.errors import RunnerError
+from runner.server.catalog import Column, LiveTable
+from runner.statements import capture, plan
 
 LIVE = Relation("shop", "order lines")
 SPEC = DedupSpec(("order_id", "line"), (KeepColumn("id", True),), "not_distinct")

@@ -20,8 +20,9 @@ from test_other_project import OTHER_PROJECT, run_other_dbt
 from test_other_project import shop as shop  # imported, its fixture is this module's too
 from test_swap import SWAPPED, schema_state
 
-from runner import demo, report
-from runner.artifacts import Relation
+from runner import demo
+from runner.declaration.artifacts import Relation
+from runner.facts import report
 
 CELL = re.compile(r"(?<!\\)\|")
 FREED = re.compile(r"Total space freed: (.+?) \(([\d,]+) bytes\)")

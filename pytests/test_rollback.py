@@ -14,9 +14,11 @@ from test_other_project import EXPECTED_KEPT, OTHER_PROJECT, run_other_dbt
 from test_other_project import shop as shop  # imported, its fixture is this module's too
 from test_swap import SWAPPED, describe, schema_state
 
-from runner import demo, locking, rollback
+from runner import demo
+from runner.declaration.names import constraint_name
 from runner.errors import RunnerError
-from runner.names import constraint_name
+from runner.execution import locking
+from runner.jobs import rollback
 
 CONTENT = "select count(*), md5(string_agg(t::text, ',' order by t::text)) from {} as t"
 

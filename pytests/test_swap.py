@@ -18,9 +18,12 @@ from conftest import (
 )
 from psycopg import sql
 
-from runner import demo, locking, swap, swap_log
+from runner import demo
+from runner.declaration.names import constraint_name, pg_name
 from runner.errors import ConnectionLost, RunnerError
-from runner.names import constraint_name, pg_name
+from runner.execution import locking
+from runner.jobs import swap
+from runner.server import swap_log
 
 SWAPPED = [t.name for t in demo.CHILD_TABLES if t.name != "task_tags"]
 

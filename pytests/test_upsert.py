@@ -10,7 +10,9 @@ from conftest import TEST_SCALE, Database
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from runner import artifacts, demo, upsert
+from runner import demo
+from runner.declaration import artifacts
+from runner.facts import upsert
 
 PROPERTY_PHOTOS_UPSERT = (
     'insert into "breezeway"."property_photos" ("property_pk", "photo_id", "url", '

@@ -14,9 +14,11 @@ from conftest import TEST_SCALE, Database
 from test_other_project import OTHER_PROJECT, run_other_dbt
 from test_other_project import shop as shop  # imported, its fixture is this module's too
 
-from runner import artifacts, demo, verify
+from runner import demo
 from runner.cli import cli
-from runner.names import constraint_name
+from runner.declaration import artifacts
+from runner.declaration.names import constraint_name
+from runner.facts import verify
 
 CHECKS = ["duplicates", "null keys", "natural key constraint", "indexes valid",
           "foreign keys valid", "sequences", "archive", "size", "idempotent"]

@@ -17,23 +17,15 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
-from runner import (
-    artifacts,
-    audit,
-    capturing,
-    cleanup,
-    demo,
-    locking,
-    report,
-    rollback,
-    swap,
-    upsert,
-    verify,
-)
-from runner.database import connect, database, uses_embedded
-from runner.dbt import run_dbt
-from runner.embedded import EmbeddedPostgres, default_data_dir
+from runner import demo
+from runner.declaration import artifacts
+from runner.declaration.dbt import run_dbt
 from runner.errors import RunnerError, from_database
+from runner.execution import locking
+from runner.facts import audit, report, upsert, verify
+from runner.jobs import capturing, cleanup, rollback, swap
+from runner.server.connection import connect, database, uses_embedded
+from runner.server.embedded import EmbeddedPostgres, default_data_dir
 from runner.units import duration_text, parse_duration, size_text
 
 # Off a terminal rich would assume 80 columns and squeeze the table.

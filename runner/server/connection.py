@@ -9,8 +9,8 @@ from pathlib import Path
 
 import psycopg
 
-from runner.embedded import EmbeddedPostgres, default_data_dir
 from runner.errors import RunnerError
+from runner.server.embedded import EmbeddedPostgres, default_data_dir
 
 
 def connect() -> psycopg.Connection:

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from runner import catalog
-from runner.artifacts import DedupSpec, DedupTarget, Relation
-from runner.capturing import Registered, registered_captures
-from runner.catalog import LiveTable, NumberingSequence
+from runner.declaration.artifacts import DedupSpec, DedupTarget, Relation
 from runner.errors import RunnerError
-from runner.locking import lock_timeout
-from runner.swap_log import SWAP_LOG, LogEntry, latest_swaps, when
+from runner.execution.locking import lock_timeout
+from runner.server import catalog
+from runner.server.captures import Registered, registered_captures
+from runner.server.catalog import LiveTable, NumberingSequence
+from runner.server.swap_log import SWAP_LOG, LogEntry, latest_swaps, when
 from runner.units import size_text
 
 # The policies under which a NULL in the key is data. Any other (forbidden; backfill, whose

@@ -10,7 +10,8 @@ A capture has two lives:
   before the swap  `runner capture`, run before `dbt build`, starts it on the original table;
                    the swap replays it into the new table (below), then ends it;
   since the swap   the swap starts one on the new table in its own transaction, so a rollback
-                   knows every row the ETL inserted, updated and deleted since (runner.restore);
+                   knows every row the ETL inserted, updated and deleted since
+                   (runner.statements.restore);
                    it ends with the rollback, `runner capture --stop` or `runner cleanup`.
 A registry table in the archive schema says which capture watches which table.
 
@@ -23,7 +24,7 @@ Replaying one batch of a capture into the new table of a swap, as a set:
      under the keep rule; each replaces the kept row of its key if it beats it, or fills the
      key if none is kept;
   3. the batch leaves the log, in the same transaction.
-Every statement here is built from facts alone; runner.swap runs them.
+Every statement here is built from facts alone; runner.jobs.swap runs them.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from runner.artifacts import DedupSpec, Relation
-from runner.catalog import Column
-from runner.names import pg_name
+from runner.declaration.artifacts import DedupSpec, Relation
+from runner.declaration.names import pg_name
+from runner.server.catalog import Column
 
 TRIGGER = "dedup_capture"
 TRUNCATE_TRIGGER = "dedup_capture_truncate"
@@ -399,7 +400,7 @@ def _take_batch(t: _Tables, batch_rows: int) -> list[sql.Composed]:
             "create temp table dedup_rescan on commit drop as"
             " select distinct {keys} from dedup_batch as b"
             " where b.op in ('U', 'D'){rescannable}"
-            " and (exists (select from {S} as s where s.{tb} = {old_tb}) or {old_tb} in"
+            " and (exists (select from {new} as s where s.{tb} = {old_tb}) or {old_tb} in"
             " (select {new_tb} from dedup_batch as n where n.op in ('I', 'U'))"
             " or not {key_kept})"
             " and (b.op = 'D' or {changed})"
@@ -408,7 +409,7 @@ def _take_batch(t: _Tables, batch_rows: int) -> list[sql.Composed]:
                 sql.SQL("{} as {}").format(field("b.old_row", k), sql.Identifier(k))
                 for k in t.spec.natural_key),
             rescannable=rescannable, old_tb=field("b.old_row", t.spec.tiebreaker),
-            tb=t.tiebreaker, S=_id(t.shadow), new_tb=field("n.new_row", t.spec.tiebreaker),
+            tb=t.tiebreaker, new=_id(t.shadow), new_tb=field("n.new_row", t.spec.tiebreaker),
             key_kept=_key_kept(t, "b.old_row"), changed=changed),
     ]
 
@@ -417,8 +418,8 @@ def _key_kept(t: _Tables, row: str) -> sql.Composed:
     """The new table keeps a row of `row`'s key: by the unique index where the key has no
     NULL, and only where it has one by IS NOT DISTINCT FROM, which no index serves."""
     def kept(operator: str) -> sql.Composed:
-        return sql.SQL("exists (select from {S} as s where {match})").format(
-            S=_id(t.shadow), match=sql.SQL(" and ").join(
+        return sql.SQL("exists (select from {new} as s where {match})").format(
+            new=_id(t.shadow), match=sql.SQL(" and ").join(
                 sql.SQL("s.{} {} {}").format(sql.Identifier(k), sql.SQL(operator), field(row, k))
                 for k in t.spec.natural_key))
     if not t.nulls_equal:
@@ -430,13 +431,13 @@ def _key_kept(t: _Tables, row: str) -> sql.Composed:
 def _rescan(t: _Tables) -> list[sql.Composed]:
     keys = sql.SQL(", ").join(sql.Identifier(k) for k in t.spec.natural_key)
     return [
-        counted(t.live, sql.SQL("delete from {S} as s using dedup_rescan as r where {match}")
-                .format(S=_id(t.shadow), match=t.same_key("s", "r", right_is_row=False)), "-"),
+        counted(t.live, sql.SQL("delete from {new} as s using dedup_rescan as r where {match}")
+                .format(new=_id(t.shadow), match=t.same_key("s", "r", right_is_row=False)), "-"),
         counted(t.live, sql.SQL(
-            "insert into {S} ({cols}){override} select distinct on ({keys}) {values} from {L}"
+            "insert into {new} ({cols}){override} select distinct on ({keys}) {values} from {live}"
             " as l where exists (select from dedup_rescan as r where {match})"
             " order by {keys}, {keep}"
-        ).format(S=_id(t.shadow), cols=t.column_list(), L=_id(t.live), override=t.override(),
+        ).format(new=_id(t.shadow), cols=t.column_list(), live=_id(t.live), override=t.override(),
                  values=t.values("l"), keys=keys,
                  match=t.same_key("l", "r", right_is_row=False), keep=t.keep_order())),
     ]
@@ -455,14 +456,14 @@ def _by_null_pattern(t: _Tables, template: str, inserting: bool,
     some_null = sql.SQL("({})").format(sql.SQL(" or ").join(
         sql.SQL("c.{} is null").format(sql.Identifier(k)) for k in t.spec.natural_key))
     shadow = _id(t.shadow)
-    statements = [sql.SQL(template).format(S=shadow, keys_null=no_null, match=equal, **parts)]
+    statements = [sql.SQL(template).format(new=shadow, keys_null=no_null, match=equal, **parts)]
     if t.nulls_equal:
         statements.append(sql.SQL(template).format(
-            S=shadow, keys_null=some_null, match=t.same_key("s", "c", right_is_row=False),
+            new=shadow, keys_null=some_null, match=t.same_key("s", "c", right_is_row=False),
             **parts))
     elif inserting:
         statements.append(sql.SQL(template).format(
-            S=shadow, keys_null=some_null, match=sql.SQL("false"), **parts))
+            new=shadow, keys_null=some_null, match=sql.SQL("false"), **parts))
     return [counted(t.live, s, "+" if inserting else "-") for s in statements]
 
 
@@ -471,9 +472,9 @@ def _apply(t: _Tables) -> list[sql.Composed]:
     return [
         # A deleted or moved NULL-key row, a group of its own, simply goes.
         *([] if t.nulls_equal else [counted(t.live, sql.SQL(
-            "delete from {S} where {tb} in (select {old_tb} from dedup_batch as b"
+            "delete from {new} where {tb} in (select {old_tb} from dedup_batch as b"
             " where b.op in ('U', 'D') and {null_key})").format(
-                S=shadow, tb=tb, old_tb=field("b.old_row", t.spec.tiebreaker),
+                new=shadow, tb=tb, old_tb=field("b.old_row", t.spec.tiebreaker),
                 null_key=t.null_in_key("b.old_row")), "-")]),
         sql.SQL(
             "create temp table dedup_candidates on commit drop as"
@@ -490,17 +491,17 @@ def _apply(t: _Tables) -> list[sql.Composed]:
                  rescanned=t.same_key("latest", "r", right_is_row=False), keep=t.keep_order()),
         # The new version of a kept row replaces it; a better row replaces the kept one.
         counted(t.live, sql.SQL(
-            "delete from {S} where {tb} in (select {tb} from dedup_candidates)").format(
-                S=shadow, tb=tb), "-"),
+            "delete from {new} where {tb} in (select {tb} from dedup_candidates)").format(
+                new=shadow, tb=tb), "-"),
         *_by_null_pattern(
-            t, "delete from {S} as s using dedup_candidates as c where {keys_null} and {match}"
+            t, "delete from {new} as s using dedup_candidates as c where {keys_null} and {match}"
             " and {beats}", False, beats=t.beats("c", "s")),
         *_by_null_pattern(
-            t, "insert into {S} ({cols}){override} select {values} from dedup_candidates as c"
-            " where {keys_null} and not exists (select from {S} as s where {match})", True,
+            t, "insert into {new} ({cols}){override} select {values} from dedup_candidates as c"
+            " where {keys_null} and not exists (select from {new} as s where {match})", True,
             cols=t.column_list(), override=t.override(), values=t.values("c")),
-        sql.SQL("delete from {G} where change_id in (select change_id from dedup_taken)").format(
-            G=_id(t.log)),
+        sql.SQL("delete from {log} where change_id in (select change_id from dedup_taken)").format(
+            log=_id(t.log)),
     ]
 
 
@@ -520,20 +521,20 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation,
     # whole live table, each row cast to text (a second for a 700K-row table, far more for the
     # tables this is for) where the new table has a few thousand rows.
     matches_live = sql.SQL(
-        "coalesce((select {same} from {L} as l where l.{tb} = s.{tb}), false)"
-    ).format(same=same_as("l", "s", columns, t.filled), L=_id(live), tb=tb)
+        "coalesce((select {same} from {live} as l where l.{tb} = s.{tb}), false)"
+    ).format(same=same_as("l", "s", columns, t.filled), live=_id(live), tb=tb)
     # The new table's rows this batch touched, found first: the planner would otherwise test
     # every row against the live table, a condition on the new table alone, before the join.
     touched_rows = sql.SQL(
-        "with touched_rows as materialized (select * from {S} where {tb} in ({touched}))"
-    ).format(S=shadow_id, tb=tb, touched=touched)
+        "with touched_rows as materialized (select * from {new} where {tb} in ({touched}))"
+    ).format(new=shadow_id, tb=tb, touched=touched)
     # The rows a change waiting in the log names: the live table may have moved past them.
     # By the operation, never by `old_row is not null`: a row value with any NULL column is
     # not "not null".
     waiting = sql.SQL(
-        "select (g.old_row).{tb} from {G} as g where g.op in ('U', 'D')"
-        " union select (g.new_row).{tb} from {G} as g where g.op in ('I', 'U')"
-    ).format(tb=tb, G=_id(log))
+        "select (g.old_row).{tb} from {log} as g where g.op in ('U', 'D')"
+        " union select (g.new_row).{tb} from {log} as g where g.op in ('I', 'U')"
+    ).format(tb=tb, log=_id(log))
     return Replay(
         take_batch=_take_batch(t, batch_rows),
         taken=sql.SQL("select count(*) from dedup_taken"),
@@ -552,7 +553,7 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation,
         pending=sql.SQL("select count(*) from {}").format(_id(log)),
         anything_pending=sql.SQL("select exists (select from {})").format(_id(log)),
         all_rows_match=sql.SQL(
-            "select count(*) = 0, count(*) as rows_differing_from_live from {S} as s"
+            "select count(*) = 0, count(*) as rows_differing_from_live from {new} as s"
             " where not {matches_live} and s.{tb} not in ({waiting})"
-        ).format(S=shadow_id, tb=tb, matches_live=matches_live, waiting=waiting),
+        ).format(new=shadow_id, tb=tb, matches_live=matches_live, waiting=waiting),
     )

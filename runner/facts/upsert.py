@@ -20,9 +20,9 @@ import psycopg
 from psycopg import sql
 from psycopg.abc import AdaptContext
 
-from runner.artifacts import DedupTarget, Relation, load_targets, named_targets
-from runner.catalog import read_live_table
+from runner.declaration.artifacts import DedupTarget, Relation, load_targets, named_targets
 from runner.errors import RunnerError
+from runner.server.catalog import read_live_table
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import psycopg
 from psycopg import sql
 
-from runner.artifacts import Relation
+from runner.declaration.artifacts import Relation
 from runner.errors import RunnerError
 
 SWAP_LOG = "swap_log"

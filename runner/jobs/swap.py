@@ -1,4 +1,4 @@
-"""Runs a swap plan: gathers the facts, then executes the statements of runner.plan in order.
+"""Runs a swap plan: gathers the facts, then executes runner.statements.plan's steps in order.
 
 One transaction does everything, so a crash or a kill at any point leaves the database as it
 was. Inside it: build the new tables, replay the writes captured since the build until little
@@ -19,12 +19,15 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from runner import artifacts, capture, capturing, catalog, executor, locking, privileges, swap_log
-from runner.artifacts import Relation
+from runner.declaration import artifacts
+from runner.declaration.artifacts import Relation
 from runner.errors import RunnerError
-from runner.executor import ASYNC_COMMIT, FLUSH, IDENTIFY, NO_JIT, run_batched, run_steps
-from runner.locking import lock_timeout
-from runner.plan import (
+from runner.execution import executor, locking
+from runner.execution.executor import ASYNC_COMMIT, FLUSH, IDENTIFY, NO_JIT, run_batched, run_steps
+from runner.execution.locking import lock_timeout
+from runner.server import captures, catalog, privileges, swap_log
+from runner.statements import capture
+from runner.statements.plan import (
     BuildCounts,
     Step,
     TablePlan,
@@ -112,7 +115,7 @@ def make_plans(conn: psycopg.Connection, options: SwapOptions,
     artifacts.check_build(options.target_dir, targets)
     stamp = stamp or datetime.now(timezone.utc)
     before_swap = {(r.capture.live.schema, r.capture.live.name): r
-                   for r in capturing.registered_captures(conn, options.archive_schema)
+                   for r in captures.registered_captures(conn, options.archive_schema)
                    if r.capture.since_swap_of is None and r.trigger is not None}
     latest = {entry.live: entry for entry in swap_log.latest_swaps(conn, options.archive_schema)}
     plans = []

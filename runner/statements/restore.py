@@ -17,7 +17,7 @@ index probe each): the log left nothing out. With the original counted before th
 against the rows the swap recorded at its commit, the restored table is the original rows with
 every later write, and nothing else.
 
-Every statement here is built from facts alone; runner.rollback runs them.
+Every statement here is built from facts alone; runner.jobs.rollback runs them.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from runner.artifacts import Relation
-from runner.capture import field, same_as
-from runner.catalog import Column
+from runner.declaration.artifacts import Relation
+from runner.server.catalog import Column
+from runner.statements.capture import field, same_as
 
 BATCH_ROWS = 50_000
 # The temporary table in which a rollback counts, per table, the writes it carried over.
@@ -89,7 +89,7 @@ def restore(live: Relation, archive: Relation, log: Relation, columns: tuple[Col
     since the swap; `backfilled` are the key columns whose NULLs the swap filled with uuids,
     `rows_at_swap` the original's rows at the swap's commit."""
     tb = sql.Identifier(tiebreaker)
-    A, L, G = _id(archive), _id(live), _id(log)
+    archive_id, live_id, log_id = _id(archive), _id(live), _id(log)
     key = counts_key(live)
     counts = sql.Identifier(COUNTS)
     insertable = [c.name for c in columns if not c.generated]
@@ -97,34 +97,34 @@ def restore(live: Relation, archive: Relation, log: Relation, columns: tuple[Col
     override = sql.SQL(" overriding system value" if any(c.identity for c in columns) else "")
     touched = sql.SQL("select t.tb from restore_touched as t")
     in_archive = sql.SQL(
-        "coalesce((select {same} from {A} as a where a.{tb} = l.{tb}), false)"
-    ).format(same=same_as("a", "l", columns, filled, all_filled=False), A=A, tb=tb)
+        "coalesce((select {same} from {archive} as a where a.{tb} = l.{tb}), false)"
+    ).format(same=same_as("a", "l", columns, filled, all_filled=False), archive=archive_id, tb=tb)
     # Rows a change waiting in the log names: the archive has not caught up with them yet.
     waiting = sql.SQL(
-        "select (g.old_row).{tb} from {G} as g where g.op in ('U', 'D')"
-        " union select (g.new_row).{tb} from {G} as g where g.op in ('I', 'U')"
-    ).format(tb=tb, G=G)
+        "select (g.old_row).{tb} from {log} as g where g.op in ('U', 'D')"
+        " union select (g.new_row).{tb} from {log} as g where g.op in ('I', 'U')"
+    ).format(tb=tb, log=log_id)
     touched_rows = sql.SQL(
-        "with touched_rows as materialized (select * from {L} where {tb} in ({touched}))"
-    ).format(L=L, tb=tb, touched=touched)
+        "with touched_rows as materialized (select * from {live} where {tb} in ({touched}))"
+    ).format(live=live_id, tb=tb, touched=touched)
     return Restore(
         archive_rows=sql.SQL(
-            "insert into pg_temp.{counts} (live, rows_now) select {key}, count(*) from {A}"
+            "insert into pg_temp.{counts} (live, rows_now) select {key}, count(*) from {archive}"
             " returning rows_now = {expected}, rows_now as archive_rows,"
             " {expected} as rows_at_the_swap"
-        ).format(counts=counts, key=key, A=A, expected=sql.Literal(rows_at_swap)),
+        ).format(counts=counts, key=key, archive=archive_id, expected=sql.Literal(rows_at_swap)),
         take_batch=[
             sql.SQL("drop table if exists pg_temp.restore_batch, pg_temp.restore_touched,"
                     " pg_temp.restore_expected"),
             sql.SQL("create temp table restore_batch on commit drop as select change_id, op,"
                     " old_row, new_row from {} order by change_id limit {}").format(
-                        G, sql.Literal(batch_rows)),
+                        log_id, sql.Literal(batch_rows)),
             # A change leaves its old tie-breaker before it arrives at the new one.
             sql.SQL(
                 "create temp table restore_touched on commit drop as"
                 " with touches as ("
                 " select b.change_id, 0 as step, {old_tb} as tb, false as arrives,"
-                " null::{L} as version from restore_batch as b where b.op in ('U', 'D')"
+                " null::{live} as version from restore_batch as b where b.op in ('U', 'D')"
                 " union all"
                 " select b.change_id, 1, {new_tb}, true, b.new_row from restore_batch as b"
                 " where b.op in ('I', 'U'))"
@@ -133,32 +133,33 @@ def restore(live: Relation, archive: Relation, log: Relation, columns: tuple[Col
                 " (array_agg(version order by change_id desc, step desc))[1] as final_row"
                 " from touches group by tb"
             ).format(old_tb=field("b.old_row", tiebreaker), new_tb=field("b.new_row", tiebreaker),
-                     L=L),
+                     live=live_id),
             sql.SQL(
                 "create temp table restore_expected on commit drop as select"
-                " (select count(*) from {A} as a where a.{tb} in ({touched})) as deletes,"
+                " (select count(*) from {archive} as a where a.{tb} in ({touched})) as deletes,"
                 " (select count(*) from restore_touched where stays) as inserts,"
                 " 0::bigint as deleted, 0::bigint as inserted"
-            ).format(A=A, tb=tb, touched=touched),
+            ).format(archive=archive_id, tb=tb, touched=touched),
         ],
         taken=sql.SQL("select count(*) from restore_batch"),
         truncated=sql.SQL("select exists (select from restore_batch where op = 'T')"),
         no_reused_tiebreaker=sql.SQL(
             "select count(*) = 0, count(*) as reused_tiebreakers, min(t.tb::text) as example"
             " from restore_touched as t where t.arrives_first"
-            " and exists (select from {A} as a where a.{tb} = t.tb)"
-        ).format(A=A, tb=tb),
+            " and exists (select from {archive} as a where a.{tb} = t.tb)"
+        ).format(archive=archive_id, tb=tb),
         apply=[
             sql.SQL(
-                "with gone as (delete from {A} as a using restore_touched as t"
+                "with gone as (delete from {archive} as a using restore_touched as t"
                 " where a.{tb} = t.tb returning 1)"
                 " update pg_temp.restore_expected set deleted = (select count(*) from gone)"
-            ).format(A=A, tb=tb),
+            ).format(archive=archive_id, tb=tb),
             sql.SQL(
-                "with came as (insert into {A} ({cols}){override} select {values}"
+                "with came as (insert into {archive} ({cols}){override} select {values}"
                 " from restore_touched as t where t.stays returning 1)"
                 " update pg_temp.restore_expected set inserted = (select count(*) from came)"
-            ).format(A=A, cols=sql.SQL(", ").join(sql.Identifier(c) for c in insertable),
+            ).format(archive=archive_id,
+                     cols=sql.SQL(", ").join(sql.Identifier(c) for c in insertable),
                      override=override,
                      values=sql.SQL(", ").join(field("t.final_row", c) for c in insertable)),
             sql.SQL(
@@ -172,7 +173,7 @@ def restore(live: Relation, archive: Relation, log: Relation, columns: tuple[Col
                 " restore_expected as e where c.live = {key}"
             ).format(counts=counts, key=key),
             sql.SQL("delete from {} where change_id in (select change_id from restore_batch)"
-                    ).format(G),
+                    ).format(log_id),
         ],
         batch_applied=sql.SQL(
             "select e.deleted = e.deletes and e.inserted = e.inserts and m.differing = 0,"
@@ -181,9 +182,9 @@ def restore(live: Relation, archive: Relation, log: Relation, columns: tuple[Col
             " m.differing as rows_not_as_logged"
             " from restore_expected as e, (select count(*) as differing"
             " from restore_touched as t where case when t.stays then not coalesce("
-            "(select row(a.*)::text = (t.final_row)::text from {A} as a where a.{tb} = t.tb),"
-            " false) else exists (select from {A} as a where a.{tb} = t.tb) end) as m"
-        ).format(A=A, tb=tb),
+            "(select row(a.*)::text = (t.final_row)::text from {archive} as a where a.{tb} = t.tb),"
+            " false) else exists (select from {archive} as a where a.{tb} = t.tb) end) as m"
+        ).format(archive=archive_id, tb=tb),
         touched_rows_in_archive=sql.SQL(
             "{touched_rows} select count(*) = 0, count(*) as rows_missing_from_archive"
             " from touched_rows as l where not {in_archive}"
@@ -193,11 +194,11 @@ def restore(live: Relation, archive: Relation, log: Relation, columns: tuple[Col
             " from touched_rows as l where not {in_archive} and l.{tb} not in ({waiting})"
         ).format(touched_rows=touched_rows, in_archive=in_archive, tb=tb, waiting=waiting),
         all_rows_in_archive=sql.SQL(
-            "select count(*) = 0, count(*) as rows_missing_from_archive from {L} as l"
+            "select count(*) = 0, count(*) as rows_missing_from_archive from {live} as l"
             " where not {in_archive} and l.{tb} not in ({waiting})"
-        ).format(L=L, in_archive=in_archive, tb=tb, waiting=waiting),
-        pending=sql.SQL("select count(*) from {}").format(G),
-        anything_pending=sql.SQL("select exists (select from {})").format(G),
+        ).format(live=live_id, in_archive=in_archive, tb=tb, waiting=waiting),
+        pending=sql.SQL("select count(*) from {}").format(log_id),
+        anything_pending=sql.SQL("select exists (select from {})").format(log_id),
         carried=sql.SQL(
             "select inserted, updated, deleted, rows_now from pg_temp.{} where live = {}"
         ).format(counts, key),

@@ -4,9 +4,9 @@ the deduplicated table since the swap, proven before the commit.
 The swap started a change capture on the deduplicated table in its own transaction, so the
 rollback knows, rather than infers, what the ETL inserted, updated and deleted since. In one
 transaction it counts the original against the rows the swap recorded at its commit, carries
-the captured writes over to it batch by batch (runner.restore, each batch proven), proves every
-row of the deduplicated table to be in it, then takes the lock, carries over the last few
-writes, and puts the original back under the live name. The deduplicated table moves to the
+the captured writes over to it batch by batch (runner.statements.restore, each batch proven),
+proves every row of the deduplicated table to be in it, then takes the lock, carries over the
+last few writes, and puts the original back under the live name. The deduplicated table moves to the
 archive schema, where it constrains and fires nothing; `runner cleanup` drops what is kept
 past a retention age.
 
@@ -23,16 +23,19 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from runner import capture, catalog, executor, locking, privileges, restore, swap, swap_log
-from runner.artifacts import Relation
-from runner.capturing import Registered, registered_captures
-from runner.catalog import Index, LiveTable
+from runner.declaration.artifacts import Relation
+from runner.declaration.names import pg_name
 from runner.errors import RunnerError
-from runner.executor import ASYNC_COMMIT, FLUSH, IDENTIFY, NO_JIT, run_batched, run_steps
-from runner.locking import lock_timeout
-from runner.names import pg_name
-from runner.plan import Step, left_to_validate, not_valid, recreate_view, validate_steps
-from runner.swap_log import LogEntry, when
+from runner.execution import executor, locking
+from runner.execution.executor import ASYNC_COMMIT, FLUSH, IDENTIFY, NO_JIT, run_batched, run_steps
+from runner.execution.locking import lock_timeout
+from runner.jobs import swap
+from runner.server import catalog, privileges, swap_log
+from runner.server.captures import Registered, registered_captures
+from runner.server.catalog import Index, LiveTable
+from runner.server.swap_log import LogEntry, when
+from runner.statements import capture, restore
+from runner.statements.plan import Step, left_to_validate, not_valid, recreate_view, validate_steps
 
 ROLLED_BACK = "rolled_back"
 # Carry over outside the lock until fewer changes than this wait.
@@ -215,7 +218,7 @@ def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered:
                           f"no valid unique index on its tie-breaker {tiebreaker!r} any more, "
                           "which the rollback finds its rows by; rebuild it, then run again")
     schema, name = entry.live.schema, entry.live.name
-    L, A = _id(entry.live), _id(archive.relation)
+    live_id, archive_id = _id(entry.live), _id(archive.relation)
     rolled_back = Relation(archive_schema,
                            pg_name(name, stamp.strftime("%Y%m%d%H%M%S"), ROLLED_BACK))
     plan = TableRollback(
@@ -225,7 +228,7 @@ def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered:
     plan.prepare = [
         Step(f"nothing fires in {archive.relation} while the writes are carried over; the "
              "triggers it had come back as they were with it",
-             sql.SQL("alter table {} disable trigger user").format(A)),
+             sql.SQL("alter table {} disable trigger user").format(archive_id)),
         Step(f"{archive.relation} still holds the rows it had at the swap's commit",
              plan.restore.archive_rows, check=True),
     ]
@@ -236,7 +239,7 @@ def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered:
             f"foreign key {key.name} of the original again, NOT VALID: validated after the "
             "commit, so that checking the original's rows holds no lock",
             sql.SQL("alter table {} add constraint {} {} not valid").format(
-                A, sql.Identifier(key.name), sql.SQL(definition))))
+                archive_id, sql.Identifier(key.name), sql.SQL(definition))))
         if validated:
             revalidated.append(key.name)
     plan.validate = validate_steps(entry.live, revalidated)
@@ -251,7 +254,7 @@ def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered:
         *_set_aside_steps(entry, live, rolled_back),
         Step("the original table comes back to the live schema, with its own owner, grants, "
              "comment and policies",
-             sql.SQL("alter table {} set schema {}").format(A, sql.Identifier(schema))),
+             sql.SQL("alter table {} set schema {}").format(archive_id, sql.Identifier(schema))),
         Step("under its own name",
              sql.SQL("alter table {} rename to {}").format(
                  sql.Identifier(schema, archive.relation.name), sql.Identifier(name))),
@@ -264,7 +267,8 @@ def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered:
             sql.Identifier(schema, rolled_back.name), sql.Identifier(archive_schema))))
     plan.cutover += [
         Step(f"publication {publication} publishes the original table again",
-             sql.SQL("alter publication {} add table {}").format(sql.Identifier(publication), L))
+             sql.SQL("alter publication {} add table {}").format(
+                 sql.Identifier(publication), live_id))
         for publication in live.publications
     ]
     plan.cutover += [recreate_view(view, f"view {view.relation} reads the original table again")
@@ -275,27 +279,29 @@ def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered:
 
 def _inert_steps(live: LiveTable) -> list[Step]:
     """The deduplicated table, bound for the archive, constrains and fires nothing there."""
-    L = _id(live.relation)
+    live_id = _id(live.relation)
     return [
         *(Step(f"the deduplicated table holds no parent row in the archive: {name} goes",
-               sql.SQL("alter table {} drop constraint {}").format(L, sql.Identifier(name)))
+               sql.SQL("alter table {} drop constraint {}").format(live_id, sql.Identifier(name)))
           for name, _, _ in live.foreign_keys),
-        *(Step(f"trigger {t.name} of the deduplicated table fires no more",
-               sql.SQL("alter table {} disable trigger {}").format(L, sql.Identifier(t.name)))
-          for t in live.triggers if t.name not in capture.TRIGGERS and t.enabled != "D"),
+        *(Step(f"trigger {trigger.name} of the deduplicated table fires no more",
+               sql.SQL("alter table {} disable trigger {}").format(
+                   live_id, sql.Identifier(trigger.name)))
+          for trigger in live.triggers
+          if trigger.name not in capture.TRIGGERS and trigger.enabled != "D"),
         *(Step(f"publication {publication} stops publishing the deduplicated table",
                sql.SQL("alter publication {} drop table {}").format(
-                   sql.Identifier(publication), L))
+                   sql.Identifier(publication), live_id))
           for publication in live.publications),
     ]
 
 
 def _set_aside_steps(entry: LogEntry, live: LiveTable, rolled_back: Relation) -> list[Step]:
     """The deduplicated table frees every name the original is to take back."""
-    schema, L = entry.live.schema, _id(entry.live)
+    schema, live_id = entry.live.schema, _id(entry.live)
     return [
         *(Step(f"free the name {index.name} in {schema}",
-               _rename_index(L, schema, index, pg_name(rolled_back.name, str(p))))
+               _rename_index(live_id, schema, index, pg_name(rolled_back.name, str(p))))
           for p, index in enumerate(live.indexes)),
         *(Step(f"free the name of identity sequence {s.name}",
                sql.SQL("alter sequence {} rename to {}").format(
@@ -304,7 +310,8 @@ def _set_aside_steps(entry: LogEntry, live: LiveTable, rolled_back: Relation) ->
           for s in live.identity_sequences),
         Step("the deduplicated table steps aside, renamed first so that no name in the archive "
              "schema can be in its way",
-             sql.SQL("alter table {} rename to {}").format(L, sql.Identifier(rolled_back.name))),
+             sql.SQL("alter table {} rename to {}").format(
+                 live_id, sql.Identifier(rolled_back.name))),
     ]
 
 
@@ -312,10 +319,10 @@ def _names_back_steps(plan: TableRollback, entry: LogEntry, live: LiveTable,
                       archive: LiveTable, rolled_back: Relation) -> list[Step]:
     """The original's indexes and identity sequences take their names back; its sequences go
     on from where the deduplicated table's left off."""
-    schema, L = entry.live.schema, _id(entry.live)
+    schema, live_id = entry.live.schema, _id(entry.live)
     pairs, unmatched, left = match_indexes(live, archive, entry.constraint_name)
     steps = [Step(f"{original.name} gets its name back",
-                  _rename_index(L, schema, archived, original.name))
+                  _rename_index(live_id, schema, archived, original.name))
              for archived, original in pairs]
     plan.notes += [f"index {i.name} of {entry.live} has no counterpart on the deduplicated "
                    "table, so it keeps its archive name" for i in unmatched]
@@ -338,7 +345,7 @@ def _names_back_steps(plan: TableRollback, entry: LogEntry, live: LiveTable,
     steps += [
         Step(f"sequence {seq} numbers the original table again",
              sql.SQL("alter sequence {} owned by {}.{}").format(
-                 sql.Identifier(seq_schema, seq), L, sql.Identifier(column)))
+                 sql.Identifier(seq_schema, seq), live_id, sql.Identifier(column)))
         for seq_schema, seq, column, identity in live.owned_sequences if not identity
     ]
     return steps

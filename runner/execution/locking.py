@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from runner.artifacts import Relation
-from runner.catalog import lock_holders
+from runner.declaration.artifacts import Relation
 from runner.errors import RunnerError
+from runner.server.catalog import lock_holders
 
 # One runner at a time per database: the key is arbitrary but fixed.
 ADVISORY_LOCK_KEY = 4_242_001

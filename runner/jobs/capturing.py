@@ -1,7 +1,8 @@
 """`runner capture`: start, show and stop change captures, against the database.
 
 Starting captures every chosen table or none: one transaction locks them all at once, with the
-short lock_timeout of every runner lock, and installs each table's capture (runner.capture).
+short lock_timeout of every runner lock, and installs each table's capture
+(runner.statements.capture).
 Stopping removes every trigger, function and log table a capture made, and the registry and
 archive schema too once nothing else is in them.
 """
@@ -15,39 +16,17 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 
-from runner import capture, catalog, executor, privileges, swap_log
-from runner.artifacts import DedupTarget, Relation
+from runner.declaration.artifacts import DedupTarget, Relation
 from runner.errors import RunnerError
-from runner.locking import LockOptions
-from runner.plan import check_spec_columns, refuse_unsupported
+from runner.execution import executor
+from runner.execution.locking import LockOptions
+from runner.server import catalog, privileges, swap_log
+from runner.server.captures import Registered, registered_captures
+from runner.statements import capture
+from runner.statements.plan import check_spec_columns, refuse_unsupported
 
 # What shows, after a lost connection, whether a capture was started or stopped.
 STATUS = "`runner capture --status`"
-
-
-@dataclass(frozen=True)
-class Registered:
-    """A change capture from the archive schema's registry."""
-
-    capture: capture.Capture
-    xid: int
-    """The transaction that installed it."""
-    started_at: datetime
-    trigger: str | None
-    """How its trigger is enabled (pg_trigger.tgenabled), or None when it is missing."""
-    live_exists: bool
-    log_exists: bool
-
-
-def registered_captures(conn: psycopg.Connection, archive_schema: str) -> list[Registered]:
-    """Every capture the registry holds, whatever its state."""
-    if not catalog.exists(conn, Relation(archive_schema, capture.REGISTRY)):
-        return []
-    return [Registered(capture.Capture(Relation(schema, table), Relation(archive_schema, log),
-                                       Relation(archive_schema, function), since_swap_of),
-                       int(xid), started_at, trigger, live_exists, log_exists)
-            for (schema, table, log, function, since_swap_of, xid, started_at, live_exists,
-                 trigger, log_exists) in conn.execute(capture.registered(archive_schema))]
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,16 @@ from datetime import timedelta
 import psycopg
 from psycopg import sql
 
-from runner import capture, catalog, locking, privileges, swap_log
-from runner.artifacts import Relation
-from runner.capturing import Registered, registered_captures
+from runner.declaration.artifacts import Relation
 from runner.errors import RunnerError
-from runner.executor import run_steps
-from runner.locking import LockOptions, lock_timeout
-from runner.plan import Step
-from runner.swap_log import LogEntry, when
+from runner.execution import locking
+from runner.execution.executor import run_steps
+from runner.execution.locking import LockOptions, lock_timeout
+from runner.server import catalog, privileges, swap_log
+from runner.server.captures import Registered, registered_captures
+from runner.server.swap_log import LogEntry, when
+from runner.statements import capture
+from runner.statements.plan import Step
 
 
 @dataclass(frozen=True)

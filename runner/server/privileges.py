@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from runner.artifacts import Relation
+from runner.declaration.artifacts import Relation
 from runner.errors import RunnerError
 
 

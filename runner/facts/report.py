@@ -25,9 +25,9 @@ from datetime import datetime, timezone
 import psycopg
 from psycopg import sql
 
-from runner.artifacts import Relation
+from runner.declaration.artifacts import Relation
 from runner.errors import RunnerError
-from runner.swap_log import SWAP_LOG, LogEntry, latest_swaps, selected, when
+from runner.server.swap_log import SWAP_LOG, LogEntry, latest_swaps, selected, when
 from runner.units import size_text
 
 ONE_PARENT = "rows of one parent"

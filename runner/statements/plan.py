@@ -10,7 +10,7 @@ rows stay exactly as they were), gives up what would let it constrain or fire an
 shadow takes its name, indexes, sequence, owner, grants, comment and dependent views, and a
 change capture of its own, so that a rollback knows every write made after the swap.
 
-`--dry-run` prints these statements; `runner.swap` runs them.
+`--dry-run` prints these statements; `runner.jobs.swap` runs them.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from datetime import datetime
 
 from psycopg import sql
 
-from runner import capture, swap_log
-from runner.artifacts import DedupSpec, DedupTarget, Relation
-from runner.catalog import ColumnGrant, Grant, LiveTable, View
+from runner.declaration.artifacts import DedupSpec, DedupTarget, Relation
+from runner.declaration.names import archive_name, constraint_name, pg_name
 from runner.errors import RunnerError
-from runner.names import archive_name, constraint_name, pg_name
+from runner.server import swap_log
+from runner.server.catalog import ColumnGrant, Grant, LiveTable, View
+from runner.statements import capture
 
 PRIVILEGES = {
     "SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN",

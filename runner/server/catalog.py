@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from runner.artifacts import DedupSpec, Relation
+from runner.declaration.artifacts import DedupSpec, Relation
 from runner.errors import RunnerError
 
 

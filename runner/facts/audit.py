@@ -33,8 +33,8 @@ from rich.console import Console
 from rich.progress import Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.progress_bar import ProgressBar
 
-from runner.artifacts import DedupSpec, DedupTarget, Relation
-from runner.catalog import Index, LiveTable, read_live_table
+from runner.declaration.artifacts import DedupSpec, DedupTarget, Relation
+from runner.server.catalog import Index, LiveTable, read_live_table
 
 # Memory for the one hash aggregate per table, as the dbt project's key-group models get
 # (var dedup_work_mem, which says why so little).

@@ -21,10 +21,10 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from runner import locking
-from runner.artifacts import Relation
+from runner.declaration.artifacts import Relation
 from runner.errors import ConnectionLost, RunnerError
-from runner.plan import Step
+from runner.execution import locking
+from runner.statements.plan import Step
 
 # The locks end when the commit does, and a commit that waits for the disk holds them through a
 # flush (here about 10 ms of a 50 ms lock). Committed asynchronously, the change is visible at

@@ -1,0 +1,83 @@
+"""runner.statements.capture on hand-built facts: the trigger any writer may fire, and the
+replay of its log into the new table. No server."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from facts import LIVE, SPEC, table, text
+
+from runner.declaration.artifacts import Relation
+from runner.declaration.names import MAX_IDENTIFIER_BYTES, pg_name
+from runner.statements import capture
+
+CAPTURED = capture.Capture.before_swap(LIVE, "dedup_archive")
+SHADOW = Relation("Shop", "order lines__dedup_new")
+# A whole row tested for NULL: false as soon as any one column is NULL, whatever the row.
+WHOLE_ROW_NULL_TEST = re.compile(r"_row\)?\s+is\s+(not\s+)?null")
+
+
+def _replay(spec=SPEC, snapshot: str | None = "1000:1000:") -> list[str]:
+    replay = capture.replay(spec, LIVE, SHADOW, CAPTURED.log, table().columns,
+                            snapshot=snapshot)
+    statements = []
+    for field in dataclasses.fields(replay):
+        value = getattr(replay, field.name)
+        statements += [text(s) for s in (value if isinstance(value, list) else [value])]
+    return statements
+
+
+def test_the_trigger_runs_as_its_installer_with_a_search_path_no_writer_can_change() -> None:
+    function = next(text(s) for s in capture.install(CAPTURED) if "create or replace function"
+                    in text(s))
+    assert function.startswith(
+        'create or replace function "dedup_archive"."Shop__order lines__capture"() returns'
+        " trigger language plpgsql security definer set search_path = pg_catalog, pg_temp as ")
+
+
+def test_the_log_holds_whole_rows_of_the_tables_own_type_and_every_trigger_always_fires() -> None:
+    statements = [text(s) for s in capture.install(CAPTURED)]
+    assert ('old_row "Shop"."order lines", new_row "Shop"."order lines")'
+            in statements[1])
+    assert statements[-3:-1] == [
+        'alter table "Shop"."order lines" enable always trigger "dedup_capture"',
+        'alter table "Shop"."order lines" enable always trigger "dedup_capture_truncate"',
+    ]
+
+
+def test_the_replay_never_tests_a_whole_row_for_null() -> None:
+    for spec in (SPEC, dataclasses.replace(SPEC, nulls="not_distinct")):
+        found = [s for s in _replay(spec) if WHOLE_ROW_NULL_TEST.search(s)]
+        assert found == []
+
+
+def test_the_replay_skips_what_the_build_saw_and_without_a_snapshot_skips_nothing() -> None:
+    seen = "not pg_visible_in_snapshot(xid, '1000:1000:'::pg_snapshot)"
+    assert any(seen in s for s in _replay())
+    assert not any("pg_visible_in_snapshot" in s for s in _replay(snapshot=None))
+
+
+def test_a_rescanned_key_keeps_the_row_the_keep_rule_names() -> None:
+    rescan = next(s for s in _replay() if "distinct on" in s and "dedup_rescan" in s)
+    assert rescan.endswith('order by "order_id", "sku", "id" desc returning 1) update'
+                           ' pg_temp."dedup_counts" set kept_rows = kept_rows + (select count(*)'
+                           """ from changed) where live = '"Shop"."order lines"'""")
+
+
+def test_under_nulls_distinct_a_null_key_row_is_a_group_of_its_own() -> None:
+    own_group = 'case when "order_id" is null or "sku" is null then "id" end'
+    assert any(own_group in s for s in _replay())
+    assert not any(own_group in s for s in _replay(dataclasses.replace(SPEC,
+                                                                       nulls="not_distinct")))
+
+
+def test_names_stay_within_postgresqls_limit_and_apart() -> None:
+    long = "a_table_name_that_goes_on_" * 3
+    first, second = pg_name(long, "changes"), pg_name(long + "x", "changes")
+    assert len(first.encode()) == len(second.encode()) == MAX_IDENTIFIER_BYTES
+    assert first != second
+    assert pg_name("short", "changes") == "short__changes"
+    # Cut on a character, never inside one.
+    cut = pg_name("ü" * 40, "x")
+    assert re.fullmatch(r"ü+_[0-9a-f]{8}", cut) and len(cut.encode()) <= MAX_IDENTIFIER_BYTES

@@ -1,0 +1,159 @@
+"""runner.statements.plan on hand-built facts: which plan a table gets, and the statements of
+each named step, in order, exactly as `--dry-run` prints them. No server."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timezone
+
+import pytest
+from facts import LIVE, NATURAL_KEY, PARENT, PRIMARY_KEY, TARGET, table, text
+
+from runner.errors import RunnerError
+from runner.server.catalog import Index
+from runner.statements import capture, plan
+
+STAMP = datetime(2026, 12, 1, 8, 30, tzinfo=timezone.utc)
+CAPTURED = capture.Capture.before_swap(LIVE, "dedup_archive")
+DUPLICATES = plan.BuildCounts(rows=10, keys=4, snapshot="1000:1000:")
+NONE = plan.BuildCounts(rows=4, keys=4, snapshot="1000:1000:")
+
+
+def _plan(live=None, counts=DUPLICATES, captured=CAPTURED, **options) -> plan.TablePlan:
+    return plan.plan_table(TARGET, live or table(), counts, STAMP, "dedup_archive", captured,
+                           **options)
+
+
+def _statements(steps: list[plan.Step]) -> list[str]:
+    return [text(step.statement) for step in steps]
+
+
+def _index_of(statements: list[str], start: str) -> int:
+    return next(i for i, s in enumerate(statements) if s.startswith(start))
+
+
+def test_a_table_with_duplicates_gets_a_swap_beside_it_and_an_archive_named_for_the_moment(
+        ) -> None:
+    planned = _plan()
+    assert planned.action == "swap"
+    assert (str(planned.shadow), str(planned.archive)) == (
+        "Shop.order lines__dedup_new", "dedup_archive.order lines__20261201083000")
+    assert planned.parents == (PARENT,)
+    assert planned.concurrent == []
+
+
+def test_the_new_table_is_the_owners_from_its_start_and_filled_from_dbts_kept_rows() -> None:
+    prepared = _statements(_plan().prepare)
+    assert prepared[:3] == [
+        'drop table if exists "Shop"."order lines__dedup_new"',
+        'create table "Shop"."order lines__dedup_new" (like "Shop"."order lines" including all'
+        ' excluding indexes excluding identity)',
+        'alter table "Shop"."order lines__dedup_new" owner to "app owner"',
+    ]
+    fill = prepared[_index_of(prepared, "with changed as (insert into")]
+    assert ('insert into "Shop"."order lines__dedup_new" ("id", "order_id", "sku", "note")'
+            ' select "id", "order_id", "sku", "note" from "dedup"."order_lines"') in fill
+    # The unique indexes are built before the lock, never under it.
+    assert 'create unique index "order lines__natural_key_new" on' in " ".join(prepared)
+    assert ('alter table "Shop"."order lines__dedup_new" add constraint "order lines__dedup_new_0"'
+            " PRIMARY KEY (id)") in prepared
+
+
+def test_under_the_lock_the_names_change_hands_in_an_order_that_keeps_every_name_free(
+        ) -> None:
+    cut = _statements(_plan().cutover)
+    order = [
+        'alter table "Shop"."order lines__dedup_new" add constraint "order lines_order_id_fkey"'
+        ' FOREIGN KEY (order_id) REFERENCES "Shop".orders(id) not valid',
+        'alter table "Shop"."order lines" rename constraint "order lines_pkey" to',
+        'alter sequence "Shop"."order lines_id_seq" owned by "Shop"."order lines__dedup_new"."id"',
+        'alter table "Shop"."order lines" set schema "dedup_archive"',
+        'alter table "dedup_archive"."order lines" rename to "order lines__20261201083000"',
+        'alter table "dedup_archive"."order lines__20261201083000" drop constraint'
+        ' "order lines_order_id_fkey"',
+        'alter table "Shop"."order lines__dedup_new" rename to "order lines"',
+        'alter table "Shop"."order lines" add constraint "order lines__natural_key" unique using'
+        ' index "order lines__natural_key_new"',
+        'grant INSERT on "Shop"."order lines" to "app_etl"',
+        """comment on table "Shop"."order lines" is 'one row per line'""",
+        'insert into "dedup_archive"."swap_log"',
+    ]
+    positions = [_index_of(cut, start) for start in order]
+    assert positions == sorted(positions), [cut[p] for p in sorted(positions)]
+    # The capture before the swap ends in it; the one for a rollback begins in it.
+    assert cut[0] == 'drop trigger if exists "dedup_capture" on "Shop"."order lines"'
+    assert cut[-1].startswith('insert into "dedup_archive"."captures"')
+
+
+def test_the_foreign_key_added_not_valid_is_checked_after_the_commit() -> None:
+    assert _statements(_plan().validate) == [
+        'alter table "Shop"."order lines" validate constraint "order lines_order_id_fkey"']
+    already_not_valid = table(foreign_keys=((
+        "order lines_order_id_fkey",
+        'FOREIGN KEY (order_id) REFERENCES "Shop".orders(id) NOT VALID', PARENT),))
+    assert _plan(already_not_valid).validate == []
+
+
+def test_no_duplicates_and_no_constraint_gets_the_index_built_concurrently_then_the_constraint(
+        ) -> None:
+    planned = _plan(counts=NONE)
+    assert planned.action == "constraint"
+    assert _statements(planned.concurrent) == [
+        'drop index concurrently if exists "Shop"."order lines__natural_key_new"',
+        'create unique index concurrently "order lines__natural_key_new" on "Shop"."order lines"'
+        ' ("order_id", "sku")',
+    ]
+    assert _statements(planned.cutover)[0] == (
+        'alter table "Shop"."order lines" add constraint "order lines__natural_key" unique using'
+        ' index "order lines__natural_key_new"')
+
+
+def test_a_key_enforced_already_with_no_duplicates_needs_nothing_but_ending_the_capture(
+        ) -> None:
+    planned = _plan(table(indexes=(PRIMARY_KEY, NATURAL_KEY)), counts=NONE)
+    assert planned.action == "nothing"
+    assert _statements(planned.cutover) == _statements(
+        [plan.Step("", s) for s in capture.remove(CAPTURED, LIVE)])
+
+
+def test_an_index_that_lets_nulls_differ_does_not_enforce_a_key_whose_nulls_are_equal() -> None:
+    target = dataclasses.replace(TARGET, spec=dataclasses.replace(TARGET.spec,
+                                                                  nulls="not_distinct"))
+    nulls_differ = dataclasses.replace(NATURAL_KEY, nulls_not_distinct=False)
+    assert table(indexes=(nulls_differ,)).enforcing_index(target.spec) is None
+    assert table(indexes=(NATURAL_KEY,)).enforcing_index(target.spec) == NATURAL_KEY
+
+
+def test_the_index_an_interrupted_run_left_is_dropped_and_built_again() -> None:
+    leftover = Index("order lines__natural_key_new", "USING btree (order_id, sku)", None, None,
+                     ("order_id", "sku"), unique=True, valid=True, partial=False,
+                     nulls_not_distinct=True)
+    planned = _plan(table(indexes=(PRIMARY_KEY, leftover)), counts=NONE)
+    assert planned.action == "constraint"
+    assert _statements(planned.concurrent)[0] == (
+        'drop index concurrently if exists "Shop"."order lines__natural_key_new"')
+
+
+def test_a_table_with_duplicates_and_no_capture_is_refused_with_what_to_run() -> None:
+    with pytest.raises(RunnerError, match=r"^Shop.order lines has no change capture: run "
+                                          r"`runner capture`, then `dbt build`"):
+        _plan(captured=None)
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"kind": "p"}, "it is not a plain table (partitioned or foreign)"),
+    ({"parents": ("Shop.lines",)}, "it inherits from Shop.lines"),
+    ({"children": ("Shop.old_lines",)}, "tables inherit from it (Shop.old_lines)"),
+])
+def test_what_a_swap_cannot_carry_over_is_refused_before_anything_runs(changes,
+                                                                       reason) -> None:
+    with pytest.raises(RunnerError) as refused:
+        _plan(table(**changes))
+    assert reason in str(refused.value)
+
+
+def test_not_valid_reads_a_foreign_keys_definition() -> None:
+    assert plan.not_valid("FOREIGN KEY (a) REFERENCES t(id) NOT VALID") == (
+        "FOREIGN KEY (a) REFERENCES t(id)", False)
+    assert plan.not_valid("FOREIGN KEY (a) REFERENCES t(id)") == (
+        "FOREIGN KEY (a) REFERENCES t(id)", True)
