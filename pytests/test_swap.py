@@ -254,6 +254,42 @@ def test_when_the_etl_never_leaves_a_gap_it_says_what_would_help(fresh: Database
     assert schema_state(fresh) == before
 
 
+def _burst_before_the_lock(database: Database, rows: int = 1500):
+    """A step hook: the ETL writes `rows` new rows at once just before the first lock try."""
+    def step_done(label: str) -> None:
+        if label == "catch-up before the lock":
+            with database.connect() as etl:
+                etl.execute("insert into breezeway.task_photos (task_pk, photo_id, url)"
+                            " select 1, 'burst ' || n, 'from the ETL'"
+                            " from generate_series(1, %s) as n", (rows,))
+    return step_done
+
+
+def test_a_burst_of_writes_before_the_lock_is_caught_up_outside_it(fresh: Database) -> None:
+    options = swap.SwapOptions(target_dir=fresh.target_dir, select=["task_photos"],
+                               lock_timeout_ms=50, lock_wait_s=30)
+    with fresh.connect() as conn:
+        result = swap.execute(conn, swap.make_plans(conn, options), options,
+                              after_step=_burst_before_the_lock(fresh))
+    # The first lock was given back rather than held while 1,500 writes were replayed.
+    assert result.attempts == 2
+    assert fresh.scalar("select count(*) from breezeway.task_photos"
+                        " where photo_id like 'burst %'") == 1500
+
+
+def test_an_etl_that_outpaces_the_catch_up_is_told_so(fresh: Database) -> None:
+    options = swap.SwapOptions(target_dir=fresh.target_dir, select=["task_photos"],
+                               lock_timeout_ms=50, lock_wait_s=0.001)
+    before = schema_state(fresh)
+    with fresh.connect() as conn, pytest.raises(RunnerError) as refused:
+        swap.execute(conn, swap.make_plans(conn, options), options,
+                     after_step=_burst_before_the_lock(fresh))
+    assert str(refused.value).startswith("gave up after 1 tries over 0.001 s, nothing was "
+                                         "changed: the ETL writes faster than the swap catches "
+                                         "up outside the lock (1500 captured writes waited")
+    assert schema_state(fresh) == before
+
+
 def test_a_postponed_cut_over_catches_up_until_the_file_is_gone(fresh: Database,
                                                                 tmp_path) -> None:
     flag = tmp_path / "postpone"

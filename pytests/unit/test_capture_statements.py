@@ -81,3 +81,31 @@ def test_names_stay_within_postgresqls_limit_and_apart() -> None:
     # Cut on a character, never inside one.
     cut = pg_name("ü" * 40, "x")
     assert re.fullmatch(r"ü+_[0-9a-f]{8}", cut) and len(cut.encode()) <= MAX_IDENTIFIER_BYTES
+
+
+def _rescans(spec) -> list[str]:
+    replay = capture.replay(spec, LIVE, SHADOW, CAPTURED.log, table().columns)
+    return [text(s) for s in replay.rescan]
+
+
+def test_a_rescan_matches_keys_without_a_null_by_equality_which_an_index_or_a_hash_serves(
+        ) -> None:
+    for spec in (SPEC, dataclasses.replace(SPEC, nulls="not_distinct")):
+        by_equality = [s for s in _rescans(spec)
+                       if 'not (r."order_id" is null or r."sku" is null)' in s]
+        assert len(by_equality) == 2
+        assert all('."order_id" = r."order_id" and ' in s and "distinct from" not in s
+                   for s in by_equality)
+
+
+def test_only_where_nulls_are_equal_keys_with_a_null_are_rescanned_as_such_and_only_if_any(
+        ) -> None:
+    assert len(_rescans(SPEC)) == 2
+    with_null = [s for s in _rescans(dataclasses.replace(SPEC, nulls="not_distinct"))
+                 if 'where (r."order_id" is null or r."sku" is null) and' in s]
+    assert len(with_null) == 2
+    assert all('."sku" is not distinct from r."sku"' in s for s in with_null)
+    # The live table is read only when there is a key of the kind to rescan.
+    insert = next(s for s in with_null if s.startswith("with changed as (insert"))
+    assert ('where (select exists (select from dedup_rescan as r where (r."order_id" is null'
+            ' or r."sku" is null)))') in insert

@@ -11,6 +11,7 @@ gives the lock back and is done outside it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -43,6 +44,9 @@ from runner.statements.plan import (
 DEFAULT_ARCHIVE_SCHEMA = "dedup_archive"
 # Replay outside the lock until fewer changes than this wait, so the lock covers only a few.
 SMALL_ENOUGH = 200
+# More than this waiting once the lock is had, and the lock is given back: the ETL wrote
+# faster than the catch-up, and replaying it all would hold the ETL up.
+MOST_UNDER_LOCK = 5 * SMALL_ENOUGH
 
 
 @dataclass(frozen=True)
@@ -272,11 +276,26 @@ class _NeedsRescan(locking.Retry):
     """Under the lock, a captured write needs a scan of a live table: give the lock back."""
 
 
-def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool) -> int:
+class _TooMuchToReplay(locking.Retry):
+    """Under the lock, more captured writes wait than a lock should cover: give it back."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(waiting)
+        self.waiting = waiting
+
+
+def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool,
+            for_at_most_s: float | None = None) -> int:
     """Replay a table's captured writes into its new table until the log is empty (under the
-    lock) or the remaining writes are few; returns how many were replayed."""
+    lock) or the remaining writes are few, or, outside the lock, `for_at_most_s` has passed
+    (the lock tries catch up with the rest); returns how many were replayed."""
     replay = plan.replay
     replayed = 0
+    deadline = None if for_at_most_s is None else time.monotonic() + for_at_most_s
+    if under_lock:
+        waiting = conn.execute(replay.pending).fetchone()[0]
+        if waiting > MOST_UNDER_LOCK:
+            raise _TooMuchToReplay(waiting)
     while conn.execute(replay.anything_pending).fetchone()[0]:
         run_batched(conn, [Step("", statement) for statement in replay.take_batch])
         if conn.execute(replay.taken).fetchone()[0] == 0:
@@ -300,6 +319,8 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool) -> i
                          "live row, unless a captured write waits to explain it",
                          replay.touched_rows_settled, check=True)])
         if conn.execute(replay.pending).fetchone()[0] < SMALL_ENOUGH:
+            return replayed
+        if deadline is not None and time.monotonic() > deadline:
             return replayed
     return replayed
 
@@ -393,7 +414,8 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
 
     def replay(plan: TablePlan, under_lock: bool) -> None:
         nonlocal replayed
-        replayed += _replay(conn, plan, under_lock=under_lock)
+        replayed += _replay(conn, plan, under_lock=under_lock,
+                            for_at_most_s=None if under_lock else options.lock_wait_s)
 
     def replay_all(under_lock: bool = False) -> None:
         for plan in replaying:
@@ -428,6 +450,12 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
                     "was changed: the ETL keeps deleting or re-keying kept rows, which can "
                     "only be replayed outside the lock; pause it briefly, or raise "
                     "--lock-wait")
+        if isinstance(reason, _TooMuchToReplay):
+            return (f"gave up after {tries} tries over {options.lock_wait_s:g} s, nothing "
+                    f"was changed: the ETL writes faster than the swap catches up outside the "
+                    f"lock ({reason.waiting} captured writes waited at the last try); pause it "
+                    "briefly, choose a quieter moment, or hold the cut-over with "
+                    "--postpone-cut-over FILE until there is one")
         return could_not_lock(tries, reason)
 
     def gave_up_before(step: Step) -> Callable[[int, Exception], str]:

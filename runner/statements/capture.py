@@ -429,18 +429,37 @@ def _key_kept(t: _Tables, row: str) -> sql.Composed:
 
 
 def _rescan(t: _Tables) -> list[sql.Composed]:
+    """Each key to rescan gives up its kept row and gets the best of its live rows. Keys with
+    no NULL are matched by equality, which a hash join or an index serves; IS NOT DISTINCT
+    FROM, which neither serves, is kept for keys with a NULL where NULLs are equal. Each
+    statement scans the live table only when some key of its kind is to be rescanned."""
     keys = sql.SQL(", ").join(sql.Identifier(k) for k in t.spec.natural_key)
-    return [
-        counted(t.live, sql.SQL("delete from {new} as s using dedup_rescan as r where {match}")
-                .format(new=_id(t.shadow), match=t.same_key("s", "r", right_is_row=False)), "-"),
-        counted(t.live, sql.SQL(
-            "insert into {new} ({cols}){override} select distinct on ({keys}) {values} from {live}"
-            " as l where exists (select from dedup_rescan as r where {match})"
-            " order by {keys}, {keep}"
-        ).format(new=_id(t.shadow), cols=t.column_list(), live=_id(t.live), override=t.override(),
-                 values=t.values("l"), keys=keys,
-                 match=t.same_key("l", "r", right_is_row=False), keep=t.keep_order())),
-    ]
+    has_null = sql.SQL("(") + sql.SQL(" or ").join(
+        sql.SQL("r.{} is null").format(sql.Identifier(k)) for k in t.spec.natural_key
+    ) + sql.SQL(")")
+    kinds = [(sql.SQL("not ") + has_null, sql.SQL(" = "))]
+    if t.nulls_equal:
+        kinds.append((has_null, sql.SQL(" is not distinct from ")))
+    statements = []
+    for which, operator in kinds:
+        def match(left: str, which=which, operator=operator) -> sql.Composed:
+            return sql.SQL(" and ").join([which, *(
+                sql.SQL("{}.{}{}r.{}").format(sql.SQL(left), sql.Identifier(k), operator,
+                                              sql.Identifier(k))
+                for k in t.spec.natural_key)])
+        statements += [
+            counted(t.live, sql.SQL("delete from {new} as s using dedup_rescan as r where {match}")
+                    .format(new=_id(t.shadow), match=match("s")), "-"),
+            counted(t.live, sql.SQL(
+                "insert into {new} ({cols}){override} select distinct on ({keys}) {values}"
+                " from {live} as l where (select exists (select from dedup_rescan as r"
+                " where {which})) and exists (select from dedup_rescan as r where {match})"
+                " order by {keys}, {keep}"
+            ).format(new=_id(t.shadow), cols=t.column_list(), live=_id(t.live),
+                     override=t.override(), values=t.values("l"), keys=keys, which=which,
+                     match=match("l"), keep=t.keep_order())),
+        ]
+    return statements
 
 
 def _by_null_pattern(t: _Tables, template: str, inserting: bool,
