@@ -21,6 +21,7 @@ from runner.declaration.artifacts import load_targets, select_targets
 from runner.errors import RunnerError
 from runner.execution.locking import LockOptions
 from runner.jobs import capturing, rollback, swap
+from runner.server import swap_log
 from runner.server.connection import connect
 
 
@@ -39,7 +40,7 @@ def main() -> None:
             if command == "capture":
                 print("capture", flush=True)
                 capturing.start(conn, select_targets(load_targets(target_dir), [table]),
-                                LockOptions(swap.DEFAULT_ARCHIVE_SCHEMA, 50),
+                                LockOptions(swap_log.DEFAULT_ARCHIVE_SCHEMA, 50),
                                 step_done=step_done)
             elif command == "swap":
                 options = swap.SwapOptions(target_dir, select=[table], lock_timeout_ms=50)

@@ -18,7 +18,9 @@ from runner import demo
 from runner.declaration import artifacts
 from runner.declaration.names import constraint_name
 from runner.facts import audit
+from runner.present import audit_view
 from runner.server.catalog import read_live_table
+from runner.statements import keys
 from runner.units import size_text
 
 EXPECTED = demo.expected_counts(TEST_SCALE)
@@ -247,10 +249,10 @@ def test_a_large_table_gets_an_estimate_and_its_block_ranges_add_up(built: Datab
         photos = next(t for t in targets if t.live.name == "property_photos")
         blocks = conn.execute("select pg_relation_size('breezeway.property_photos')"
                               " / current_setting('block_size')::int").fetchone()[0]
-        halves = [conn.execute(audit.count_keys(photos.live, photos.spec, part)).fetchone()
+        halves = [conn.execute(keys.count_keys(photos.live, photos.spec, part)).fetchone()
                   for part in ((0, blocks // 2), (blocks // 2, blocks))]
         probe_plan = "\n".join(row[0] for row in conn.execute(
-            b"explain " + audit.count_keys(photos.live, photos.spec, (0, 1)).as_bytes(conn)))
+            b"explain " + keys.count_keys(photos.live, photos.spec, (0, 1)).as_bytes(conn)))
     assert [scan.relation for scan in scans] == [t.live for t in targets]
     assert all(scan.estimate_seconds is not None and scan.estimate_seconds > 0 for scan in scans)
     for result in results:
@@ -273,7 +275,7 @@ def test_progress_lines_on_stderr_for_a_large_table(built: Database) -> None:
         conn.execute("set search_path = pg_catalog")
         live = read_live_table(conn, targets[0].live)
         audit.audit_table(conn, targets[0], live,
-                          audit.progress_on(Console(file=stderr), size_text),
+                          audit_view.progress_on(Console(file=stderr), size_text),
                           progress_above_bytes=0)
     lines = stderr.getvalue().splitlines()
     assert len(lines) == 2

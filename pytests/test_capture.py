@@ -14,7 +14,8 @@ from psycopg import sql
 from runner.declaration import artifacts
 from runner.errors import ConnectionLost
 from runner.execution import locking
-from runner.jobs import capturing, swap
+from runner.jobs import capturing
+from runner.server import swap_log
 
 CATALOG = """
 select jsonb_build_object(
@@ -167,7 +168,7 @@ def test_a_capture_interrupted_at_any_statement_is_wholly_there_or_not_and_says_
     # Two tables, to be all or none of: each of the others adds the same statements again.
     targets = artifacts.select_targets(artifacts.load_targets(built.target_dir),
                                        ["task_photos", "task_tags"])
-    options = locking.LockOptions(swap.DEFAULT_ARCHIVE_SCHEMA, lock_timeout_ms=50)
+    options = locking.LockOptions(swap_log.DEFAULT_ARCHIVE_SCHEMA, lock_timeout_ms=50)
     labels: list[str] = []
     with psycopg.connect(autocommit=True, **{**server.conninfo, "dbname": "uncaptured"}) as c:
         c.execute(sql.SQL("create database {} template uncaptured").format(

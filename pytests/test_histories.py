@@ -54,6 +54,7 @@ from runner.declaration.names import constraint_name
 from runner.errors import RunnerError
 from runner.execution import locking
 from runner.jobs import capturing, cleanup, rollback, swap
+from runner.server import swap_log
 from runner.server.connection import environment
 from runner.server.embedded import EmbeddedPostgres
 
@@ -385,7 +386,7 @@ class Histories(RuleBasedStateMachine):
                 if command == "capture":
                     planned = "capture"
                     capturing.start(conn, self._targets(),
-                                    locking.LockOptions(swap.DEFAULT_ARCHIVE_SCHEMA,
+                                    locking.LockOptions(swap_log.DEFAULT_ARCHIVE_SCHEMA,
                                                         LOCK_TIMEOUT_MS), step_done=hook)
                 elif command == "swap":
                     options = swap.SwapOptions(self.h.target, select=[table],
@@ -464,7 +465,7 @@ class Histories(RuleBasedStateMachine):
         try:
             with self._connect() as conn:
                 capturing.stop(conn, [self.model.shape.table],
-                               locking.LockOptions(swap.DEFAULT_ARCHIVE_SCHEMA,
+                               locking.LockOptions(swap_log.DEFAULT_ARCHIVE_SCHEMA,
                                                    LOCK_TIMEOUT_MS))
             result = "stop"
         except RunnerError:
@@ -477,7 +478,7 @@ class Histories(RuleBasedStateMachine):
     @rule()
     def clean_up(self) -> None:
         with self._connect() as conn:
-            options = locking.LockOptions(swap.DEFAULT_ARCHIVE_SCHEMA, LOCK_TIMEOUT_MS)
+            options = locking.LockOptions(swap_log.DEFAULT_ARCHIVE_SCHEMA, LOCK_TIMEOUT_MS)
             items = cleanup.plan_cleanup(conn, options.archive_schema, timedelta(0))
             if items:
                 cleanup.execute(conn, items, options)

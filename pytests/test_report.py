@@ -23,6 +23,8 @@ from test_swap import SWAPPED, schema_state
 from runner import demo
 from runner.declaration.artifacts import Relation
 from runner.facts import report
+from runner.present import report_view
+from runner.units import size_text
 
 CELL = re.compile(r"(?<!\\)\|")
 FREED = re.compile(r"Total space freed: (.+?) \(([\d,]+) bytes\)")
@@ -97,11 +99,11 @@ def test_one_row_per_swapped_table_with_rows_and_sizes_before_and_after(
             size_before, size_after = logged[table]
             assert size_before > size_after
             assert (row["Size before"], row["Size after"], row["Freed"]) == (
-                report.size_text(size_before), report.size_text(size_after),
-                report.size_text(size_before - size_after))
+                size_text(size_before), size_text(size_after),
+                size_text(size_before - size_after))
             now = conn.execute("select pg_total_relation_size(%s::regclass)",
                                (f"breezeway.{table}",)).fetchone()[0]
-            assert row["Size now"] == report.size_text(now)
+            assert row["Size now"] == size_text(now)
             assert row["Original kept in"].startswith(f"dedup_archive.{table}__")
     total = rows["Total"]
     assert number(total["Rows before"]) == sum(expected[t].total for t in SWAPPED)
@@ -109,7 +111,7 @@ def test_one_row_per_swapped_table_with_rows_and_sizes_before_and_after(
     freed = FREED.search(markdown)
     assert freed, markdown
     assert number(freed.group(2)) == sum(b - a for b, a in logged.values())
-    assert total["Freed"] == freed.group(1) == report.size_text(number(freed.group(2)))
+    assert total["Freed"] == freed.group(1) == size_text(number(freed.group(2)))
     assert "Not run (--no-queries): sizes only." in markdown
 
 
@@ -276,19 +278,19 @@ def synthetic_report(name: str) -> report.Report:
 def test_every_name_is_escaped_in_html_and_markdown() -> None:
     name = 'a<b>&"c\'|`*_d_'
     built = synthetic_report(name)
-    page = report.to_html(built)
+    page = report_view.to_html(built)
     assert name not in page and "<b>" not in page
     assert html_escaped(name) in page
     html = parsed(page)
     assert sum(name in text for text in html.text) >= 5
     assert len(html.bars("sizes", "before")) == len(html.bars("sizes", "after")) == 1
-    markdown = report.to_markdown(built)
+    markdown = report_view.to_markdown(built)
     # Verbatim in a code block only: everywhere else Markdown would read it as HTML.
     prose = re.sub(r"(`{3,})sql\n.*?\n\1", "", markdown, flags=re.DOTALL)
     assert "<b>" not in prose and "<b>" in markdown
     (row, total) = md_table(markdown, "Tables")
     assert row["Table"] == f"s.{name}" and total["Table"] == "Total"
-    assert row["Freed"] == report.size_text(81920 - 8192) == "72.0 kB"
+    assert row["Freed"] == size_text(81920 - 8192) == "72.0 kB"
     (query, timed_out) = md_table(markdown, "Example queries")
     assert query["Query"] == f"1. s.{name} of one {name} (x = 1)"
     assert query["Improvement"] == "25.0x faster"
@@ -365,7 +367,7 @@ def test_after_cleanup_sizes_only_and_the_queries_before_is_gone(fresh: Database
     for table in SWAPPED:
         row = rows[f"breezeway.{table}"]
         assert number(row["Rows before"]) == expected[table].total
-        assert row["Size before"] == report.size_text(logged[table][0])
+        assert row["Size before"] == size_text(logged[table][0])
         assert row["Original kept in"].startswith("dropped by runner cleanup at ")
         assert re.search(rf"- {re.escape(f'breezeway.{table}')}: runner cleanup dropped its "
                          r"original .+ at .+, so the example queries' \"before\" is gone; "

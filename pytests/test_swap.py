@@ -393,7 +393,7 @@ def test_a_lost_connection_is_reported_as_the_server_recorded_it(
     assert lost.value.committed is committed
     assert says in str(lost.value)
     with fresh.connect() as conn:
-        assert len(swap_log.read(conn, swap.DEFAULT_ARCHIVE_SCHEMA)) == int(committed)
+        assert len(swap_log.read(conn, swap_log.DEFAULT_ARCHIVE_SCHEMA)) == int(committed)
     again = fresh.runner("swap", "--select", "task_photos")
     assert again.exit_code == 0, again.output
 
@@ -442,7 +442,7 @@ def test_the_build_and_the_swap_hold_while_the_etl_deletes_kept_rows(fresh: Data
     assert result.exit_code == 0, result.output
     with fresh.connect() as conn:
         kept = {row[0] for row in conn.execute("select id from breezeway.task_photos")}
-        archive = swap_log.read(conn, swap.DEFAULT_ARCHIVE_SCHEMA)[-1].archive
+        archive = swap_log.read(conn, swap_log.DEFAULT_ARCHIVE_SCHEMA)[-1].archive
         # The keep rule on the rows there were at the swap: its key's next copy, if any.
         latest = {row[0] for row in conn.execute(sql.SQL(
             "select max(id) from {} group by task_pk, photo_id").format(

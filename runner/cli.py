@@ -24,6 +24,8 @@ from runner.errors import RunnerError, from_database
 from runner.execution import locking
 from runner.facts import audit, report, upsert, verify
 from runner.jobs import capturing, cleanup, rollback, swap
+from runner.present import audit_view, report_view
+from runner.server import swap_log
 from runner.server.connection import connect, database, uses_embedded
 from runner.server.embedded import EmbeddedPostgres, default_data_dir
 from runner.units import duration_text, parse_duration, size_text
@@ -110,7 +112,7 @@ postpone_option = click.option(
          "delete it to cut over (--lock-wait counts from then). The transaction stays open "
          "meanwhile, which holds back vacuum.")
 archive_schema_option = click.option(
-    "--archive-schema", default=swap.DEFAULT_ARCHIVE_SCHEMA, show_default=True,
+    "--archive-schema", default=swap_log.DEFAULT_ARCHIVE_SCHEMA, show_default=True,
     help="Where the original tables are kept, with every row they had.")
 
 
@@ -410,7 +412,7 @@ def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> N
             timings["generate demo data"] = time.perf_counter() - started
             run_dbt(["parse", "--target-path", str(target_dir), "--quiet"], project_dir)
             capturing.start(conn, artifacts.load_targets(target_dir),
-                            locking.LockOptions(swap.DEFAULT_ARCHIVE_SCHEMA))
+                            locking.LockOptions(swap_log.DEFAULT_ARCHIVE_SCHEMA))
         started = time.perf_counter()
         run_dbt(["build", "--target-path", str(target_dir)], project_dir)
         timings["dbt build"] = time.perf_counter() - started
@@ -564,10 +566,11 @@ def report_command(project_dir: Path, select: tuple[str, ...], archive_schema: s
     with database(project_dir), connect() as conn:
         facts = report.gather(conn, options)
     if html_file:
-        html_file.write_text(report.to_html(facts), encoding="utf-8")
+        html_file.write_text(report_view.to_html(facts), encoding="utf-8")
         click.echo(f"Wrote the report to {html_file}.")
     else:
-        click.echo(report.to_json(facts) if as_json else report.to_markdown(facts), nl=False)
+        shown = report_view.to_json(facts) if as_json else report_view.to_markdown(facts)
+        click.echo(shown, nl=False)
 
 
 @cli.command(name="audit")
@@ -587,10 +590,11 @@ def audit_command(project_dir: Path, target_path: Path | None, select: tuple[str
         targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), select)
         with connect() as conn:
             audits = audit.audit(conn, targets,
-                                 audit.progress_on(Console(stderr=True), size_text))
-    _emit(audit.title(audits), audit.rows(audits, output_format, size_text), output_format)
+                                 audit_view.progress_on(Console(stderr=True), size_text))
+    _emit(audit_view.title(audits), audit_view.rows(audits, output_format, size_text),
+          output_format)
     if output_format == "table":
-        click.echo(audit.index_lines(audits))
+        click.echo(audit_view.index_lines(audits))
 
 
 @cli.group()

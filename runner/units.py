@@ -42,3 +42,11 @@ def duration_text(duration: timedelta) -> str:
             return f"{milliseconds // size}{unit}"
     return f"{milliseconds / 1000:g}s" if milliseconds >= 1000 or not milliseconds else (
         f"{milliseconds}ms")
+
+
+def elapsed_text(milliseconds: float) -> str:
+    """A measured time, to three figures: 0.42 ms, 12.3 ms, 4.56 s, 1,234 s."""
+    if milliseconds < 999.5:
+        return f"{milliseconds:.3g} ms"
+    seconds = milliseconds / 1000
+    return f"{seconds:.3g} s" if seconds < 99.95 else f"{seconds:,.0f} s"

@@ -19,8 +19,11 @@ MAY_IMPORT = {
     "execution": BASE | {"declaration", "server", "statements", "execution"},
     "jobs": BASE | {"declaration", "server", "statements", "execution", "jobs"},
     "facts": BASE | {"declaration", "server", "statements", "execution", "facts"},
+    "present": BASE | {"declaration", "server", "statements", "facts", "present"},
     "demo": BASE,
 }
+# Drawing for people happens in one room, and the CLI.
+DRAWS = {"rich"}
 PURE = ("declaration", "statements")
 # What running SQL or reaching a server looks like from Python.
 RUNS_SQL = {"execute", "executemany", "fetchone", "fetchall", "connect", "cursor"}
@@ -61,6 +64,16 @@ def test_a_room_imports_only_from_the_rooms_below_it(path: Path) -> None:
     room = _room(path)
     found = _imported_rooms(ast.parse(path.read_text()))
     assert found <= MAY_IMPORT[room], f"{room} may not import {sorted(found - MAY_IMPORT[room])}"
+
+
+@pytest.mark.parametrize("path", [p for p in _modules() if _room(p) != "present"],
+                         ids=lambda p: str(p.relative_to(RUNNER)))
+def test_only_the_presentation_draws(path: Path) -> None:
+    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & DRAWS
 
 
 @pytest.mark.parametrize("path", [p for p in _modules() if _room(p) in PURE],

@@ -22,19 +22,16 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
-from rich.console import Console
-from rich.progress import Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
-from rich.progress_bar import ProgressBar
 
 from runner.declaration.artifacts import DedupSpec, DedupTarget, Relation
 from runner.server.catalog import Index, LiveTable, read_live_table
+from runner.statements.keys import KeyCounts, count_keys
 
 # Memory for the one hash aggregate per table, as the dbt project's key-group models get
 # (var dedup_work_mem, which says why so little).
@@ -44,43 +41,6 @@ PROGRESS_ABOVE_BYTES = 1 << 30
 # The block range whose throughput gives the estimate: 1% of the heap, at most 512 MB.
 PROBE_SHARE = 0.01
 PROBE_MAX_BLOCKS = 65_536
-
-
-@dataclass(frozen=True)
-class KeyCounts:
-    """The seed's table 2.1 for one table: rows, unique natural keys, NULL-key rows."""
-
-    total_rows: int
-    unique_rows: int
-    """Rows left after deduplication: one per key, plus every NULL-key row unless NULLs are
-    equal (nulls: not_distinct)."""
-    null_key_rows: int
-
-    @property
-    def duplicate_rows(self) -> int:
-        return self.total_rows - self.unique_rows
-
-    @property
-    def duplicate_pct(self) -> float | None:
-        return _rounded(100 * self.duplicate_rows, self.total_rows, "0.01")
-
-    @property
-    def duplication_factor(self) -> float | None:
-        return _rounded(self.total_rows, self.unique_rows, "0.1")
-
-    def __add__(self, other: KeyCounts) -> KeyCounts:
-        return KeyCounts(self.total_rows + other.total_rows,
-                         self.unique_rows + other.unique_rows,
-                         self.null_key_rows + other.null_key_rows)
-
-
-def _rounded(numerator: int, denominator: int, places: str) -> float | None:
-    """numerator / denominator rounded half away from zero, as PostgreSQL's round(numeric)
-    rounds it in audit_duplicates, so that both report the same figures."""
-    if not denominator:
-        return None
-    return float((Decimal(numerator) / Decimal(denominator)).quantize(Decimal(places),
-                                                                      ROUND_HALF_UP))
 
 
 @dataclass(frozen=True)
@@ -124,43 +84,6 @@ class Scan:
 # Called before the scan of a table above PROGRESS_ABOVE_BYTES; the scan runs inside the
 # context it returns.
 Watch = Callable[[Scan], AbstractContextManager]
-
-
-def count_keys(relation: Relation, spec: DedupSpec,
-               blocks: tuple[int, int] | None = None) -> sql.Composed:
-    """Total rows, unique keys and NULL-key rows in one GROUP BY on the key columns.
-
-    GROUP BY puts NULLs together, so a group whose key has a NULL is one key only when NULLs
-    are equal (not_distinct); under every other policy each of its rows is a key of its own,
-    as in a plain UNIQUE constraint and in the dbt models (macros/deduplicate.sql). `blocks`
-    limits the scan to heap blocks [first, last), a TID Range Scan.
-    """
-    key = [sql.Identifier(column) for column in spec.natural_key]
-    # The groups' columns are renamed, so no key column can be mistaken for the count.
-    grouped = [sql.Identifier(f"key_{number}") for number in range(1, len(key) + 1)]
-    any_null = sql.SQL(" or ").join(sql.SQL("{} is null").format(column) for column in grouped)
-    null_key_rows = sql.SQL("coalesce(sum(key_rows) filter (where {}), 0)").format(any_null)
-    null_keys = (sql.SQL("count(*) filter (where {})").format(any_null)
-                 if spec.nulls == "not_distinct" else null_key_rows)
-    where = sql.SQL("")
-    if blocks is not None:
-        where = sql.SQL("\n    where ctid >= {}::tid and ctid < {}::tid").format(
-            sql.Literal(f"({blocks[0]},0)"), sql.Literal(f"({blocks[1]},0)"))
-    return sql.SQL(
-        "select\n"
-        "    coalesce(sum(key_rows), 0)::bigint as total_rows,\n"
-        "    (count(*) filter (where not ({any_null})) + {null_keys})::bigint as unique_rows,\n"
-        "    {null_key_rows}::bigint as null_key_rows\n"
-        "from (\n"
-        "    select {key}, count(*)\n"
-        "    from {table}{where}\n"
-        "    group by {key}\n"
-        ") as key_groups ({grouped}, key_rows)"
-    ).format(
-        any_null=any_null, null_keys=null_keys, null_key_rows=null_key_rows,
-        key=sql.SQL(", ").join(key), table=sql.Identifier(relation.schema, relation.name),
-        where=where, grouped=sql.SQL(", ").join(grouped),
-    )
 
 
 def session_settings() -> list[sql.Composed]:
@@ -270,127 +193,3 @@ def total(audits: list[TableAudit]) -> tuple[KeyCounts, int, int]:
     for table in audits:
         counts += table.counts
     return (counts, sum(t.bytes for t in audits), sum(t.bytes_after for t in audits))
-
-
-class _EstimatedBar(ProgressColumn):
-    """Fills with the time elapsed against the estimate, as no running query reports how far
-    it got; stops short of full until the scan ends. Pulses where there is no estimate."""
-
-    def render(self, task: Task) -> ProgressBar:
-        estimate = task.fields["estimate"]
-        if estimate is None:
-            return ProgressBar(total=None, width=30)
-        return ProgressBar(total=estimate, completed=min(task.elapsed or 0, 0.99 * estimate),
-                           width=30)
-
-
-def progress_on(console: Console, size: Callable[[int], str]) -> Watch:
-    """A Watch that says on `console` what a long scan will take, shows a bar while it runs
-    (on a terminal), then says what it took."""
-
-    @contextmanager
-    def watch(scan: Scan) -> Iterator[None]:
-        about = (f"about {_seconds(scan.estimate_seconds)}" if scan.estimate_seconds is not None
-                 else "no estimate for a partitioned table")
-        console.print(f"{scan.relation}: scanning {size(scan.heap_bytes)}, {about}",
-                      highlight=False)
-        started = time.perf_counter()
-        if console.is_terminal:
-            with Progress(TextColumn("{task.description}"), _EstimatedBar(),
-                          TimeElapsedColumn(), console=console, transient=True) as progress:
-                progress.add_task(str(scan.relation), total=None,
-                                  estimate=scan.estimate_seconds)
-                yield
-        else:
-            yield
-        console.print(f"{scan.relation}: scanned in {_seconds(time.perf_counter() - started)}",
-                      highlight=False)
-
-    return watch
-
-
-def _seconds(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
-
-
-def rows(audits: list[TableAudit], output_format: str,
-         size: Callable[[int], str]) -> list[dict]:
-    """One row per table and a TOTAL row: for people, sizes readable (the unique indexes
-    follow the table, `index_lines`); for machines (json, csv), exact, with the indexes."""
-    counts, total_bytes, total_after = total(audits)
-    if output_format == "table":
-        return [
-            _readable_row(table.target.live.name, table.counts, size(table.bytes),
-                          size(table.bytes_after))
-            for table in audits
-        ] + [_readable_row("TOTAL", counts, size(total_bytes), size(total_after))]
-    as_text = output_format == "csv"
-    machine = [
-        {
-            "table": str(table.target.live),
-            "natural_key": (", ".join(table.target.spec.natural_key) if as_text
-                            else list(table.target.spec.natural_key)),
-            "nulls": table.target.spec.nulls,
-            **_count_fields(table.counts),
-            "bytes": table.bytes,
-            "bytes_after_estimate": table.bytes_after,
-            "natural_key_enforced_by": table.enforced_by,
-            "unique_indexes": (
-                "; ".join(f"{i.name}: {i.definition}" for i in table.unique_indexes)
-                if as_text else [asdict(i) for i in table.unique_indexes]
-            ),
-        }
-        for table in audits
-    ]
-    machine.append({
-        "table": "TOTAL", "natural_key": None, "nulls": None, **_count_fields(counts),
-        "bytes": total_bytes, "bytes_after_estimate": total_after,
-        "natural_key_enforced_by": None, "unique_indexes": None,
-    })
-    return machine
-
-
-def _count_fields(counts: KeyCounts) -> dict:
-    """The names and order of the dbt model audit_duplicates."""
-    return {
-        "total_rows": counts.total_rows,
-        "unique_rows": counts.unique_rows,
-        "duplicate_rows": counts.duplicate_rows,
-        "duplicate_pct": counts.duplicate_pct,
-        "duplication_factor": counts.duplication_factor,
-        "null_key_rows": counts.null_key_rows,
-    }
-
-
-def _readable_row(table: str, counts: KeyCounts, size_now: str, size_after: str) -> dict:
-    return {
-        "table": table,
-        "rows": counts.total_rows,
-        "unique": counts.unique_rows,
-        "duplicates": counts.duplicate_rows,
-        "dup %": counts.duplicate_pct,
-        "factor": counts.duplication_factor,
-        "NULL keys": counts.null_key_rows,
-        "size": size_now,
-        "after (est.)": size_after,
-    }
-
-
-def index_lines(audits: list[TableAudit]) -> str:
-    """Per table, its unique indexes: ON CONFLICT DO NOTHING skips a row only when one of
-    them conflicts, so a table whose natural key none enforces takes every copy."""
-    lines = ["Unique indexes (ON CONFLICT DO NOTHING skips a row only on a conflict in one):"]
-    for table in audits:
-        key = f"({', '.join(table.target.spec.natural_key)})"
-        listed = "; ".join(
-            f"{i.name} {i.definition}" + (" <- the natural key" if i.enforces_natural_key else "")
-            for i in table.unique_indexes
-        ) or "none"
-        verdict = "" if table.enforced_by else f"; none enforces the natural key {key}"
-        lines.append(f"  {table.target.live.name}: {listed}{verdict}")
-    return "\n".join(lines)
-
-
-def title(audits: list[TableAudit]) -> str:
-    schemas = sorted({table.target.live.schema for table in audits})
-    return f"runner audit: {', '.join(schemas)}"

@@ -22,13 +22,12 @@ from runner.server import catalog
 from runner.server.captures import Registered, registered_captures
 from runner.server.catalog import LiveTable, NumberingSequence
 from runner.server.swap_log import SWAP_LOG, LogEntry, latest_swaps, when
+from runner.statements.keys import NULLS_EQUAL, KeyCounts, count_keys
 from runner.units import size_text
 
 # The policies under which a NULL in the key is data. Any other (forbidden; backfill, whose
 # NULLs were to be filled in) leaves none in the live table, so one found there is a failure.
 NULL_KEYS_ALLOWED = ("not_distinct", "distinct")
-# The one policy under which NULLs are equal; under any other a NULL-key row is its own key.
-NULLS_EQUAL = "not_distinct"
 
 
 @dataclass(frozen=True)
@@ -52,17 +51,6 @@ class CheckResult:
                 "detail": self.detail}
 
 
-@dataclass(frozen=True)
-class KeyCounts:
-    rows: int
-    keys: int
-    """Distinct natural keys, a NULL-key row counting as its own key unless NULLs are equal."""
-    duplicated_keys: int
-    null_key_rows: int
-    example: str | None
-    """One duplicated key, as a row literal."""
-
-
 def _table(relation: Relation) -> sql.Identifier:
     return sql.Identifier(relation.schema, relation.name)
 
@@ -70,25 +58,6 @@ def _table(relation: Relation) -> sql.Identifier:
 def _any_null(columns: tuple[str, ...]) -> sql.Composed:
     return sql.SQL(" or ").join(
         sql.SQL("{} is null").format(sql.Identifier(column)) for column in columns)
-
-
-def key_counts_query(relation: Relation, spec: DedupSpec) -> sql.Composed:
-    """One scan: rows, keys, duplicated keys and NULL-key rows, with the spec's NULL semantics.
-
-    GROUP BY treats NULLs as equal; where they are not, the row's ctid makes each NULL-key row
-    a group of its own.
-    """
-    keys = sql.SQL(", ").join(sql.Identifier(column) for column in spec.natural_key)
-    any_null = _any_null(spec.natural_key)
-    own_group = (sql.SQL("") if spec.nulls == NULLS_EQUAL
-                 else sql.SQL(", case when {} then ctid end").format(any_null))
-    return sql.SQL(
-        "select coalesce(sum(key_rows), 0), count(*), count(*) filter (where key_rows > 1),"
-        " coalesce(sum(null_key_rows), 0), min(key_text) filter (where key_rows > 1)"
-        " from (select count(*) as key_rows,"
-        " count(*) filter (where {any_null}) as null_key_rows, row({keys})::text as key_text"
-        " from {table} group by {keys}{own_group}) as key_groups"
-    ).format(any_null=any_null, keys=keys, table=_table(relation), own_group=own_group)
 
 
 def sequence_position_query(sequence: NumberingSequence, relation: Relation) -> sql.Composed:
@@ -137,15 +106,15 @@ def read_table(conn: psycopg.Connection, target: DedupTarget) -> LiveTable:
 
 
 def key_counts(conn: psycopg.Connection, target: DedupTarget) -> KeyCounts:
-    row = conn.execute(key_counts_query(target.live, target.spec)).fetchone()
-    return KeyCounts(*(int(value) for value in row[:4]), example=row[4])
+    return KeyCounts(*conn.execute(count_keys(target.live, target.spec)).fetchone())
 
 
 def check_duplicates(counts: KeyCounts) -> tuple[bool, str]:
     if counts.duplicated_keys == 0:
-        return True, f"{counts.rows:,} rows, one per key"
-    return False, (f"{counts.rows:,} rows for {counts.keys:,} keys; keys with copies: "
-                   f"{counts.duplicated_keys:,}, rows too many: {counts.rows - counts.keys:,} "
+        return True, f"{counts.total_rows:,} rows, one per key"
+    return False, (f"{counts.total_rows:,} rows for {counts.unique_rows:,} keys; keys with "
+                   f"copies: {counts.duplicated_keys:,}, rows too many: "
+                   f"{counts.duplicate_rows:,} "
                    f"(e.g. key {counts.example}); deduplicate: runner capture, dbt build, "
                    "runner swap")
 
@@ -371,7 +340,7 @@ def verify_table(conn: psycopg.Connection, target: DedupTarget, live: LiveTable,
         ("foreign keys valid", check_foreign_keys(conn, live)),
         ("sequences", check_sequences(conn, live, swap)),
         ("archive", check_archive(conn, swap, capture)),
-        ("size", check_size(conn, live, counts.rows, swap, options.archive_schema)),
+        ("size", check_size(conn, live, counts.total_rows, swap, options.archive_schema)),
         ("idempotent", check_idempotent(conn, target, insert_columns(live), options)),
     ]
     return [CheckResult(str(target.live), check, ok, detail)

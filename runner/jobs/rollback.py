@@ -29,7 +29,6 @@ from runner.errors import RunnerError
 from runner.execution import executor, locking
 from runner.execution.executor import ASYNC_COMMIT, FLUSH, IDENTIFY, NO_JIT, run_batched, run_steps
 from runner.execution.locking import lock_timeout
-from runner.jobs import swap
 from runner.server import catalog, privileges, swap_log
 from runner.server.captures import Registered, registered_captures
 from runner.server.catalog import Index, LiveTable
@@ -45,7 +44,7 @@ SMALL_ENOUGH = 200
 @dataclass(frozen=True)
 class RollbackOptions:
     select: list[str] | None = None
-    archive_schema: str = swap.DEFAULT_ARCHIVE_SCHEMA
+    archive_schema: str = swap_log.DEFAULT_ARCHIVE_SCHEMA
     lock_timeout_ms: int = 100
     """How long one attempt waits for the lock: the longest anyone queues behind the runner."""
     lock_wait_s: float = 60.0

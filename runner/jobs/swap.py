@@ -41,7 +41,6 @@ from runner.statements.plan import (
     plan_table,
 )
 
-DEFAULT_ARCHIVE_SCHEMA = "dedup_archive"
 # Replay outside the lock until fewer changes than this wait, so the lock covers only a few.
 SMALL_ENOUGH = 200
 # More than this waiting once the lock is had, and the lock is given back: the ETL wrote
@@ -53,7 +52,7 @@ MOST_UNDER_LOCK = 5 * SMALL_ENOUGH
 class SwapOptions:
     target_dir: Path
     select: list[str] | None = None
-    archive_schema: str = DEFAULT_ARCHIVE_SCHEMA
+    archive_schema: str = swap_log.DEFAULT_ARCHIVE_SCHEMA
     lock_timeout_ms: int = 100
     """How long one attempt waits for the lock: the longest anyone queues behind the runner."""
     lock_wait_s: float = 60.0

@@ -20,6 +20,8 @@ from runner.declaration.artifacts import Relation
 from runner.errors import RunnerError
 
 SWAP_LOG = "swap_log"
+# Where the archives, the swap log and the captures' logs are kept unless --archive-schema says.
+DEFAULT_ARCHIVE_SCHEMA = "dedup_archive"
 
 
 def table(archive_schema: str) -> sql.Composed:

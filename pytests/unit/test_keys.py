@@ -1,0 +1,37 @@
+"""runner.statements.keys: one count of a table's keys for audit and verify, meaning what the
+constraint will mean for NULLs. No server."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from facts import LIVE, SPEC, text
+
+from runner.statements.keys import KeyCounts, count_keys
+
+
+def test_a_group_of_null_key_rows_is_one_duplicated_key_only_where_nulls_are_equal() -> None:
+    distinct = text(count_keys(LIVE, SPEC))
+    equal = text(count_keys(LIVE, dataclasses.replace(SPEC, nulls="not_distinct")))
+    assert ('count(*) filter (where key_rows > 1 and not ("key_1" is null or "key_2" is null))'
+            " as duplicated_keys") in distinct
+    assert "count(*) filter (where key_rows > 1) as duplicated_keys" in equal
+    # Under nulls: distinct every NULL-key row is a key; under not_distinct each group is.
+    assert ('+ coalesce(sum(key_rows) filter (where "key_1" is null or "key_2" is null), 0))'
+            "::bigint as unique_rows") in distinct
+    assert ('+ count(*) filter (where "key_1" is null or "key_2" is null))::bigint as'
+            " unique_rows") in equal
+
+
+def test_a_block_range_is_read_by_tid() -> None:
+    assert ("""where ctid >= '(10,0)'::tid and ctid < '(20,0)'::tid"""
+            in text(count_keys(LIVE, SPEC, (10, 20))))
+
+
+def test_counts_add_up_over_tables_and_round_as_postgresql_does() -> None:
+    total = KeyCounts(10, 4, 1, 2, "(1,a)") + KeyCounts(5, 5, 0)
+    assert total == KeyCounts(15, 9, 1, 2, "(1,a)")
+    assert (total.duplicate_rows, total.duplicate_pct, total.duplication_factor) == (
+        6, 40.0, 1.7)
+    assert KeyCounts(3, 2, 0).duplicate_pct == 33.33
+    assert KeyCounts(0, 0, 0).duplicate_pct is None
