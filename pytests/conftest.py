@@ -21,6 +21,7 @@ from psycopg import sql
 
 from runner import demo
 from runner.cli import cli
+from runner.declaration import dbt
 from runner.server.connection import environment
 from runner.server.embedded import EmbeddedPostgres
 
@@ -88,15 +89,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def run_dbt(args: list[str], env: dict[str, str], target_dir: Path, callbacks=()):
-    """dbt in-process against the database in env; returns dbt's result object. Each callback
-    gets every event dbt fires."""
-    from dbt.cli.main import dbtRunner
-
+    """dbt in-process against the database in env, as the CLI runs it; returns dbt's result
+    object. Each callback gets every event dbt fires."""
     with environment(env):
-        return dbtRunner(callbacks=list(callbacks)).invoke([
-            *args, "--project-dir", str(PROJECT_DIR), "--profiles-dir", str(PROJECT_DIR),
-            "--target-path", str(target_dir), "--quiet",
-        ])
+        return dbt.invoke(args, PROJECT_DIR, target_dir=target_dir, callbacks=callbacks,
+                          quiet=True)
 
 
 @dataclass

@@ -49,6 +49,7 @@ from hypothesis.stateful import (
 )
 from psycopg import sql
 
+from runner.declaration import dbt
 from runner.declaration.artifacts import load_targets, select_targets
 from runner.declaration.names import constraint_name
 from runner.errors import RunnerError
@@ -94,13 +95,10 @@ class Harness:
         return conn
 
     def dbt(self, *args: str, callbacks=()):
-        from dbt.cli.main import dbtRunner
-
-        target = [] if args[0] == "deps" else ["--target-path", str(self.target)]
         with environment(self.env):
-            return dbtRunner(callbacks=list(callbacks)).invoke([
-                *args, "--project-dir", str(self.project), "--profiles-dir", str(PROJECT_DIR),
-                *target, "--quiet"])
+            return dbt.invoke(list(args), self.project,
+                              target_dir=None if args[0] == "deps" else self.target,
+                              profiles_dir=PROJECT_DIR, callbacks=callbacks, quiet=True)
 
     def fresh_database(self) -> None:
         self.close_etl()
@@ -310,10 +308,10 @@ class Histories(RuleBasedStateMachine):
                 reached.set()
                 resume.wait(timeout=300)
 
-        dbt = threading.Thread(target=lambda: outcome.append(self.h.dbt(
+        building = threading.Thread(target=lambda: outcome.append(self.h.dbt(
             "build", "--select", f"source:harness.{name}+", callbacks=[pause_meanwhile])))
-        dbt.start()
-        while dbt.is_alive() and not reached.wait(timeout=0.05):
+        building.start()
+        while building.is_alive() and not reached.wait(timeout=0.05):
             pass
         seen = reached.is_set()
         try:
@@ -323,7 +321,7 @@ class Histories(RuleBasedStateMachine):
                     self._write(data)
         finally:
             resume.set()
-            dbt.join()
+            building.join()
         result = outcome[0]
         assert result.success, result.exception or [
             (r.node.name, r.status, r.message) for r in result.result.results

@@ -127,7 +127,7 @@ def _configured_targets(project_dir: Path, target_dir: Path,
     """The tables the dbt YAML configures; without a manifest `dbt parse` writes one first,
     which needs no database and builds nothing."""
     if not (target_dir / "manifest.json").is_file():
-        run_dbt(["parse", "--target-path", str(target_dir), "--quiet"], project_dir)
+        run_dbt(["parse"], project_dir, target_dir=target_dir, quiet=True)
     return artifacts.select_targets(artifacts.load_targets(target_dir), list(select) or None)
 
 
@@ -410,11 +410,11 @@ def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> N
             started = time.perf_counter()
             demo.generate(conn, scale, replace=True)
             timings["generate demo data"] = time.perf_counter() - started
-            run_dbt(["parse", "--target-path", str(target_dir), "--quiet"], project_dir)
+            run_dbt(["parse"], project_dir, target_dir=target_dir, quiet=True)
             capturing.start(conn, artifacts.load_targets(target_dir),
                             locking.LockOptions(swap_log.DEFAULT_ARCHIVE_SCHEMA))
         started = time.perf_counter()
-        run_dbt(["build", "--target-path", str(target_dir)], project_dir)
+        run_dbt(["build"], project_dir, target_dir=target_dir)
         timings["dbt build"] = time.perf_counter() - started
         started = time.perf_counter()
         _swap(swap.SwapOptions(target_dir=target_dir), dry_run=False)

@@ -1,21 +1,38 @@
-"""Running dbt in-process, against the database the libpq environment points at."""
+"""Running dbt in-process, against the database the libpq environment points at: the one way
+the CLI, the tests and the model-checking harness call it."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from runner.errors import RunnerError
 
 
-def run_dbt(args: list[str], project_dir: Path) -> None:
+def invoke(args: list[str], project_dir: Path, *, target_dir: Path | None = None,
+           profiles_dir: Path | None = None, callbacks: Sequence[Callable[[Any], None]] = (),
+           quiet: bool = False):
+    """dbt's result for `dbt ARGS` on the project. The profile is found as dbt finds it
+    ($DBT_PROFILES_DIR), else in `profiles_dir`, else in the project; each callback gets every
+    event dbt fires."""
     # Imported here: dbt takes about a second to import, and most commands never call it.
     from dbt.cli.main import dbtRunner
 
     command = [*args, "--project-dir", str(project_dir)]
     if "DBT_PROFILES_DIR" not in os.environ:
-        command += ["--profiles-dir", str(project_dir)]
-    result = dbtRunner().invoke(command)
-    if not result.success:
+        command += ["--profiles-dir", str(profiles_dir or project_dir)]
+    if target_dir is not None:
+        command += ["--target-path", str(target_dir)]
+    if quiet:
+        command.append("--quiet")
+    return dbtRunner(callbacks=list(callbacks)).invoke(command)
+
+
+def run_dbt(args: list[str], project_dir: Path, *, target_dir: Path | None = None,
+            quiet: bool = False) -> None:
+    """`dbt ARGS`, refusing to go on when it fails."""
+    if not invoke(args, project_dir, target_dir=target_dir, quiet=quiet).success:
         raise RunnerError(f"dbt {' '.join(args)} failed (its log is above): fix the cause and "
                           "run again")
