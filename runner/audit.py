@@ -132,8 +132,9 @@ def count_keys(relation: Relation, spec: DedupSpec,
 
     GROUP BY puts NULLs together, so a group whose key has a NULL is one key only when NULLs
     are equal (not_distinct); under every other policy each of its rows is a key of its own,
-    as in a plain UNIQUE constraint and in the dbt models (macros/deduplicate.sql). `blocks`
-    limits the scan to heap blocks [first, last), a TID Range Scan.
+    as in a plain UNIQUE constraint and in the dbt models
+    (macros/sql_parts/dedup_key_groups_ctes.sql). `blocks` limits the scan to heap blocks
+    [first, last), a TID Range Scan.
     """
     key = [sql.Identifier(column) for column in spec.natural_key]
     # The groups' columns are renamed, so no key column can be mistaken for the count.

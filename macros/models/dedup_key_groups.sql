@@ -1,0 +1,31 @@
+{#
+    Deduplication in two steps, so the wide rows are never sorted:
+    1. dedup_key_groups: one pass over the narrow key and keep columns finds, per natural key,
+       the tie-breaker of the row to keep and how many rows share the key;
+    2. dedup_kept_rows: fetches only those rows, by their tie-breaker (an index lookup each).
+    Sorting the full rows (DISTINCT ON, row_number()) of a 10M-row, 9 GB table took 24 s on
+    these machines; this takes about one sequential scan.
+#}
+
+{% macro dedup_key_groups(upstream) %}
+    {{ return(adapter.dispatch("dedup_key_groups", "dedup")(upstream)) }}
+{% endmacro %}
+
+{% macro postgres__dedup_key_groups(upstream) %}
+    {#- Also records the snapshot the scan saw, so that `runner swap` can prove its change
+        capture started before it: no write between the build and the swap goes unseen. -#}
+    {{ return(dedup.default__dedup_key_groups(upstream, snapshot="pg_current_snapshot()")) }}
+{% endmacro %}
+
+{% macro default__dedup_key_groups(upstream, snapshot=none) %}
+    {%- set relation = ref(upstream) -%}
+    {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif %}
+
+with {{ dedup.dedup_key_groups_ctes(relation, dedup.dedup_spec_for_model(upstream)) }}
+
+select
+    *{%- if snapshot %},
+    {{ snapshot }} as dedup_snapshot
+    {%- endif %}
+from key_groups
+{%- endmacro %}

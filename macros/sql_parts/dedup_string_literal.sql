@@ -1,0 +1,3 @@
+{% macro dedup_string_literal(value) %}
+    {{ return("'" ~ (value | string | replace("'", "''")) ~ "'") }}
+{% endmacro %}
