@@ -1,5 +1,9 @@
 {% macro dedup_source_of(node) %}
     {#- The one source a model reads, however many models lie between them. -#}
+    {{ return(adapter.dispatch("dedup_source_of", "dedup")(node)) }}
+{% endmacro %}
+
+{% macro default__dedup_source_of(node) %}
     {%- set found = [] -%}
     {%- set pending = node.depends_on.nodes | list -%}
     {%- for _ in range(1000) if pending -%}

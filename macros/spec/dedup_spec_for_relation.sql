@@ -1,5 +1,9 @@
 {% macro dedup_spec_for_relation(relation) %}
     {#- Generic tests receive a relation, not a node: find the model or source behind it. -#}
+    {{ return(adapter.dispatch("dedup_spec_for_relation", "dedup")(relation)) }}
+{% endmacro %}
+
+{% macro default__dedup_spec_for_relation(relation) %}
     {%- for node in graph.sources.values() -%}
         {%- if node.schema == relation.schema and node.identifier == relation.identifier -%}
             {{ return(dedup.dedup_spec_from_source(node)) }}

@@ -13,6 +13,10 @@
 #}
 
 {% macro dedup_spec_from_source(source_node) %}
+    {{ return(adapter.dispatch("dedup_spec_from_source", "dedup")(source_node)) }}
+{% endmacro %}
+
+{% macro default__dedup_spec_from_source(source_node) %}
     {%- set where = "dedup: source " ~ source_node.source_name ~ "." ~ source_node.name -%}
     {%- set spec = dedup.dedup_source_meta(source_node).get("dedup") -%}
     {%- if spec is none -%}

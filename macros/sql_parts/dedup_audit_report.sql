@@ -2,6 +2,10 @@
     {#- One row per table from its key groups (one row per natural key, with dedup_rows):
         tables is a list of {name, spec, key_groups}, key_groups a relation or one of the
         key_groups_ctes, which come first. -#}
+    {{ return(adapter.dispatch("dedup_audit_report", "dedup")(tables, key_groups_ctes)) }}
+{% endmacro %}
+
+{% macro default__dedup_audit_report(tables, key_groups_ctes) -%}
 with
 {% for cte in key_groups_ctes %}
 {{ cte }},

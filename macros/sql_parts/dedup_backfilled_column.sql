@@ -1,6 +1,10 @@
 {% macro dedup_backfilled_column(column, spec) %}
     {#- Under nulls: backfill a NULL in the natural key becomes a fresh uuid, of the column's own
         type so that the deduplicated table keeps the live table's columns exactly. -#}
+    {{ return(adapter.dispatch("dedup_backfilled_column", "dedup")(column, spec)) }}
+{% endmacro %}
+
+{% macro default__dedup_backfilled_column(column, spec) %}
     {%- set data_type = column.data_type | lower -%}
     {%- set fits_uuid = data_type in ["uuid", "text", "character varying"]
         or (data_type.startswith("character varying(") and column.char_size is not none and column.char_size >= 36) -%}

@@ -1,6 +1,10 @@
 {% macro dedup_key_groups_ctes(relation, spec, prefix="") %}
     {#- Two CTEs, <prefix>source_rows and <prefix>key_groups: the key groups of any relation
         with the spec's columns. The prefix lets one query hold those of several tables. -#}
+    {{ return(adapter.dispatch("dedup_key_groups_ctes", "dedup")(relation, spec, prefix)) }}
+{% endmacro %}
+
+{% macro default__dedup_key_groups_ctes(relation, spec, prefix) %}
     {%- set tiebreaker = adapter.quote(spec.tiebreaker) -%}
     {%- set keep_columns = spec.keep | map(attribute="column") | reject("in", spec.natural_key) | unique | list -%}
     {#- Unless NULLs are equal (not_distinct), a row with a NULL key is a group of its own, as in
