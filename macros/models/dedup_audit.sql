@@ -1,9 +1,9 @@
 {% macro dedup_audit(key_groups_models) %}
+    {#- The seed's table 2.1 per table, from the key groups: no second scan of any source. -#}
     {{ return(adapter.dispatch("dedup_audit", "dedup")(key_groups_models)) }}
 {% endmacro %}
 
 {% macro default__dedup_audit(key_groups_models) %}
-    {#- The seed's table 2.1 per table, from the key groups: no second scan of any source. -#}
     {%- set relations = [] -%}
     {%- for name in key_groups_models -%}
         {%- do relations.append(ref(name)) -%}

@@ -4,17 +4,11 @@
 #}
 
 {% macro dedup_kept_rows(upstream, key_groups) %}
+    {#- The rows of the model `upstream` that the model `key_groups` chose, as a model. -#}
     {{ return(adapter.dispatch("dedup_kept_rows", "dedup")(upstream, key_groups)) }}
 {% endmacro %}
 
-{% macro postgres__dedup_kept_rows(upstream, key_groups) %}
-    {#- The kept tie-breakers as one array: PostgreSQL then fetches the rows with a bitmap heap
-        scan or an index scan over the sorted values, in the table's physical order, instead of
-        one random read per row in the order a hash join happens to produce them. -#}
-    {{ return(dedup.default__dedup_kept_rows(upstream, key_groups, kept_as_array=true)) }}
-{% endmacro %}
-
-{% macro default__dedup_kept_rows(upstream, key_groups, kept_as_array=false) %}
+{% macro default__dedup_kept_rows(upstream, key_groups) %}
     {%- set relation = ref(upstream) -%}
     {%- set groups = ref(key_groups) -%}
     {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
@@ -48,15 +42,11 @@ kept_rows as (
     select source_rows.*
     {%- endif %}
     from source_rows
-    {%- if kept_as_array %}
-    where source_rows.{{ tiebreaker }} = any(array(select kept_ids.dedup_kept from kept_ids))
-    {%- else %}
-    where source_rows.{{ tiebreaker }} in (select kept_ids.dedup_kept from kept_ids)
-    {%- endif %}
+    where {{ dedup.dedup_in_subquery("source_rows." ~ tiebreaker, "select kept_ids.dedup_kept from kept_ids") }}
         {#- Still under the key its group has: a row the ETL re-keyed since the key groups
             were read belongs to another key now, which the swap works out as it replays. #}
         and exists (
-            select from {{ groups }} as key_groups
+            {{ dedup.dedup_exists_select() }} from {{ groups }} as key_groups
             where key_groups.dedup_kept = source_rows.{{ tiebreaker }}
                 and {{ dedup.dedup_same_key(spec.natural_key, "key_groups", "source_rows") }}
         )

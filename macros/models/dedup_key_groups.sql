@@ -8,24 +8,31 @@
 #}
 
 {% macro dedup_key_groups(upstream) %}
+    {#- The key groups of the model `upstream` (see dedup_key_groups_ctes), as a model. -#}
     {{ return(adapter.dispatch("dedup_key_groups", "dedup")(upstream)) }}
 {% endmacro %}
 
-{% macro postgres__dedup_key_groups(upstream) %}
-    {#- Also records the snapshot the scan saw, so that `runner swap` can prove its change
-        capture started before it: no write between the build and the swap goes unseen. -#}
-    {{ return(dedup.default__dedup_key_groups(upstream, snapshot="pg_current_snapshot()")) }}
-{% endmacro %}
-
-{% macro default__dedup_key_groups(upstream, snapshot=none) %}
+{% macro default__dedup_key_groups(upstream) %}
     {%- set relation = ref(upstream) -%}
     {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif %}
 
 with {{ dedup.dedup_key_groups_ctes(relation, dedup.dedup_spec_for_model(upstream)) }}
 
 select
-    *{%- if snapshot %},
-    {{ snapshot }} as dedup_snapshot
-    {%- endif %}
+    *
+from key_groups
+{%- endmacro %}
+
+{% macro postgres__dedup_key_groups(upstream) %}
+    {#- Also records the snapshot the scan saw, so that `runner swap` can prove its change
+        capture started before it: no write between the build and the swap goes unseen. -#}
+    {%- set relation = ref(upstream) -%}
+    {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif %}
+
+with {{ dedup.dedup_key_groups_ctes(relation, dedup.dedup_spec_for_model(upstream)) }}
+
+select
+    *,
+    pg_current_snapshot() as dedup_snapshot
 from key_groups
 {%- endmacro %}

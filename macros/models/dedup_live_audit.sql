@@ -1,12 +1,12 @@
 {% macro dedup_live_audit() %}
+    {#- The audit of dedup_audit, computed now from the live tables: every source that declares
+        meta.dedup, found in the graph when the model runs. So dbt records no dependency on
+        those sources, on purpose: in `dbt build` a failing test on a source skips what reads
+        it, and the numbers must be recorded most of all when a uniqueness test fails. -#}
     {{ return(adapter.dispatch("dedup_live_audit", "dedup")()) }}
 {% endmacro %}
 
 {% macro default__dedup_live_audit() %}
-    {#- The same table, computed now from the live tables: every source that declares
-        meta.dedup, found in the graph when the model runs. So dbt records no dependency on
-        those sources, on purpose: in `dbt build` a failing test on a source skips what reads
-        it, and the numbers must be recorded most of all when a uniqueness test fails. -#}
     {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
     {%- set tables = [] -%}
     {%- set key_groups_ctes = [] -%}

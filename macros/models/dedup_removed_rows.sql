@@ -1,4 +1,5 @@
 {% macro dedup_removed_rows(upstream, kept) %}
+    {#- The rows of the model `upstream` that the model `kept` does not keep, as a model. -#}
     {{ return(adapter.dispatch("dedup_removed_rows", "dedup")(upstream, kept)) }}
 {% endmacro %}
 
@@ -27,7 +28,7 @@ removed_rows as (
     select source_rows.*
     from source_rows
     where not exists (
-        select from kept_rows
+        {{ dedup.dedup_exists_select() }} from kept_rows
         where kept_rows.{{ tiebreaker }} = source_rows.{{ tiebreaker }}
     )
 

@@ -17,7 +17,7 @@ with
         {{ dedup.dedup_string_literal(table.spec.source) }} as source_table,
         coalesce(sum(dedup_rows), 0) as total_rows,
         count(*) as unique_rows,
-        coalesce(sum(dedup_rows) filter (where {{ dedup.dedup_any_null(table.spec.natural_key) }}), 0)
+        coalesce({{ dedup.dedup_sum_where("dedup_rows", dedup.dedup_any_null(table.spec.natural_key)) }}, 0)
             as null_key_rows
     from {{ table.key_groups }}
 

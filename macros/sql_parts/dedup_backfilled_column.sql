@@ -5,6 +5,11 @@
 {% endmacro %}
 
 {% macro default__dedup_backfilled_column(column, spec) %}
+    {#- No portable SQL makes a fresh uuid, nor tells which column types can hold one. -#}
+    {{ exceptions.raise_compiler_error("dedup_backfilled_column: source " ~ spec.source ~ ": nulls: backfill is supported on the postgres adapter only (it fills NULL keys with gen_random_uuid()), not on " ~ adapter.type() ~ "; use nulls: distinct or forbidden") }}
+{% endmacro %}
+
+{% macro postgres__dedup_backfilled_column(column, spec) %}
     {%- set data_type = column.data_type | lower -%}
     {%- set fits_uuid = data_type in ["uuid", "text", "character varying"]
         or (data_type.startswith("character varying(") and column.char_size is not none and column.char_size >= 36) -%}
