@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from conftest import PROJECT_DIR, Database, _create_database, environment
 
-OTHER_PROJECT = PROJECT_DIR / "pytests" / "other_project"
+OTHER_PROJECT = PROJECT_DIR / "integration_tests"
 
 TABLE = """
 create schema "Shop";
