@@ -171,7 +171,7 @@ BUILT_ROWS = {
                   " from {schema}_work.int_order_lines_grouped_by_key",
     "kept rows": 'select * from {schema}."Order Lines"',
     "removed rows": "select * from {schema}.removed_order_lines",
-    "audit": "select * from {schema}_audit.audit_duplicates",
+    "audit": "select * from {schema}_audit.audit_order_lines",
 }
 
 
@@ -204,7 +204,7 @@ def test_the_portable_sql_deduplicates_as_the_postgresql_sql_does(shop: Database
     assert "distinct on" not in compiled["int_order_lines_grouped_by_key"]
     assert "= any(array(" not in compiled["order_lines"]
     assert "select 1 from" in compiled["removed_order_lines"]
-    assert "filter (where" not in compiled["audit_duplicates"]
+    assert "filter (where" not in compiled["audit_order_lines"]
     assert not any("pg_catalog" in code for name, code in compiled.items()
                    if name.startswith("dedup_tiebreaker_unique"))
 
