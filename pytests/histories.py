@@ -75,7 +75,8 @@ def table_id(shape: Shape) -> sql.Identifier:
 
 
 def write_project(project: Path, package: Path) -> None:
-    """A dbt project deduplicating every shape, with this project installed as a package."""
+    """A dbt project deduplicating every shape, with this project installed as a package:
+    laid out and configured as integration_tests/ is: keep the two alike."""
     for folder in ("staging", "intermediate", "deduplicated", "removed"):
         (project / "models" / folder).mkdir(parents=True, exist_ok=True)
     (project / "dbt_project.yml").write_text(json.dumps({

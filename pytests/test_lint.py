@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from runner.declaration import dbt
+from runner.server.connection import environment
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -22,16 +25,10 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
     )
 
 
-def test_sqlfluff_lint_models_is_clean(pg_env: dict[str, str], tmp_path: Path) -> None:
-    # The dbt templater compiles the project, so it needs the database of profiles.yml; its
-    # artifacts and logs go to tmp_path, not to the target/ and logs/ others may be using.
-    env = {
-        **os.environ,
-        **pg_env,
-        "DBT_TARGET_PATH": str(tmp_path / "target"),
-        "DBT_LOG_PATH": str(tmp_path / "logs"),
-    }
-    result = _run(["sqlfluff", "lint", "models", "--format", "json"], env)
+def _sqlfluff_lint(models: Path, env: dict[str, str], *options: str) -> None:
+    """Lint every model under `models`: no violation, none skipped."""
+    result = _run(["sqlfluff", "lint", str(models.relative_to(PROJECT_DIR)), "--format", "json",
+                   *options], env)
     assert result.returncode in (0, 1), f"sqlfluff failed:\n{result.stdout}\n{result.stderr}"
     files = json.loads(result.stdout)
 
@@ -47,10 +44,35 @@ def test_sqlfluff_lint_models_is_clean(pg_env: dict[str, str], tmp_path: Path) -
 
     # Every model was linted: none was skipped, e.g. by .sqlfluffignore.
     linted = {Path(file["filepath"]).as_posix() for file in files}
-    models = {
-        path.relative_to(PROJECT_DIR).as_posix() for path in (PROJECT_DIR / "models").rglob("*.sql")
+    expected = {path.relative_to(PROJECT_DIR).as_posix() for path in models.rglob("*.sql")}
+    assert linted == expected
+
+
+def _lint_env(pg_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    # The dbt templater compiles the project, so it needs the database of profiles.yml; its
+    # artifacts and logs go to tmp_path, not to the target/ and logs/ others may be using.
+    return {
+        **os.environ,
+        **pg_env,
+        "DBT_TARGET_PATH": str(tmp_path / "target"),
+        "DBT_LOG_PATH": str(tmp_path / "logs"),
     }
-    assert linted == models
+
+
+def test_sqlfluff_lint_models_is_clean(pg_env: dict[str, str], tmp_path: Path) -> None:
+    _sqlfluff_lint(PROJECT_DIR / "models", _lint_env(pg_env, tmp_path))
+
+
+def test_sqlfluff_lint_integration_tests_is_clean(pg_env: dict[str, str],
+                                                  tmp_path: Path) -> None:
+    """The integration tests' models, the package's macros as a user's project calls them."""
+    integration_tests = PROJECT_DIR / "integration_tests"
+    env = _lint_env(pg_env, tmp_path)
+    with environment(env):
+        assert dbt.invoke(["deps"], integration_tests, profiles_dir=PROJECT_DIR,
+                          quiet=True).success
+    _sqlfluff_lint(integration_tests / "models", env,
+                   "--config", str((integration_tests / ".sqlfluff").relative_to(PROJECT_DIR)))
 
 
 def test_ruff_is_clean() -> None:

@@ -3,14 +3,19 @@ on two columns and NULL keys forbidden, with this project installed as a dbt pac
 
 from __future__ import annotations
 
+import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import PROJECT_DIR, Database, _create_database, environment
+from conftest import PROJECT_DIR, Database, _create_database
 
-OTHER_PROJECT = PROJECT_DIR / "pytests" / "other_project"
+from runner.declaration import dbt
+from runner.server.connection import environment
+
+OTHER_PROJECT = PROJECT_DIR / "integration_tests"
 
 TABLE = """
 create schema "Shop";
@@ -42,11 +47,7 @@ where not exists (
 
 
 def run_other_dbt(database: Database, *args: str):
-    from dbt.cli.main import dbtRunner
-
-    with environment({**database.env, "DBT_TARGET_PATH": str(database.target_dir)}):
-        return dbtRunner().invoke([*args, "--project-dir", str(OTHER_PROJECT),
-                                   "--profiles-dir", str(PROJECT_DIR), "--quiet"])
+    return run_dbt_in(OTHER_PROJECT, database, *args)
 
 
 @pytest.fixture
@@ -109,11 +110,8 @@ def project_with_nulls(policy: str, tmp_path: Path) -> Path:
 
 
 def run_dbt_in(project: Path, database: Database, *args: str):
-    from dbt.cli.main import dbtRunner
-
     with environment({**database.env, "DBT_TARGET_PATH": str(database.target_dir)}):
-        return dbtRunner().invoke([*args, "--project-dir", str(project), "--profiles-dir",
-                                   str(PROJECT_DIR), "--quiet"])
+        return dbt.invoke(list(args), project, profiles_dir=PROJECT_DIR, quiet=True)
 
 
 def test_backfill_on_a_key_column_that_cannot_hold_a_uuid_stops_the_build_naming_it(
@@ -160,3 +158,55 @@ def test_nulls_distinct_keeps_every_null_key_row_through_the_swap(shop: Database
                      values (gen_random_uuid(), 'ORD-1', null, now(), 'one more')""")
     assert (rows, null_rows) == (15 + 4, 4)
     assert constraint == 'UNIQUE ("Order ID", line_no)'
+
+
+# What each build's models hold, row for row, in schemas named after DEDUP_SCHEMA; the key
+# groups without the snapshot only PostgreSQL's SQL records.
+BUILT_ROWS = {
+    "key groups": 'select "Order ID", line_no, dedup_null_row, dedup_kept, dedup_rows'
+                  " from {schema}_work.int_order_lines_grouped_by_key",
+    "kept rows": 'select * from {schema}."Order Lines"',
+    "removed rows": "select * from {schema}.removed_order_lines",
+    "audit": "select * from {schema}_audit.audit_order_lines",
+}
+
+
+def test_the_portable_sql_deduplicates_as_the_postgresql_sql_does(shop: Database,
+                                                                  tmp_path: Path) -> None:
+    """The package's default__ implementations, for adapters other than PostgreSQL, run here
+    on PostgreSQL (integration_tests/macros/portable_sql.sql) and build what its postgres__
+    ones build, NULL keys of their own (nulls: distinct) included."""
+    package_sql = "\n".join(path.read_text() for path in (PROJECT_DIR / "macros").rglob("*.sql"))
+    overrides = (OTHER_PROJECT / "macros" / "portable_sql.sql").read_text()
+    pattern = r"\{% macro (postgres__\w+)\("
+    assert set(re.findall(pattern, overrides)) == set(re.findall(pattern, package_sql))
+
+    with shop.connect() as conn:
+        conn.execute("""insert into "Shop"."Order Lines"
+                     select gen_random_uuid(), 'ORD-1', null, now(), 'no line number'
+                     from generate_series(1, 3)""")
+    project = project_with_nulls("distinct", tmp_path)
+    assert run_dbt_in(project, shop, "deps").success
+    postgresql = run_dbt_in(project, shop, "build")
+    assert postgresql.success
+    portable_database = Database({**shop.env, "DEDUP_SCHEMA": "portable"}, tmp_path / "portable")
+    portable = run_dbt_in(project, portable_database, "build",
+                          "--vars", "{dedup_portable_sql: true}")
+    assert portable.success
+
+    compiled = {result.node.name: result.node.compiled_code
+                for result in portable.result.results}
+    assert "row_number() over" in compiled["int_order_lines_grouped_by_key"]
+    assert "distinct on" not in compiled["int_order_lines_grouped_by_key"]
+    assert "= any(array(" not in compiled["order_lines"]
+    assert "select 1 from" in compiled["removed_order_lines"]
+    assert "filter (where" not in compiled["audit_order_lines"]
+    assert not any("pg_catalog" in code for name, code in compiled.items()
+                   if name.startswith("dedup_tiebreaker_unique"))
+
+    with shop.connect() as conn:
+        for what, query in BUILT_ROWS.items():
+            built = {schema: conn.execute(query.format(schema=schema)).fetchall()
+                     for schema in ("dedup", "portable")}
+            assert built["dedup"], what
+            assert Counter(built["portable"]) == Counter(built["dedup"]), what

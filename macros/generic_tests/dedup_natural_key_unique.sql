@@ -7,6 +7,10 @@
       backfill:     NULL keys were to be replaced with fresh uuids, so one left is a failure.
 #}
 {% test dedup_natural_key_unique(model) %}
+    {{ return(adapter.dispatch("test_dedup_natural_key_unique", "dedup")(model)) }}
+{% endtest %}
+
+{% macro default__test_dedup_natural_key_unique(model) %}
     {%- set spec = dedup.dedup_spec_for_relation(model) if execute else {"natural_key": ["parsing"], "nulls": "not_distinct"} -%}
     {%- set keys = dedup.dedup_columns(spec.natural_key) -%}
     {#- The same columns as select targets, one to a line. -#}
@@ -50,4 +54,4 @@ select * from null_keys
 
 select * from duplicate_keys
 {%- endif %}
-{% endtest %}
+{% endmacro %}

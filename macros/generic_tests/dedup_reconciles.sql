@@ -17,12 +17,7 @@
     {{ return(adapter.dispatch("test_dedup_reconciles", "dedup")(model, source_rows, key_groups)) }}
 {% endtest %}
 
-{% macro postgres__test_dedup_reconciles(model, source_rows, key_groups) %}
-    {#- The chosen rows not kept, as one array: PostgreSQL looks them all up in one index scan. -#}
-    {{ return(dedup.default__test_dedup_reconciles(model, source_rows, key_groups, kept_as_array=true)) }}
-{% endmacro %}
-
-{% macro default__test_dedup_reconciles(model, source_rows, key_groups, kept_as_array=false) %}
+{% macro default__test_dedup_reconciles(model, source_rows, key_groups) %}
     {%- set spec = dedup.dedup_spec_for_relation(model) if execute else {"tiebreaker": "parsing"} -%}
     {%- set tiebreaker = adapter.quote(spec.tiebreaker) %}
 
@@ -54,7 +49,7 @@ not_chosen as (
 
     select count(*) as kept_rows_not_chosen
     from kept_rows
-    where not exists (select from chosen where chosen.tiebreaker = kept_rows.tiebreaker)
+    where not exists ({{ dedup.dedup_exists_select() }} from chosen where chosen.tiebreaker = kept_rows.tiebreaker)
 
 ),
 
@@ -62,7 +57,7 @@ chosen_not_kept as (
 
     select chosen.*
     from chosen
-    where not exists (select from kept_rows where kept_rows.tiebreaker = chosen.tiebreaker)
+    where not exists ({{ dedup.dedup_exists_select() }} from kept_rows where kept_rows.tiebreaker = chosen.tiebreaker)
 
 ),
 
@@ -72,13 +67,9 @@ vanished as (
         deleted or re-keyed since. #}
     select count(*) as chosen_rows_lost
     from {{ source_rows }} as source_rows
-    {%- if kept_as_array %}
-    where source_rows.{{ tiebreaker }} = any(array(select tiebreaker from chosen_not_kept))
-    {%- else %}
-    where source_rows.{{ tiebreaker }} in (select tiebreaker from chosen_not_kept)
-    {%- endif %}
+    where {{ dedup.dedup_in_subquery("source_rows." ~ tiebreaker, "select tiebreaker from chosen_not_kept") }}
         and exists (
-            select from chosen_not_kept
+            {{ dedup.dedup_exists_select() }} from chosen_not_kept
             where chosen_not_kept.tiebreaker = source_rows.{{ tiebreaker }}
                 and {{ dedup.dedup_same_key(spec.natural_key, "chosen_not_kept", "source_rows") }}
         )

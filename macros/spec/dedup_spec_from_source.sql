@@ -1,0 +1,53 @@
+{#
+    The deduplication spec of a live table is declared once, on its source table:
+
+        config:
+          meta:
+            dedup:
+              natural_key: [property_pk, photo_id]
+              keep: [{column: id, order: desc}]   # last entry: a unique, NOT NULL tie-breaker
+              nulls: not_distinct                # or distinct, forbidden, backfill
+
+    Every model, test and the runner read it from there. These macros find it from any model
+    downstream of the source, and stop compilation with a message naming what is wrong.
+#}
+
+{% macro dedup_spec_from_source(source_node) %}
+    {{ return(adapter.dispatch("dedup_spec_from_source", "dedup")(source_node)) }}
+{% endmacro %}
+
+{% macro default__dedup_spec_from_source(source_node) %}
+    {%- set where = "dedup: source " ~ source_node.source_name ~ "." ~ source_node.name -%}
+    {%- set spec = dedup.dedup_source_meta(source_node).get("dedup") -%}
+    {%- if spec is none -%}
+        {{ exceptions.raise_compiler_error(where ~ " has no meta.dedup: declare natural_key, keep and nulls under config.meta.dedup") }}
+    {%- endif -%}
+    {%- set natural_key = spec.get("natural_key") -%}
+    {%- if natural_key is string or natural_key is none or natural_key | length == 0 -%}
+        {{ exceptions.raise_compiler_error(where ~ ": natural_key must be a non-empty list of column names, got " ~ natural_key) }}
+    {%- endif -%}
+    {%- set keep = spec.get("keep") -%}
+    {%- if keep is string or keep is none or keep | length == 0 -%}
+        {{ exceptions.raise_compiler_error(where ~ ": keep must be a non-empty list of {column, order} ending in a unique tie-breaker, got " ~ keep) }}
+    {%- endif -%}
+    {%- for entry in keep -%}
+        {%- if entry is not mapping or entry.get("column") is none or entry.get("order") not in ["asc", "desc"] -%}
+            {{ exceptions.raise_compiler_error(where ~ ": each keep entry needs column and order (asc or desc), got " ~ entry) }}
+        {%- endif -%}
+    {%- endfor -%}
+    {%- set nulls = spec.get("nulls", "not_distinct") -%}
+    {%- if nulls not in ["not_distinct", "distinct", "forbidden", "backfill"] -%}
+        {{ exceptions.raise_compiler_error(where ~ ": nulls must be not_distinct, distinct, forbidden or backfill, got " ~ nulls) }}
+    {%- endif -%}
+    {%- set unknown = spec.keys() | reject("in", ["natural_key", "keep", "nulls"]) | list -%}
+    {%- if unknown -%}
+        {{ exceptions.raise_compiler_error(where ~ ": unknown meta.dedup keys " ~ unknown ~ "; expected natural_key, keep, nulls") }}
+    {%- endif -%}
+    {{ return({
+        "source": source_node.source_name ~ "." ~ source_node.name,
+        "natural_key": natural_key,
+        "keep": keep,
+        "tiebreaker": keep[-1]["column"],
+        "nulls": nulls,
+    }) }}
+{% endmacro %}
