@@ -391,6 +391,32 @@ def needs(plans: list[TablePlan], options: SwapOptions) -> list[privileges.Need]
     return found
 
 
+def _gave_up(options: SwapOptions, could_not_lock: Callable[[int, Exception], str]
+             ) -> Callable[[int, Exception], str]:
+    """The message when the cut-over's lock could not be had, or held to no use, in time."""
+    def message(tries: int, reason: Exception) -> str:
+        gave_up = (f"gave up after {tries} tries over {options.lock_wait_s:g} s, nothing was "
+                   "changed")
+        if isinstance(reason, _NeedsRescan):
+            return (f"{gave_up}: the ETL keeps deleting or re-keying kept rows, which can only "
+                    "be replayed outside the lock; pause it briefly, or raise --lock-wait")
+        if isinstance(reason, _TooMuchToReplay):
+            return (f"{gave_up}: the ETL writes faster than the swap catches up outside the "
+                    f"lock ({reason.waiting} captured writes waited at the last try); pause it "
+                    "briefly, choose a quieter moment, or hold the cut-over with "
+                    "--postpone-cut-over FILE until there is one")
+        return could_not_lock(tries, reason)
+    return message
+
+
+def _gave_up_before(options: SwapOptions, step: Step) -> Callable[[int, Exception], str]:
+    """The message when a step before the lock could not get a lock of its own."""
+    return lambda tries, error: (
+        f"could not get a lock for \"{step.why}\" within {options.lock_wait_s:g} s, "
+        f"nothing was changed; {error.diag.message_primary}: retry when the session "
+        "holding it finishes, or raise --lock-wait")
+
+
 def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptions,
             after_step: Callable[[str], None] | None = None) -> SwapResult:
     """Swap every planned table in one transaction; any failed check rolls all of them back.
@@ -443,26 +469,6 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
         conn, [*(p.target.live for p in active), *parents(active)], options.lock_timeout_ms,
         options.lock_wait_s, writes_between_tries=lambda: replayed_between_tries)
 
-    def gave_up(tries: int, reason: Exception) -> str:
-        if isinstance(reason, _NeedsRescan):
-            return (f"gave up after {tries} tries over {options.lock_wait_s:g} s, nothing "
-                    "was changed: the ETL keeps deleting or re-keying kept rows, which can "
-                    "only be replayed outside the lock; pause it briefly, or raise "
-                    "--lock-wait")
-        if isinstance(reason, _TooMuchToReplay):
-            return (f"gave up after {tries} tries over {options.lock_wait_s:g} s, nothing "
-                    f"was changed: the ETL writes faster than the swap catches up outside the "
-                    f"lock ({reason.waiting} captured writes waited at the last try); pause it "
-                    "briefly, choose a quieter moment, or hold the cut-over with "
-                    "--postpone-cut-over FILE until there is one")
-        return could_not_lock(tries, reason)
-
-    def gave_up_before(step: Step) -> Callable[[int, Exception], str]:
-        return lambda tries, error: (
-            f"could not get a lock for \"{step.why}\" within {options.lock_wait_s:g} s, "
-            f"nothing was changed; {error.diag.message_primary}: retry when the session "
-            "holding it finishes, or raise --lock-wait")
-
     with locking.one_runner(conn):
         for plan in active:
             if plan.concurrent:
@@ -474,7 +480,8 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
                       lambda plan=plan: prepare(plan)) for plan in replaying],
             catch_up=replay_all, between_tries=replay_between_tries,
             take_lock=locking_steps, under_lock=cut_over,
-            lock_wait_s=options.lock_wait_s, gave_up=gave_up, gave_up_before=gave_up_before,
+            lock_wait_s=options.lock_wait_s, gave_up=_gave_up(options, could_not_lock),
+            gave_up_before=lambda step: _gave_up_before(options, step),
             validate=validate, lock_timeout_ms=options.lock_timeout_ms,
             postpone=options.postpone), step_done)
     return SwapResult(plans, result.lock_ms, result.attempts, replayed, rows, result.notes)

@@ -82,124 +82,198 @@ class Restore:
     """Returns (inserted, updated, deleted, rows of the restored table) so far."""
 
 
+@dataclass(frozen=True)
+class _Restoring:
+    """What every statement of one table's restore is built from: `live` the deduplicated
+    table now live, `archive` the original, `log` the capture since the swap; `backfilled` the
+    key columns whose NULLs the swap filled with uuids."""
+
+    live: Relation
+    archive: Relation
+    log: Relation
+    columns: tuple[Column, ...]
+    tiebreaker: str
+    backfilled: tuple[str, ...]
+
+    @property
+    def tb(self) -> sql.Identifier:
+        return sql.Identifier(self.tiebreaker)
+
+    @property
+    def key(self) -> sql.Literal:
+        return counts_key(self.live)
+
+    @property
+    def insertable(self) -> list[str]:
+        return [c.name for c in self.columns if not c.generated]
+
+    @property
+    def override(self) -> sql.SQL:
+        """Restored rows keep their identity values."""
+        return sql.SQL(" overriding system value" if any(c.identity for c in self.columns)
+                       else "")
+
+    def in_archive(self) -> sql.Composed:
+        """Whether the live table's row `l` is in the original as it is."""
+        filled = {c.name: c.type for c in self.columns if c.name in self.backfilled}
+        return sql.SQL(
+            "coalesce((select {same} from {archive} as a where a.{tb} = l.{tb}), false)"
+        ).format(same=same_as("a", "l", self.columns, filled, all_filled=False),
+                 archive=_id(self.archive), tb=self.tb)
+
+    def waiting(self) -> sql.Composed:
+        """Rows a change waiting in the log names: the original has not caught up with them."""
+        return sql.SQL(
+            "select (g.old_row).{tb} from {log} as g where g.op in ('U', 'D')"
+            " union select (g.new_row).{tb} from {log} as g where g.op in ('I', 'U')"
+        ).format(tb=self.tb, log=_id(self.log))
+
+    def touched_rows(self) -> sql.Composed:
+        return sql.SQL(
+            "with touched_rows as materialized (select * from {live} where {tb} in ({touched}))"
+        ).format(live=_id(self.live), tb=self.tb, touched=TOUCHED)
+
+
+TOUCHED = sql.SQL("select t.tb from restore_touched as t")
+
+
+def _count_the_original(r: _Restoring, rows_at_swap: int) -> sql.Composed:
+    return sql.SQL(
+        "insert into pg_temp.{counts} (live, rows_now) select {key}, count(*) from {archive}"
+        " returning rows_now = {expected}, rows_now as archive_rows,"
+        " {expected} as rows_at_the_swap"
+    ).format(counts=sql.Identifier(COUNTS), key=r.key, archive=_id(r.archive),
+             expected=sql.Literal(rows_at_swap))
+
+
+def _take_batch(r: _Restoring, batch_rows: int) -> list[sql.Composed]:
+    """Step 1: the batch, and per tie-breaker it touches what arrives first, what stays, and
+    the final version; with what the original should give up and take."""
+    return [
+        sql.SQL("drop table if exists pg_temp.restore_batch, pg_temp.restore_touched,"
+                " pg_temp.restore_expected"),
+        sql.SQL("create temp table restore_batch on commit drop as select change_id, op,"
+                " old_row, new_row from {} order by change_id limit {}").format(
+                    _id(r.log), sql.Literal(batch_rows)),
+        # A change leaves its old tie-breaker before it arrives at the new one.
+        sql.SQL(
+            "create temp table restore_touched on commit drop as"
+            " with touches as ("
+            " select b.change_id, 0 as step, {old_tb} as tb, false as arrives,"
+            " null::{live} as version from restore_batch as b where b.op in ('U', 'D')"
+            " union all"
+            " select b.change_id, 1, {new_tb}, true, b.new_row from restore_batch as b"
+            " where b.op in ('I', 'U'))"
+            " select tb, (array_agg(arrives order by change_id, step))[1] as arrives_first,"
+            " (array_agg(arrives order by change_id desc, step desc))[1] as stays,"
+            " (array_agg(version order by change_id desc, step desc))[1] as final_row"
+            " from touches group by tb"
+        ).format(old_tb=field("b.old_row", r.tiebreaker),
+                 new_tb=field("b.new_row", r.tiebreaker), live=_id(r.live)),
+        sql.SQL(
+            "create temp table restore_expected on commit drop as select"
+            " (select count(*) from {archive} as a where a.{tb} in ({touched})) as deletes,"
+            " (select count(*) from restore_touched where stays) as inserts,"
+            " 0::bigint as deleted, 0::bigint as inserted"
+        ).format(archive=_id(r.archive), tb=r.tb, touched=TOUCHED),
+    ]
+
+
+def _no_reused_tiebreaker(r: _Restoring) -> sql.Composed:
+    """Step 2."""
+    return sql.SQL(
+        "select count(*) = 0, count(*) as reused_tiebreakers, min(t.tb::text) as example"
+        " from restore_touched as t where t.arrives_first"
+        " and exists (select from {archive} as a where a.{tb} = t.tb)"
+    ).format(archive=_id(r.archive), tb=r.tb)
+
+
+def _apply(r: _Restoring) -> list[sql.Composed]:
+    """Steps 3 and 5: the touched rows go, their final versions come, the counts follow, the
+    batch leaves the log."""
+    archive = _id(r.archive)
+    return [
+        sql.SQL(
+            "with gone as (delete from {archive} as a using restore_touched as t"
+            " where a.{tb} = t.tb returning 1)"
+            " update pg_temp.restore_expected set deleted = (select count(*) from gone)"
+        ).format(archive=archive, tb=r.tb),
+        sql.SQL(
+            "with came as (insert into {archive} ({cols}){override} select {values}"
+            " from restore_touched as t where t.stays returning 1)"
+            " update pg_temp.restore_expected set inserted = (select count(*) from came)"
+        ).format(archive=archive, cols=sql.SQL(", ").join(sql.Identifier(c)
+                                                          for c in r.insertable),
+                 override=r.override,
+                 values=sql.SQL(", ").join(field("t.final_row", c) for c in r.insertable)),
+        sql.SQL(
+            "update pg_temp.{counts} as c set"
+            " inserted = c.inserted + b.inserted, updated = c.updated + b.updated,"
+            " deleted = c.deleted + b.deleted,"
+            " rows_now = c.rows_now + e.inserted - e.deleted"
+            " from (select count(*) filter (where op = 'I') as inserted,"
+            " count(*) filter (where op = 'U') as updated,"
+            " count(*) filter (where op = 'D') as deleted from restore_batch) as b,"
+            " restore_expected as e where c.live = {key}"
+        ).format(counts=sql.Identifier(COUNTS), key=r.key),
+        sql.SQL("delete from {} where change_id in (select change_id from restore_batch)"
+                ).format(_id(r.log)),
+    ]
+
+
+def _batch_applied(r: _Restoring) -> sql.Composed:
+    """Step 4."""
+    return sql.SQL(
+        "select e.deleted = e.deletes and e.inserted = e.inserts and m.differing = 0,"
+        " e.deletes as rows_to_take, e.deleted as rows_taken,"
+        " e.inserts as rows_to_give, e.inserted as rows_given,"
+        " m.differing as rows_not_as_logged"
+        " from restore_expected as e, (select count(*) as differing"
+        " from restore_touched as t where case when t.stays then not coalesce("
+        "(select row(a.*)::text = (t.final_row)::text from {archive} as a where a.{tb} = t.tb),"
+        " false) else exists (select from {archive} as a where a.{tb} = t.tb) end) as m"
+    ).format(archive=_id(r.archive), tb=r.tb)
+
+
+def _rows_in_archive(r: _Restoring) -> tuple[sql.Composed, sql.Composed, sql.Composed]:
+    """The touched rows in the original, under the lock and before it; then every row."""
+    missing = sql.SQL("count(*) = 0, count(*) as rows_missing_from_archive")
+    return (
+        sql.SQL("{touched_rows} select {missing} from touched_rows as l where not {in_archive}"
+                ).format(touched_rows=r.touched_rows(), missing=missing,
+                         in_archive=r.in_archive()),
+        sql.SQL("{touched_rows} select {missing} from touched_rows as l where not {in_archive}"
+                " and l.{tb} not in ({waiting})").format(
+            touched_rows=r.touched_rows(), missing=missing, in_archive=r.in_archive(),
+            tb=r.tb, waiting=r.waiting()),
+        sql.SQL("select {missing} from {live} as l where not {in_archive} and l.{tb} not in"
+                " ({waiting})").format(missing=missing, live=_id(r.live),
+                                       in_archive=r.in_archive(), tb=r.tb,
+                                       waiting=r.waiting()),
+    )
+
+
 def restore(live: Relation, archive: Relation, log: Relation, columns: tuple[Column, ...],
             tiebreaker: str, backfilled: tuple[str, ...], rows_at_swap: int,
             batch_rows: int = BATCH_ROWS) -> Restore:
-    """`live` is the deduplicated table now live, `archive` the original, `log` the capture
-    since the swap; `backfilled` are the key columns whose NULLs the swap filled with uuids,
-    `rows_at_swap` the original's rows at the swap's commit."""
-    tb = sql.Identifier(tiebreaker)
-    archive_id, live_id, log_id = _id(archive), _id(live), _id(log)
-    key = counts_key(live)
-    counts = sql.Identifier(COUNTS)
-    insertable = [c.name for c in columns if not c.generated]
-    filled = {c.name: c.type for c in columns if c.name in backfilled}
-    override = sql.SQL(" overriding system value" if any(c.identity for c in columns) else "")
-    touched = sql.SQL("select t.tb from restore_touched as t")
-    in_archive = sql.SQL(
-        "coalesce((select {same} from {archive} as a where a.{tb} = l.{tb}), false)"
-    ).format(same=same_as("a", "l", columns, filled, all_filled=False), archive=archive_id, tb=tb)
-    # Rows a change waiting in the log names: the archive has not caught up with them yet.
-    waiting = sql.SQL(
-        "select (g.old_row).{tb} from {log} as g where g.op in ('U', 'D')"
-        " union select (g.new_row).{tb} from {log} as g where g.op in ('I', 'U')"
-    ).format(tb=tb, log=log_id)
-    touched_rows = sql.SQL(
-        "with touched_rows as materialized (select * from {live} where {tb} in ({touched}))"
-    ).format(live=live_id, tb=tb, touched=touched)
+    """The restore of one table (see _Restoring), `rows_at_swap` the original's rows at the
+    swap's commit, in the steps of the module's docstring."""
+    r = _Restoring(live, archive, log, columns, tiebreaker, backfilled)
+    under_lock, settled, everything = _rows_in_archive(r)
     return Restore(
-        archive_rows=sql.SQL(
-            "insert into pg_temp.{counts} (live, rows_now) select {key}, count(*) from {archive}"
-            " returning rows_now = {expected}, rows_now as archive_rows,"
-            " {expected} as rows_at_the_swap"
-        ).format(counts=counts, key=key, archive=archive_id, expected=sql.Literal(rows_at_swap)),
-        take_batch=[
-            sql.SQL("drop table if exists pg_temp.restore_batch, pg_temp.restore_touched,"
-                    " pg_temp.restore_expected"),
-            sql.SQL("create temp table restore_batch on commit drop as select change_id, op,"
-                    " old_row, new_row from {} order by change_id limit {}").format(
-                        log_id, sql.Literal(batch_rows)),
-            # A change leaves its old tie-breaker before it arrives at the new one.
-            sql.SQL(
-                "create temp table restore_touched on commit drop as"
-                " with touches as ("
-                " select b.change_id, 0 as step, {old_tb} as tb, false as arrives,"
-                " null::{live} as version from restore_batch as b where b.op in ('U', 'D')"
-                " union all"
-                " select b.change_id, 1, {new_tb}, true, b.new_row from restore_batch as b"
-                " where b.op in ('I', 'U'))"
-                " select tb, (array_agg(arrives order by change_id, step))[1] as arrives_first,"
-                " (array_agg(arrives order by change_id desc, step desc))[1] as stays,"
-                " (array_agg(version order by change_id desc, step desc))[1] as final_row"
-                " from touches group by tb"
-            ).format(old_tb=field("b.old_row", tiebreaker), new_tb=field("b.new_row", tiebreaker),
-                     live=live_id),
-            sql.SQL(
-                "create temp table restore_expected on commit drop as select"
-                " (select count(*) from {archive} as a where a.{tb} in ({touched})) as deletes,"
-                " (select count(*) from restore_touched where stays) as inserts,"
-                " 0::bigint as deleted, 0::bigint as inserted"
-            ).format(archive=archive_id, tb=tb, touched=touched),
-        ],
+        archive_rows=_count_the_original(r, rows_at_swap),
+        take_batch=_take_batch(r, batch_rows),
         taken=sql.SQL("select count(*) from restore_batch"),
         truncated=sql.SQL("select exists (select from restore_batch where op = 'T')"),
-        no_reused_tiebreaker=sql.SQL(
-            "select count(*) = 0, count(*) as reused_tiebreakers, min(t.tb::text) as example"
-            " from restore_touched as t where t.arrives_first"
-            " and exists (select from {archive} as a where a.{tb} = t.tb)"
-        ).format(archive=archive_id, tb=tb),
-        apply=[
-            sql.SQL(
-                "with gone as (delete from {archive} as a using restore_touched as t"
-                " where a.{tb} = t.tb returning 1)"
-                " update pg_temp.restore_expected set deleted = (select count(*) from gone)"
-            ).format(archive=archive_id, tb=tb),
-            sql.SQL(
-                "with came as (insert into {archive} ({cols}){override} select {values}"
-                " from restore_touched as t where t.stays returning 1)"
-                " update pg_temp.restore_expected set inserted = (select count(*) from came)"
-            ).format(archive=archive_id,
-                     cols=sql.SQL(", ").join(sql.Identifier(c) for c in insertable),
-                     override=override,
-                     values=sql.SQL(", ").join(field("t.final_row", c) for c in insertable)),
-            sql.SQL(
-                "update pg_temp.{counts} as c set"
-                " inserted = c.inserted + b.inserted, updated = c.updated + b.updated,"
-                " deleted = c.deleted + b.deleted,"
-                " rows_now = c.rows_now + e.inserted - e.deleted"
-                " from (select count(*) filter (where op = 'I') as inserted,"
-                " count(*) filter (where op = 'U') as updated,"
-                " count(*) filter (where op = 'D') as deleted from restore_batch) as b,"
-                " restore_expected as e where c.live = {key}"
-            ).format(counts=counts, key=key),
-            sql.SQL("delete from {} where change_id in (select change_id from restore_batch)"
-                    ).format(log_id),
-        ],
-        batch_applied=sql.SQL(
-            "select e.deleted = e.deletes and e.inserted = e.inserts and m.differing = 0,"
-            " e.deletes as rows_to_take, e.deleted as rows_taken,"
-            " e.inserts as rows_to_give, e.inserted as rows_given,"
-            " m.differing as rows_not_as_logged"
-            " from restore_expected as e, (select count(*) as differing"
-            " from restore_touched as t where case when t.stays then not coalesce("
-            "(select row(a.*)::text = (t.final_row)::text from {archive} as a where a.{tb} = t.tb),"
-            " false) else exists (select from {archive} as a where a.{tb} = t.tb) end) as m"
-        ).format(archive=archive_id, tb=tb),
-        touched_rows_in_archive=sql.SQL(
-            "{touched_rows} select count(*) = 0, count(*) as rows_missing_from_archive"
-            " from touched_rows as l where not {in_archive}"
-        ).format(touched_rows=touched_rows, in_archive=in_archive),
-        touched_rows_settled=sql.SQL(
-            "{touched_rows} select count(*) = 0, count(*) as rows_missing_from_archive"
-            " from touched_rows as l where not {in_archive} and l.{tb} not in ({waiting})"
-        ).format(touched_rows=touched_rows, in_archive=in_archive, tb=tb, waiting=waiting),
-        all_rows_in_archive=sql.SQL(
-            "select count(*) = 0, count(*) as rows_missing_from_archive from {live} as l"
-            " where not {in_archive} and l.{tb} not in ({waiting})"
-        ).format(live=live_id, in_archive=in_archive, tb=tb, waiting=waiting),
-        pending=sql.SQL("select count(*) from {}").format(log_id),
-        anything_pending=sql.SQL("select exists (select from {})").format(log_id),
+        no_reused_tiebreaker=_no_reused_tiebreaker(r),
+        apply=_apply(r),
+        batch_applied=_batch_applied(r),
+        touched_rows_in_archive=under_lock,
+        touched_rows_settled=settled,
+        all_rows_in_archive=everything,
+        pending=sql.SQL("select count(*) from {}").format(_id(log)),
+        anything_pending=sql.SQL("select exists (select from {})").format(_id(log)),
         carried=sql.SQL(
             "select inserted, updated, deleted, rows_now from pg_temp.{} where live = {}"
-        ).format(counts, key),
+        ).format(sql.Identifier(COUNTS), r.key),
     )
