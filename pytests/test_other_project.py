@@ -126,16 +126,23 @@ def test_backfill_on_a_key_column_that_cannot_hold_a_uuid_stops_the_build_naming
             in messages)
 
 
-def test_nulls_distinct_keeps_every_null_key_row_through_the_swap(shop: Database,
-                                                                    tmp_path: Path) -> None:
-    """Under nulls: distinct each row with a NULL in its key is a row of its own, as a plain
-    UNIQUE constraint sees it: all are kept, however alike, and the constraint allows more."""
+def _three_alike_null_key_rows(shop: Database, tmp_path: Path) -> Path:
+    """Three rows alike but for their uuid, with a NULL in the key; the project under nulls:
+    distinct, its packages installed."""
     with shop.connect() as conn:
         conn.execute("""insert into "Shop"."Order Lines"
                      select gen_random_uuid(), 'ORD-1', null, now(), 'no line number'
                      from generate_series(1, 3)""")
     project = project_with_nulls("distinct", tmp_path)
     assert run_dbt_in(project, shop, "deps").success
+    return project
+
+
+def test_nulls_distinct_keeps_every_null_key_row_through_the_swap(shop: Database,
+                                                                    tmp_path: Path) -> None:
+    """Under nulls: distinct each row with a NULL in its key is a row of its own, as a plain
+    UNIQUE constraint sees it: all are kept, however alike, and the constraint allows more."""
+    project = _three_alike_null_key_rows(shop, tmp_path)
     assert run_dbt_in(project, shop, "parse").success
     captured = shop.runner("capture", "--project-dir", str(project))
     assert captured.exit_code == 0, captured.output
@@ -181,12 +188,7 @@ def test_the_portable_sql_deduplicates_as_the_postgresql_sql_does(shop: Database
     pattern = r"\{% macro (postgres__\w+)\("
     assert set(re.findall(pattern, overrides)) == set(re.findall(pattern, package_sql))
 
-    with shop.connect() as conn:
-        conn.execute("""insert into "Shop"."Order Lines"
-                     select gen_random_uuid(), 'ORD-1', null, now(), 'no line number'
-                     from generate_series(1, 3)""")
-    project = project_with_nulls("distinct", tmp_path)
-    assert run_dbt_in(project, shop, "deps").success
+    project = _three_alike_null_key_rows(shop, tmp_path)
     postgresql = run_dbt_in(project, shop, "build")
     assert postgresql.success
     portable_database = Database({**shop.env, "DEDUP_SCHEMA": "portable"}, tmp_path / "portable")
