@@ -25,7 +25,7 @@ from runner.execution import locking
 from runner.facts import audit, report, upsert, verify
 from runner.jobs import capturing, cleanup, rollback, swap
 from runner.present import audit_view, report_view
-from runner.server import swap_log
+from runner.server import catalog, swap_log
 from runner.server.connection import connect, database, uses_embedded
 from runner.server.embedded import EmbeddedPostgres, default_data_dir
 from runner.units import duration_text, parse_duration, size_text
@@ -198,15 +198,9 @@ def _print_summary(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -
 def _sizes(conn, result: swap.SwapResult) -> dict[str, tuple[int, int]]:
     sizes = {}
     for plan in result.plans:
-        live = plan.target.live
-        after = conn.execute("select pg_total_relation_size(format('%%I.%%I', %s::text, %s::text))",
-                             (live.schema, live.name)).fetchone()[0]
-        before = after
-        if plan.archive:
-            before = conn.execute(
-                "select pg_total_relation_size(format('%%I.%%I', %s::text, %s::text))",
-                (plan.archive.schema, plan.archive.name)).fetchone()[0]
-        sizes[live.name] = (before, after)
+        after = catalog.relation_size(conn, plan.target.live)
+        before = catalog.relation_size(conn, plan.archive) if plan.archive else after
+        sizes[plan.target.live.name] = (before, after)
     return sizes
 
 

@@ -24,6 +24,7 @@ from psycopg import sql
 
 from runner.declaration.artifacts import Relation
 from runner.errors import RunnerError
+from runner.server import catalog
 from runner.server.swap_log import SWAP_LOG, LogEntry, latest_swaps, selected, when
 from runner.units import elapsed_text
 
@@ -189,37 +190,6 @@ def choose_foreign_key(keys: list[ForeignKey], natural_key: tuple[str, ...]) -> 
 
 # Reading the database.
 
-_SIZE = "select pg_total_relation_size(to_regclass(format('%%I.%%I', %s::text, %s::text)))"
-
-_FOREIGN_KEYS = """
-select pn.nspname, p.relname,
-       array(select a.attname from unnest(con.conkey) with ordinality as k(attnum, position)
-             join pg_attribute as a on a.attrelid = con.conrelid and a.attnum = k.attnum
-             order by k.position),
-       array(select a.attname from unnest(con.confkey) with ordinality as k(attnum, position)
-             join pg_attribute as a on a.attrelid = con.confrelid and a.attnum = k.attnum
-             order by k.position)
-from pg_constraint as con
-join pg_class as p on p.oid = con.confrelid
-join pg_namespace as pn on pn.oid = p.relnamespace
-where con.conrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) and con.contype = 'f'
-order by con.conname
-"""
-
-_CONSTRAINT_COLUMNS = """
-select array(select a.attname from unnest(con.conkey) with ordinality as k(attnum, position)
-             join pg_attribute as a on a.attrelid = con.conrelid and a.attnum = k.attnum
-             order by k.position)
-from pg_constraint as con
-where con.conrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) and con.conname = %s
-"""
-
-
-
-def _size_of(conn: psycopg.Connection, relation: Relation) -> int | None:
-    return conn.execute(_SIZE, (relation.schema, relation.name)).fetchone()[0]
-
-
 def _latest_swaps(conn: psycopg.Connection, options: ReportOptions) -> list[LogEntry]:
     """The latest swap_log entry of every table, or of the selected ones."""
     entries = latest_swaps(conn, options.archive_schema)
@@ -235,8 +205,8 @@ def _table_report(conn: psycopg.Connection, row: LogEntry, archive_schema: str) 
         live=row.live, action=row.action, constraint=row.constraint_name,
         swapped_at=row.swapped_at, rows_before=row.rows_before, rows_after=row.rows_after,
         bytes_before=row.bytes_before, bytes_after=row.bytes_after,
-        bytes_now=_size_of(conn, row.live), archive=archive,
-        archive_bytes_now=_size_of(conn, archive) if archive else None,
+        bytes_now=catalog.relation_size(conn, row.live), archive=archive,
+        archive_bytes_now=catalog.relation_size(conn, archive) if archive else None,
         cleaned_at=row.cleaned_at)
 
 
@@ -269,21 +239,14 @@ def measure(conn: psycopg.Connection, statement: sql.Composable, runs: int,
 
 
 def _foreign_keys(conn: psycopg.Connection, relation: Relation) -> list[ForeignKey]:
-    return [ForeignKey(tuple(columns), Relation(schema, table), tuple(parent_columns))
-            for schema, table, columns, parent_columns
-            in conn.execute(_FOREIGN_KEYS, (relation.schema, relation.name))]
-
-
-def _natural_key(conn: psycopg.Connection, table: TableReport) -> tuple[str, ...]:
-    row = conn.execute(_CONSTRAINT_COLUMNS,
-                       (table.live.schema, table.live.name, table.constraint)).fetchone()
-    return tuple(row[0]) if row else ()
+    return [ForeignKey(columns, parent, parent_columns)
+            for parent, columns, parent_columns in catalog.foreign_key_columns(conn, relation)]
 
 
 def _example_queries(conn: psycopg.Connection, table: TableReport, options: ReportOptions,
                      notes: list[str]) -> list[ExampleQuery]:
     live, archive = table.live, table.archive
-    natural_key = _natural_key(conn, table)
+    natural_key = catalog.constraint_columns(conn, table.live, table.constraint)
     key = choose_foreign_key(_foreign_keys(conn, live), natural_key)
     if key is None and not natural_key:
         notes.append(f"{live}: no foreign key, and no constraint {table.constraint} to read its "

@@ -456,3 +456,49 @@ def exists(conn: psycopg.Connection, relation: Relation) -> bool:
 def schema_exists(conn: psycopg.Connection, schema: str) -> bool:
     return conn.execute("select exists (select from pg_namespace where nspname = %s)",
                         (schema,)).fetchone()[0]
+
+
+_SIZE = "select pg_total_relation_size(to_regclass(format('%%I.%%I', %s::text, %s::text)))"
+
+_FOREIGN_KEY_COLUMNS = """
+select pn.nspname, p.relname,
+       array(select a.attname from unnest(con.conkey) with ordinality as k(attnum, position)
+             join pg_attribute as a on a.attrelid = con.conrelid and a.attnum = k.attnum
+             order by k.position),
+       array(select a.attname from unnest(con.confkey) with ordinality as k(attnum, position)
+             join pg_attribute as a on a.attrelid = con.confrelid and a.attnum = k.attnum
+             order by k.position)
+from pg_constraint as con
+join pg_class as p on p.oid = con.confrelid
+join pg_namespace as pn on pn.oid = p.relnamespace
+where con.conrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) and con.contype = 'f'
+order by con.conname
+"""
+
+_CONSTRAINT_COLUMNS = """
+select array(select a.attname from unnest(con.conkey) with ordinality as k(attnum, position)
+             join pg_attribute as a on a.attrelid = con.conrelid and a.attnum = k.attnum
+             order by k.position)
+from pg_constraint as con
+where con.conrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) and con.conname = %s
+"""
+
+
+def relation_size(conn: psycopg.Connection, relation: Relation) -> int | None:
+    """Its size with indexes and TOAST; None when there is no such relation."""
+    return conn.execute(_SIZE, (relation.schema, relation.name)).fetchone()[0]
+
+
+def foreign_key_columns(conn: psycopg.Connection, relation: Relation
+                        ) -> list[tuple[Relation, tuple[str, ...], tuple[str, ...]]]:
+    """(parent, columns, parent's columns) of each foreign key of the relation, by name."""
+    return [(Relation(schema, table), tuple(columns), tuple(parent_columns))
+            for schema, table, columns, parent_columns
+            in conn.execute(_FOREIGN_KEY_COLUMNS, (relation.schema, relation.name))]
+
+
+def constraint_columns(conn: psycopg.Connection, relation: Relation,
+                       name: str) -> tuple[str, ...]:
+    """The columns of the relation's constraint `name`, in order; none when it is not there."""
+    row = conn.execute(_CONSTRAINT_COLUMNS, (relation.schema, relation.name, name)).fetchone()
+    return tuple(row[0]) if row else ()
