@@ -337,6 +337,27 @@ def test_when_the_etl_never_leaves_a_gap_it_says_what_would_help(fresh: Database
     assert schema_state(fresh) == before
 
 
+def test_a_burst_of_writes_before_the_lock_is_carried_over_outside_it(fresh: Database) -> None:
+    swapped(fresh, "--select", "task_photos")
+
+    def burst(label: str) -> None:
+        if label == "catch-up before the lock":
+            with fresh.connect() as etl:
+                etl.execute("insert into breezeway.task_photos (task_pk, photo_id, url)"
+                            " select 1, 'burst ' || n, 'from the ETL'"
+                            " from generate_series(1, 1500) as n")
+
+    options = rollback.RollbackOptions(select=["task_photos"], lock_timeout_ms=50,
+                                       lock_wait_s=30)
+    with fresh.connect() as conn:
+        result = rollback.execute(conn, rollback.make_plans(conn, options), options,
+                                  after_step=burst)
+    # The first lock was given back rather than held while 1,500 writes were carried over.
+    assert result.attempts == 2
+    assert fresh.scalar("select count(*) from breezeway.task_photos"
+                        " where photo_id like 'burst %'") == 1500
+
+
 def test_dry_run_prints_every_statement_and_changes_nothing(fresh: Database) -> None:
     swapped(fresh)
     before = schema_state(fresh), swap_log(fresh)

@@ -39,6 +39,11 @@ ASYNC_COMMIT = Step("commit without waiting for the disk, so the locks end befor
 NO_JIT = Step("no JIT: the statements here run for microseconds, and compiling one took "
               "longer than the whole lock should", sql.SQL("set local jit = off"))
 POSTPONED_CATCH_UP_S = 1.0
+# Catch up outside the lock until fewer captured writes than this wait, so the lock covers few.
+SMALL_ENOUGH = 200
+# More than this waiting once the lock is had, and the lock is given back: the ETL wrote
+# faster than the catch-up, and carrying it all over under the lock would hold the ETL up.
+MOST_UNDER_LOCK = 5 * SMALL_ENOUGH
 FLUSH = Step("wait for the commit to reach the disk: this transaction's own commit flushes "
              "the log up to it", sql.SQL("select pg_current_xact_id()"))
 IDENTIFY = Step("the transaction's id: a runner that loses its connection asks the server by "
@@ -74,6 +79,34 @@ def run_batched(conn: psycopg.Connection, steps: list[Step]) -> None:
         else:
             pending.append(step)
     flush()
+
+
+class TooMuchToCatchUp(locking.Retry):
+    """Under the lock, more captured writes wait than a lock should cover: give it back."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(waiting)
+        self.waiting = waiting
+
+
+def check_few_under_lock(waiting: int) -> None:
+    """Give the lock back (a retry) when too many captured writes wait to be caught up."""
+    if waiting > MOST_UNDER_LOCK:
+        raise TooMuchToCatchUp(waiting)
+
+
+def caught_up(waiting: int, deadline: float | None) -> bool:
+    """Outside the lock: few enough writes wait, or the time for catching up has run out and
+    the lock tries take over."""
+    return waiting < SMALL_ENOUGH or (deadline is not None and time.monotonic() > deadline)
+
+
+def _too_much_to_catch_up(command: str, wait_s: float, tries: int,
+                          reason: TooMuchToCatchUp) -> str:
+    return (f"gave up after {tries} tries over {wait_s:g} s, nothing was changed: the ETL "
+            f"writes faster than the {command} catches up outside the lock ({reason.waiting} "
+            "captured writes waited at the last try); pause it briefly, choose a quieter "
+            "moment, or hold the cut-over with --postpone-cut-over FILE until there is one")
 
 
 @dataclass(frozen=True)
@@ -172,8 +205,13 @@ def _phases(conn: psycopg.Connection, plan: CutOver, deadline: float,
             plan.catch_up()
             step_done("cut-over postponed")
         deadline = time.monotonic() + plan.lock_wait_s
+    def gave_up(tries: int, reason: Exception) -> str:
+        if isinstance(reason, TooMuchToCatchUp):
+            return _too_much_to_catch_up(plan.command, plan.lock_wait_s, tries, reason)
+        return plan.gave_up(tries, reason)
+
     return locking.retry_until(conn, attempt, wait_s=max(0.0, deadline - time.monotonic()),
-                               gave_up=plan.gave_up, between=try_failed)
+                               gave_up=gave_up, between=try_failed)
 
 
 def _xact_status(conn: psycopg.Connection, xid: str, wait_s: float = 10.0) -> str | None:

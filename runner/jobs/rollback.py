@@ -15,6 +15,7 @@ Statements are built from facts alone, so that --dry-run prints exactly what run
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,7 +39,6 @@ from runner.statements.plan import Step, left_to_validate, not_valid, recreate_v
 
 ROLLED_BACK = "rolled_back"
 # Carry over outside the lock until fewer changes than this wait.
-SMALL_ENOUGH = 200
 
 
 @dataclass(frozen=True)
@@ -498,11 +498,16 @@ def render(conn: psycopg.Connection, plans: list[TableRollback],
     return "\n".join(lines)
 
 
-def _carry_over(conn: psycopg.Connection, plan: TableRollback, *, under_lock: bool) -> int:
+def _carry_over(conn: psycopg.Connection, plan: TableRollback, *, under_lock: bool,
+                for_at_most_s: float | None = None) -> int:
     """Carry a table's captured writes over to its original until the log is empty (under the
-    lock) or the remaining writes are few, each batch proven; returns how many it carried."""
+    lock) or the remaining writes are few, or, outside the lock, `for_at_most_s` has passed,
+    each batch proven; returns how many it carried."""
     r, live = plan.restore, plan.entry.live
     carried = 0
+    deadline = None if for_at_most_s is None else time.monotonic() + for_at_most_s
+    if under_lock:
+        executor.check_few_under_lock(conn.execute(r.pending).fetchone()[0])
     while conn.execute(r.anything_pending).fetchone()[0]:
         run_batched(conn, [Step("", statement) for statement in r.take_batch])
         taken = conn.execute(r.taken).fetchone()[0]
@@ -525,7 +530,8 @@ def _carry_over(conn: psycopg.Connection, plan: TableRollback, *, under_lock: bo
                  + ("" if under_lock else ", unless a captured write waits to explain it"),
                  r.touched_rows_in_archive if under_lock else r.touched_rows_settled,
                  check=True)])
-        if not under_lock and conn.execute(r.pending).fetchone()[0] < SMALL_ENOUGH:
+        if not under_lock and executor.caught_up(conn.execute(r.pending).fetchone()[0],
+                                                 deadline):
             return carried
     return carried
 
@@ -565,14 +571,16 @@ def execute(conn: psycopg.Connection, plans: list[TableRollback], options: Rollb
                                      writes_between_tries=lambda: carried_between_tries)
 
     def carry_all(under_lock: bool = False) -> int:
-        return sum(_carry_over(conn, plan, under_lock=under_lock) for plan in restoring)
+        return sum(_carry_over(conn, plan, under_lock=under_lock,
+                               for_at_most_s=None if under_lock else options.lock_wait_s)
+                   for plan in restoring)
 
     def carry_between_tries() -> None:
         nonlocal carried_between_tries
         carried_between_tries += carry_all()
 
     def prepare(plan: TableRollback) -> None:
-        _carry_over(conn, plan, under_lock=False)
+        _carry_over(conn, plan, under_lock=False, for_at_most_s=options.lock_wait_s)
         run_steps(conn, [Step(f"every row of {plan.entry.live} is in {plan.archive} as it is "
                               "now, unless a captured write waits to explain it",
                               plan.restore.all_rows_in_archive, check=True)])

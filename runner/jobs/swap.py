@@ -41,12 +41,6 @@ from runner.statements.plan import (
     plan_table,
 )
 
-# Replay outside the lock until fewer changes than this wait, so the lock covers only a few.
-SMALL_ENOUGH = 200
-# More than this waiting once the lock is had, and the lock is given back: the ETL wrote
-# faster than the catch-up, and replaying it all would hold the ETL up.
-MOST_UNDER_LOCK = 5 * SMALL_ENOUGH
-
 
 @dataclass(frozen=True)
 class SwapOptions:
@@ -275,14 +269,6 @@ class _NeedsRescan(locking.Retry):
     """Under the lock, a captured write needs a scan of a live table: give the lock back."""
 
 
-class _TooMuchToReplay(locking.Retry):
-    """Under the lock, more captured writes wait than a lock should cover: give it back."""
-
-    def __init__(self, waiting: int) -> None:
-        super().__init__(waiting)
-        self.waiting = waiting
-
-
 def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool,
             for_at_most_s: float | None = None) -> int:
     """Replay a table's captured writes into its new table until the log is empty (under the
@@ -292,9 +278,7 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool,
     replayed = 0
     deadline = None if for_at_most_s is None else time.monotonic() + for_at_most_s
     if under_lock:
-        waiting = conn.execute(replay.pending).fetchone()[0]
-        if waiting > MOST_UNDER_LOCK:
-            raise _TooMuchToReplay(waiting)
+        executor.check_few_under_lock(conn.execute(replay.pending).fetchone()[0])
     while conn.execute(replay.anything_pending).fetchone()[0]:
         run_batched(conn, [Step("", statement) for statement in replay.take_batch])
         if conn.execute(replay.taken).fetchone()[0] == 0:
@@ -317,9 +301,7 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool,
         run_steps(conn, [Step(f"every row the replay touched in {plan.target.live} equals its "
                          "live row, unless a captured write waits to explain it",
                          replay.touched_rows_settled, check=True)])
-        if conn.execute(replay.pending).fetchone()[0] < SMALL_ENOUGH:
-            return replayed
-        if deadline is not None and time.monotonic() > deadline:
+        if executor.caught_up(conn.execute(replay.pending).fetchone()[0], deadline):
             return replayed
     return replayed
 
@@ -395,16 +377,10 @@ def _gave_up(options: SwapOptions, could_not_lock: Callable[[int, Exception], st
              ) -> Callable[[int, Exception], str]:
     """The message when the cut-over's lock could not be had, or held to no use, in time."""
     def message(tries: int, reason: Exception) -> str:
-        gave_up = (f"gave up after {tries} tries over {options.lock_wait_s:g} s, nothing was "
-                   "changed")
         if isinstance(reason, _NeedsRescan):
-            return (f"{gave_up}: the ETL keeps deleting or re-keying kept rows, which can only "
+            return (f"gave up after {tries} tries over {options.lock_wait_s:g} s, nothing was "
+                    "changed: the ETL keeps deleting or re-keying kept rows, which can only "
                     "be replayed outside the lock; pause it briefly, or raise --lock-wait")
-        if isinstance(reason, _TooMuchToReplay):
-            return (f"{gave_up}: the ETL writes faster than the swap catches up outside the "
-                    f"lock ({reason.waiting} captured writes waited at the last try); pause it "
-                    "briefly, choose a quieter moment, or hold the cut-over with "
-                    "--postpone-cut-over FILE until there is one")
         return could_not_lock(tries, reason)
     return message
 
