@@ -290,6 +290,104 @@ def test_an_etl_that_outpaces_the_catch_up_is_told_so(fresh: Database) -> None:
     assert schema_state(fresh) == before
 
 
+LATEST_PHOTO = "select max(id) from breezeway.task_photos"
+
+
+def _delete_before_every_lock_try(database: Database, deleted: list[int],
+                                  table: str = "task_photos", latest: str = LATEST_PHOTO):
+    """A step hook: the ETL deletes a kept row (by default of task_photos: the latest row of
+    its key, which has older copies) just before each try of the lock."""
+    def step_done(label: str) -> None:
+        if label in ("catch-up before the lock", "caught up between tries"):
+            with database.connect() as etl:
+                deleted.append(etl.execute(sql.SQL("delete from {} where id = ({}) returning id")
+                                           .format(sql.Identifier("breezeway", table),
+                                                   sql.SQL(latest))).fetchone()[0])
+    return step_done
+
+
+def _lookup_indexes(database: Database) -> list[str]:
+    return database.scalar("select coalesce(array_agg(relname), '{}') from pg_class"
+                           " where relname like '%natural\\_key\\_lookup'")
+
+
+def _kept_as_the_rule_says(database: Database, deleted: list[int]) -> None:
+    """Every key keeps the latest of its rows there were at the swap."""
+    with database.connect() as conn:
+        kept = {row[0] for row in conn.execute("select id from breezeway.task_photos")}
+        archive = swap_log.read(conn, swap_log.DEFAULT_ARCHIVE_SCHEMA)[-1].archive
+        latest = {row[0] for row in conn.execute(sql.SQL(
+            "select max(id) from {} where id <> all(%s) group by task_pk, photo_id").format(
+                sql.Identifier(archive.schema, archive.name)), (deleted,))}
+    assert kept == latest and not kept & set(deleted)
+
+
+def test_an_etl_that_deletes_kept_rows_before_every_lock_try_does_not_stop_the_swap(
+        fresh: Database) -> None:
+    # The capture saw a delete before the swap: the swap builds an index on the key, by which
+    # a delete of the last moments is replayed under the lock, and drops it there.
+    deleted = [fresh.scalar("delete from breezeway.task_photos where id = (select max(id)"
+                            " from breezeway.task_photos) returning id")]
+    indexes_before = fresh.scalar("select count(*) from pg_index"
+                                  " where indrelid = 'breezeway.task_photos'::regclass")
+    options = swap.SwapOptions(target_dir=fresh.target_dir, select=["task_photos"],
+                               lock_timeout_ms=50, lock_wait_s=5)
+    with fresh.connect() as conn:
+        result = swap.execute(conn, swap.make_plans(conn, options), options,
+                              after_step=_delete_before_every_lock_try(fresh, deleted))
+    assert result.attempts == 1 and len(deleted) == 2
+    _kept_as_the_rule_says(fresh, deleted)
+    assert _lookup_indexes(fresh) == []
+    with fresh.connect() as conn:
+        archive = swap_log.read(conn, swap_log.DEFAULT_ARCHIVE_SCHEMA)[-1].archive
+        assert conn.execute("select count(*) from pg_index where indrelid = %s::regclass",
+                            (f"{archive.schema}.{archive.name}",)).fetchone()[0] == indexes_before
+
+
+def test_an_etl_that_begins_deleting_kept_rows_during_the_swap_is_caught_on_the_rerun(
+        fresh: Database) -> None:
+    deleted: list[int] = []
+    options = swap.SwapOptions(target_dir=fresh.target_dir, select=["task_photos"],
+                               lock_timeout_ms=50, lock_wait_s=1)
+    before = schema_state(fresh)
+    with fresh.connect() as conn, pytest.raises(RunnerError) as refused:
+        swap.execute(conn, swap.make_plans(conn, options), options,
+                     after_step=_delete_before_every_lock_try(fresh, deleted))
+    assert str(refused.value).endswith(
+        "nothing was changed: the ETL began deleting or re-keying kept rows during the swap, "
+        "which without an index on the natural key are replayed only outside the lock; run "
+        "`runner swap` again: having seen them, it first builds one without blocking writers")
+    assert schema_state(fresh) == before
+    with fresh.connect() as conn:
+        result = swap.execute(conn, swap.make_plans(conn, options), options,
+                              after_step=_delete_before_every_lock_try(fresh, deleted))
+    assert result.attempts == 1
+    _kept_as_the_rule_says(fresh, deleted)
+    assert _lookup_indexes(fresh) == []
+
+
+def test_deletes_of_kept_rows_whose_key_has_a_null_are_replayed_outside_the_lock_only(
+        fresh: Database) -> None:
+    # NULLs are equal in reservation_guests' key, and IS NOT DISTINCT FROM finds them by no
+    # index: such a delete under the lock gives it back, every time.
+    guest_without_email = ("select max(id) from breezeway.reservation_guests"
+                           " where guest_email is null")
+    deleted = [fresh.scalar(f"delete from breezeway.reservation_guests"
+                            f" where id = ({guest_without_email}) returning id")]
+    options = swap.SwapOptions(target_dir=fresh.target_dir, select=["reservation_guests"],
+                               lock_timeout_ms=50, lock_wait_s=1)
+    before = schema_state(fresh)
+    with fresh.connect() as conn, pytest.raises(RunnerError) as refused:
+        swap.execute(conn, swap.make_plans(conn, options), options,
+                     after_step=_delete_before_every_lock_try(
+                         fresh, deleted, "reservation_guests", guest_without_email))
+    assert str(refused.value).endswith(
+        "nothing was changed: the ETL keeps deleting or re-keying kept rows whose natural key "
+        "has a NULL, which only a scan of the table can replay, never under the lock; pause it "
+        "briefly, or raise --lock-wait")
+    assert schema_state(fresh) == before and _lookup_indexes(fresh) == []
+
+
 def test_a_postponed_cut_over_catches_up_until_the_file_is_gone(fresh: Database,
                                                                 tmp_path) -> None:
     flag = tmp_path / "postpone"

@@ -24,7 +24,8 @@ def _replay(spec=SPEC, snapshot: str | None = "1000:1000:") -> list[str]:
     statements = []
     for field in dataclasses.fields(replay):
         value = getattr(replay, field.name)
-        statements += [text(s) for s in (value if isinstance(value, list) else [value])]
+        statements += [text(s) for s in (value if isinstance(value, list) else [value])
+                       if s is not None]
     return statements
 
 

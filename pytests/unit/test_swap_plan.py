@@ -157,3 +157,57 @@ def test_not_valid_reads_a_foreign_keys_definition() -> None:
         "FOREIGN KEY (a) REFERENCES t(id)", False)
     assert plan.not_valid("FOREIGN KEY (a) REFERENCES t(id)") == (
         "FOREIGN KEY (a) REFERENCES t(id)", True)
+
+
+LOOKUP = Index("order lines__natural_key_lookup", "USING btree (order_id, sku)", None, None,
+               ("order_id", "sku"), unique=False, valid=True, partial=False,
+               nulls_not_distinct=False)
+DROP_LOOKUP = 'drop index "Shop"."order lines__natural_key_lookup"'
+
+
+def test_an_etl_that_only_inserts_gets_no_index_and_no_rescan_under_the_lock() -> None:
+    planned = _plan()
+    assert (planned.lookup, planned.rescan_under_lock) == ([], False)
+    assert DROP_LOOKUP not in _statements(planned.cutover)
+
+
+def test_an_etl_that_deletes_or_rekeys_gets_an_index_of_the_swaps_own_dropped_under_the_lock(
+        ) -> None:
+    planned = _plan(rows_moved=True)
+    assert _statements(planned.lookup) == [
+        'create index concurrently "order lines__natural_key_lookup" on "Shop"."order lines"'
+        ' ("order_id", "sku")']
+    assert planned.rescan_under_lock
+    # Dropped first, so that the original moves to the archive as it was.
+    assert _statements(planned.cutover)[0] == DROP_LOOKUP
+
+
+def test_the_index_a_killed_swap_left_is_used_if_valid_rebuilt_if_not_and_never_copied(
+        ) -> None:
+    reused = _plan(table(indexes=(PRIMARY_KEY, LOOKUP)))
+    assert (reused.lookup, reused.rescan_under_lock) == ([], True)
+    assert _statements(reused.cutover)[0] == DROP_LOOKUP
+    assert "natural_key_lookup" not in " ".join(_statements(reused.prepare))
+    invalid = dataclasses.replace(LOOKUP, valid=False)
+    rebuilt = _plan(table(indexes=(PRIMARY_KEY, invalid)), rows_moved=True)
+    assert [s.split(" on ")[0] for s in _statements(rebuilt.lookup)] == [
+        'drop index concurrently if exists "Shop"."order lines__natural_key_lookup"',
+        'create index concurrently "order lines__natural_key_lookup"']
+    dropped = _plan(table(indexes=(PRIMARY_KEY, invalid)))
+    assert (_statements(dropped.lookup), dropped.rescan_under_lock) == (
+        ['drop index concurrently if exists "Shop"."order lines__natural_key_lookup"'], False)
+
+
+def test_a_users_own_index_on_the_key_serves_the_rescan_and_stays() -> None:
+    own = dataclasses.replace(LOOKUP, name="by key and more",
+                              method="USING btree (sku, order_id, note)",
+                              key_columns=("sku", "order_id", "note"))
+    planned = _plan(table(indexes=(PRIMARY_KEY, own)), rows_moved=True)
+    assert (planned.lookup, planned.rescan_under_lock) == ([], True)
+    assert DROP_LOOKUP not in _statements(planned.cutover)
+    assert 'create index "order lines__dedup_new_1"' in " ".join(_statements(planned.prepare))
+    for unusable in (dataclasses.replace(own, partial=True), dataclasses.replace(own, valid=False),
+                     dataclasses.replace(own, key_columns=("sku", None)),
+                     dataclasses.replace(own, method="USING hash (sku)"),
+                     dataclasses.replace(own, key_columns=("sku", "note", "order_id"))):
+        assert table(indexes=(unusable,)).key_lookup_index(TARGET.spec) is None

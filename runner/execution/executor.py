@@ -164,6 +164,7 @@ def cut_over(conn: psycopg.Connection, plan: CutOver,
         step_done("lock try timed out" if isinstance(reason, psycopg.errors.LockNotAvailable)
                   else "lock given back for a rescan")
         plan.between_tries()
+        step_done("caught up between tries")
 
     xid = None
     try:

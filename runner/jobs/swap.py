@@ -11,8 +11,9 @@ gives the lock back and is done outside it.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +23,7 @@ from psycopg import sql
 
 from runner.declaration import artifacts
 from runner.declaration.artifacts import Relation
-from runner.errors import RunnerError
+from runner.errors import ConnectionLost, RunnerError
 from runner.execution import executor, locking
 from runner.execution.executor import ASYNC_COMMIT, FLUSH, IDENTIFY, NO_JIT, run_batched, run_steps
 from runner.execution.locking import lock_timeout
@@ -35,6 +36,7 @@ from runner.statements.plan import (
     check_columns,
     left_to_validate,
     lock_statement,
+    lookup_index,
     parents,
     parents_lock_statement,
     pending_index,
@@ -126,7 +128,9 @@ def make_plans(conn: psycopg.Connection, options: SwapOptions,
             registered.capture if registered else None,
             swapped_since_build=_swapped_since_build(conn, options.archive_schema, target.live,
                                                      counts.snapshot),
-            server_version=conn.info.server_version)
+            server_version=conn.info.server_version,
+            rows_moved=bool(registered) and conn.execute(capture.rows_moved(
+                target.spec, registered.capture.log)).fetchone()[0])
         if plan.action == "swap":
             _check_capture_before_build(conn, plan, registered.xid)
         if plan.action == "nothing":
@@ -197,6 +201,10 @@ def _lock_summary(plans: list[TablePlan], options: SwapOptions) -> list[str]:
         if plan.concurrent:
             lines.append(f"-- {plan.target.live}: its unique index is built CONCURRENTLY, "
                          "which never blocks writers")
+        if any(step.statement.as_string().startswith("create") for step in plan.lookup):
+            lines.append(f"-- {plan.target.live}: an index on its natural key is built "
+                         "CONCURRENTLY first, so that a delete or re-key of the last moments is "
+                         "replayed under the lock; the swap drops it there")
     return lines
 
 
@@ -236,8 +244,8 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
             lines.append("-- then must be true: " + replay.all_rows_match.as_string(conn) + ";")
 
     for plan in plans:
-        if plan.concurrent:
-            for step in _concurrent_steps(plan, options):
+        for steps in (plan.concurrent, plan.lookup):
+            for step in _concurrent_steps(steps, options) if steps else []:
                 add(step)
     before, locking_steps, under_lock = _phases(plans, options)
     lines.append("begin;")
@@ -268,6 +276,16 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
 class _NeedsRescan(locking.Retry):
     """Under the lock, a captured write needs a scan of a live table: give the lock back."""
 
+    def __init__(self, had_index: bool) -> None:
+        super().__init__()
+        self.had_index = had_index
+
+
+def _may_rescan_under_lock(conn: psycopg.Connection, plan: TablePlan) -> bool:
+    """Whether an index finds the live rows of every key this batch rescans."""
+    scans = plan.replay.rescan_scans_table
+    return plan.rescan_under_lock and not (scans and conn.execute(scans).fetchone()[0])
+
 
 def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool,
             for_at_most_s: float | None = None) -> int:
@@ -288,8 +306,8 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool,
                               "build no longer says which rows to keep; nothing was changed: "
                               "run `dbt build` again, then `runner swap`")
         if conn.execute(replay.needs_rescan).fetchone()[0]:
-            if under_lock:
-                raise _NeedsRescan
+            if under_lock and not _may_rescan_under_lock(conn, plan):
+                raise _NeedsRescan(plan.rescan_under_lock)
             for statement in replay.rescan:
                 conn.execute(statement)
         run_batched(conn, [Step("", statement) for statement in replay.apply])
@@ -306,45 +324,50 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool,
     return replayed
 
 
-def _concurrent_steps(plan: TablePlan, options: SwapOptions) -> list[Step]:
-    """The statements that cannot run in a transaction, each wait of theirs bounded."""
+def _concurrent_steps(steps: list[Step], options: SwapOptions) -> list[Step]:
+    """Statements that cannot run in a transaction, each wait of theirs bounded."""
     return [
         Step("CREATE INDEX CONCURRENTLY waits for every transaction older than it to end: "
              "at most --lock-wait, then it gives up", sql.SQL("set lock_timeout = {}").format(
                  sql.Literal(f"{round(options.lock_wait_s * 1000)}ms"))),
-        *plan.concurrent,
+        *steps,
         Step("", sql.SQL("reset lock_timeout")),
     ]
 
 
-def _build_concurrently(conn: psycopg.Connection, plan: TablePlan,
-                        options: SwapOptions) -> None:
-    """A unique index built without blocking writers. One that meets duplicates or waits too
-    long fails, and leaves itself INVALID: dropped again, so that nothing is changed."""
-    steps = _concurrent_steps(plan, options)
-    drop_pending = plan.concurrent[0]
+def _drop_built(conn: psycopg.Connection, index: sql.Identifier, options: SwapOptions) -> str:
+    """Drops an index built for this run, waiting for its lock one try at most (DROP INDEX
+    CONCURRENTLY would wait for old transactions as its build did); says what is left."""
     try:
-        run_steps(conn, steps)
+        with conn.transaction():
+            conn.execute(lock_timeout(options.lock_timeout_ms))
+            conn.execute(sql.SQL("drop index if exists {}").format(index))
+        return "nothing was changed"
+    except psycopg.errors.LockNotAvailable:
+        return "its index is left, for the next run to use or drop"
+
+
+def _build_concurrently(conn: psycopg.Connection, steps: list[Step], index: sql.Identifier,
+                        what: str, options: SwapOptions) -> None:
+    """An index built without blocking writers. One that meets duplicates or waits too long
+    fails, and leaves itself INVALID: dropped again, so that nothing is changed."""
+    bounded = _concurrent_steps(steps, options)
+    try:
+        run_steps(conn, bounded)
     except psycopg.errors.UniqueViolation as error:
-        run_steps(conn, [drop_pending, steps[-1]])
-        raise RunnerError(f"{plan.target.live} has rows that share a natural key again, written "
-                          "since dbt read it, so its unique index cannot be built; nothing was "
-                          "changed: run `dbt build` again, then `runner swap`") from error
+        run_steps(conn, [bounded[-1]])
+        _drop_built(conn, index, options)
+        raise RunnerError(f"{what} cannot be built: rows that share a natural key were written "
+                          "since dbt read the table; nothing was changed: run `dbt build` "
+                          "again, then `runner swap`") from error
     except psycopg.errors.LockNotAvailable as error:
         waited_for = catalog.oldest_transactions(conn)
-        run_steps(conn, [steps[-1]])
-        try:
-            with conn.transaction():
-                conn.execute(lock_timeout(options.lock_timeout_ms))
-                conn.execute(sql.SQL("drop index if exists {}").format(
-                    pending_index(plan.target.live)))
-            left = "nothing was changed"
-        except psycopg.errors.LockNotAvailable:
-            left = "its INVALID index is left, for the next run to drop"
-        raise RunnerError(f"the unique index of {plan.target.live} could not be built within "
-                          f"{options.lock_wait_s:g} s: CREATE INDEX CONCURRENTLY waits for every "
-                          f"transaction older than it to end, and {waited_for} had not; {left}: "
-                          "retry when it ends, or raise --lock-wait") from error
+        run_steps(conn, [bounded[-1]])
+        left = _drop_built(conn, index, options)
+        raise RunnerError(f"{what} could not be built within {options.lock_wait_s:g} s: CREATE "
+                          f"INDEX CONCURRENTLY waits for every transaction older than it to "
+                          f"end, and {waited_for} had not; {left}: retry when it ends, or raise "
+                          "--lock-wait") from error
 
 
 def _rows_at_commit(conn: psycopg.Connection,
@@ -377,10 +400,17 @@ def _gave_up(options: SwapOptions, could_not_lock: Callable[[int, Exception], st
              ) -> Callable[[int, Exception], str]:
     """The message when the cut-over's lock could not be had, or held to no use, in time."""
     def message(tries: int, reason: Exception) -> str:
+        if isinstance(reason, _NeedsRescan) and reason.had_index:
+            return (f"gave up after {tries} tries over {options.lock_wait_s:g} s, nothing was "
+                    "changed: the ETL keeps deleting or re-keying kept rows whose natural key "
+                    "has a NULL, which only a scan of the table can replay, never under the "
+                    "lock; pause it briefly, or raise --lock-wait")
         if isinstance(reason, _NeedsRescan):
             return (f"gave up after {tries} tries over {options.lock_wait_s:g} s, nothing was "
-                    "changed: the ETL keeps deleting or re-keying kept rows, which can only "
-                    "be replayed outside the lock; pause it briefly, or raise --lock-wait")
+                    "changed: the ETL began deleting or re-keying kept rows during the swap, "
+                    "which without an index on the natural key are replayed only outside the "
+                    "lock; run `runner swap` again: having seen them, it first builds one "
+                    "without blocking writers")
         return could_not_lock(tries, reason)
     return message
 
@@ -391,6 +421,32 @@ def _gave_up_before(options: SwapOptions, step: Step) -> Callable[[int, Exceptio
         f"could not get a lock for \"{step.why}\" within {options.lock_wait_s:g} s, "
         f"nothing was changed; {error.diag.message_primary}: retry when the session "
         "holding it finishes, or raise --lock-wait")
+
+
+@contextlib.contextmanager
+def _lookup_indexes(conn: psycopg.Connection, active: list[TablePlan], options: SwapOptions,
+                    step_done: Callable[[str], None]) -> Iterator[None]:
+    """The swap's own indexes on natural keys, for the cut-over it wraps: the commit drops
+    them; a swap that gives up drops them too, and a lost connection leaves them to the next
+    run, which uses them."""
+    built = []
+    try:
+        for plan in active:
+            if plan.lookup:
+                built.append(lookup_index(plan.target.live))
+                _build_concurrently(conn, plan.lookup, built[-1],
+                                    f"the index on the natural key of {plan.target.live}",
+                                    options)
+                step_done(f"lookup index of {plan.target.live}")
+        yield
+    except Exception as error:
+        if conn.broken or isinstance(error, ConnectionLost):
+            raise
+        left = [_drop_built(conn, index, options) for index in built]
+        if isinstance(error, RunnerError) and left != ["nothing was changed"] * len(left):
+            raise RunnerError(f"{error}; its index on the natural key is left, for the next "
+                              "run to use") from error
+        raise
 
 
 def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptions,
@@ -448,16 +504,18 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
     with locking.one_runner(conn):
         for plan in active:
             if plan.concurrent:
-                _build_concurrently(conn, plan, options)
+                _build_concurrently(conn, plan.concurrent, pending_index(plan.target.live),
+                                    f"the unique index of {plan.target.live}", options)
                 step_done(f"concurrent index of {plan.target.live}")
-        result = executor.cut_over(conn, executor.CutOver(
-            command="swap", before=before,
-            prepare=[(f"replay before the lock of {plan.target.live}",
-                      lambda plan=plan: prepare(plan)) for plan in replaying],
-            catch_up=replay_all, between_tries=replay_between_tries,
-            take_lock=locking_steps, under_lock=cut_over,
-            lock_wait_s=options.lock_wait_s, gave_up=_gave_up(options, could_not_lock),
-            gave_up_before=lambda step: _gave_up_before(options, step),
-            validate=validate, lock_timeout_ms=options.lock_timeout_ms,
-            postpone=options.postpone), step_done)
+        with _lookup_indexes(conn, active, options, step_done):
+            result = executor.cut_over(conn, executor.CutOver(
+                command="swap", before=before,
+                prepare=[(f"replay before the lock of {plan.target.live}",
+                          lambda plan=plan: prepare(plan)) for plan in replaying],
+                catch_up=replay_all, between_tries=replay_between_tries,
+                take_lock=locking_steps, under_lock=cut_over,
+                lock_wait_s=options.lock_wait_s, gave_up=_gave_up(options, could_not_lock),
+                gave_up_before=lambda step: _gave_up_before(options, step),
+                validate=validate, lock_timeout_ms=options.lock_timeout_ms,
+                postpone=options.postpone), step_done)
     return SwapResult(plans, result.lock_ms, result.attempts, replayed, rows, result.notes)

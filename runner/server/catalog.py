@@ -162,6 +162,18 @@ class LiveTable:
             return index
         return None
 
+    def key_lookup_index(self, spec: DedupSpec) -> Index | None:
+        """A valid btree index that finds a natural key's rows without reading the table: its
+        leading columns are the key's, in any order."""
+        width = len(spec.natural_key)
+        for index in self.indexes:
+            if not index.valid or index.partial or not index.method.startswith("USING btree"):
+                continue
+            leading = index.key_columns[:width]
+            if None not in leading and set(leading) == set(spec.natural_key):
+                return index
+        return None
+
 
 _TABLE = """
 select c.oid, c.relkind, pg_get_userbyid(c.relowner), obj_description(c.oid, 'pg_class'),

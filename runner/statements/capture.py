@@ -225,6 +225,11 @@ class Replay:
     needs_rescan: sql.Composed
     """Returns one boolean: whether this batch needs a scan of the live table."""
     rescan: list[sql.Composed]
+    """Each key to rescan gets its best live row: found by an index on the live table's
+    natural key, if it has one, or by a scan of the whole table."""
+    rescan_scans_table: sql.Composed | None
+    """Returns whether a key to rescan has a NULL, which no index finds with IS NOT DISTINCT
+    FROM; None where NULLs are distinct, and such a key never needs a rescan."""
     apply: list[sql.Composed]
     touched_rows_match: sql.Composed
     """A check under the lock: every kept row this batch touched equals its live row."""
@@ -369,11 +374,25 @@ class _Tables:
             sql.Literal(self.snapshot))
 
 
+def _moves_rows(spec: DedupSpec, change: str) -> sql.Composed:
+    """A condition on a logged change: it deleted a row, or changed its key or keep columns,
+    after which only the live rows of its key can say which of them to keep."""
+    key_and_keep = list(dict.fromkeys([*spec.natural_key, *(e.column for e in spec.keep)]))
+    return sql.SQL("({change}.op = 'D' or {change}.op = 'U' and row({old}) is distinct from"
+                   " row({new}))").format(
+        change=sql.SQL(change),
+        old=sql.SQL(", ").join(field(f"{change}.old_row", c) for c in key_and_keep),
+        new=sql.SQL(", ").join(field(f"{change}.new_row", c) for c in key_and_keep))
+
+
+def rows_moved(spec: DedupSpec, log: Relation) -> sql.Composed:
+    """Returns whether the log holds a change that deleted or re-keyed a row: an ETL that
+    does so may do it again in the last moments before the cut-over."""
+    return sql.SQL("select exists (select from {} as b where {})").format(
+        _id(log), _moves_rows(spec, "b"))
+
+
 def _take_batch(t: _Tables, batch_rows: int) -> list[sql.Composed]:
-    key_and_keep = list(dict.fromkeys([*t.spec.natural_key, *(e.column for e in t.spec.keep)]))
-    changed = sql.SQL("row({}) is distinct from row({})").format(
-        sql.SQL(", ").join(field("b.old_row", c) for c in key_and_keep),
-        sql.SQL(", ").join(field("b.new_row", c) for c in key_and_keep))
     # A NULL-key row is a group of its own unless NULLs are equal: it never needs a rescan.
     rescannable = sql.SQL("") if t.nulls_equal else sql.SQL(
         " and not {}").format(t.null_in_key("b.old_row"))
@@ -403,14 +422,14 @@ def _take_batch(t: _Tables, batch_rows: int) -> list[sql.Composed]:
             " and (exists (select from {new} as s where s.{tb} = {old_tb}) or {old_tb} in"
             " (select {new_tb} from dedup_batch as n where n.op in ('I', 'U'))"
             " or not {key_kept})"
-            " and (b.op = 'D' or {changed})"
+            " and {moves}"
         ).format(
             keys=sql.SQL(", ").join(
                 sql.SQL("{} as {}").format(field("b.old_row", k), sql.Identifier(k))
                 for k in t.spec.natural_key),
             rescannable=rescannable, old_tb=field("b.old_row", t.spec.tiebreaker),
             tb=t.tiebreaker, new=_id(t.shadow), new_tb=field("n.new_row", t.spec.tiebreaker),
-            key_kept=_key_kept(t, "b.old_row"), changed=changed),
+            key_kept=_key_kept(t, "b.old_row"), moves=_moves_rows(t.spec, "b")),
     ]
 
 
@@ -428,15 +447,19 @@ def _key_kept(t: _Tables, row: str) -> sql.Composed:
         t.null_in_key(row), kept("is not distinct from"), kept("="))
 
 
+def _null_in_rescanned_key(t: _Tables) -> sql.Composed:
+    return sql.SQL("(") + sql.SQL(" or ").join(
+        sql.SQL("r.{} is null").format(sql.Identifier(k)) for k in t.spec.natural_key
+    ) + sql.SQL(")")
+
+
 def _rescan(t: _Tables) -> list[sql.Composed]:
     """Each key to rescan gives up its kept row and gets the best of its live rows. Keys with
     no NULL are matched by equality, which a hash join or an index serves; IS NOT DISTINCT
     FROM, which neither serves, is kept for keys with a NULL where NULLs are equal. Each
     statement scans the live table only when some key of its kind is to be rescanned."""
     keys = sql.SQL(", ").join(sql.Identifier(k) for k in t.spec.natural_key)
-    has_null = sql.SQL("(") + sql.SQL(" or ").join(
-        sql.SQL("r.{} is null").format(sql.Identifier(k)) for k in t.spec.natural_key
-    ) + sql.SQL(")")
+    has_null = _null_in_rescanned_key(t)
     kinds = [(sql.SQL("not ") + has_null, sql.SQL(" = "))]
     if t.nulls_equal:
         kinds.append((has_null, sql.SQL(" is not distinct from ")))
@@ -560,6 +583,9 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation,
         truncated=sql.SQL("select exists (select from dedup_batch where op = 'T')"),
         needs_rescan=sql.SQL("select exists (select from dedup_rescan)"),
         rescan=_rescan(t),
+        rescan_scans_table=sql.SQL(
+            "select exists (select from dedup_rescan as r where {})").format(
+                _null_in_rescanned_key(t)) if t.nulls_equal else None,
         apply=_apply(t),
         touched_rows_match=sql.SQL(
             "{touched_rows} select count(*) = 0, count(*) as rows_differing_from_live"

@@ -25,7 +25,7 @@ from runner.declaration.artifacts import DedupSpec, DedupTarget, Relation
 from runner.declaration.names import archive_name, constraint_name, pg_name
 from runner.errors import RunnerError
 from runner.server import swap_log
-from runner.server.catalog import ColumnGrant, Grant, LiveTable, View
+from runner.server.catalog import ColumnGrant, Grant, Index, LiveTable, View
 from runner.statements import capture
 
 PRIVILEGES = {
@@ -75,6 +75,12 @@ class TablePlan:
     the cut-over, as the keys are added."""
     concurrent: list[Step] = field(default_factory=list)
     """Run before the transaction, outside it: CREATE INDEX CONCURRENTLY cannot run inside one."""
+    lookup: list[Step] = field(default_factory=list)
+    """Run before the transaction, outside it: the index on the live table's natural key that
+    lets a replay under the lock find a key's live rows, built for the swap alone."""
+    rescan_under_lock: bool = False
+    """Whether the live table has such an index, so that a replay under the lock may rescan a
+    key whose kept row the ETL deleted or re-keyed instead of giving the lock back."""
     prepare: list[Step] = field(default_factory=list)
     """In the transaction, before the live table is locked."""
     cutover: list[Step] = field(default_factory=list)
@@ -240,15 +246,19 @@ def _end_capture(captured: capture.Capture | None) -> list[Step]:
 def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: datetime,
                archive_schema: str, captured: capture.Capture | None,
                swapped_since_build: bool = False,
-               server_version: int = NULLS_NOT_DISTINCT_VERSION) -> TablePlan:
+               server_version: int = NULLS_NOT_DISTINCT_VERSION,
+               rows_moved: bool = False) -> TablePlan:
     """The plan for one table. `captured`: its change capture from before the build, if in
-    place; `swapped_since_build`: a swap the build did not see replaced the table already."""
+    place; `swapped_since_build`: a swap the build did not see replaced the table already;
+    `rows_moved`: the capture saw the ETL delete or re-key rows."""
     pending = pg_name(live.relation.name, "natural_key_new")
+    lookup = _lookup_name(live.relation)
     leftover = [index for index in live.indexes if index.name == pending]
+    lookup_left = next((index for index in live.indexes if index.name == lookup), None)
     # The index an interrupted run left enforces the key, but it is not the constraint yet:
-    # it is dropped and built again.
+    # it is dropped and built again. Neither it nor the swap's own lookup index is the table's.
     live = dataclasses.replace(live, indexes=tuple(i for i in live.indexes
-                                                   if i.name != pending))
+                                                   if i.name not in (pending, lookup)))
     if live.enforcing_index(target.spec) is not None and (
             counts.duplicates == 0 or swapped_since_build):
         return TablePlan(target, "nothing", counts, capture=captured,
@@ -263,7 +273,48 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
     planned = _swap(target, live, counts, stamp, archive_schema, captured)
     if leftover:
         planned.concurrent.append(_drop_pending(live))
+    _plan_lookup(planned, live, lookup_left, rows_moved)
     return planned
+
+
+def _lookup_name(table: Relation) -> str:
+    return pg_name(table.name, "natural_key_lookup")
+
+
+def lookup_index(table: Relation) -> sql.Identifier:
+    """The index on a live table's natural key that a swap builds for itself."""
+    return sql.Identifier(table.schema, _lookup_name(table))
+
+
+def _plan_lookup(plan: TablePlan, live: LiveTable, left: Index | None,
+                 rows_moved: bool) -> None:
+    """Under the lock, a write that deleted or re-keyed a kept row needs the live rows of its
+    key; without an index on the key that is a scan of the whole table, and the lock is given
+    back for it. An ETL that only inserts never needs one. One that deletes or re-keys may
+    keep doing so until every try ends that way: the swap builds an index of its own for it,
+    without blocking writers, and drops it with the original's other belongings under the
+    lock, so that the archived table is the original as it was."""
+    if live.key_lookup_index(plan.target.spec) is not None:
+        plan.rescan_under_lock = True
+        return
+    index = lookup_index(live.relation)
+    if left is not None and not left.valid:
+        plan.lookup.append(Step("an index an interrupted run left INVALID would block the name",
+                                sql.SQL("drop index concurrently if exists {}").format(index)))
+    if not (rows_moved or (left is not None and left.valid)):
+        return
+    if left is None or not left.valid:
+        plan.lookup.append(Step(
+            "the ETL deletes or re-keys rows: an index on the natural key lets the replay "
+            "under the lock find a key's live rows, and is built without blocking writers",
+            sql.SQL("create index concurrently {} on {} ({})").format(
+                sql.Identifier(_lookup_name(live.relation)),
+                sql.Identifier(live.relation.schema, live.relation.name),
+                sql.SQL(", ").join(sql.Identifier(k) for k in plan.target.spec.natural_key))))
+    plan.rescan_under_lock = True
+    plan.cutover.insert(0, Step("the swap's own index on the natural key goes: the archive "
+                                "keeps the original as it was",
+                                sql.SQL("drop index {}").format(index)))
 
 
 def pending_index(table: Relation) -> sql.Identifier:
