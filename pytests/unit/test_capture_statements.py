@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from facts import LIVE, SPEC, table, text
+from facts import LIVE, SPEC, column, table, text
 
 from runner.declaration.artifacts import Relation
 from runner.declaration.names import MAX_IDENTIFIER_BYTES, pg_name
@@ -89,24 +89,41 @@ def _rescans(spec) -> list[str]:
     return [text(s) for s in replay.rescan]
 
 
-def test_a_rescan_matches_keys_without_a_null_by_equality_which_an_index_or_a_hash_serves(
+def test_a_rescan_matches_keys_by_what_an_index_on_the_key_serves_never_distinct_from(
         ) -> None:
+    # order_id is NOT NULL, sku is not: a key without a NULL is one whose sku has a value.
     for spec in (SPEC, dataclasses.replace(SPEC, nulls="not_distinct")):
-        by_equality = [s for s in _rescans(spec)
-                       if 'not (r."order_id" is null or r."sku" is null)' in s]
+        rescans = _rescans(spec)
+        by_equality = [s for s in rescans if '(r."sku" is not null) and' in s]
         assert len(by_equality) == 2
-        assert all('."order_id" = r."order_id" and ' in s and "distinct from" not in s
+        assert all('."order_id" = r."order_id" and ' in s and '."sku" = r."sku"' in s
                    for s in by_equality)
+        assert not any("distinct from" in s for s in rescans)
 
 
 def test_only_where_nulls_are_equal_keys_with_a_null_are_rescanned_as_such_and_only_if_any(
         ) -> None:
     assert len(_rescans(SPEC)) == 2
     with_null = [s for s in _rescans(dataclasses.replace(SPEC, nulls="not_distinct"))
-                 if 'where (r."order_id" is null or r."sku" is null) and' in s]
+                 if '(r."sku" is null) and' in s]
     assert len(with_null) == 2
-    assert all('."sku" is not distinct from r."sku"' in s for s in with_null)
+    assert all('."order_id" = r."order_id" and l."sku" is null' in s
+               or '."order_id" = r."order_id" and s."sku" is null' in s for s in with_null)
     # The live table is read only when there is a key of the kind to rescan.
     insert = next(s for s in with_null if s.startswith("with changed as (insert"))
-    assert ('where (select exists (select from dedup_rescan as r where (r."order_id" is null'
-            ' or r."sku" is null)))') in insert
+    assert 'where (select exists (select from dedup_rescan as r where (r."sku" is null)))' in insert
+
+
+def test_each_combination_of_nullable_key_columns_has_statements_of_its_own() -> None:
+    nullable = table(columns=(column("id", "bigint", True), column("order_id", "bigint"),
+                              column("sku"), column("note")))
+    replay = capture.replay(dataclasses.replace(SPEC, nulls="not_distinct"), LIVE, SHADOW,
+                            CAPTURED.log, nullable.columns)
+    patterns = [text(s).split(" where ", 1)[1].split(" and s.")[0] for s in replay.rescan
+                if text(s).startswith("with changed as (delete")]
+    assert patterns == [
+        '(r."order_id" is not null and r."sku" is not null)',
+        '(r."order_id" is null and r."sku" is not null)',
+        '(r."order_id" is not null and r."sku" is null)',
+        '(r."order_id" is null and r."sku" is null)',
+    ]

@@ -276,16 +276,6 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
 class _NeedsRescan(locking.Retry):
     """Under the lock, a captured write needs a scan of a live table: give the lock back."""
 
-    def __init__(self, had_index: bool) -> None:
-        super().__init__()
-        self.had_index = had_index
-
-
-def _may_rescan_under_lock(conn: psycopg.Connection, plan: TablePlan) -> bool:
-    """Whether an index finds the live rows of every key this batch rescans."""
-    scans = plan.replay.rescan_scans_table
-    return plan.rescan_under_lock and not (scans and conn.execute(scans).fetchone()[0])
-
 
 def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool,
             for_at_most_s: float | None = None) -> int:
@@ -306,8 +296,8 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool,
                               "build no longer says which rows to keep; nothing was changed: "
                               "run `dbt build` again, then `runner swap`")
         if conn.execute(replay.needs_rescan).fetchone()[0]:
-            if under_lock and not _may_rescan_under_lock(conn, plan):
-                raise _NeedsRescan(plan.rescan_under_lock)
+            if under_lock and not plan.rescan_under_lock:
+                raise _NeedsRescan
             for statement in replay.rescan:
                 conn.execute(statement)
         run_batched(conn, [Step("", statement) for statement in replay.apply])
@@ -400,11 +390,6 @@ def _gave_up(options: SwapOptions, could_not_lock: Callable[[int, Exception], st
              ) -> Callable[[int, Exception], str]:
     """The message when the cut-over's lock could not be had, or held to no use, in time."""
     def message(tries: int, reason: Exception) -> str:
-        if isinstance(reason, _NeedsRescan) and reason.had_index:
-            return (f"gave up after {tries} tries over {options.lock_wait_s:g} s, nothing was "
-                    "changed: the ETL keeps deleting or re-keying kept rows whose natural key "
-                    "has a NULL, which only a scan of the table can replay, never under the "
-                    "lock; pause it briefly, or raise --lock-wait")
         if isinstance(reason, _NeedsRescan):
             return (f"gave up after {tries} tries over {options.lock_wait_s:g} s, nothing was "
                     "changed: the ETL began deleting or re-keying kept rows during the swap, "

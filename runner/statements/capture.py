@@ -29,6 +29,8 @@ Every statement here is built from facts alone; runner.jobs.swap runs them.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -227,9 +229,6 @@ class Replay:
     rescan: list[sql.Composed]
     """Each key to rescan gets its best live row: found by an index on the live table's
     natural key, if it has one, or by a scan of the whole table."""
-    rescan_scans_table: sql.Composed | None
-    """Returns whether a key to rescan has a NULL, which no index finds with IS NOT DISTINCT
-    FROM; None where NULLs are distinct, and such a key never needs a rescan."""
     apply: list[sql.Composed]
     touched_rows_match: sql.Composed
     """A check under the lock: every kept row this batch touched equals its live row."""
@@ -330,6 +329,34 @@ class _Tables:
                                         else sql.SQL("{}.{}").format(sql.SQL(right),
                                                                      sql.Identifier(k)))
             for k in self.spec.natural_key)
+
+    def null_patterns(self) -> list[tuple[str, ...]]:
+        """Which key columns are NULL, as statements that an index on the key serves must
+        tell apart: none; and where NULLs are equal, each combination of the nullable ones,
+        each matched with `k = v` and `k is null`, which an index finds, where IS NOT DISTINCT
+        FROM would make every match a scan of the whole table."""
+        if not self.nulls_equal:
+            return [()]
+        not_null = {c.name for c in self.columns if c.not_null}
+        nullable = [k for k in self.spec.natural_key if k not in not_null]
+        return [combination for size in range(len(nullable) + 1)
+                for combination in itertools.combinations(nullable, size)]
+
+    def nulls_exactly(self, of: Callable[[str], sql.Composable],
+                      nulls: tuple[str, ...]) -> sql.Composed:
+        """The key's nullable columns, each `of` the row named, are NULL in `nulls` only."""
+        not_null = {c.name for c in self.columns if c.not_null}
+        terms = [sql.SQL("{} is {}null").format(of(k), sql.SQL("" if k in nulls else "not "))
+                 for k in self.spec.natural_key if k not in not_null]
+        return sql.SQL("({})").format(sql.SQL(" and ").join(terms or [sql.SQL("true")]))
+
+    def key_matches(self, left: Callable[[str], sql.Composable],
+                    right: Callable[[str], sql.Composable],
+                    nulls: tuple[str, ...]) -> sql.Composed:
+        """The keys are equal, for a `right` whose key is NULL in `nulls` only."""
+        return sql.SQL(" and ").join(
+            sql.SQL("{} is null").format(left(k)) if k in nulls
+            else sql.SQL("{} = {}").format(left(k), right(k)) for k in self.spec.natural_key)
 
     def null_in_key(self, row: str) -> sql.Composed:
         return sql.SQL("(") + sql.SQL(" or ").join(
@@ -433,43 +460,40 @@ def _take_batch(t: _Tables, batch_rows: int) -> list[sql.Composed]:
     ]
 
 
+def columns_of(alias: str) -> Callable[[str], sql.Composed]:
+    return lambda k: sql.SQL("{}.{}").format(sql.SQL(alias), sql.Identifier(k))
+
+
+def fields_of(row: str) -> Callable[[str], sql.Composed]:
+    return lambda k: field(row, k)
+
+
 def _key_kept(t: _Tables, row: str) -> sql.Composed:
-    """The new table keeps a row of `row`'s key: by the unique index where the key has no
-    NULL, and only where it has one by IS NOT DISTINCT FROM, which no index serves."""
-    def kept(operator: str) -> sql.Composed:
+    """The new table keeps a row of `row`'s key, found by its unique index."""
+    def kept(nulls: tuple[str, ...]) -> sql.Composed:
         return sql.SQL("exists (select from {new} as s where {match})").format(
-            new=_id(t.shadow), match=sql.SQL(" and ").join(
-                sql.SQL("s.{} {} {}").format(sql.Identifier(k), sql.SQL(operator), field(row, k))
-                for k in t.spec.natural_key))
-    if not t.nulls_equal:
-        return kept("=")
-    return sql.SQL("(case when {} then {} else {} end)").format(
-        t.null_in_key(row), kept("is not distinct from"), kept("="))
-
-
-def _null_in_rescanned_key(t: _Tables) -> sql.Composed:
-    return sql.SQL("(") + sql.SQL(" or ").join(
-        sql.SQL("r.{} is null").format(sql.Identifier(k)) for k in t.spec.natural_key
-    ) + sql.SQL(")")
+            new=_id(t.shadow), match=t.key_matches(columns_of("s"), fields_of(row), nulls))
+    patterns = t.null_patterns()
+    if len(patterns) == 1:
+        return kept(patterns[0])
+    return sql.SQL("(case {} end)").format(sql.SQL(" ").join(
+        sql.SQL("when {} then {}").format(t.nulls_exactly(fields_of(row), nulls), kept(nulls))
+        for nulls in patterns))
 
 
 def _rescan(t: _Tables) -> list[sql.Composed]:
-    """Each key to rescan gives up its kept row and gets the best of its live rows. Keys with
-    no NULL are matched by equality, which a hash join or an index serves; IS NOT DISTINCT
-    FROM, which neither serves, is kept for keys with a NULL where NULLs are equal. Each
-    statement scans the live table only when some key of its kind is to be rescanned."""
+    """Each key to rescan gives up its kept row and gets the best of its live rows, found by
+    an index on the live table's key where it has one, or else by a hash join over it. One
+    pair of statements per pattern of NULLs, each of which reads the live table only when a
+    key of its pattern is to be rescanned."""
     keys = sql.SQL(", ").join(sql.Identifier(k) for k in t.spec.natural_key)
-    has_null = _null_in_rescanned_key(t)
-    kinds = [(sql.SQL("not ") + has_null, sql.SQL(" = "))]
-    if t.nulls_equal:
-        kinds.append((has_null, sql.SQL(" is not distinct from ")))
     statements = []
-    for which, operator in kinds:
-        def match(left: str, which=which, operator=operator) -> sql.Composed:
-            return sql.SQL(" and ").join([which, *(
-                sql.SQL("{}.{}{}r.{}").format(sql.SQL(left), sql.Identifier(k), operator,
-                                              sql.Identifier(k))
-                for k in t.spec.natural_key)])
+    for nulls in t.null_patterns():
+        which = t.nulls_exactly(columns_of("r"), nulls)
+
+        def match(left: str, which=which, nulls=nulls) -> sql.Composed:
+            return sql.SQL("{} and {}").format(
+                which, t.key_matches(columns_of(left), columns_of("r"), nulls))
         statements += [
             counted(t.live, sql.SQL("delete from {new} as s using dedup_rescan as r where {match}")
                     .format(new=_id(t.shadow), match=match("s")), "-"),
@@ -487,23 +511,17 @@ def _rescan(t: _Tables) -> list[sql.Composed]:
 
 def _by_null_pattern(t: _Tables, template: str, inserting: bool,
                      **parts: sql.Composable) -> list[sql.Composed]:
-    """The statement for candidates whose key has no NULL, matched with = so that the new
-    table's unique index finds the kept row; and, where NULLs are equal, for the few whose
-    key has one, matched with IS NOT DISTINCT FROM, which no index serves. Where NULLs are
-    distinct such a candidate matches nothing, as under the constraint."""
-    equal = sql.SQL(" and ").join(
-        sql.SQL("s.{k} = c.{k}").format(k=sql.Identifier(k)) for k in t.spec.natural_key)
-    no_null = sql.SQL("not ({})").format(sql.SQL(" or ").join(
-        sql.SQL("c.{} is null").format(sql.Identifier(k)) for k in t.spec.natural_key))
-    some_null = sql.SQL("({})").format(sql.SQL(" or ").join(
-        sql.SQL("c.{} is null").format(sql.Identifier(k)) for k in t.spec.natural_key))
-    shadow = _id(t.shadow)
-    statements = [sql.SQL(template).format(new=shadow, keys_null=no_null, match=equal, **parts)]
-    if t.nulls_equal:
-        statements.append(sql.SQL(template).format(
-            new=shadow, keys_null=some_null, match=t.same_key("s", "c", right_is_row=False),
-            **parts))
-    elif inserting:
+    """The statement for candidates of each pattern of NULLs in the key, matched so that the
+    new table's unique index finds the kept row. Where NULLs are distinct a candidate whose
+    key has one matches nothing, as under the constraint."""
+    shadow, candidate = _id(t.shadow), columns_of("c")
+    statements = [sql.SQL(template).format(
+        new=shadow, keys_null=t.nulls_exactly(candidate, nulls),
+        match=t.key_matches(columns_of("s"), candidate, nulls), **parts)
+        for nulls in t.null_patterns()]
+    if inserting and not t.nulls_equal:
+        some_null = sql.SQL("({})").format(sql.SQL(" or ").join(
+            sql.SQL("{} is null").format(candidate(k)) for k in t.spec.natural_key))
         statements.append(sql.SQL(template).format(
             new=shadow, keys_null=some_null, match=sql.SQL("false"), **parts))
     return [counted(t.live, s, "+" if inserting else "-") for s in statements]
@@ -583,9 +601,6 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation,
         truncated=sql.SQL("select exists (select from dedup_batch where op = 'T')"),
         needs_rescan=sql.SQL("select exists (select from dedup_rescan)"),
         rescan=_rescan(t),
-        rescan_scans_table=sql.SQL(
-            "select exists (select from dedup_rescan as r where {})").format(
-                _null_in_rescanned_key(t)) if t.nulls_equal else None,
         apply=_apply(t),
         touched_rows_match=sql.SQL(
             "{touched_rows} select count(*) = 0, count(*) as rows_differing_from_live"
