@@ -12,6 +12,7 @@ from conftest import Database, _create_database
 from psycopg import sql
 
 from runner.declaration import artifacts
+from runner.declaration.names import pg_name
 from runner.errors import ConnectionLost
 from runner.execution import locking
 from runner.jobs import capturing
@@ -77,6 +78,11 @@ def test_a_stopped_capture_leaves_no_trace(uncaptured: Database) -> None:
         "before the swap", "capturing", 1)
     assert photos["log_bytes"] > 0
     assert len(status) == 7
+    # What a swap killed after building its index on the key leaves: stop takes it too.
+    with uncaptured.connect() as conn:
+        conn.execute(sql.SQL("create index {} on breezeway.property_photos (property_pk,"
+                             " photo_id)").format(sql.Identifier(pg_name(
+                                 "property_photos", "natural_key_lookup"))))
     stopped = ran(uncaptured, "capture", "--stop")
     assert "Stopped capturing writes to breezeway.property_photos (1 logged changes dropped)." in (
         stopped)

@@ -23,7 +23,7 @@ from runner.execution.locking import LockOptions
 from runner.server import catalog, privileges, swap_log
 from runner.server.captures import Registered, registered_captures
 from runner.statements import capture
-from runner.statements.plan import check_spec_columns, refuse_unsupported
+from runner.statements.plan import check_spec_columns, lookup_index, refuse_unsupported
 
 # What shows, after a lost connection, whether a capture was started or stopped.
 STATUS = "`runner capture --status`"
@@ -148,6 +148,9 @@ def stop(conn: psycopg.Connection, select: list[str] | None,
     statements = []
     for registered in chosen:
         table = registered.capture.live if registered.live_exists else None
+        if table is not None:
+            # A swap that was killed after building its index on the key left it behind.
+            statements.append(sql.SQL("drop index if exists {}").format(lookup_index(table)))
         statements += capture.remove(registered.capture, table)
     statements += capture.drop_if_unused(options.archive_schema)
     executor.run_alone(conn, "capture --stop", statements, options,
