@@ -13,8 +13,9 @@ A cut-over is one transaction in five named phases:
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,24 +167,42 @@ def cut_over(conn: psycopg.Connection, plan: CutOver,
         plan.between_tries()
         step_done("caught up between tries")
 
-    xid = None
-    try:
+    with _told_truly(conn, plan.command,
+                     done=f"run `runner {plan.command}` again for what follows the commit (its "
+                     "foreign keys are checked), then `runner verify`",
+                     find_out=f"`runner {plan.command} --dry-run`") as transaction:
         with conn.transaction():
-            xid = conn.execute(IDENTIFY.statement).fetchone()[0]
+            transaction.identify()
             attempts = _phases(conn, plan, deadline, attempt, try_failed, step_done)
         lock_ms = (time.perf_counter() - locked_at) * 1000
         run_steps(conn, [FLUSH])
         step_done("commit")
         notes = validate_after_commit(conn, plan.validate, plan.lock_timeout_ms,
                                       plan.lock_wait_s)
-    except psycopg.OperationalError as error:
-        if not conn.broken:
-            raise
-        raise _lost(conn.info.dsn, None if xid is None else str(xid), plan.command, error,
-                    done=f"run `runner {plan.command}` again for what follows the commit (its "
-                    "foreign keys are checked), then `runner verify`",
-                    find_out=f"`runner {plan.command} --dry-run`") from error
     return CutOverResult(lock_ms, attempts, notes)
+
+
+def explained(conn: psycopg.Connection, step: Step) -> list[str]:
+    """A step as --dry-run prints it: why it is there, then the statement."""
+    why = [f"-- {step.why}{' (must be true)' if step.check else ''}"] if step.why else []
+    return [*why, step.statement.as_string(conn) + ";"]
+
+
+def script(conn: psycopg.Connection, before: list[Step], catch_up: Callable[[bool], list[str]],
+           take_lock: list[Step], under_lock: list[Step], validate: list[Step]) -> list[str]:
+    """What cut_over runs, in its order, each statement with why it is there: what --dry-run
+    prints. `catch_up` gives the lines of the catch-up outside the lock (False) and under it
+    (True)."""
+    def each(steps: list[Step]) -> list[str]:
+        return [line for step in steps for line in explained(conn, step)]
+
+    return [
+        "begin;", *explained(conn, IDENTIFY), *each(before), *catch_up(False),
+        "-- once more for every table, for the writes made meanwhile, and after each lock try "
+        "that timed out",
+        "savepoint cutover;", *each(take_lock), *catch_up(True), *each(under_lock),
+        "release savepoint cutover;", "commit;", *explained(conn, FLUSH), *each(validate),
+    ]
 
 
 def _phases(conn: psycopg.Connection, plan: CutOver, deadline: float,
@@ -241,21 +260,41 @@ def run_alone(conn: psycopg.Connection, command: str, statements: list[sql.Compo
             conn.execute(statement)
             step_done(f"statement {number}")
 
-    xid = None
+    with (_told_truly(conn, command, done=f"{status} shows it", find_out=status) as transaction,
+          locking.one_runner(conn)):
+        with conn.transaction():
+            transaction.identify()
+            locking.retry_until(conn, run, wait_s=options.lock_wait_s,
+                                gave_up=locking.could_not_lock(
+                                    conn, tables, options.lock_timeout_ms, options.lock_wait_s,
+                                    doing))
+        step_done("commit")
+
+
+class _Identified:
+    """The transaction a command runs in, once the server has said its id."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self.xid: str | None = None
+
+    def identify(self) -> None:
+        self.xid = str(self.conn.execute(IDENTIFY.statement).fetchone()[0])
+
+
+@contextlib.contextmanager
+def _told_truly(conn: psycopg.Connection, command: str, *, done: str,
+                find_out: str) -> Iterator[_Identified]:
+    """A lost connection in the block is reported as the server recorded the transaction
+    the block identified: not begun, rolled back, still ending, or committed."""
+    transaction = _Identified(conn)
     try:
-        with locking.one_runner(conn):
-            with conn.transaction():
-                xid = conn.execute(IDENTIFY.statement).fetchone()[0]
-                locking.retry_until(conn, run, wait_s=options.lock_wait_s,
-                                    gave_up=locking.could_not_lock(
-                                        conn, tables, options.lock_timeout_ms,
-                                        options.lock_wait_s, doing))
-            step_done("commit")
+        yield transaction
     except psycopg.OperationalError as error:
         if not conn.broken:
             raise
-        raise _lost(conn.info.dsn, None if xid is None else str(xid), command, error,
-                    done=f"{status} shows it", find_out=status) from error
+        raise _lost(conn.info.dsn, transaction.xid, command, error, done=done,
+                    find_out=find_out) from error
 
 
 def _lost(dsn: str, xid: str | None, command: str, error: psycopg.OperationalError, *,

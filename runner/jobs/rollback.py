@@ -28,7 +28,7 @@ from runner.declaration.artifacts import Relation
 from runner.declaration.names import pg_name
 from runner.errors import RunnerError
 from runner.execution import executor, locking
-from runner.execution.executor import ASYNC_COMMIT, FLUSH, IDENTIFY, NO_JIT, run_batched, run_steps
+from runner.execution.executor import ASYNC_COMMIT, NO_JIT, run_batched, run_steps
 from runner.execution.locking import lock_timeout
 from runner.server import catalog, privileges, swap_log
 from runner.server.captures import Registered, registered_captures
@@ -197,9 +197,8 @@ def check_capture(entry: LogEntry, registered: Registered | None) -> None:
                           "the table out with --select")
 
 
-def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered: Registered,
-               stamp: datetime, archive_schema: str) -> TableRollback:
-    """The rollback of one swapped table, from swap_log's entry and the catalog."""
+def _refuse_unsafe(entry: LogEntry, live: LiveTable, archive: LiveTable) -> None:
+    """What would make the rollback lose writes or leave others reading the wrong table."""
     if _columns(live) != _columns(archive):
         raise RunnerError(f"the columns of {entry.live} changed since the swap, so its rows no "
                           f"longer fit the original table {archive.relation}: roll it back by "
@@ -216,14 +215,20 @@ def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered:
         raise RunnerError(f"cannot roll back {entry.live}: the original {archive.relation} has "
                           f"no valid unique index on its tie-breaker {tiebreaker!r} any more, "
                           "which the rollback finds its rows by; rebuild it, then run again")
-    schema, name = entry.live.schema, entry.live.name
-    live_id, archive_id = _id(entry.live), _id(archive.relation)
-    rolled_back = Relation(archive_schema,
-                           pg_name(name, stamp.strftime("%Y%m%d%H%M%S"), ROLLED_BACK))
+
+
+def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered: Registered,
+               stamp: datetime, archive_schema: str) -> TableRollback:
+    """The rollback of one swapped table, from swap_log's entry and the catalog."""
+    _refuse_unsafe(entry, live, archive)
+    rolled_back = Relation(archive_schema, pg_name(entry.live.name,
+                                                   stamp.strftime("%Y%m%d%H%M%S"), ROLLED_BACK))
     plan = TableRollback(
         entry, rolled_back=rolled_back, archive=archive.relation,
         restore=restore.restore(entry.live, archive.relation, registered.capture.log,
-                                live.columns, tiebreaker, entry.backfilled, entry.rows_before))
+                                live.columns, entry.tiebreaker or "", entry.backfilled,
+                                entry.rows_before))
+    archive_id = _id(archive.relation)
     plan.prepare = [
         Step(f"nothing fires in {archive.relation} while the writes are carried over; the "
              "triggers it had come back as they were with it",
@@ -231,18 +236,37 @@ def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered:
         Step(f"{archive.relation} still holds the rows it had at the swap's commit",
              plan.restore.archive_rows, check=True),
     ]
-    revalidated = []
+    plan.locked, revalidated = _foreign_keys_back(entry, archive_id)
+    plan.validate = validate_steps(entry.live, revalidated)
+    plan.cutover = _cutover_steps(plan, live, archive, registered, archive_schema)
+    return plan
+
+
+def _foreign_keys_back(entry: LogEntry, archive_id: sql.Identifier
+                       ) -> tuple[list[Step], list[str]]:
+    """The original's foreign keys again, NOT VALID under the lock; and those to validate
+    after the commit, the ones that were valid at the swap."""
+    steps, revalidated = [], []
     for key in entry.archive_foreign_keys:
         definition, validated = not_valid(key.definition)
-        plan.locked.append(Step(
+        steps.append(Step(
             f"foreign key {key.name} of the original again, NOT VALID: validated after the "
             "commit, so that checking the original's rows holds no lock",
             sql.SQL("alter table {} add constraint {} {} not valid").format(
                 archive_id, sql.Identifier(key.name), sql.SQL(definition))))
         if validated:
             revalidated.append(key.name)
-    plan.validate = validate_steps(entry.live, revalidated)
-    plan.cutover = [
+    return steps, revalidated
+
+
+def _cutover_steps(plan: TableRollback, live: LiveTable, archive: LiveTable,
+                   registered: Registered, archive_schema: str) -> list[Step]:
+    """Under the lock: the original takes the live name and all that went with it back, and
+    the deduplicated table goes to the archive schema."""
+    entry, rolled_back = plan.entry, plan.rolled_back
+    schema, name = entry.live.schema, entry.live.name
+    live_id, archive_id = _id(entry.live), _id(archive.relation)
+    return [
         Step(f"{entry.live} still has the columns of {archive.relation}",
              sql.SQL("select l = a, l::text as live_columns, a::text as archive_columns"
                      " from (select {} as l, {} as a) as c").format(
@@ -257,23 +281,19 @@ def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered:
         Step("under its own name",
              sql.SQL("alter table {} rename to {}").format(
                  sql.Identifier(schema, archive.relation.name), sql.Identifier(name))),
+        *_names_back_steps(plan, entry, live, archive, rolled_back),
+        *_trigger_steps(entry),
+        Step("the deduplicated table is kept in the archive schema, never dropped by a rollback",
+             sql.SQL("alter table {} set schema {}").format(
+                 sql.Identifier(schema, rolled_back.name), sql.Identifier(archive_schema))),
+        *(Step(f"publication {publication} publishes the original table again",
+               sql.SQL("alter publication {} add table {}").format(
+                   sql.Identifier(publication), live_id))
+          for publication in live.publications),
+        *(recreate_view(view, f"view {view.relation} reads the original table again")
+          for view in live.views),
+        _mark(entry, archive_schema, rolled_back),
     ]
-    plan.cutover += _names_back_steps(plan, entry, live, archive, rolled_back)
-    plan.cutover += _trigger_steps(entry)
-    plan.cutover.append(Step(
-        "the deduplicated table is kept in the archive schema, never dropped by a rollback",
-        sql.SQL("alter table {} set schema {}").format(
-            sql.Identifier(schema, rolled_back.name), sql.Identifier(archive_schema))))
-    plan.cutover += [
-        Step(f"publication {publication} publishes the original table again",
-             sql.SQL("alter publication {} add table {}").format(
-                 sql.Identifier(publication), live_id))
-        for publication in live.publications
-    ]
-    plan.cutover += [recreate_view(view, f"view {view.relation} reads the original table again")
-                     for view in live.views]
-    plan.cutover.append(_mark(entry, archive_schema, rolled_back))
-    return plan
 
 
 def _inert_steps(live: LiveTable) -> list[Step]:
@@ -443,58 +463,38 @@ def _phases(plans: list[TableRollback], options: RollbackOptions
     return before, locking_steps, locked
 
 
+def _restore_lines(conn: psycopg.Connection, plan: TableRollback, under_lock: bool) -> list[str]:
+    r = plan.restore
+    check = r.touched_rows_in_archive if under_lock else r.touched_rows_settled
+    return [
+        f"-- carry the writes captured on {plan.entry.live} since the swap over to "
+        f"{plan.archive}, a batch at a time, until the log is empty",
+        *(statement.as_string(conn) + ";" for statement in r.take_batch),
+        "-- a TRUNCATE stops the rollback: " + r.truncated.as_string(conn) + ";",
+        "-- must be true: " + r.no_reused_tiebreaker.as_string(conn) + ";",
+        *(statement.as_string(conn) + ";" for statement in r.apply),
+        "-- after each batch, must be true: " + r.batch_applied.as_string(conn) + ";",
+        "-- and: " + check.as_string(conn) + ";",
+        *([] if under_lock else
+          ["-- then must be true: " + r.all_rows_in_archive.as_string(conn) + ";"]),
+    ]
+
+
 def render(conn: psycopg.Connection, plans: list[TableRollback],
            options: RollbackOptions) -> str:
     """The exact SQL `execute` would run, in order, with why each statement is there."""
-    lines = []
-
-    def add(step: Step) -> None:
-        if step.why:
-            lines.append(f"-- {step.why}{' (must be true)' if step.check else ''}")
-        lines.append(step.statement.as_string(conn) + ";")
-
-    def add_restore(plan: TableRollback, under_lock: bool) -> None:
-        r = plan.restore
-        lines.append(f"-- carry the writes captured on {plan.entry.live} since the swap over "
-                     f"to {plan.archive}, a batch at a time, until the log is empty")
-        lines.extend(statement.as_string(conn) + ";" for statement in r.take_batch)
-        lines.append("-- a TRUNCATE stops the rollback: " + r.truncated.as_string(conn) + ";")
-        lines.append("-- must be true: " + r.no_reused_tiebreaker.as_string(conn) + ";")
-        lines.extend(statement.as_string(conn) + ";" for statement in r.apply)
-        lines.append("-- after each batch, must be true: " + r.batch_applied.as_string(conn)
-                     + ";")
-        check = r.touched_rows_in_archive if under_lock else r.touched_rows_settled
-        lines.append("-- and: " + check.as_string(conn) + ";")
-        if not under_lock:
-            lines.append("-- then must be true: " + r.all_rows_in_archive.as_string(conn) + ";")
-
     validate = [step for plan in plans for step in plan.validate]
     plans = _cutting_over(plans)
-    for plan in plans:
-        lines += [f"-- note: {note}" for note in plan.notes]
+    lines = [f"-- note: {note}" for plan in plans for note in plan.notes]
     if not plans:
-        for step in validate:
-            add(step)
-        return "\n".join(lines)
+        return "\n".join(lines + [line for step in validate
+                                  for line in executor.explained(conn, step)])
     before, locking_steps, locked = _phases(plans, options)
-    lines.append("begin;")
-    add(IDENTIFY)
-    for step in before:
-        add(step)
-    for plan in _restoring(plans):
-        add_restore(plan, under_lock=False)
-    lines.append("savepoint cutover;")
-    for step in [*locking_steps, *locked]:
-        add(step)
-    for plan in _restoring(plans):
-        add_restore(plan, under_lock=True)
-    for plan in plans:
-        for step in plan.cutover:
-            add(step)
-    lines += ["release savepoint cutover;", "commit;"]
-    add(FLUSH)
-    for step in validate:
-        add(step)
+    lines += executor.script(
+        conn, before,
+        lambda under_lock: [line for plan in _restoring(plans)
+                            for line in _restore_lines(conn, plan, under_lock)],
+        [*locking_steps, *locked], [step for plan in plans for step in plan.cutover], validate)
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from runner.declaration import artifacts
 from runner.declaration.artifacts import Relation
 from runner.errors import ConnectionLost, RunnerError
 from runner.execution import executor, locking
-from runner.execution.executor import ASYNC_COMMIT, FLUSH, IDENTIFY, NO_JIT, run_batched, run_steps
+from runner.execution.executor import ASYNC_COMMIT, NO_JIT, run_batched, run_steps
 from runner.execution.locking import lock_timeout
 from runner.server import captures, catalog, privileges, swap_log
 from runner.statements import capture
@@ -208,68 +208,40 @@ def _lock_summary(plans: list[TablePlan], options: SwapOptions) -> list[str]:
     return lines
 
 
+def _replay_lines(conn: psycopg.Connection, plan: TablePlan, under_lock: bool) -> list[str]:
+    replay = plan.replay
+    lines = [f"-- replay the writes captured on {plan.target.live}, a batch at a time, until the "
+             "log is empty" + ("; a batch that needs a rescan gives the lock back"
+                                if under_lock and not plan.rescan_under_lock else "")]
+    lines += [statement.as_string(conn) + ";" for statement in replay.take_batch]
+    lines.append("-- a TRUNCATE stops the swap: " + replay.truncated.as_string(conn) + ";")
+    lines.append("-- only when this is true: " + replay.needs_rescan.as_string(conn) + ";")
+    lines += [statement.as_string(conn) + ";" for statement in [*replay.rescan, *replay.apply]]
+    check = replay.touched_rows_match if under_lock else replay.touched_rows_settled
+    lines.append("-- after each batch, must be true: " + check.as_string(conn) + ";")
+    if not under_lock:
+        lines.append("-- then must be true: " + replay.all_rows_match.as_string(conn) + ";")
+    return lines
+
+
 def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptions) -> str:
     """The exact SQL `execute` would run, in order, with why each statement is there."""
-    lines = []
-    for plan in plans:
-        if plan.action == "nothing":
-            lines.append(f"-- {plan.target.live}: nothing to do, no duplicates and the natural "
-                         "key is already enforced")
+    lines = [f"-- {plan.target.live}: nothing to do, no duplicates and the natural key is "
+             "already enforced" for plan in plans if plan.action == "nothing"]
     if not any(p.cutover or p.concurrent for p in plans):
         return "\n".join(lines)
     lines += _lock_summary(plans, options)
-
-    def add(step: Step) -> None:
-        if step.why:
-            lines.append(f"-- {step.why}{' (must be true)' if step.check else ''}")
-        lines.append(step.statement.as_string(conn) + ";")
-
-    def add_replay(plan: TablePlan, under_lock: bool) -> None:
-        replay = plan.replay
-        lines.append(f"-- replay the writes captured on {plan.target.live}, a batch at a time, "
-                     "until the log is empty" + (
-                         "; a batch that needs a rescan gives the lock back" if under_lock
-                         else ""))
-        for statement in replay.take_batch:
-            lines.append(statement.as_string(conn) + ";")
-        lines.append("-- a TRUNCATE stops the swap: " + replay.truncated.as_string(conn) + ";")
-        lines.append("-- only when this is true: " + replay.needs_rescan.as_string(conn) + ";")
-        for statement in replay.rescan:
-            lines.append(statement.as_string(conn) + ";")
-        for statement in replay.apply:
-            lines.append(statement.as_string(conn) + ";")
-        check = replay.touched_rows_match if under_lock else replay.touched_rows_settled
-        lines.append("-- after each batch, must be true: " + check.as_string(conn) + ";")
-        if not under_lock:
-            lines.append("-- then must be true: " + replay.all_rows_match.as_string(conn) + ";")
-
     for plan in plans:
         for steps in (plan.concurrent, plan.lookup):
             for step in _concurrent_steps(steps, options) if steps else []:
-                add(step)
+                lines += executor.explained(conn, step)
     before, locking_steps, under_lock = _phases(plans, options)
-    lines.append("begin;")
-    add(IDENTIFY)
-    for step in before:
-        add(step)
-    for plan in plans:
-        if plan.replay:
-            add_replay(plan, under_lock=False)
-    lines.append("-- once more for every table, for the writes made during the checks")
-    lines.append("savepoint cutover;")
-    for step in locking_steps:
-        add(step)
-    for plan in plans:
-        if plan.replay:
-            add_replay(plan, under_lock=True)
-    for step in under_lock:
-        add(step)
-    lines.append("release savepoint cutover;")
-    lines.append("commit;")
-    add(FLUSH)
-    for plan in plans:
-        for step in plan.validate:
-            add(step)
+    replaying = [plan for plan in plans if plan.replay]
+    lines += executor.script(
+        conn, before,
+        lambda locked: [line for plan in replaying
+                        for line in _replay_lines(conn, plan, under_lock=locked)],
+        locking_steps, under_lock, [step for plan in plans for step in plan.validate])
     return "\n".join(lines)
 
 
