@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner.declaration import select
 from runner.errors import RunnerError
 
 DEDUPLICATED_TAG = "deduplicated"
@@ -190,24 +191,17 @@ def load_targets(target_dir: Path) -> list[DedupTarget]:
     return targets
 
 
-def named_targets(targets: list[DedupTarget], name: str) -> list[DedupTarget]:
-    """The targets a name means: a live table's name, its schema.table, or its source."""
-    return [t for t in targets if name in (t.live.name, t.source, str(t.live))]
+def target_names(target: DedupTarget) -> tuple[str, ...]:
+    """What a target is known by: its live table's name, its schema.table, its source."""
+    return (target.live.name, target.source, str(target.live))
 
 
 def select_targets(targets: list[DedupTarget], names: list[str] | None) -> list[DedupTarget]:
     """The targets named by --select (live table or source names), or all of them."""
-    if not names:
-        return targets
-    chosen = []
-    for name in names:
-        matches = named_targets(targets, name)
-        if not matches:
-            known = ", ".join(t.live.name for t in targets)
-            raise RunnerError(f"--select {name}: no deduplicated table of that name; "
-                              f"known: {known}")
-        chosen += [t for t in matches if t not in chosen]
-    return chosen
+    return select.chosen(
+        targets, names, target_names,
+        lambda name, all_targets: f"--select {name}: no deduplicated table of that name; "
+        f"known: {', '.join(t.live.name for t in all_targets)}")
 
 
 def check_build(target_dir: Path, targets: list[DedupTarget]) -> None:

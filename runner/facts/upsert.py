@@ -20,7 +20,8 @@ import psycopg
 from psycopg import sql
 from psycopg.abc import AdaptContext
 
-from runner.declaration.artifacts import DedupTarget, Relation, load_targets, named_targets
+from runner.declaration import select
+from runner.declaration.artifacts import DedupTarget, Relation, load_targets, target_names
 from runner.errors import RunnerError
 from runner.server.catalog import read_live_table
 
@@ -228,10 +229,10 @@ def target_upsert_statement(conn: psycopg.Connection, target: DedupTarget,
 
 def one_target(targets: Sequence[DedupTarget], name: str) -> DedupTarget:
     """The target a name means, in any of the forms `--select` takes."""
-    matches = named_targets(list(targets), name)
-    if not matches:
-        raise RunnerError(f"{name}: no deduplicated table of that name in dbt's manifest; "
-                          f"known: {', '.join(t.live.name for t in targets)}")
+    matches = select.chosen(
+        list(targets), [name], target_names,
+        lambda name, known: f"{name}: no deduplicated table of that name in dbt's manifest; "
+        f"known: {', '.join(t.live.name for t in known)}")
     if len(matches) > 1:
         raise RunnerError(f"{name} names several tables ({', '.join(str(t.live) for t in matches)})"
                           ": name one as schema.table")

@@ -16,6 +16,7 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 
+from runner.declaration import select
 from runner.declaration.artifacts import DedupTarget, Relation
 from runner.errors import RunnerError
 from runner.execution import executor
@@ -118,28 +119,21 @@ def status(conn: psycopg.Connection, archive_schema: str) -> list[CaptureStatus]
     return found
 
 
-def _chosen(found: list[Registered], select: list[str] | None,
+def _chosen(found: list[Registered], names: list[str] | None,
             archive_schema: str) -> list[Registered]:
     registry = f"{archive_schema}.{capture.REGISTRY}"
     if not found:
         raise RunnerError(f"no change capture to stop: {registry} records none")
-    if not select:
-        return found
-    chosen: list[Registered] = []
-    for name in select:
-        matches = [r for r in found if name in (r.capture.live.name, str(r.capture.live))]
-        if not matches:
-            known = ", ".join(str(r.capture.live) for r in found)
-            raise RunnerError(f"--select {name}: no change capture of that table in "
-                              f"{registry}; captured: {known}")
-        chosen += [r for r in matches if r not in chosen]
-    return chosen
+    return select.chosen(
+        found, names, lambda r: (r.capture.live.name, str(r.capture.live)),
+        lambda name, known: f"--select {name}: no change capture of that table in {registry}; "
+        f"captured: {', '.join(str(r.capture.live) for r in known)}")
 
 
-def stop(conn: psycopg.Connection, select: list[str] | None,
+def stop(conn: psycopg.Connection, names: list[str] | None,
          options: LockOptions) -> list[CaptureStatus]:
     """Remove the chosen captures entirely, in one transaction; returns what they were."""
-    chosen = _chosen(registered_captures(conn, options.archive_schema), select,
+    chosen = _chosen(registered_captures(conn, options.archive_schema), names,
                      options.archive_schema)
     before = {s.registered.capture.live: s for s in status(conn, options.archive_schema)}
     privileges.check(conn, "runner capture --stop", [

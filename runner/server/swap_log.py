@@ -16,8 +16,8 @@ from datetime import datetime, timezone
 import psycopg
 from psycopg import sql
 
+from runner.declaration import select
 from runner.declaration.artifacts import Relation
-from runner.errors import RunnerError
 
 SWAP_LOG = "swap_log"
 # Where the archives, the swap log and the captures' logs are kept unless --archive-schema says.
@@ -183,18 +183,10 @@ def when(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def selected(entries: list[LogEntry], select: list[str] | None,
+def selected(entries: list[LogEntry], names: list[str] | None,
              archive_schema: str) -> list[LogEntry]:
     """The entries of the tables `--select` names (a live table or schema.table), or all."""
-    log = f"{archive_schema}.{SWAP_LOG}"
-    if not select:
-        return entries
-    chosen: list[LogEntry] = []
-    for name in select:
-        matches = [e for e in entries if name in (e.live.name, str(e.live))]
-        if not matches:
-            known = ", ".join(str(e.live) for e in entries) or "none"
-            raise RunnerError(f"--select {name}: {log} records no swap of that table; "
-                              f"swapped: {known}")
-        chosen += [e for e in matches if e not in chosen]
-    return chosen
+    return select.chosen(
+        entries, names, lambda e: (e.live.name, str(e.live)),
+        lambda name, known: f"--select {name}: {archive_schema}.{SWAP_LOG} records no swap of "
+        f"that table; swapped: {', '.join(str(e.live) for e in known) or 'none'}")
