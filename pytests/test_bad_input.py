@@ -124,7 +124,7 @@ CASES = [
          "breezeway.task_photos does not exist"),
     Case("missing natural key column", _drop_a_key_column, ON_TABLES, "photo_id"),
     Case("typo in the dedup configuration", _typo_in_the_yaml, ON_TABLES,
-         "unknown meta.dedup keys ['natural_keys']"),
+         'unknown meta.dedup keys ["natural_keys"]'),
     Case("unknown table, a name that needs quoting", None,
          [["audit", "--select", 'Tâsk "Photos" 1'], ["verify", "--select", 'Tâsk "Photos" 1'],
           ["upsert-sql", 'Tâsk "Photos" 1'], ["swap", "--select", 'Tâsk "Photos" 1'],

@@ -17,31 +17,35 @@
 {% endmacro %}
 
 {% macro default__dedup_spec_from_source(source_node) %}
+    {#- The same checks, in the same order and words, as the runner's parse_spec, which reads
+        the manifest before any model is compiled: a test runs both on the same mistakes. -#}
     {%- set where = "dedup: source " ~ source_node.source_name ~ "." ~ source_node.name -%}
     {%- set spec = dedup.dedup_source_meta(source_node).get("dedup") -%}
-    {%- if spec is none -%}
+    {%- if spec is not mapping -%}
         {{ exceptions.raise_compiler_error(where ~ " has no meta.dedup: declare natural_key, keep and nulls under config.meta.dedup") }}
     {%- endif -%}
+    {%- set unknown = spec.keys() | reject("in", ["natural_key", "keep", "nulls"]) | sort | list -%}
+    {%- if unknown -%}
+        {{ exceptions.raise_compiler_error(where ~ ": unknown meta.dedup keys " ~ tojson(unknown) ~ "; expected natural_key, keep, nulls") }}
+    {%- endif -%}
     {%- set natural_key = spec.get("natural_key") -%}
-    {%- if natural_key is string or natural_key is none or natural_key | length == 0 -%}
-        {{ exceptions.raise_compiler_error(where ~ ": natural_key must be a non-empty list of column names, got " ~ natural_key) }}
+    {%- if natural_key is string or natural_key is mapping or natural_key is not iterable
+           or natural_key | length == 0 or natural_key | reject("string") | list | length > 0
+           or "" in natural_key -%}
+        {{ exceptions.raise_compiler_error(where ~ ": natural_key must be a non-empty list of column names, got " ~ tojson(natural_key)) }}
     {%- endif -%}
     {%- set keep = spec.get("keep") -%}
-    {%- if keep is string or keep is none or keep | length == 0 -%}
-        {{ exceptions.raise_compiler_error(where ~ ": keep must be a non-empty list of {column, order} ending in a unique tie-breaker, got " ~ keep) }}
+    {%- if keep is string or keep is mapping or keep is not iterable or keep | length == 0 -%}
+        {{ exceptions.raise_compiler_error(where ~ ": keep must be a non-empty list of {column, order} ending in a unique tie-breaker, got " ~ tojson(keep)) }}
     {%- endif -%}
     {%- for entry in keep -%}
-        {%- if entry is not mapping or entry.get("column") is none or entry.get("order") not in ["asc", "desc"] -%}
-            {{ exceptions.raise_compiler_error(where ~ ": each keep entry needs column and order (asc or desc), got " ~ entry) }}
+        {%- if entry is not mapping or entry.get("column") is not string or entry.get("order") not in ["asc", "desc"] -%}
+            {{ exceptions.raise_compiler_error(where ~ ": each keep entry needs column and order (asc or desc), got " ~ tojson(entry)) }}
         {%- endif -%}
     {%- endfor -%}
     {%- set nulls = spec.get("nulls", "not_distinct") -%}
     {%- if nulls not in ["not_distinct", "distinct", "forbidden", "backfill"] -%}
-        {{ exceptions.raise_compiler_error(where ~ ": nulls must be not_distinct, distinct, forbidden or backfill, got " ~ nulls) }}
-    {%- endif -%}
-    {%- set unknown = spec.keys() | reject("in", ["natural_key", "keep", "nulls"]) | list -%}
-    {%- if unknown -%}
-        {{ exceptions.raise_compiler_error(where ~ ": unknown meta.dedup keys " ~ unknown ~ "; expected natural_key, keep, nulls") }}
+        {{ exceptions.raise_compiler_error(where ~ ": nulls must be one of not_distinct, distinct, forbidden, backfill, got " ~ tojson(nulls)) }}
     {%- endif -%}
     {{ return({
         "source": source_node.source_name ~ "." ~ source_node.name,

@@ -69,37 +69,38 @@ class DedupTarget:
 
 
 def parse_spec(source_label: str, meta: dict) -> DedupSpec:
-    """Validate a source's meta.dedup the way the dbt macros do, naming what is wrong."""
+    """A source's meta.dedup, refused as the dbt macro dedup_spec_from_source refuses it, in
+    its order and words: the runner reads the manifest before dbt compiles any model, and a
+    test runs both on the same mistakes."""
     where = f"source {source_label}"
     spec = meta.get("dedup")
     if not isinstance(spec, dict):
-        raise RunnerError(f"{where} has no meta.dedup: declare natural_key, keep and nulls")
+        raise RunnerError(f"{where} has no meta.dedup: declare natural_key, keep and nulls under "
+                          "config.meta.dedup")
     unknown = sorted(set(spec) - {"natural_key", "keep", "nulls"})
     if unknown:
-        raise RunnerError(f"{where}: unknown meta.dedup keys {unknown}; expected natural_key, "
-                          "keep, nulls")
+        raise RunnerError(f"{where}: unknown meta.dedup keys {json.dumps(unknown)}; expected "
+                          "natural_key, keep, nulls")
     natural_key = spec.get("natural_key")
     if not isinstance(natural_key, list) or not natural_key or not all(
-        isinstance(column, str) and column for column in natural_key
-    ):
-        raise RunnerError(f"{where}: natural_key must be a non-empty list of column names")
+            isinstance(column, str) and column for column in natural_key):
+        raise RunnerError(f"{where}: natural_key must be a non-empty list of column names, got "
+                          f"{json.dumps(natural_key)}")
     keep = spec.get("keep")
     if not isinstance(keep, list) or not keep:
-        raise RunnerError(f"{where}: keep must be a non-empty list of {{column, order}}")
+        raise RunnerError(f"{where}: keep must be a non-empty list of {{column, order}} ending in "
+                          f"a unique tie-breaker, got {json.dumps(keep)}")
     keep_columns = []
     for entry in keep:
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("column"), str)
-            or entry.get("order") not in ("asc", "desc")
-        ):
+        if (not isinstance(entry, dict) or not isinstance(entry.get("column"), str)
+                or entry.get("order") not in ("asc", "desc")):
             raise RunnerError(f"{where}: each keep entry needs column and order (asc or desc), "
-                              f"got {entry!r}")
+                              f"got {json.dumps(entry)}")
         keep_columns.append(KeepColumn(entry["column"], entry["order"] == "desc"))
     nulls = spec.get("nulls", "not_distinct")
     if nulls not in NULL_POLICIES:
         raise RunnerError(f"{where}: nulls must be one of {', '.join(NULL_POLICIES)}, "
-                          f"got {nulls!r}")
+                          f"got {json.dumps(nulls)}")
     return DedupSpec(tuple(natural_key), tuple(keep_columns), nulls)
 
 

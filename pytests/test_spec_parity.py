@@ -1,0 +1,57 @@
+"""One meaning of meta.dedup: the dbt macro that reads it for the models and the runner that
+reads it from the manifest before any model is compiled refuse the same mistakes, in the same
+order and words."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import Database, run_dbt
+
+from runner.declaration.artifacts import parse_spec
+from runner.errors import RunnerError
+
+KEEP = [{"column": "id", "order": "desc"}]
+MISTAKES = {
+    "no meta.dedup": {},
+    "meta.dedup not a mapping": {"dedup": "photo_id"},
+    "a misspelt key": {"dedup": {"natural_keys": ["a"], "natural_key": ["a"], "keep": KEEP}},
+    "a natural key that is a string": {"dedup": {"natural_key": "a, b", "keep": KEEP}},
+    "an empty natural key": {"dedup": {"natural_key": [], "keep": KEEP}},
+    "a natural key column that is a number": {"dedup": {"natural_key": ["a", 1], "keep": KEEP}},
+    "no keep rule": {"dedup": {"natural_key": ["a"]}},
+    "a keep entry without order": {"dedup": {"natural_key": ["a"], "keep": [{"column": "id"}]}},
+    "a keep entry that is a name": {"dedup": {"natural_key": ["a"], "keep": ["id"]}},
+    "an unknown NULL policy": {"dedup": {"natural_key": ["a"], "keep": KEEP, "nulls": "maybe"}},
+}
+
+
+@pytest.fixture(scope="module")
+def project(built: Database, tmp_path_factory: pytest.TempPathFactory) -> Database:
+    """dbt's artifacts of its own: run-operation writes them."""
+    target = tmp_path_factory.mktemp("spec_parity") / "target"
+    shutil.copytree(built.target_dir, target)
+    return Database(built.env, target)
+
+
+def _macro_says(project: Database, meta: dict) -> str:
+    events = []
+    source_node = {"source_name": "shop", "name": "order lines", "config": {"meta": meta}}
+    result = run_dbt(["run-operation", "dedup_spec_from_source",
+                      "--args", json.dumps({"source_node": source_node})],
+                     project.env, project.target_dir, callbacks=[events.append])
+    assert not result.success
+    error = next(e for e in events if e.info.name == "RunningOperationCaughtError")
+    said = error.data.exc.splitlines()[1].strip()
+    assert said.startswith("dedup: ")
+    return said.removeprefix("dedup: ")
+
+
+@pytest.mark.parametrize("meta", MISTAKES.values(), ids=MISTAKES.keys())
+def test_the_macro_and_the_runner_refuse_a_mistake_in_the_same_words(project: Database,
+                                                                     meta: dict) -> None:
+    with pytest.raises(RunnerError) as refused:
+        parse_spec("shop.order lines", meta)
+    assert str(refused.value) == _macro_says(project, meta)
