@@ -257,11 +257,6 @@ def job_step(arguments: list[str], timeout_s: float) -> str:
     return stdout
 
 
-def dbt_command(command: str, target: Path, selection: list[str]) -> list[str]:
-    return [run.DBT, command, "--project-dir", str(run.PROJECT_DIR), "--profiles-dir",
-            str(run.PROJECT_DIR), "--target-path", str(target), "--quiet", *selection]
-
-
 def runner_command(command: str, *options: str) -> list[str]:
     return [RUNNER, command, "--project-dir", str(run.PROJECT_DIR), "--select", TABLE, *options]
 
@@ -489,7 +484,7 @@ def main() -> None:
         with run.connect_to(DATABASE) as conn:
             version = conn.execute("show server_version").fetchone()[0]
         # Untimed, as in bench/run.py: the capture reads the manifest, the build the parse.
-        job_step(dbt_command("parse", target, []), args.step_timeout)
+        job_step(run.dbt_arguments("parse", target, []), args.step_timeout)
 
         def after_the_swap() -> dict:
             time.sleep(args.after)
@@ -500,7 +495,7 @@ def main() -> None:
             "baseline": lambda: time.sleep(args.baseline),
             "capture": lambda: job_step(
                 runner_command("capture", "--target-path", str(target)), timeout),
-            "dbt build": lambda: job_step(dbt_command("build", target, BUILD_SELECTION),
+            "dbt build": lambda: job_step(run.dbt_arguments("build", target, BUILD_SELECTION),
                                           timeout),
             "swap": lambda: json.loads(job_step(
                 runner_command("swap", "--target-path", str(target), "--json"), timeout)),

@@ -55,7 +55,6 @@ from runner.server.embedded import EmbeddedPostgres, default_data_dir
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 RESULTS_DIR = PROJECT_DIR / "bench" / "results"
-DBT = str(Path(sys.executable).with_name("dbt"))
 
 
 class Server:
@@ -159,12 +158,17 @@ def node_seconds_by_table(target: Path, tables: list[str]) -> dict[str, dict[str
     return seconds
 
 
+def dbt_arguments(command: str, target: Path, selection: list[str]) -> list[str]:
+    """dbt invoked the runner's one way, in a process of its own, as the `dbt` command is."""
+    return [sys.executable, "-m", "runner.declaration.dbt", str(PROJECT_DIR), str(target),
+            command, *selection]
+
+
 def dbt(command: str, selection: list[str], target: Path, *, show: bool = True) -> float:
     """Seconds the dbt command took; show=False hides what it prints (compile prints SQL)."""
-    arguments = [DBT, command, "--project-dir", str(PROJECT_DIR), "--profiles-dir",
-                 str(PROJECT_DIR), "--target-path", str(target), "--quiet", *selection]
     output = None if show else subprocess.DEVNULL
-    return timed(lambda: subprocess.run(arguments, check=True, stdout=output))
+    return timed(lambda: subprocess.run(dbt_arguments(command, target, selection), check=True,
+                                        stdout=output))
 
 
 def explain_key_groups(targets: list[artifacts.DedupTarget], target: Path) -> dict[str, str]:

@@ -1,9 +1,12 @@
 """Running dbt in-process, against the database the libpq environment points at: the one way
-the CLI, the tests and the model-checking harness call it."""
+the CLI, the tests, the model-checking harness and the benchmarks call it. The benchmarks run
+it as `python -m runner.declaration.dbt PROJECT_DIR TARGET_DIR ARGS...`, a process of its own
+as the `dbt` command is, which they time and can stop."""
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,3 +39,9 @@ def run_dbt(args: list[str], project_dir: Path, *, target_dir: Path | None = Non
     if not invoke(args, project_dir, target_dir=target_dir, quiet=quiet).success:
         raise RunnerError(f"dbt {' '.join(args)} failed (its log is above): fix the cause and "
                           "run again")
+
+
+if __name__ == "__main__":
+    project, target, *dbt_args = sys.argv[1:]
+    sys.exit(0 if invoke(dbt_args, Path(project), target_dir=Path(target), quiet=True).success
+             else 1)
