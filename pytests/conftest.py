@@ -88,6 +88,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                           "fixed few.")
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Which PostgreSQL versions the run tried, and what became of each."""
+    import versions
+
+    for major, outcome in sorted(versions.OUTCOMES.items()):
+        terminalreporter.write_line(f"PostgreSQL {major}: {outcome}")
+
+
 def run_dbt(args: list[str], env: dict[str, str], target_dir: Path, callbacks=()):
     """dbt in-process against the database in env, as the CLI runs it; returns dbt's result
     object. Each callback gets every event dbt fires."""

