@@ -38,22 +38,12 @@ def as_text(statement: sql.Composable) -> str:
     return statement.as_string(None)
 
 
-@pytest.mark.parametrize("version", [130000, 140000])
-def test_not_distinct_on_a_nullable_key_is_refused_before_15(version: int) -> None:
-    with pytest.raises(RunnerError) as refused:
-        plan.refuse_unsupported(SPEC, live_table(), version)
-    assert str(refused.value) == (
-        f"nulls: not_distinct needs UNIQUE NULLS NOT DISTINCT, which PostgreSQL "
-        f"{version // 10000} lacks (15 or later has it), and shop.order lines allows NULL in "
-        "order_id: make those columns NOT NULL, choose nulls: distinct or forbidden in the dbt "
-        "YAML, or upgrade")
-
-
 @pytest.mark.parametrize("version", [130000, 140000, 150000])
 def test_not_distinct_on_a_key_that_cannot_be_null_needs_no_nulls_clause(version: int) -> None:
     live = live_table(nullable_key=False)
-    plan.refuse_unsupported(SPEC, live, version)
-    index = plan._unique_index(SPEC, live, "key_new", sql.Identifier(LIVE.schema, LIVE.name))
+    index = plan._unique_index(SPEC, live, "key_new", sql.Identifier(LIVE.schema, LIVE.name),
+                               version)
+    assert plan.null_patterns(SPEC, live, version) == []
     assert as_text(index) == ('create unique index "key_new" on "shop"."order lines" '
                               '("order_id", "line")')
 

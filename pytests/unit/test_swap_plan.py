@@ -7,7 +7,7 @@ import dataclasses
 from datetime import datetime, timezone
 
 import pytest
-from facts import LIVE, NATURAL_KEY, PARENT, PRIMARY_KEY, TARGET, table, text
+from facts import LIVE, NATURAL_KEY, PARENT, PRIMARY_KEY, TARGET, column, table, text
 
 from runner.errors import RunnerError
 from runner.server.catalog import Index
@@ -211,3 +211,63 @@ def test_a_users_own_index_on_the_key_serves_the_rescan_and_stays() -> None:
                      dataclasses.replace(own, method="USING hash (sku)"),
                      dataclasses.replace(own, key_columns=("sku", "note", "order_id"))):
         assert table(indexes=(unusable,)).key_lookup_index(TARGET.spec) is None
+
+
+NULLS_EQUAL = dataclasses.replace(TARGET, spec=dataclasses.replace(TARGET.spec,
+                                                                   nulls="not_distinct"))
+BEFORE_15 = 140000
+
+
+def test_before_15_nulls_equal_are_a_partial_unique_index_beside_the_constraint() -> None:
+    planned = plan.plan_table(NULLS_EQUAL, table(), DUPLICATES, STAMP, "dedup_archive",
+                              CAPTURED, server_version=BEFORE_15)
+    prepared = _statements(planned.prepare)
+    assert ('create unique index "order lines__natural_key_new" on'
+            ' "Shop"."order lines__dedup_new" ("order_id", "sku")') in prepared
+    assert ('create unique index "order lines__natural_key_new_nulls__1" on'
+            ' "Shop"."order lines__dedup_new" ("order_id") where "sku" is null') in prepared
+    assert "nulls not distinct" not in " ".join(prepared)
+    cutover = _statements(planned.cutover)
+    constraint = _index_of(cutover, 'alter table "Shop"."order lines" add constraint '
+                                    '"order lines__natural_key" unique using index')
+    assert cutover[constraint + 1] == (
+        'alter index "Shop"."order lines__natural_key_new_nulls__1" rename to'
+        ' "order lines__natural_key_nulls__1"')
+    from_15 = plan.plan_table(NULLS_EQUAL, table(), DUPLICATES, STAMP, "dedup_archive",
+                              CAPTURED)
+    assert ('create unique index "order lines__natural_key_new" on'
+            ' "Shop"."order lines__dedup_new" ("order_id", "sku") nulls not distinct'
+            ) in _statements(from_15.prepare)
+    assert "nulls__1" not in " ".join(_statements(from_15.prepare + from_15.cutover))
+
+
+def test_before_15_each_combination_of_nullable_key_columns_has_its_index() -> None:
+    nullable = table(columns=(column("id", "bigint", True), column("order_id", "bigint"),
+                              column("sku"), column("note")))
+    planned = plan.plan_table(NULLS_EQUAL, nullable, NONE, STAMP, "dedup_archive", CAPTURED,
+                              server_version=BEFORE_15)
+    assert planned.action == "constraint"
+    assert [s.split(" on ")[1] for s in _statements(planned.concurrent)
+            if s.startswith("create unique index concurrently")] == [
+        '"Shop"."order lines" ("order_id", "sku")',
+        '"Shop"."order lines" ("sku") where "order_id" is null',
+        '"Shop"."order lines" ("order_id") where "sku" is null',
+        '"Shop"."order lines" ((true)) where "order_id" is null and "sku" is null',
+    ]
+    # Whatever fails to build is dropped again, and an interrupted run's are dropped first.
+    assert [text(i) for i in planned.built_concurrently] == [
+        '"Shop"."order lines__natural_key_new"', *(
+            f'"Shop"."order lines__natural_key_new_nulls__{n}"' for n in (1, 2, 3))]
+    assert len([s for s in _statements(planned.concurrent) if s.startswith("drop")]) == 4
+
+
+def test_before_15_the_key_is_enforced_only_with_every_partial_index_in_place() -> None:
+    distinct = dataclasses.replace(NATURAL_KEY, name="order lines__natural_key",
+                                   nulls_not_distinct=False)
+    partial = Index("order lines__natural_key_nulls__1", 'USING btree (order_id) WHERE (sku IS'
+                    ' NULL)', None, None, ("order_id",), unique=True, valid=True, partial=True,
+                    nulls_not_distinct=False)
+    assert table(indexes=(distinct,)).enforcing_index(NULLS_EQUAL.spec) is None
+    assert table(indexes=(distinct, partial)).enforcing_index(NULLS_EQUAL.spec) == distinct
+    invalid = dataclasses.replace(partial, valid=False)
+    assert table(indexes=(distinct, invalid)).enforcing_index(NULLS_EQUAL.spec) is None

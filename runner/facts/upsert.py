@@ -216,9 +216,18 @@ def target_upsert_statement(conn: psycopg.Connection, target: DedupTarget,
     """The upsert on the constraint that enforces the natural key as the dbt YAML declares it,
     NULL semantics included: a key enforced only in part (a partial index, or NULLs distinct
     where the YAML says not_distinct) is not enforced, and `runner swap` adds the constraint."""
-    enforcing = read_live_table(conn, target.live).enforcing_index(target.spec)
+    live = read_live_table(conn, target.live)
+    enforcing = live.enforcing_index(target.spec)
     if enforcing is None:
         raise _not_enforced(target.live, target.spec.natural_key)
+    partial = live.null_key_indexes(target.spec) if not enforcing.nulls_not_distinct else []
+    if partial:
+        raise RunnerError(
+            f"before PostgreSQL 15, {target.live} keeps its key unique with NULLs equal only by "
+            f"{enforcing.name} and the partial unique indexes "
+            f"{', '.join(i.name for i in partial)}, and ON CONFLICT DO UPDATE arbitrates one "
+            "index: insert with ON CONFLICT DO NOTHING, which they all arbitrate, or upgrade "
+            "to 15, where one UNIQUE NULLS NOT DISTINCT constraint can")
     facts = read_upsert_table(conn, target.live)
     arbiter = next((i for i in facts.unique_indexes if i.name == enforcing.name), None)
     if arbiter is None:

@@ -164,6 +164,10 @@ def check_constraint(live: LiveTable, spec: DedupSpec) -> tuple[bool, str]:
                            "NULL-key row is its own: the ETL's ON CONFLICT DO NOTHING drops "
                            "them; rebuild it without NULLS NOT DISTINCT")
         nulls = "NULLS NOT DISTINCT"
+    elif spec.nulls == NULLS_EQUAL:
+        partial = live.null_key_indexes(spec)
+        nulls = (f"NULLs equal by {len(partial)} partial unique index"
+                 f"{'es' if len(partial) > 1 else ''} ({', '.join(i.name for i in partial)})")
     else:
         nulls = "NULLs distinct"
     kind = "constraint" if index.constraint else "unique index"

@@ -46,7 +46,7 @@ def start(conn: psycopg.Connection, targets: list[DedupTarget], options: LockOpt
         live = catalog.read_live_table(conn, target.live)
         check_spec_columns(target, live)
         if live.enforcing_index(target.spec) is None:
-            refuse_unsupported(target.spec, live, conn.info.server_version)
+            refuse_unsupported(live)
     in_place = {r.capture.live: r for r in registered_captures(conn, options.archive_schema)
                 if r.trigger is not None and r.log_exists}
     to_start = [t.live for t in targets if t.live not in in_place]

@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 
 from runner.declaration.artifacts import Relation
-from runner.declaration.names import pg_name
+from runner.declaration.names import null_key_index_names, pg_name
 from runner.errors import RunnerError
 from runner.execution import executor, locking
 from runner.execution.executor import ASYNC_COMMIT, NO_JIT, run_batched, run_steps
@@ -131,7 +131,9 @@ def match_indexes(live: LiveTable, archive: LiveTable, natural_key: str
                  for p in range(len(archive.indexes) + len(live.indexes))}
     archived = sorted(archive.indexes, key=lambda i: (positions.get(i.name, len(positions)),
                                                       i.name))
-    candidates = [i for i in live.indexes if i.constraint != natural_key]
+    # The swap's own: the natural key's constraint, and the partial indexes beside it before 15.
+    candidates = [i for i in live.indexes if i.constraint != natural_key
+                  and i.name not in null_key_index_names(live.relation.name)]
     pairs, unmatched = [], []
     for index in archived:
         match = next((c for c in candidates if _signature(c) == _signature(index)), None)
@@ -170,12 +172,17 @@ def _columns(table: LiveTable) -> list[tuple]:
     return [(c.name, c.type, c.generated, c.identity) for c in table.columns]
 
 
-def plan_constraint(entry: LogEntry, archive_schema: str) -> TableRollback:
-    """The swap only added the natural key's constraint: drop it."""
+def plan_constraint(entry: LogEntry, live: LiveTable, archive_schema: str) -> TableRollback:
+    """The swap only added the natural key's constraint (and, before PostgreSQL 15, partial
+    unique indexes for the keys with NULLs): drop them."""
     return TableRollback(entry, cutover=[
         Step("the table was never replaced; only its natural key's constraint was added",
              sql.SQL("alter table {} drop constraint if exists {}").format(
                  _id(entry.live), sql.Identifier(entry.constraint_name))),
+        *(Step("with the partial unique index that kept its key where it has NULLs",
+               sql.SQL("drop index {}").format(sql.Identifier(entry.live.schema, index.name)))
+          for index in live.indexes
+          if index.name in null_key_index_names(entry.live.name)),
         _mark(entry, archive_schema, None),
     ])
 
@@ -400,7 +407,8 @@ def make_plans(conn: psycopg.Connection, options: RollbackOptions,
             raise RunnerError(f"cannot roll back {entry.live}: the table does not exist any "
                               "more; nothing was changed; leave it out with --select")
         if entry.action == "constraint":
-            plans.append(plan_constraint(entry, options.archive_schema))
+            plans.append(plan_constraint(entry, catalog.read_live_table(conn, entry.live),
+                                         options.archive_schema))
             continue
         if entry.cleaned_at is not None:
             raise RunnerError(f"cannot roll back {entry.live}: runner cleanup dropped its "

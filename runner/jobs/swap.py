@@ -39,7 +39,6 @@ from runner.statements.plan import (
     lookup_index,
     parents,
     parents_lock_statement,
-    pending_index,
     plan_table,
 )
 
@@ -297,20 +296,22 @@ def _concurrent_steps(steps: list[Step], options: SwapOptions) -> list[Step]:
     ]
 
 
-def _drop_built(conn: psycopg.Connection, index: sql.Identifier, options: SwapOptions) -> str:
-    """Drops an index built for this run, waiting for its lock one try at most (DROP INDEX
-    CONCURRENTLY would wait for old transactions as its build did); says what is left."""
+def _drop_built(conn: psycopg.Connection, indexes: list[sql.Identifier],
+                options: SwapOptions) -> str:
+    """Drops indexes built for this run, waiting for their lock one try at most (DROP INDEX
+    CONCURRENTLY would wait for old transactions as their build did); says what is left."""
     try:
         with conn.transaction():
             conn.execute(lock_timeout(options.lock_timeout_ms))
-            conn.execute(sql.SQL("drop index if exists {}").format(index))
+            for index in indexes:
+                conn.execute(sql.SQL("drop index if exists {}").format(index))
         return "nothing was changed"
     except psycopg.errors.LockNotAvailable:
         return "its index is left, for the next run to use or drop"
 
 
-def _build_concurrently(conn: psycopg.Connection, steps: list[Step], index: sql.Identifier,
-                        what: str, options: SwapOptions) -> None:
+def _build_concurrently(conn: psycopg.Connection, steps: list[Step],
+                        indexes: list[sql.Identifier], what: str, options: SwapOptions) -> None:
     """An index built without blocking writers. One that meets duplicates or waits too long
     fails, and leaves itself INVALID: dropped again, so that nothing is changed."""
     bounded = _concurrent_steps(steps, options)
@@ -318,14 +319,14 @@ def _build_concurrently(conn: psycopg.Connection, steps: list[Step], index: sql.
         run_steps(conn, bounded)
     except psycopg.errors.UniqueViolation as error:
         run_steps(conn, [bounded[-1]])
-        _drop_built(conn, index, options)
+        _drop_built(conn, indexes, options)
         raise RunnerError(f"{what} cannot be built: rows that share a natural key were written "
                           "since dbt read the table; nothing was changed: run `dbt build` "
                           "again, then `runner swap`") from error
     except psycopg.errors.LockNotAvailable as error:
         waited_for = catalog.oldest_transactions(conn)
         run_steps(conn, [bounded[-1]])
-        left = _drop_built(conn, index, options)
+        left = _drop_built(conn, indexes, options)
         raise RunnerError(f"{what} could not be built within {options.lock_wait_s:g} s: CREATE "
                           f"INDEX CONCURRENTLY waits for every transaction older than it to "
                           f"end, and {waited_for} had not; {left}: retry when it ends, or raise "
@@ -391,7 +392,7 @@ def _lookup_indexes(conn: psycopg.Connection, active: list[TablePlan], options: 
         for plan in active:
             if plan.lookup:
                 built.append(lookup_index(plan.target.live))
-                _build_concurrently(conn, plan.lookup, built[-1],
+                _build_concurrently(conn, plan.lookup, [built[-1]],
                                     f"the index on the natural key of {plan.target.live}",
                                     options)
                 step_done(f"lookup index of {plan.target.live}")
@@ -399,7 +400,7 @@ def _lookup_indexes(conn: psycopg.Connection, active: list[TablePlan], options: 
     except Exception as error:
         if conn.broken or isinstance(error, ConnectionLost):
             raise
-        left = [_drop_built(conn, index, options) for index in built]
+        left = [_drop_built(conn, [index], options) for index in built]
         if isinstance(error, RunnerError) and left != ["nothing was changed"] * len(left):
             raise RunnerError(f"{error}; its index on the natural key is left, for the next "
                               "run to use") from error
@@ -461,7 +462,7 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
     with locking.one_runner(conn):
         for plan in active:
             if plan.concurrent:
-                _build_concurrently(conn, plan.concurrent, pending_index(plan.target.live),
+                _build_concurrently(conn, plan.concurrent, plan.built_concurrently,
                                     f"the unique index of {plan.target.live}", options)
                 step_done(f"concurrent index of {plan.target.live}")
         with _lookup_indexes(conn, active, options, step_done):

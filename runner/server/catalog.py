@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import psycopg
 
 from runner.declaration.artifacts import DedupSpec, Relation
+from runner.declaration.names import null_key_index_name
 from runner.errors import RunnerError
 
 
@@ -149,7 +150,9 @@ class LiveTable:
         return [column.name for column in self.columns]
 
     def enforcing_index(self, spec: DedupSpec) -> Index | None:
-        """A valid unique index that already enforces the natural key as the spec means it."""
+        """A valid unique index that already enforces the natural key as the spec means it;
+        where NULLs are equal and no index says so (before PostgreSQL 15), only with the
+        partial unique indexes a swap adds beside it for the keys with NULLs."""
         not_null = {column.name for column in self.columns if column.not_null}
         for index in self.indexes:
             if not (index.unique and index.valid and not index.partial):
@@ -157,10 +160,22 @@ class LiveTable:
             if None in index.key_columns or set(index.key_columns) != set(spec.natural_key):
                 continue
             nulls_equal = index.nulls_not_distinct or set(spec.natural_key) <= not_null
-            if spec.nulls == "not_distinct" and not nulls_equal:
+            if spec.nulls == "not_distinct" and not nulls_equal and not self.null_key_indexes(
+                    spec):
                 continue
             return index
         return None
+
+    def null_key_indexes(self, spec: DedupSpec) -> list[Index]:
+        """The valid partial unique indexes that, one per combination of NULL key columns,
+        make NULLs equal before PostgreSQL 15; empty unless all of them are in place."""
+        nullable = [k for k in spec.natural_key
+                    if k not in {c.name for c in self.columns if c.not_null}]
+        wanted = {null_key_index_name(self.relation.name, number)
+                  for number in range(1, 2 ** len(nullable))}
+        found = [index for index in self.indexes if index.name in wanted
+                 and index.unique and index.valid and index.partial]
+        return found if wanted and len(found) == len(wanted) else []
 
     def key_lookup_index(self, spec: DedupSpec) -> Index | None:
         """A valid btree index that finds a natural key's rows without reading the table: its

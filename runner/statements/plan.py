@@ -16,13 +16,20 @@ change capture of its own, so that a rollback knows every write made after the s
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from psycopg import sql
 
 from runner.declaration.artifacts import DedupSpec, DedupTarget, Relation
-from runner.declaration.names import archive_name, constraint_name, pg_name
+from runner.declaration.names import (
+    archive_name,
+    constraint_name,
+    null_key_index_name,
+    null_key_index_names,
+    pg_name,
+)
 from runner.errors import RunnerError
 from runner.server import swap_log
 from runner.server.catalog import ColumnGrant, Grant, Index, LiveTable, View
@@ -75,6 +82,8 @@ class TablePlan:
     the cut-over, as the keys are added."""
     concurrent: list[Step] = field(default_factory=list)
     """Run before the transaction, outside it: CREATE INDEX CONCURRENTLY cannot run inside one."""
+    built_concurrently: list[sql.Identifier] = field(default_factory=list)
+    """The indexes `concurrent` builds: dropped again when a build fails."""
     lookup: list[Step] = field(default_factory=list)
     """Run before the transaction, outside it: the index on the live table's natural key that
     lets a replay under the lock find a key's live rows, built for the swap alone."""
@@ -124,7 +133,7 @@ def _nullable_key(spec: DedupSpec, live: LiveTable) -> list[str]:
     return [column for column in spec.natural_key if column not in not_null]
 
 
-def refuse_unsupported(spec: DedupSpec, live: LiveTable, server_version: int) -> None:
+def refuse_unsupported(live: LiveTable) -> None:
     """What this version cannot carry over to the new table: stop before changing anything."""
     name = str(live.relation)
     problems = []
@@ -151,13 +160,6 @@ def refuse_unsupported(spec: DedupSpec, live: LiveTable, server_version: int) ->
     if problems:
         raise RunnerError(f"runner swap cannot yet carry {name} over: {'; '.join(problems)}; "
                           "deduplicate it by hand or leave it out with --select")
-    nullable = _nullable_key(spec, live)
-    if spec.nulls == "not_distinct" and nullable and server_version < NULLS_NOT_DISTINCT_VERSION:
-        raise RunnerError(
-            f"nulls: not_distinct needs UNIQUE NULLS NOT DISTINCT, which PostgreSQL "
-            f"{server_version // 10000} lacks (15 or later has it), and {name} allows NULL in "
-            f"{', '.join(nullable)}: make those columns NOT NULL, choose nulls: distinct or "
-            "forbidden in the dbt YAML, or upgrade")
 
 
 def check_columns(target: DedupTarget, live: LiveTable, built: list[tuple[str, str]]) -> None:
@@ -182,10 +184,11 @@ def check_spec_columns(target: DedupTarget, live: LiveTable) -> None:
 
 
 def _unique_index(spec: DedupSpec, live: LiveTable, name: str, table: sql.Composable,
-                  concurrently: bool = False) -> sql.Composed:
+                  server_version: int, concurrently: bool = False) -> sql.Composed:
     # With every key column NOT NULL, NULLS NOT DISTINCT changes nothing: leaving it out
-    # keeps the statement valid before PostgreSQL 15.
-    nulls_not_distinct = spec.nulls == "not_distinct" and _nullable_key(spec, live)
+    # keeps the statement valid before PostgreSQL 15, where null_patterns does its work.
+    nulls_not_distinct = (spec.nulls == "not_distinct" and _nullable_key(spec, live)
+                          and server_version >= NULLS_NOT_DISTINCT_VERSION)
     return sql.SQL("create unique index {concurrently}{name} on {table} ({keys}){nulls}").format(
         concurrently=sql.SQL("concurrently " if concurrently else ""),
         name=sql.Identifier(name),
@@ -193,6 +196,48 @@ def _unique_index(spec: DedupSpec, live: LiveTable, name: str, table: sql.Compos
         keys=sql.SQL(", ").join(sql.Identifier(c) for c in spec.natural_key),
         nulls=sql.SQL(" nulls not distinct" if nulls_not_distinct else ""),
     )
+
+
+def null_patterns(spec: DedupSpec, live: LiveTable, server_version: int) -> list[tuple[str, ...]]:
+    """Before PostgreSQL 15 no constraint makes NULLs equal. Where the spec needs them equal and
+    the key allows one, each combination of NULL key columns gets a partial unique index of
+    its own beside the constraint, which holds the keys without a NULL: `(a) WHERE b IS NULL`,
+    and `((true)) WHERE a IS NULL AND b IS NULL` for a key of NULLs only."""
+    if spec.nulls != "not_distinct" or server_version >= NULLS_NOT_DISTINCT_VERSION:
+        return []
+    nullable = _nullable_key(spec, live)
+    return [nulls for size in range(1, len(nullable) + 1)
+            for nulls in itertools.combinations(nullable, size)]
+
+
+def _null_key_indexes(spec: DedupSpec, live: LiveTable, server_version: int,
+                      table: sql.Composable, concurrently: bool = False) -> list[Step]:
+    """The partial unique indexes of null_patterns, under their pending names."""
+    steps = []
+    for number, nulls in enumerate(null_patterns(spec, live, server_version), 1):
+        rest = [k for k in spec.natural_key if k not in nulls]
+        steps.append(Step(
+            f"before PostgreSQL 15: one key for the rows whose {', '.join(nulls)} is NULL",
+            sql.SQL("create unique index {concurrently}{name} on {table} ({columns})"
+                    " where {nulls}").format(
+                concurrently=sql.SQL("concurrently " if concurrently else ""),
+                name=sql.Identifier(null_key_index_name(live.relation.name, number, True)),
+                table=table,
+                columns=sql.SQL(", ").join(sql.Identifier(k) for k in rest) if rest
+                else sql.SQL("(true)"),
+                nulls=sql.SQL(" and ").join(sql.SQL("{} is null").format(sql.Identifier(k))
+                                            for k in nulls))))
+    return steps
+
+
+def _null_key_indexes_taken(spec: DedupSpec, live: LiveTable,
+                            server_version: int) -> list[Step]:
+    """The partial unique indexes leave their pending names for the table's."""
+    return [Step("and keeps its key where it has NULLs", sql.SQL("alter index {} rename to {}")
+                 .format(sql.Identifier(live.relation.schema,
+                                        null_key_index_name(live.relation.name, number, True)),
+                         sql.Identifier(null_key_index_name(live.relation.name, number))))
+            for number in range(1, len(null_patterns(spec, live, server_version)) + 1)]
 
 
 def _unseen_rows(log: Relation, snapshot: str | None) -> sql.Composed:
@@ -206,7 +251,8 @@ def _unseen_rows(log: Relation, snapshot: str | None) -> sql.Composed:
 
 
 def _constraint_only(target: DedupTarget, live: LiveTable, counts: BuildCounts,
-                     archive_schema: str, captured: capture.Capture | None) -> TablePlan:
+                     archive_schema: str, captured: capture.Capture | None,
+                     server_version: int) -> TablePlan:
     """No duplicates, but nothing enforces the key: build its index concurrently, then make it
     the constraint; the table is never replaced."""
     live_id = sql.Identifier(live.relation.schema, live.relation.name)
@@ -215,17 +261,24 @@ def _constraint_only(target: DedupTarget, live: LiveTable, counts: BuildCounts,
     rows = sql.SQL("{} + {}").format(sql.Literal(counts.rows),
                                      _unseen_rows(captured.log, counts.snapshot)
                                      ) if captured else sql.Literal(counts.rows)
+    built = [pending_index, *(
+        null_key_index_name(live.relation.name, number, True)
+        for number in range(1, len(null_patterns(target.spec, live, server_version)) + 1))]
     return TablePlan(
         target, "constraint", counts, constraint=name, capture=captured,
+        built_concurrently=[sql.Identifier(live.relation.schema, n) for n in built],
         concurrent=[
-            _drop_pending(live),
+            *_drop_pending(live.relation, built),
             Step("build the unique index without blocking writers",
-                 _unique_index(target.spec, live, pending_index, live_id, concurrently=True)),
+                 _unique_index(target.spec, live, pending_index, live_id, server_version,
+                               concurrently=True)),
+            *_null_key_indexes(target.spec, live, server_version, live_id, concurrently=True),
         ],
         cutover=[
             Step("the index becomes the natural key's constraint",
                  sql.SQL("alter table {} add constraint {} unique using index {}").format(
                      live_id, sql.Identifier(name), sql.Identifier(pending_index))),
+            *_null_key_indexes_taken(target.spec, live, server_version),
             Step(f"record the swap of {live.relation}, with its rows at commit", swap_log.entry(
                 archive_schema=archive_schema, live=live.relation, action="constraint",
                 archive=None, constraint=name, rows_before=rows, rows_after=rows,
@@ -251,28 +304,29 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
     """The plan for one table. `captured`: its change capture from before the build, if in
     place; `swapped_since_build`: a swap the build did not see replaced the table already;
     `rows_moved`: the capture saw the ETL delete or re-key rows."""
-    pending = pg_name(live.relation.name, "natural_key_new")
+    pending = {pg_name(live.relation.name, "natural_key_new"),
+               *null_key_index_names(live.relation.name, pending=True)}
     lookup = _lookup_name(live.relation)
-    leftover = [index for index in live.indexes if index.name == pending]
+    leftover = [index for index in live.indexes if index.name in pending]
     lookup_left = next((index for index in live.indexes if index.name == lookup), None)
-    # The index an interrupted run left enforces the key, but it is not the constraint yet:
-    # it is dropped and built again. Neither it nor the swap's own lookup index is the table's.
+    # The indexes an interrupted run left enforce the key, but they are not the constraint
+    # yet: they are dropped and built again. Neither they nor the swap's own lookup index are
+    # the table's.
     live = dataclasses.replace(live, indexes=tuple(i for i in live.indexes
-                                                   if i.name not in (pending, lookup)))
+                                                   if i.name not in pending | {lookup}))
     if live.enforcing_index(target.spec) is not None and (
             counts.duplicates == 0 or swapped_since_build):
         return TablePlan(target, "nothing", counts, capture=captured,
                          cutover=_end_capture(captured))
-    refuse_unsupported(target.spec, live, server_version)
+    refuse_unsupported(live)
     if counts.duplicates == 0:
-        return _constraint_only(target, live, counts, archive_schema, captured)
+        return _constraint_only(target, live, counts, archive_schema, captured, server_version)
     if captured is None:
         raise RunnerError(f"{live.relation} has no change capture: run `runner capture`, then "
                           "`dbt build`, then `runner swap`, so that no write between the build "
                           "and the swap is lost")
-    planned = _swap(target, live, counts, stamp, archive_schema, captured)
-    if leftover:
-        planned.concurrent.append(_drop_pending(live))
+    planned = _swap(target, live, counts, stamp, archive_schema, captured, server_version)
+    planned.concurrent += _drop_pending(live.relation, [index.name for index in leftover])
     _plan_lookup(planned, live, lookup_left, rows_moved)
     return planned
 
@@ -322,14 +376,15 @@ def pending_index(table: Relation) -> sql.Identifier:
     return sql.Identifier(table.schema, pg_name(table.name, "natural_key_new"))
 
 
-def _drop_pending(live: LiveTable) -> Step:
-    return Step("a leftover of an interrupted run would block the name",
-                sql.SQL("drop index concurrently if exists {}").format(
-                    pending_index(live.relation)))
+def _drop_pending(relation: Relation, names: list[str]) -> list[Step]:
+    return [Step("a leftover of an interrupted run would block the name",
+                 sql.SQL("drop index concurrently if exists {}").format(
+                     sql.Identifier(relation.schema, name)))
+            for name in names]
 
 
 def _swap(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: datetime,
-          archive_schema: str, captured: capture.Capture) -> TablePlan:
+          archive_schema: str, captured: capture.Capture, server_version: int) -> TablePlan:
     schema = live.relation.schema
     shadow = Relation(schema, pg_name(live.relation.name, "dedup_new"))
     archive = Relation(archive_schema, archive_name(live.relation.name, stamp))
@@ -346,7 +401,7 @@ def _swap(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: date
     plan.prepare = [
         *_shadow_steps(live, shadow),
         *identity_prepare,
-        *_fill_steps(target, live, shadow),
+        *_fill_steps(target, live, shadow, server_version),
         *index_prepare,
         Step("statistics for the planner, gathered before the lock: a new table has none, and "
              "until autovacuum came by every query on it would be planned blind",
@@ -363,6 +418,7 @@ def _swap(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: date
                  sql.Identifier(shadow.schema, shadow.name),
                  sql.Identifier(live.relation.name))),
         *index_take,
+        *_null_key_indexes_taken(target.spec, live, server_version),
         *identity_take,
         *_takeover_steps(live),
         _log_step(target, live, counts, archive, archive_schema),
@@ -434,7 +490,8 @@ def _identity_steps(live: LiveTable, shadow: Relation,
     return prepare, free, take
 
 
-def _fill_steps(target: DedupTarget, live: LiveTable, shadow: Relation) -> list[Step]:
+def _fill_steps(target: DedupTarget, live: LiveTable, shadow: Relation,
+                server_version: int) -> list[Step]:
     shadow_id = sql.Identifier(shadow.schema, shadow.name)
     columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in live.columns if not c.generated)
     # Rows keep their identity values: the inserts override what the column would generate.
@@ -449,7 +506,8 @@ def _fill_steps(target: DedupTarget, live: LiveTable, shadow: Relation) -> list[
                 built=sql.Identifier(target.deduplicated.schema, target.deduplicated.name)))),
         Step("the natural key's unique index, built before the lock",
              _unique_index(target.spec, live, pg_name(live.relation.name, "natural_key_new"),
-                           shadow_id)),
+                           shadow_id, server_version)),
+        *_null_key_indexes(target.spec, live, server_version, shadow_id),
     ]
 
 
