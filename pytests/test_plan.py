@@ -50,7 +50,7 @@ def test_not_distinct_on_a_key_that_cannot_be_null_needs_no_nulls_clause(version
 
 def test_not_distinct_on_a_nullable_key_is_enforced_with_nulls_not_distinct() -> None:
     index = plan._unique_index(SPEC, live_table(), "key_new",
-                               sql.Identifier(LIVE.schema, LIVE.name))
+                               sql.Identifier(LIVE.schema, LIVE.name), 150000)
     assert as_text(index).endswith(' ("order_id", "line") nulls not distinct')
 
 
@@ -69,7 +69,7 @@ def test_not_distinct_on_a_nullable_key_is_enforced_with_nulls_not_distinct() ->
 ])
 def test_what_the_swap_cannot_carry_over_is_refused_by_name(changes: dict, says: str) -> None:
     with pytest.raises(RunnerError) as refused:
-        plan.refuse_unsupported(SPEC, live_table(**changes), 160000)
+        plan.refuse_unsupported(live_table(**changes))
     assert str(refused.value) == (f"runner swap cannot yet carry shop.order lines over: {says}; "
                                   "deduplicate it by hand or leave it out with --select")
 
