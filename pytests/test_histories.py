@@ -51,7 +51,7 @@ from psycopg import sql
 
 from runner.declaration import dbt
 from runner.declaration.artifacts import load_targets, select_targets
-from runner.declaration.names import constraint_name
+from runner.declaration.names import constraint_name, null_key_index_names
 from runner.errors import RunnerError
 from runner.execution import locking
 from runner.jobs import capturing, cleanup, rollback, swap
@@ -66,8 +66,8 @@ DURING_BUILD = [None, "key groups", "kept rows"]
 KILLS = (None, None, "terminate", "sigkill", "crash")
 LOCK_TIMEOUT_MS = 50
 # What a killed swap may leave on the live table, for the next run: the unique index of a
-# table that needs only its constraint, the index on the key for replaying deletes under the
-# lock.
+# table that needs only its constraint (and before 15 its partial ones), the index on the key
+# for replaying deletes under the lock.
 BUILT_OUTSIDE_TRANSACTIONS = ("natural_key_new", "natural_key_lookup")
 # The runner's backend, for the kills.
 APPLICATION = "runner-in-a-history"
@@ -512,7 +512,8 @@ class Histories(RuleBasedStateMachine):
                 assert same_table(rows, found), f"kept table {number}: {difference(rows, found)}"
                 self._inert(conn, relation)
             self._captured_as_modelled(conn)
-            allowed = [f"{shape.table}__{suffix}" for suffix in BUILT_OUTSIDE_TRANSACTIONS
+            allowed = [*(f"{shape.table}__{suffix}" for suffix in BUILT_OUTSIDE_TRANSACTIONS),
+                       *null_key_index_names(shape.table, pending=True)
                        ] if built_indexes_allowed else []
             leftovers = conn.execute(
                 "select array_agg(relname order by relname) from pg_class where (relname like"
@@ -527,6 +528,9 @@ class Histories(RuleBasedStateMachine):
             name = constraint_name(shape.table)
             assert catalog["constraints"].pop(name).startswith("UNIQUE"), catalog["constraints"]
             assert name in catalog["indexes"].pop(name)
+            # Before PostgreSQL 15, NULLs equal: the partial unique indexes beside it.
+            for partial in null_key_index_names(shape.table) & set(catalog["indexes"]):
+                assert " WHERE " in catalog["indexes"].pop(partial), partial
         assert catalog == expected_catalog
 
     def _kept(self, conn: psycopg.Connection) -> list[sql.Identifier]:
