@@ -132,8 +132,9 @@ def match_indexes(live: LiveTable, archive: LiveTable, natural_key: str
     archived = sorted(archive.indexes, key=lambda i: (positions.get(i.name, len(positions)),
                                                       i.name))
     # The swap's own: the natural key's constraint, and the partial indexes beside it before 15.
+    partial = null_key_index_names(live.relation.name)
     candidates = [i for i in live.indexes if i.constraint != natural_key
-                  and i.name not in null_key_index_names(live.relation.name)]
+                  and i.name not in partial]
     pairs, unmatched = [], []
     for index in archived:
         match = next((c for c in candidates if _signature(c) == _signature(index)), None)
@@ -175,14 +176,14 @@ def _columns(table: LiveTable) -> list[tuple]:
 def plan_constraint(entry: LogEntry, live: LiveTable, archive_schema: str) -> TableRollback:
     """The swap only added the natural key's constraint (and, before PostgreSQL 15, partial
     unique indexes for the keys with NULLs): drop them."""
+    partial = null_key_index_names(entry.live.name)
     return TableRollback(entry, cutover=[
         Step("the table was never replaced; only its natural key's constraint was added",
              sql.SQL("alter table {} drop constraint if exists {}").format(
                  _id(entry.live), sql.Identifier(entry.constraint_name))),
         *(Step("with the partial unique index that kept its key where it has NULLs",
                sql.SQL("drop index {}").format(sql.Identifier(entry.live.schema, index.name)))
-          for index in live.indexes
-          if index.name in null_key_index_names(entry.live.name)),
+          for index in live.indexes if index.name in partial),
         _mark(entry, archive_schema, None),
     ])
 

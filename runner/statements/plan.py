@@ -210,18 +210,27 @@ def null_patterns(spec: DedupSpec, live: LiveTable, server_version: int) -> list
             for nulls in itertools.combinations(nullable, size)]
 
 
+def _null_key_names(spec: DedupSpec, live: LiveTable, server_version: int,
+                    pending: bool) -> list[str]:
+    """The names of the partial unique indexes of null_patterns, in their order."""
+    return [null_key_index_name(live.relation.name, number, pending)
+            for number in range(1, len(null_patterns(spec, live, server_version)) + 1)]
+
+
 def _null_key_indexes(spec: DedupSpec, live: LiveTable, server_version: int,
                       table: sql.Composable, concurrently: bool = False) -> list[Step]:
     """The partial unique indexes of null_patterns, under their pending names."""
     steps = []
-    for number, nulls in enumerate(null_patterns(spec, live, server_version), 1):
+    for nulls, name in zip(null_patterns(spec, live, server_version),
+                           _null_key_names(spec, live, server_version, pending=True),
+                           strict=True):
         rest = [k for k in spec.natural_key if k not in nulls]
         steps.append(Step(
             f"before PostgreSQL 15: one key for the rows whose {', '.join(nulls)} is NULL",
             sql.SQL("create unique index {concurrently}{name} on {table} ({columns})"
                     " where {nulls}").format(
                 concurrently=sql.SQL("concurrently " if concurrently else ""),
-                name=sql.Identifier(null_key_index_name(live.relation.name, number, True)),
+                name=sql.Identifier(name),
                 table=table,
                 columns=sql.SQL(", ").join(sql.Identifier(k) for k in rest) if rest
                 else sql.SQL("(true)"),
@@ -234,10 +243,10 @@ def _null_key_indexes_taken(spec: DedupSpec, live: LiveTable,
                             server_version: int) -> list[Step]:
     """The partial unique indexes leave their pending names for the table's."""
     return [Step("and keeps its key where it has NULLs", sql.SQL("alter index {} rename to {}")
-                 .format(sql.Identifier(live.relation.schema,
-                                        null_key_index_name(live.relation.name, number, True)),
-                         sql.Identifier(null_key_index_name(live.relation.name, number))))
-            for number in range(1, len(null_patterns(spec, live, server_version)) + 1)]
+                 .format(sql.Identifier(live.relation.schema, pending), sql.Identifier(final)))
+            for pending, final in zip(_null_key_names(spec, live, server_version, pending=True),
+                                      _null_key_names(spec, live, server_version, pending=False),
+                                      strict=True)]
 
 
 def _unseen_rows(log: Relation, snapshot: str | None) -> sql.Composed:
@@ -261,9 +270,8 @@ def _constraint_only(target: DedupTarget, live: LiveTable, counts: BuildCounts,
     rows = sql.SQL("{} + {}").format(sql.Literal(counts.rows),
                                      _unseen_rows(captured.log, counts.snapshot)
                                      ) if captured else sql.Literal(counts.rows)
-    built = [pending_index, *(
-        null_key_index_name(live.relation.name, number, True)
-        for number in range(1, len(null_patterns(target.spec, live, server_version)) + 1))]
+    built = [pending_index,
+             *_null_key_names(target.spec, live, server_version, pending=True)]
     return TablePlan(
         target, "constraint", counts, constraint=name, capture=captured,
         built_concurrently=[sql.Identifier(live.relation.schema, n) for n in built],
