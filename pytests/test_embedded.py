@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pwd
@@ -201,8 +202,12 @@ def test_a_restart_listens_on_the_same_port_unless_it_is_taken(
     with pg:
         assert pg.port == first_port
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", first_port))
-        squatter.listen()
+        # The stopped server's socket may linger in TIME_WAIT; another process may even have
+        # taken the port since: either way it is taken, which is what this part needs.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):
+            squatter.bind(("127.0.0.1", first_port))
+            squatter.listen()
         with pg:
             assert pg.port != first_port
             assert query(pg, "select 1") == 1
