@@ -25,6 +25,17 @@ MISTAKES = {
     "a keep entry without order": {"dedup": {"natural_key": ["a"], "keep": [{"column": "id"}]}},
     "a keep entry that is a name": {"dedup": {"natural_key": ["a"], "keep": ["id"]}},
     "an unknown NULL policy": {"dedup": {"natural_key": ["a"], "keep": KEEP, "nulls": "maybe"}},
+    "an alternative key that is a string": {
+        "dedup": {"natural_key": ["a"], "keep": KEEP, "alternative_key": "a, b"}},
+    "an alternative key without the natural key": {
+        "dedup": {"natural_key": ["a", "b"], "keep": KEEP, "alternative_key": ["a", "c"]}},
+    "an alternative key that adds nothing": {
+        "dedup": {"natural_key": ["a", "b"], "keep": KEEP, "alternative_key": ["b", "a"]}},
+    "an empty alternative key": {"dedup": {"natural_key": ["a"], "keep": KEEP,
+                                           "alternative_key": []}},
+    "an alternative key with NULLs distinct": {
+        "dedup": {"natural_key": ["a"], "keep": KEEP, "nulls": "distinct",
+                  "alternative_key": ["a", "b"]}},
 }
 
 
@@ -55,3 +66,12 @@ def test_the_macro_and_the_runner_refuse_a_mistake_in_the_same_words(project: Da
     with pytest.raises(RunnerError) as refused:
         parse_spec("shop.order lines", meta)
     assert str(refused.value) == _macro_says(project, meta)
+
+
+def test_an_alternative_key_is_read_with_what_it_adds_to_the_natural_key() -> None:
+    spec = parse_spec("shop.guests", {"dedup": {
+        "natural_key": ["reservation_pk", "guest_email"], "keep": KEEP,
+        "alternative_key": ["reservation_pk", "guest_name", "guest_email", "guest_name"]}})
+    assert spec.alternative_key == ("reservation_pk", "guest_name", "guest_email")
+    assert spec.told_apart_by == ("guest_name",)
+    assert spec.nulls == "not_distinct"

@@ -7,6 +7,9 @@
               natural_key: [property_pk, photo_id]
               keep: [{column: id, order: desc}]   # last entry: a unique, NOT NULL tie-breaker
               nulls: not_distinct                # or distinct, forbidden, backfill
+              # optional: where the natural key has a NULL, the rows' key instead (NULLs
+              # equal), e.g. [reservation_pk, guest_email, guest_name] for guests without email
+              alternative_key: [property_pk, photo_id, caption]
 
     Every model, test and the runner read it from there. These macros find it from any model
     downstream of the source, and stop compilation with a message naming what is wrong.
@@ -24,9 +27,9 @@
     {%- if spec is not mapping -%}
         {{ exceptions.raise_compiler_error(where ~ " has no meta.dedup: declare natural_key, keep and nulls under config.meta.dedup") }}
     {%- endif -%}
-    {%- set unknown = spec.keys() | reject("in", ["natural_key", "keep", "nulls"]) | sort | list -%}
+    {%- set unknown = spec.keys() | reject("in", ["natural_key", "keep", "nulls", "alternative_key"]) | sort | list -%}
     {%- if unknown -%}
-        {{ exceptions.raise_compiler_error(where ~ ": unknown meta.dedup keys " ~ tojson(unknown) ~ "; expected natural_key, keep, nulls") }}
+        {{ exceptions.raise_compiler_error(where ~ ": unknown meta.dedup keys " ~ tojson(unknown) ~ "; expected natural_key, keep, nulls, alternative_key") }}
     {%- endif -%}
     {%- set natural_key = spec.get("natural_key") -%}
     {%- if natural_key is string or natural_key is mapping or natural_key is not iterable
@@ -47,11 +50,24 @@
     {%- if nulls not in ["not_distinct", "distinct", "forbidden", "backfill"] -%}
         {{ exceptions.raise_compiler_error(where ~ ": nulls must be one of not_distinct, distinct, forbidden, backfill, got " ~ tojson(nulls)) }}
     {%- endif -%}
+    {%- set alternative_key = spec.get("alternative_key", []) -%}
+    {%- if "alternative_key" in spec and (
+           alternative_key is string or alternative_key is mapping or alternative_key is not iterable
+           or alternative_key | reject("string") | list | length > 0 or "" in alternative_key
+           or natural_key | reject("in", alternative_key) | list | length > 0
+           or alternative_key | reject("in", natural_key) | list | length == 0) -%}
+        {{ exceptions.raise_compiler_error(where ~ ": alternative_key must list every natural_key column and the columns that tell apart rows whose natural key has a NULL, got " ~ tojson(alternative_key)) }}
+    {%- endif -%}
+    {%- if alternative_key and nulls != "not_distinct" -%}
+        {{ exceptions.raise_compiler_error(where ~ ": alternative_key makes NULLs in it equal: leave nulls out or set it to not_distinct, got " ~ tojson(nulls)) }}
+    {%- endif -%}
     {{ return({
         "source": source_node.source_name ~ "." ~ source_node.name,
         "natural_key": natural_key,
         "keep": keep,
         "tiebreaker": keep[-1]["column"],
         "nulls": nulls,
+        "alternative_key": alternative_key | unique | list,
+        "told_apart_by": alternative_key | reject("in", natural_key) | unique | list,
     }) }}
 {% endmacro %}

@@ -127,3 +127,25 @@ def test_each_combination_of_nullable_key_columns_has_statements_of_its_own() ->
         '(r."order_id" is not null and r."sku" is null)',
         '(r."order_id" is null and r."sku" is null)',
     ]
+
+
+def test_an_alternative_key_is_replayed_by_the_shape_of_each_rows_key() -> None:
+    spec = dataclasses.replace(SPEC, nulls="not_distinct",
+                               alternative_key=("order_id", "sku", "note"))
+    replay = capture.replay(spec, LIVE, SHADOW, CAPTURED.log, table().columns)
+    deletes = [text(s) for s in replay.rescan if text(s).startswith("with changed as (delete")]
+    # The natural key whole, by itself; where sku is NULL, by the note too, NULL or not.
+    assert [s.split(" where ", 1)[1].split(" returning")[0] for s in deletes] == [
+        '(r."sku" is not null) and s."order_id" = r."order_id" and s."sku" = r."sku"',
+        '(r."sku" is null and r."note" is not null) and s."order_id" = r."order_id"'
+        ' and s."sku" is null and s."note" = r."note"',
+        '(r."sku" is null and r."note" is null) and s."order_id" = r."order_id"'
+        ' and s."sku" is null and s."note" is null',
+    ]
+    statements = _replay(spec)
+    assert not any("distinct from" in text(s) for s in replay.rescan)
+    # The candidates are grouped as the key groups are: the note only where sku is NULL.
+    assert any('distinct on ("order_id", "sku", case when "order_id" is null or "sku" is null'
+               ' then "note" end)' in s for s in statements)
+    # Keys to rescan carry the note, which tells apart the keys with a NULL.
+    assert any('(b.old_row)."note" as "note"' in s for s in statements)

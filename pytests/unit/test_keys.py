@@ -7,7 +7,7 @@ import dataclasses
 
 from facts import LIVE, SPEC, text
 
-from runner.statements.keys import KeyCounts, count_keys
+from runner.statements.keys import KeyCounts, count_keys, key_shapes, null_key_shapes
 
 
 def test_a_group_of_null_key_rows_is_one_duplicated_key_only_where_nulls_are_equal() -> None:
@@ -35,3 +35,31 @@ def test_counts_add_up_over_tables_and_round_as_postgresql_does() -> None:
         6, 40.0, 1.7)
     assert KeyCounts(3, 2, 0).duplicate_pct == 33.33
     assert KeyCounts(0, 0, 0).duplicate_pct is None
+
+
+ALTERNATIVE = dataclasses.replace(SPEC, nulls="not_distinct",
+                                  alternative_key=("order_id", "sku", "note"))
+
+
+def test_an_alternative_key_counts_what_it_adds_only_where_the_natural_key_has_a_null() -> None:
+    counted = text(count_keys(LIVE, ALTERNATIVE))
+    assert ('select "order_id", "sku", case when "order_id" is null or "sku" is null then'
+            ' "note" end, count(*)') in counted
+    # A NULL key is one in the natural key: the note is told apart, not counted as a NULL.
+    assert '(where "key_1" is null or "key_2" is null)' in counted
+    assert '"key_3" is null' not in counted
+
+
+def test_key_shapes_of_an_alternative_key() -> None:
+    shapes = key_shapes(ALTERNATIVE, {"order_id"})
+    assert [(s.nulls, s.compared, s.checked) for s in shapes] == [
+        ((), ("order_id", "sku"), ("sku",)),
+        (("sku",), ("order_id", "note"), ("sku", "note")),
+        (("sku", "note"), ("order_id",), ("sku", "note")),
+    ]
+    assert null_key_shapes(ALTERNATIVE, {"order_id"}, 180000) == shapes[1:]
+    # Without one, NULLs equal need partial indexes only before 15; NULLs distinct, none.
+    equal = dataclasses.replace(SPEC, nulls="not_distinct")
+    assert null_key_shapes(equal, {"order_id"}, 180000) == []
+    assert [s.nulls for s in null_key_shapes(equal, {"order_id"}, 140000)] == [("sku",)]
+    assert [s.nulls for s in key_shapes(SPEC, set())] == [()]

@@ -271,3 +271,42 @@ def test_before_15_the_key_is_enforced_only_with_every_partial_index_in_place() 
     assert table(indexes=(distinct, partial)).enforcing_index(NULLS_EQUAL.spec) == distinct
     invalid = dataclasses.replace(partial, valid=False)
     assert table(indexes=(distinct, invalid)).enforcing_index(NULLS_EQUAL.spec) is None
+
+
+ALTERNATIVE = dataclasses.replace(TARGET, spec=dataclasses.replace(
+    TARGET.spec, nulls="not_distinct", alternative_key=("order_id", "sku", "note")))
+
+
+def test_an_alternative_key_is_a_partial_unique_index_per_shape_of_null_on_every_version(
+) -> None:
+    for version in (BEFORE_15, plan.NULLS_NOT_DISTINCT_VERSION):
+        planned = plan.plan_table(ALTERNATIVE, table(), DUPLICATES, STAMP, "dedup_archive",
+                                  CAPTURED, server_version=version)
+        prepared = [s.split(" on ")[1] for s in _statements(planned.prepare)
+                    if s.startswith("create unique index")]
+        # The constraint's NULLs differ: a key with a NULL is the alternative key's.
+        assert prepared == [
+            '"Shop"."order lines__dedup_new" ("order_id", "sku")',
+            '"Shop"."order lines__dedup_new" ("order_id", "note") where "sku" is null',
+            '"Shop"."order lines__dedup_new" ("order_id") where "sku" is null and "note" is null',
+        ], version
+        cutover = _statements(planned.cutover)
+        assert [s for s in cutover if "_nulls__" in s] == [
+            f'alter index "Shop"."order lines__natural_key_new_nulls__{n}" rename to'
+            f' "order lines__natural_key_nulls__{n}"' for n in (1, 2)]
+
+
+def test_an_alternative_key_is_enforced_only_by_a_constraint_whose_nulls_differ_and_its_indexes(
+) -> None:
+    distinct = dataclasses.replace(NATURAL_KEY, name="order lines__natural_key",
+                                   nulls_not_distinct=False)
+    partial = [Index(f"order lines__natural_key_nulls__{n}", "USING btree (order_id)", None,
+                     None, ("order_id",), unique=True, valid=True, partial=True,
+                     nulls_not_distinct=False) for n in (1, 2)]
+    spec = ALTERNATIVE.spec
+    assert table(indexes=(distinct,)).enforcing_index(spec) is None
+    assert table(indexes=(distinct, partial[0])).enforcing_index(spec) is None
+    assert table(indexes=(distinct, *partial)).enforcing_index(spec) == distinct
+    # NULLS NOT DISTINCT makes one guest of all those without email on a reservation.
+    equal = dataclasses.replace(distinct, nulls_not_distinct=True)
+    assert table(indexes=(equal, *partial)).enforcing_index(spec) is None

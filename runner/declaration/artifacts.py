@@ -45,10 +45,23 @@ class DedupSpec:
     natural_key: tuple[str, ...]
     keep: tuple[KeepColumn, ...]
     nulls: str
+    alternative_key: tuple[str, ...] = ()
+    """The key of the rows whose natural key has a NULL, NULLs equal: the natural key's
+    columns and those that tell such rows apart (the incident's guests without email)."""
 
     @property
     def tiebreaker(self) -> str:
         return self.keep[-1].column
+
+    @property
+    def told_apart_by(self) -> tuple[str, ...]:
+        """The alternative key's columns beyond the natural key's."""
+        return tuple(c for c in self.alternative_key if c not in self.natural_key)
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        """Every column a row's key is read from."""
+        return (*self.natural_key, *self.told_apart_by)
 
 
 @dataclass(frozen=True)
@@ -77,10 +90,10 @@ def parse_spec(source_label: str, meta: dict) -> DedupSpec:
     if not isinstance(spec, dict):
         raise RunnerError(f"{where} has no meta.dedup: declare natural_key, keep and nulls under "
                           "config.meta.dedup")
-    unknown = sorted(set(spec) - {"natural_key", "keep", "nulls"})
+    unknown = sorted(set(spec) - {"natural_key", "keep", "nulls", "alternative_key"})
     if unknown:
         raise RunnerError(f"{where}: unknown meta.dedup keys {json.dumps(unknown)}; expected "
-                          "natural_key, keep, nulls")
+                          "natural_key, keep, nulls, alternative_key")
     natural_key = spec.get("natural_key")
     if not isinstance(natural_key, list) or not natural_key or not all(
             isinstance(column, str) and column for column in natural_key):
@@ -101,7 +114,19 @@ def parse_spec(source_label: str, meta: dict) -> DedupSpec:
     if nulls not in NULL_POLICIES:
         raise RunnerError(f"{where}: nulls must be one of {', '.join(NULL_POLICIES)}, "
                           f"got {json.dumps(nulls)}")
-    return DedupSpec(tuple(natural_key), tuple(keep_columns), nulls)
+    alternative_key = spec.get("alternative_key", [])
+    if "alternative_key" in spec and (
+            not isinstance(alternative_key, list) or not all(
+                isinstance(column, str) and column for column in alternative_key)
+            or not set(natural_key) < set(alternative_key)):
+        raise RunnerError(f"{where}: alternative_key must list every natural_key column and the "
+                          "columns that tell apart rows whose natural key has a NULL, got "
+                          f"{json.dumps(alternative_key)}")
+    if alternative_key and nulls != "not_distinct":
+        raise RunnerError(f"{where}: alternative_key makes NULLs in it equal: leave nulls out or "
+                          f"set it to not_distinct, got {json.dumps(nulls)}")
+    return DedupSpec(tuple(natural_key), tuple(keep_columns), nulls,
+                     tuple(dict.fromkeys(alternative_key)))
 
 
 def _load(path: Path, what: str) -> dict:

@@ -9,6 +9,7 @@ import psycopg
 from runner.declaration.artifacts import DedupSpec, Relation
 from runner.declaration.names import null_key_index_name
 from runner.errors import RunnerError
+from runner.statements.keys import key_shapes
 
 
 @dataclass(frozen=True)
@@ -151,13 +152,17 @@ class LiveTable:
 
     def enforcing_index(self, spec: DedupSpec) -> Index | None:
         """A valid unique index that already enforces the natural key as the spec means it;
-        where NULLs are equal and no index says so (before PostgreSQL 15), only with the
-        partial unique indexes a swap adds beside it for the keys with NULLs."""
+        where NULLs are equal and no index says so (before PostgreSQL 15), or the rows with a
+        NULL have an alternative key, only with the partial unique indexes a swap adds beside
+        it for the keys with NULLs."""
         not_null = {column.name for column in self.columns if column.not_null}
         for index in self.indexes:
             if not (index.unique and index.valid and not index.partial):
                 continue
             if None in index.key_columns or set(index.key_columns) != set(spec.natural_key):
+                continue
+            if spec.alternative_key and index.nulls_not_distinct:
+                # It makes one key of rows that the alternative key tells apart.
                 continue
             nulls_equal = index.nulls_not_distinct or set(spec.natural_key) <= not_null
             if spec.nulls == "not_distinct" and not nulls_equal and not self.null_key_indexes(
@@ -167,12 +172,12 @@ class LiveTable:
         return None
 
     def null_key_indexes(self, spec: DedupSpec) -> list[Index]:
-        """The valid partial unique indexes that, one per combination of NULL key columns,
-        make NULLs equal before PostgreSQL 15; empty unless all of them are in place."""
-        nullable = [k for k in spec.natural_key
-                    if k not in {c.name for c in self.columns if c.not_null}]
+        """The valid partial unique indexes that, one per shape of a key with a NULL, make
+        NULLs equal before PostgreSQL 15 or hold an alternative key; empty unless all of them
+        are in place."""
+        not_null = {c.name for c in self.columns if c.not_null}
         wanted = {null_key_index_name(self.relation.name, number)
-                  for number in range(1, 2 ** len(nullable))}
+                  for number in range(1, len(key_shapes(spec, not_null)))}
         found = [index for index in self.indexes if index.name in wanted
                  and index.unique and index.valid and index.partial]
         return found if wanted and len(found) == len(wanted) else []

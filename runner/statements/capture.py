@@ -29,7 +29,6 @@ Every statement here is built from facts alone; runner.jobs.swap runs them.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +37,7 @@ from psycopg import sql
 from runner.declaration.artifacts import DedupSpec, Relation
 from runner.declaration.names import pg_name
 from runner.server.catalog import Column
+from runner.statements.keys import KeyShape, key_shapes, key_terms
 
 TRIGGER = "dedup_capture"
 TRUNCATE_TRIGGER = "dedup_capture_truncate"
@@ -323,40 +323,32 @@ class _Tables:
     def same_key(self, left: str, right: str, right_is_row: bool = True) -> sql.Composed:
         """Keys equal as the constraint sees them: NULLs equal only under not_distinct."""
         operator = sql.SQL(" is not distinct from " if self.nulls_equal else " = ")
+        right_of = fields_of(right) if right_is_row else columns_of(right)
         return sql.SQL(" and ").join(
-            sql.SQL("{}.{}{}{}").format(sql.SQL(left), sql.Identifier(k), operator,
-                                        field(right, k) if right_is_row
-                                        else sql.SQL("{}.{}").format(sql.SQL(right),
-                                                                     sql.Identifier(k)))
-            for k in self.spec.natural_key)
+            sql.SQL("{}{}{}").format(left_term, operator, right_term)
+            for left_term, right_term in zip(key_terms(self.spec, columns_of(left)),
+                                             key_terms(self.spec, right_of), strict=True))
 
-    def null_patterns(self) -> list[tuple[str, ...]]:
-        """Which key columns are NULL, as statements that an index on the key serves must
-        tell apart: none; and where NULLs are equal, each combination of the nullable ones,
-        each matched with `k = v` and `k is null`, which an index finds, where IS NOT DISTINCT
-        FROM would make every match a scan of the whole table."""
-        if not self.nulls_equal:
-            return [()]
-        not_null = {c.name for c in self.columns if c.not_null}
-        nullable = [k for k in self.spec.natural_key if k not in not_null]
-        return [combination for size in range(len(nullable) + 1)
-                for combination in itertools.combinations(nullable, size)]
+    def shapes(self) -> list[KeyShape]:
+        """The shapes of keys, which statements that an index on the key serves must tell
+        apart: matched with `k = v` and `k is null`, which an index finds, where IS NOT
+        DISTINCT FROM would make every match a scan of the whole table."""
+        return key_shapes(self.spec, {c.name for c in self.columns if c.not_null})
 
-    def nulls_exactly(self, of: Callable[[str], sql.Composable],
-                      nulls: tuple[str, ...]) -> sql.Composed:
-        """The key's nullable columns, each `of` the row named, are NULL in `nulls` only."""
-        not_null = {c.name for c in self.columns if c.not_null}
-        terms = [sql.SQL("{} is {}null").format(of(k), sql.SQL("" if k in nulls else "not "))
-                 for k in self.spec.natural_key if k not in not_null]
+    @staticmethod
+    def nulls_exactly(of: Callable[[str], sql.Composable], shape: KeyShape) -> sql.Composed:
+        """The key's nullable columns, each `of` the row named, are NULL as in `shape`."""
+        terms = [sql.SQL("{} is {}null").format(of(k), sql.SQL("" if k in shape.nulls else "not "))
+                 for k in shape.checked]
         return sql.SQL("({})").format(sql.SQL(" and ").join(terms or [sql.SQL("true")]))
 
     def key_matches(self, left: Callable[[str], sql.Composable],
-                    right: Callable[[str], sql.Composable],
-                    nulls: tuple[str, ...]) -> sql.Composed:
-        """The keys are equal, for a `right` whose key is NULL in `nulls` only."""
+                    right: Callable[[str], sql.Composable], shape: KeyShape) -> sql.Composed:
+        """The keys are equal, for a `right` whose key has `shape`."""
         return sql.SQL(" and ").join(
-            sql.SQL("{} is null").format(left(k)) if k in nulls
-            else sql.SQL("{} = {}").format(left(k), right(k)) for k in self.spec.natural_key)
+            sql.SQL("{} is null").format(left(k)) if k in shape.nulls
+            else sql.SQL("{} = {}").format(left(k), right(k))
+            for k in self.spec.key_columns if k in shape.nulls or k in shape.compared)
 
     def null_in_key(self, row: str) -> sql.Composed:
         return sql.SQL("(") + sql.SQL(" or ").join(
@@ -386,7 +378,7 @@ class _Tables:
     def group(self) -> sql.Composed:
         """What makes a group of rows one key: the key, and a NULL-key row's own tie-breaker
         unless NULLs are equal."""
-        group = sql.SQL(", ").join(sql.Identifier(k) for k in self.spec.natural_key)
+        group = sql.SQL(", ").join(key_terms(self.spec, sql.Identifier))
         if self.nulls_equal:
             return group
         return group + sql.SQL(", case when {} then {} end").format(
@@ -404,12 +396,13 @@ class _Tables:
 def _moves_rows(spec: DedupSpec, change: str) -> sql.Composed:
     """A condition on a logged change: it deleted a row, or changed its key or keep columns,
     after which only the live rows of its key can say which of them to keep."""
-    key_and_keep = list(dict.fromkeys([*spec.natural_key, *(e.column for e in spec.keep)]))
+    def key_and_keep(row: str) -> sql.Composed:
+        return sql.SQL(", ").join([*key_terms(spec, fields_of(row)),
+                                   *(field(row, e.column) for e in spec.keep)])
     return sql.SQL("({change}.op = 'D' or {change}.op = 'U' and row({old}) is distinct from"
                    " row({new}))").format(
-        change=sql.SQL(change),
-        old=sql.SQL(", ").join(field(f"{change}.old_row", c) for c in key_and_keep),
-        new=sql.SQL(", ").join(field(f"{change}.new_row", c) for c in key_and_keep))
+        change=sql.SQL(change), old=key_and_keep(f"{change}.old_row"),
+        new=key_and_keep(f"{change}.new_row"))
 
 
 def rows_moved(spec: DedupSpec, log: Relation) -> sql.Composed:
@@ -453,7 +446,7 @@ def _take_batch(t: _Tables, batch_rows: int) -> list[sql.Composed]:
         ).format(
             keys=sql.SQL(", ").join(
                 sql.SQL("{} as {}").format(field("b.old_row", k), sql.Identifier(k))
-                for k in t.spec.natural_key),
+                for k in t.spec.key_columns),
             rescannable=rescannable, old_tb=field("b.old_row", t.spec.tiebreaker),
             tb=t.tiebreaker, new=_id(t.shadow), new_tb=field("n.new_row", t.spec.tiebreaker),
             key_kept=_key_kept(t, "b.old_row"), moves=_moves_rows(t.spec, "b")),
@@ -470,15 +463,15 @@ def fields_of(row: str) -> Callable[[str], sql.Composed]:
 
 def _key_kept(t: _Tables, row: str) -> sql.Composed:
     """The new table keeps a row of `row`'s key, found by its unique index."""
-    def kept(nulls: tuple[str, ...]) -> sql.Composed:
+    def kept(shape: KeyShape) -> sql.Composed:
         return sql.SQL("exists (select from {new} as s where {match})").format(
-            new=_id(t.shadow), match=t.key_matches(columns_of("s"), fields_of(row), nulls))
-    patterns = t.null_patterns()
+            new=_id(t.shadow), match=t.key_matches(columns_of("s"), fields_of(row), shape))
+    patterns = t.shapes()
     if len(patterns) == 1:
         return kept(patterns[0])
     return sql.SQL("(case {} end)").format(sql.SQL(" ").join(
-        sql.SQL("when {} then {}").format(t.nulls_exactly(fields_of(row), nulls), kept(nulls))
-        for nulls in patterns))
+        sql.SQL("when {} then {}").format(t.nulls_exactly(fields_of(row), shape), kept(shape))
+        for shape in patterns))
 
 
 def _rescan(t: _Tables) -> list[sql.Composed]:
@@ -486,14 +479,14 @@ def _rescan(t: _Tables) -> list[sql.Composed]:
     an index on the live table's key where it has one, or else by a hash join over it. One
     pair of statements per pattern of NULLs, each of which reads the live table only when a
     key of its pattern is to be rescanned."""
-    keys = sql.SQL(", ").join(sql.Identifier(k) for k in t.spec.natural_key)
+    keys = sql.SQL(", ").join(key_terms(t.spec, sql.Identifier))
     statements = []
-    for nulls in t.null_patterns():
-        which = t.nulls_exactly(columns_of("r"), nulls)
+    for shape in t.shapes():
+        which = t.nulls_exactly(columns_of("r"), shape)
 
-        def match(left: str, which=which, nulls=nulls) -> sql.Composed:
+        def match(left: str, which=which, shape=shape) -> sql.Composed:
             return sql.SQL("{} and {}").format(
-                which, t.key_matches(columns_of(left), columns_of("r"), nulls))
+                which, t.key_matches(columns_of(left), columns_of("r"), shape))
         statements += [
             counted(t.live, sql.SQL("delete from {new} as s using dedup_rescan as r where {match}")
                     .format(new=_id(t.shadow), match=match("s")), "-"),
@@ -516,9 +509,9 @@ def _by_null_pattern(t: _Tables, template: str, inserting: bool,
     key has one matches nothing, as under the constraint."""
     shadow, candidate = _id(t.shadow), columns_of("c")
     statements = [sql.SQL(template).format(
-        new=shadow, keys_null=t.nulls_exactly(candidate, nulls),
-        match=t.key_matches(columns_of("s"), candidate, nulls), **parts)
-        for nulls in t.null_patterns()]
+        new=shadow, keys_null=t.nulls_exactly(candidate, shape),
+        match=t.key_matches(columns_of("s"), candidate, shape), **parts)
+        for shape in t.shapes()]
     if inserting and not t.nulls_equal:
         some_null = sql.SQL("({})").format(sql.SQL(" or ").join(
             sql.SQL("{} is null").format(candidate(k)) for k in t.spec.natural_key))

@@ -9,6 +9,8 @@ as in a plain UNIQUE constraint and in the dbt models.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -17,6 +19,68 @@ from psycopg import sql
 from runner.declaration.artifacts import DedupSpec, Relation
 
 NULLS_EQUAL = "not_distinct"
+# The first version with UNIQUE NULLS NOT DISTINCT.
+NULLS_NOT_DISTINCT_VERSION = 150000
+
+
+@dataclass(frozen=True)
+class KeyShape:
+    """Which of a key's nullable columns are NULL in a row, and so which columns tell its key
+    apart from the other keys of its shape. Statements that an index on the key must serve are
+    written once per shape, with `k = v` and `k IS NULL`: IS NOT DISTINCT FROM, which would
+    cover them all, no index serves."""
+
+    nulls: tuple[str, ...]
+    compared: tuple[str, ...]
+    checked: tuple[str, ...]
+    """The nullable columns that make the shape: each NULL if in `nulls`, NOT NULL if not."""
+
+
+def _subsets(columns: Sequence[str]) -> list[tuple[str, ...]]:
+    return [subset for size in range(len(columns) + 1)
+            for subset in itertools.combinations(columns, size)]
+
+
+def key_shapes(spec: DedupSpec, not_null: set[str]) -> list[KeyShape]:
+    """Every shape a key can have, the one without a NULL first. Unless NULLs are equal a key
+    with a NULL is its row's own and has no shape to match: only the first is there. Where the
+    natural key has a NULL, an alternative key tells its rows apart by its other columns too,
+    themselves NULL or not."""
+    nullable = tuple(k for k in spec.natural_key if k not in not_null)
+    whole = KeyShape((), spec.natural_key, nullable)
+    if spec.nulls != NULLS_EQUAL:
+        return [whole]
+    more = tuple(c for c in spec.told_apart_by if c not in not_null)
+    shapes = [whole]
+    for nulls in _subsets(nullable)[1:]:
+        for more_nulls in _subsets(more):
+            null = nulls + more_nulls
+            shapes.append(KeyShape(
+                null, tuple(c for c in (*spec.natural_key, *spec.told_apart_by) if c not in null),
+                nullable + more))
+    return shapes
+
+
+def null_key_shapes(spec: DedupSpec, not_null: set[str], server_version: int) -> list[KeyShape]:
+    """The shapes with a NULL that the natural key's constraint does not hold, each held by a
+    partial unique index of its own: an alternative key's, on any version; and before
+    PostgreSQL 15, where no constraint makes NULLs equal, those of a key whose NULLs are."""
+    if not spec.alternative_key and server_version >= NULLS_NOT_DISTINCT_VERSION:
+        return []
+    return key_shapes(spec, not_null)[1:]
+
+
+def key_terms(spec: DedupSpec, of: Callable[[str], sql.Composable]) -> list[sql.Composable]:
+    """What a row's key is, NULLs equal (as GROUP BY and IS NOT DISTINCT FROM hold them), `of`
+    the row named: the natural key's columns, and each column the alternative key adds where
+    the natural key has a NULL (a NULL where it has none)."""
+    terms: list[sql.Composable] = [of(k) for k in spec.natural_key]
+    if spec.told_apart_by:
+        some_null = sql.SQL(" or ").join(sql.SQL("{} is null").format(of(k))
+                                         for k in spec.natural_key)
+        terms += [sql.SQL("case when {} then {} end").format(some_null, of(c))
+                  for c in spec.told_apart_by]
+    return terms
 
 
 @dataclass(frozen=True)
@@ -66,10 +130,11 @@ def count_keys(relation: Relation, spec: DedupSpec,
                blocks: tuple[int, int] | None = None) -> sql.Composed:
     """KeyCounts' fields, in order, in one GROUP BY on the key columns. `blocks` limits the
     scan to heap blocks [first, last), a TID Range Scan."""
-    key = [sql.Identifier(column) for column in spec.natural_key]
+    key = key_terms(spec, sql.Identifier)
     # The groups' columns are renamed, so no key column can be mistaken for the count.
     grouped = [sql.Identifier(f"key_{number}") for number in range(1, len(key) + 1)]
-    any_null = sql.SQL(" or ").join(sql.SQL("{} is null").format(column) for column in grouped)
+    any_null = sql.SQL(" or ").join(sql.SQL("{} is null").format(column)
+                                    for column in grouped[:len(spec.natural_key)])
     null_key_rows = sql.SQL("coalesce(sum(key_rows) filter (where {}), 0)").format(any_null)
     nulls_equal = spec.nulls == NULLS_EQUAL
     null_keys = (sql.SQL("count(*) filter (where {})").format(any_null)

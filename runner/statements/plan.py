@@ -16,7 +16,6 @@ change capture of its own, so that a rollback knows every write made after the s
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -34,12 +33,11 @@ from runner.errors import RunnerError
 from runner.server import swap_log
 from runner.server.catalog import ColumnGrant, Grant, Index, LiveTable, View
 from runner.statements import capture
+from runner.statements.keys import NULLS_NOT_DISTINCT_VERSION, KeyShape, null_key_shapes
 
 PRIVILEGES = {
     "SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN",
 }
-# The first version with UNIQUE NULLS NOT DISTINCT.
-NULLS_NOT_DISTINCT_VERSION = 150000
 
 
 @dataclass(frozen=True)
@@ -175,7 +173,8 @@ def check_columns(target: DedupTarget, live: LiveTable, built: list[tuple[str, s
 def check_spec_columns(target: DedupTarget, live: LiveTable) -> None:
     """The columns the YAML names for the table are columns of it."""
     for what, columns in (("natural key", target.spec.natural_key),
-                          ("keep", [entry.column for entry in target.spec.keep])):
+                          ("keep", [entry.column for entry in target.spec.keep]),
+                          ("alternative key", target.spec.alternative_key)):
         missing = [c for c in columns if c not in live.column_names()]
         if missing:
             raise RunnerError(f"{what} column(s) {missing} of {target.source} are not columns "
@@ -186,8 +185,10 @@ def check_spec_columns(target: DedupTarget, live: LiveTable) -> None:
 def _unique_index(spec: DedupSpec, live: LiveTable, name: str, table: sql.Composable,
                   server_version: int, concurrently: bool = False) -> sql.Composed:
     # With every key column NOT NULL, NULLS NOT DISTINCT changes nothing: leaving it out
-    # keeps the statement valid before PostgreSQL 15, where null_patterns does its work.
-    nulls_not_distinct = (spec.nulls == "not_distinct" and _nullable_key(spec, live)
+    # keeps the statement valid before PostgreSQL 15, where null_patterns does its work. Under
+    # an alternative key a NULL in the natural key is for its partial indexes to hold.
+    nulls_not_distinct = (spec.nulls == "not_distinct" and not spec.alternative_key
+                          and _nullable_key(spec, live)
                           and server_version >= NULLS_NOT_DISTINCT_VERSION)
     return sql.SQL("create unique index {concurrently}{name} on {table} ({keys}){nulls}").format(
         concurrently=sql.SQL("concurrently " if concurrently else ""),
@@ -198,16 +199,12 @@ def _unique_index(spec: DedupSpec, live: LiveTable, name: str, table: sql.Compos
     )
 
 
-def null_patterns(spec: DedupSpec, live: LiveTable, server_version: int) -> list[tuple[str, ...]]:
-    """Before PostgreSQL 15 no constraint makes NULLs equal. Where the spec needs them equal and
-    the key allows one, each combination of NULL key columns gets a partial unique index of
-    its own beside the constraint, which holds the keys without a NULL: `(a) WHERE b IS NULL`,
-    and `((true)) WHERE a IS NULL AND b IS NULL` for a key of NULLs only."""
-    if spec.nulls != "not_distinct" or server_version >= NULLS_NOT_DISTINCT_VERSION:
-        return []
-    nullable = _nullable_key(spec, live)
-    return [nulls for size in range(1, len(nullable) + 1)
-            for nulls in itertools.combinations(nullable, size)]
+def null_patterns(spec: DedupSpec, live: LiveTable, server_version: int) -> list[KeyShape]:
+    """The keys with a NULL that the constraint on the natural key leaves to partial unique
+    indexes beside it, one per shape: `(a) WHERE b IS NULL`, and `((true)) WHERE a IS NULL AND
+    b IS NULL` for a key of NULLs only. Before PostgreSQL 15 no constraint makes NULLs equal;
+    an alternative key's columns count only where the natural key has a NULL."""
+    return null_key_shapes(spec, {c.name for c in live.columns if c.not_null}, server_version)
 
 
 def _null_key_names(spec: DedupSpec, live: LiveTable, server_version: int,
@@ -221,21 +218,20 @@ def _null_key_indexes(spec: DedupSpec, live: LiveTable, server_version: int,
                       table: sql.Composable, concurrently: bool = False) -> list[Step]:
     """The partial unique indexes of null_patterns, under their pending names."""
     steps = []
-    for nulls, name in zip(null_patterns(spec, live, server_version),
+    for shape, name in zip(null_patterns(spec, live, server_version),
                            _null_key_names(spec, live, server_version, pending=True),
                            strict=True):
-        rest = [k for k in spec.natural_key if k not in nulls]
         steps.append(Step(
-            f"before PostgreSQL 15: one key for the rows whose {', '.join(nulls)} is NULL",
+            f"one key for the rows whose {', '.join(shape.nulls)} is NULL",
             sql.SQL("create unique index {concurrently}{name} on {table} ({columns})"
                     " where {nulls}").format(
                 concurrently=sql.SQL("concurrently " if concurrently else ""),
                 name=sql.Identifier(name),
                 table=table,
-                columns=sql.SQL(", ").join(sql.Identifier(k) for k in rest) if rest
-                else sql.SQL("(true)"),
+                columns=sql.SQL(", ").join(sql.Identifier(k) for k in shape.compared)
+                if shape.compared else sql.SQL("(true)"),
                 nulls=sql.SQL(" and ").join(sql.SQL("{} is null").format(sql.Identifier(k))
-                                            for k in nulls))))
+                                            for k in shape.nulls))))
     return steps
 
 
