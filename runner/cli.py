@@ -525,13 +525,16 @@ def verify_command(project_dir: Path, target_path: Path | None, select: tuple[st
 def upsert_sql_command(table: str, touch: tuple[str, ...], project_dir: Path,
                        target_path: Path | None) -> None:
     """Print the INSERT ... ON CONFLICT ... DO UPDATE the ETL should load TABLE with (a live
-    table, source or schema.table), on the constraint that enforces its natural key now."""
+    table, source or schema.table), on the constraint that enforces its natural key now (one
+    per shape of key, each saying which rows it takes, for a table with an alternative key)."""
     with database(project_dir):
         targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), ())
         with connect() as conn:
-            statement = upsert.target_upsert_statement(conn, upsert.one_target(targets, table),
-                                                       touch)
-            click.echo(statement.as_string(conn))
+            upserts = upsert.target_upserts(conn, upsert.one_target(targets, table), touch)
+            for shaped in upserts:
+                said = f"-- for {shaped.rows}:\n" if len(upserts) > 1 else ""
+                click.echo(f"{said}{shaped.statement.as_string(conn)}"
+                           f"{';' if len(upserts) > 1 else ''}")
 
 
 @cli.command(name="report")

@@ -7,12 +7,13 @@ already there updates that row instead of adding another.
 
 `read_upsert_table` reads the catalog; `choose_arbiter` and `build_upsert` are pure;
 `upsert_statement` (a natural key of your own) and `manifest_upsert_statement` (the key declared
-in the dbt YAML) put them together for ETL code that uses psycopg.
+in the dbt YAML) put them together for ETL code that uses psycopg; `manifest_upserts` too, for a
+table whose alternative key needs one statement per shape of key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,10 @@ from psycopg.abc import AdaptContext
 
 from runner.declaration import select
 from runner.declaration.artifacts import DedupTarget, Relation, load_targets, target_names
+from runner.declaration.names import null_key_index_name
 from runner.errors import RunnerError
 from runner.server.catalog import read_live_table
+from runner.statements.keys import KeyShape, key_shapes
 
 
 @dataclass(frozen=True)
@@ -211,17 +214,43 @@ def upsert_statement(conn: psycopg.Connection, schema: str, table: str,
     return build_upsert(facts, natural_key, choose_arbiter(facts, natural_key), touch)
 
 
-def target_upsert_statement(conn: psycopg.Connection, target: DedupTarget,
-                            touch: Sequence[str] = ()) -> sql.Composed:
-    """The upsert on the constraint that enforces the natural key as the dbt YAML declares it,
+@dataclass(frozen=True)
+class ShapedUpsert:
+    """The upsert for the rows of one shape of key: ON CONFLICT DO UPDATE arbitrates one unique
+    index, and where the natural key has a NULL an alternative key has indexes of its own."""
+
+    rows: str
+    """Which rows it is for, said in words."""
+    statement: sql.Composed
+    shape: KeyShape
+
+    def takes(self, row: Mapping[str, object]) -> bool:
+        """Whether the ETL sends `row`, a dict keyed by column name, with this statement."""
+        return all((row[k] is None) == (k in self.shape.nulls) for k in self.shape.checked)
+
+
+def _shape_words(shape: KeyShape) -> str:
+    said = []
+    for columns, what in (([k for k in shape.checked if k in shape.nulls], "NULL"),
+                          ([k for k in shape.checked if k not in shape.nulls], "not NULL")):
+        if columns:
+            said.append(f"{', '.join(columns)} {'is' if len(columns) == 1 else 'are'} {what}")
+    return "rows whose " + " and ".join(said)
+
+
+def target_upserts(conn: psycopg.Connection, target: DedupTarget,
+                   touch: Sequence[str] = ()) -> list[ShapedUpsert]:
+    """The upserts on the constraint that enforces the natural key as the dbt YAML declares it,
     NULL semantics included: a key enforced only in part (a partial index, or NULLs distinct
-    where the YAML says not_distinct) is not enforced, and `runner swap` adds the constraint."""
+    where the YAML says not_distinct) is not enforced, and `runner swap` adds the constraint.
+    One statement, but for an alternative key one per shape of key: the constraint's for the
+    rows without a NULL in the natural key, then a partial index's for each shape with one."""
     live = read_live_table(conn, target.live)
     enforcing = live.enforcing_index(target.spec)
     if enforcing is None:
         raise _not_enforced(target.live, target.spec.natural_key)
     partial = live.null_key_indexes(target.spec) if not enforcing.nulls_not_distinct else []
-    if partial:
+    if partial and not target.spec.alternative_key:
         raise RunnerError(
             f"before PostgreSQL 15, {target.live} keeps its key unique with NULLs equal only by "
             f"{enforcing.name} and the partial unique indexes "
@@ -229,11 +258,32 @@ def target_upsert_statement(conn: psycopg.Connection, target: DedupTarget,
             "index: insert with ON CONFLICT DO NOTHING, which they all arbitrate, or upgrade "
             "to 15, where one UNIQUE NULLS NOT DISTINCT constraint can")
     facts = read_upsert_table(conn, target.live)
-    arbiter = next((i for i in facts.unique_indexes if i.name == enforcing.name), None)
-    if arbiter is None:
+    arbiters = {i.name: i for i in facts.unique_indexes}
+    if enforcing.name not in arbiters:
         raise RunnerError(f"{enforcing.name} on {target.live} is deferrable, and ON CONFLICT "
                           "cannot arbitrate on a deferrable constraint: make it NOT DEFERRABLE")
-    return build_upsert(facts, target.spec.natural_key, arbiter, touch)
+    shapes = key_shapes(target.spec, {c.name for c in live.columns if c.not_null})
+    names = [enforcing.name, *(null_key_index_name(target.live.name, number)
+                               for number in range(1, len(shapes)))]
+    if not target.spec.alternative_key:
+        # One statement, whatever NULLs a row's key has.
+        shapes, names = [KeyShape((), target.spec.natural_key, ())], names[:1]
+    return [ShapedUpsert("every row" if len(shapes) == 1 else _shape_words(shape),
+                         build_upsert(facts, (*shape.compared, *shape.nulls), arbiters[name],
+                                      touch), shape)
+            for shape, name in zip(shapes, names, strict=True)]
+
+
+def target_upsert_statement(conn: psycopg.Connection, target: DedupTarget,
+                            touch: Sequence[str] = ()) -> sql.Composed:
+    """The one upsert for a table whose every row one constraint arbitrates (see
+    target_upserts for one with an alternative key)."""
+    upserts = target_upserts(conn, target, touch)
+    if len(upserts) > 1:
+        raise RunnerError(f"{target.live} has an alternative key, and each shape of its keys "
+                          "has a unique index of its own to arbitrate: use manifest_upserts, "
+                          "one statement per shape")
+    return upserts[0].statement
 
 
 def one_target(targets: Sequence[DedupTarget], name: str) -> DedupTarget:
@@ -253,3 +303,10 @@ def manifest_upsert_statement(conn: psycopg.Connection, target_dir: Path, table:
     """The upsert for a table the dbt project deduplicates, its natural key read from
     `target_dir/manifest.json` (run `dbt parse` or `dbt build` first)."""
     return target_upsert_statement(conn, one_target(load_targets(target_dir), table), touch)
+
+
+def manifest_upserts(conn: psycopg.Connection, target_dir: Path, table: str,
+                     touch: Sequence[str] = ()) -> list[ShapedUpsert]:
+    """The upserts for a table the dbt project deduplicates, one per shape of key for one with
+    an alternative key (see target_upserts); each `takes` the rows that are its own."""
+    return target_upserts(conn, one_target(load_targets(target_dir), table), touch)

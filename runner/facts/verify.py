@@ -98,10 +98,12 @@ def _qualified(relation: Relation) -> str:
 def read_table(conn: psycopg.Connection, target: DedupTarget) -> LiveTable:
     """The live table's catalog facts; refuses a table or natural-key column that is missing."""
     live = catalog.read_live_table(conn, target.live)
-    missing = [c for c in target.spec.natural_key if c not in live.column_names()]
-    if missing:
-        raise RunnerError(f"natural key column(s) {missing} of {target.source} are not columns of "
-                          f"{live.relation}: fix natural_key in the dbt YAML")
+    for what, columns in (("natural_key", target.spec.natural_key),
+                          ("alternative_key", target.spec.alternative_key)):
+        missing = [c for c in columns if c not in live.column_names()]
+        if missing:
+            raise RunnerError(f"{what.replace('_', ' ')} column(s) {missing} of {target.source} "
+                              f"are not columns of {live.relation}: fix {what} in the dbt YAML")
     return live
 
 
@@ -126,6 +128,9 @@ def check_null_keys(counts: KeyCounts, spec: DedupSpec) -> tuple[bool, str]:
     if spec.nulls not in NULL_KEYS_ALLOWED:
         return False, (f"NULL in the key: {counts.null_key_rows:,} rows, which {policy} does "
                        "not allow: fill them in or delete them, then add NOT NULL")
+    if spec.alternative_key:
+        return True, (f"NULL in the key: {counts.null_key_rows:,} rows, keyed by the alternative "
+                      f"key ({', '.join(spec.alternative_key)})")
     meaning = "equal to each other" if spec.nulls == NULLS_EQUAL else "each its own key"
     return True, f"NULL in the key: {counts.null_key_rows:,} rows, {meaning} ({policy})"
 
@@ -146,6 +151,14 @@ def _why_not_enforcing(live: LiveTable, spec: DedupSpec) -> str:
                     "CREATE UNIQUE INDEX CONCURRENTLY: drop it and build it again")
         if index.partial:
             return f"unique index {index.name} on ({columns}) is partial: it covers some rows"
+        if spec.alternative_key and index.nulls_not_distinct:
+            return (f"unique index {index.name} on ({columns}) treats NULLs as equal, which "
+                    "makes one key of the rows that alternative_key tells apart: rebuild it "
+                    "without NULLS NOT DISTINCT and run runner swap, which adds their key")
+        if spec.alternative_key:
+            return (f"unique index {index.name} on ({columns}) holds the keys without a NULL; "
+                    f"nothing holds the alternative key ({', '.join(spec.alternative_key)}) of "
+                    "the rest: run runner swap, which adds it")
         if spec.nulls == NULLS_EQUAL:
             return (f"unique index {index.name} on ({columns}) treats NULLs as distinct; "
                     f"nulls: {spec.nulls} needs UNIQUE NULLS NOT DISTINCT")
@@ -166,7 +179,9 @@ def check_constraint(live: LiveTable, spec: DedupSpec) -> tuple[bool, str]:
         nulls = "NULLS NOT DISTINCT"
     elif spec.nulls == NULLS_EQUAL:
         partial = live.null_key_indexes(spec)
-        nulls = (f"NULLs equal by {len(partial)} partial unique index"
+        held = (f"the alternative key ({', '.join(spec.alternative_key)}) where it has a NULL"
+                if spec.alternative_key else "NULLs equal")
+        nulls = (f"{held} by {len(partial)} partial unique index"
                  f"{'es' if len(partial) > 1 else ''} ({', '.join(i.name for i in partial)})")
     else:
         nulls = "NULLs distinct"
@@ -317,6 +332,11 @@ def check_idempotent(conn: psycopg.Connection, target: DedupTarget, columns: lis
         return False, (f"{inserted:,} of {replayed:,} existing rows replayed were inserted "
                        "again: the ETL duplicates them; add the natural key's constraint "
                        "(runner swap)")
+    if null_keys and target.spec.alternative_key:
+        return False, (f"{null_keys:,} of {replayed:,} existing rows replayed were inserted "
+                       "again, each with a NULL in the natural key, which no unique index "
+                       f"holds by the alternative key ({', '.join(target.spec.alternative_key)})"
+                       ": run runner swap, which adds them")
     if null_keys and target.spec.nulls == NULLS_EQUAL:
         return False, (f"{null_keys:,} of {replayed:,} existing rows replayed were inserted "
                        "again, each with a NULL in the key, which the table's unique "

@@ -75,6 +75,8 @@ def rows(audits: list[TableAudit], output_format: str,
             "natural_key": (", ".join(table.target.spec.natural_key) if as_text
                             else list(table.target.spec.natural_key)),
             "nulls": table.target.spec.nulls,
+            "alternative_key": (", ".join(table.target.spec.alternative_key) if as_text
+                                else list(table.target.spec.alternative_key)) or None,
             **_count_fields(table.counts),
             "bytes": table.bytes,
             "bytes_after_estimate": table.bytes_after,
@@ -87,7 +89,8 @@ def rows(audits: list[TableAudit], output_format: str,
         for table in audits
     ]
     machine.append({
-        "table": "TOTAL", "natural_key": None, "nulls": None, **_count_fields(counts),
+        "table": "TOTAL", "natural_key": None, "nulls": None, "alternative_key": None,
+        **_count_fields(counts),
         "bytes": total_bytes, "bytes_after_estimate": total_after,
         "natural_key_enforced_by": None, "unique_indexes": None,
     })
