@@ -34,6 +34,9 @@ chosen as (
         {%- for column in spec.natural_key %},
         {{ adapter.quote(column) }}
         {%- endfor %}
+        {%- for term in dedup.dedup_alternative_terms(spec) %},
+        dedup_alternative_{{ loop.index }}
+        {%- endfor %}
     from {{ key_groups }}
 
 ),
@@ -71,7 +74,7 @@ vanished as (
         and exists (
             {{ dedup.dedup_exists_select() }} from chosen_not_kept
             where chosen_not_kept.tiebreaker = source_rows.{{ tiebreaker }}
-                and {{ dedup.dedup_same_key(spec.natural_key, "chosen_not_kept", "source_rows") }}
+                and {{ dedup.dedup_same_group(spec, "chosen_not_kept", "source_rows") }}
         )
 
 ),

@@ -48,7 +48,7 @@ kept_rows as (
         and exists (
             {{ dedup.dedup_exists_select() }} from {{ groups }} as key_groups
             where key_groups.dedup_kept = source_rows.{{ tiebreaker }}
-                and {{ dedup.dedup_same_key(spec.natural_key, "key_groups", "source_rows") }}
+                and {{ dedup.dedup_same_group(spec, "key_groups", "source_rows") }}
         )
 
 )

@@ -81,6 +81,9 @@
         {%- if spec.nulls != "not_distinct" %},
         case when {{ dedup.dedup_any_null(spec.natural_key) }} then {{ adapter.quote(spec.tiebreaker) }} end as dedup_null_row
         {%- endif %}
+        {%- for term in dedup.dedup_alternative_terms(spec) %},
+        {{ term }} as dedup_alternative_{{ loop.index }}
+        {%- endfor %}
     from {{ relation }}
 
 )
@@ -89,10 +92,14 @@
 {% macro _dedup_group_columns(spec) %}
     {#- What a key group is grouped by: the natural key, and unless NULLs are equal
         (not_distinct), dedup_null_row, which makes a row with a NULL key a group of its own,
-        as in a plain UNIQUE constraint. -#}
+        as in a plain UNIQUE constraint; with an alternative key, what it adds where the
+        natural key has a NULL (dedup_alternative_terms). -#}
     {%- set group_columns = [] -%}
     {%- for column in spec.natural_key -%}
         {%- do group_columns.append(adapter.quote(column)) -%}
+    {%- endfor -%}
+    {%- for term in dedup.dedup_alternative_terms(spec) -%}
+        {%- do group_columns.append("dedup_alternative_" ~ loop.index) -%}
     {%- endfor -%}
     {%- if spec.nulls != "not_distinct" -%}
         {%- do group_columns.append("dedup_null_row") -%}
