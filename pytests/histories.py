@@ -2,8 +2,9 @@
 writes: what test_histories.py drives, against a server of its own.
 
 Each shape is a table unlike the others: key types (int, text, uuid, composite), each NULL
-policy, keep rules on the tie-breaker alone, on a timestamp, on two columns, a uuid
-tie-breaker, quoted names, and around some of them a view, a grant, a trigger, a parent.
+policy, an alternative key, keep rules on the tie-breaker alone, on a timestamp, on two
+columns, a uuid tie-breaker, quoted names, and around some of them a view, a grant, a
+trigger, a parent.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ SHAPES = (
         Column("When", "timestamptz not null", "clock"),
         Column("payload", "text", "payload"),
     ), ("Key",), (("When", True), ("Row ID", True)), "forbidden", frozenset({"trigger"})),
+    Shape("alternative_key", "guests", (
+        Column("id", "bigserial primary key", "generated"),
+        Column("booking", "integer not null", "key_int"),
+        Column("email", "text", "key_text", nullable=True),
+        Column("name", "text", "key_text", nullable=True),
+        Column("payload", "text", "payload"),
+    ), ("booking", "email"), (("id", True),), "not_distinct", frozenset({"view"}),
+        alternative_key=("booking", "email", "name")),
 )
 
 
@@ -104,7 +113,9 @@ def write_project(project: Path, package: Path) -> None:
             "config": {"meta": {"dedup": {
                 "natural_key": list(shape.natural_key),
                 "keep": [{"column": c, "order": "desc" if d else "asc"} for c, d in shape.keep],
-                "nulls": shape.nulls}}},
+                "nulls": shape.nulls,
+                **({"alternative_key": list(shape.alternative_key)}
+                   if shape.alternative_key else {})}}},
             "data_tests": ["dedup.dedup_tiebreaker_unique"],
         })
         models.append({"name": name, "data_tests": [
@@ -248,7 +259,7 @@ def initial_rows(model: Model, rng, conn: psycopg.Connection, keys: int, copies:
     where the shape allows one."""
     shape = model.shape
     for number in range(keys):
-        key = {c: model.fresh_key(shape.column(c)) for c in shape.natural_key}
+        key = {c: model.fresh_key(shape.column(c)) for c in shape.key_columns}
         for column in shape.nullable_key:
             if rng.random() < 0.2:
                 key[column] = None

@@ -51,6 +51,7 @@ class Shape:
     nulls: str
     extras: frozenset[str] = frozenset()
     """view, grant, trigger, parent."""
+    alternative_key: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"<shape {self.name}>"
@@ -63,12 +64,22 @@ class Shape:
         return next(c for c in self.columns if c.name == name)
 
     @property
+    def key_columns(self) -> tuple[str, ...]:
+        """The natural key's columns, and those the alternative key adds."""
+        return self.natural_key + tuple(c for c in self.alternative_key
+                                        if c not in self.natural_key)
+
+    @property
     def nullable_key(self) -> list[str]:
-        return [c for c in self.natural_key if self.column(c).nullable]
+        return [c for c in self.key_columns if self.column(c).nullable]
 
 
 def key_of(shape: Shape, row: dict) -> tuple:
-    return tuple(row[c] for c in shape.natural_key)
+    """The row's key: its natural key, and where that has a NULL the alternative key's other
+    columns (None where it has none)."""
+    natural = tuple(row[c] for c in shape.natural_key)
+    more = shape.key_columns[len(natural):]
+    return natural + tuple(row[c] if _has_null(natural) else None for c in more)
 
 
 def _has_null(key: tuple) -> bool:

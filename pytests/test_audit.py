@@ -27,7 +27,7 @@ EXPECTED = demo.expected_counts(TEST_SCALE)
 NAMES = [table.name for table in demo.CHILD_TABLES]
 COUNT_FIELDS = ["total_rows", "unique_rows", "duplicate_rows", "duplicate_pct",
                 "duplication_factor", "null_key_rows"]
-MACHINE_FIELDS = ["table", "natural_key", "nulls", *COUNT_FIELDS, "bytes",
+MACHINE_FIELDS = ["table", "natural_key", "nulls", "alternative_key", *COUNT_FIELDS, "bytes",
                   "bytes_after_estimate", "natural_key_enforced_by", "unique_indexes"]
 
 

@@ -50,20 +50,25 @@ def test_kept_and_removed_rows_partition_the_source(built: Database, table: str)
     assert union_ids == (source_rows, source_ids)
 
 
-def test_null_email_guests_collapse_to_one_per_reservation(built: Database) -> None:
+def test_guests_without_email_are_kept_one_per_name_and_their_copies_go(built: Database) -> None:
     layout = demo.Layout.at(
         next(t for t in demo.CHILD_TABLES if t.name == "reservation_guests"), TEST_SCALE
     )
     with built.connect() as conn:
-        kept_null = conn.execute(
-            "select count(*), count(distinct reservation_pk) from dedup.reservation_guests"
-            " where guest_email is null"
-        ).fetchone()
-        live_null = conn.execute(
-            "select count(*) from breezeway.reservation_guests where guest_email is null"
-        ).fetchone()[0]
-    assert live_null > len(layout.null_email_keys()) > 0
-    assert kept_null == (len(layout.null_email_keys()), len(layout.null_email_keys()))
+        live = conn.execute(
+            "select count(*), count(distinct (reservation_pk, guest_name)),"
+            " max(n) from breezeway.reservation_guests"
+            " join (select reservation_pk, count(distinct guest_name) as n"
+            "       from breezeway.reservation_guests where guest_email is null"
+            "       group by reservation_pk) as per_reservation using (reservation_pk)"
+            " where guest_email is null").fetchone()
+        kept = conn.execute(
+            "select count(*), count(distinct (reservation_pk, guest_name))"
+            " from dedup.reservation_guests where guest_email is null").fetchone()
+    guests = len(layout.null_email_keys())
+    # Re-sent copies of several guests without email on one reservation, as the demo makes.
+    assert live[0] > live[1] == guests and live[2] > 1
+    assert kept == (guests, guests)
 
 
 def test_events_without_a_request_id_are_all_kept_each_with_a_fresh_request_id(
@@ -115,14 +120,25 @@ def test_uniqueness_tests_mean_what_the_constraints_will_mean_for_nulls(fresh: D
         # nulls: backfill (business_events): a NULL key left in the deduplicated table fails.
         conn.execute("insert into dedup.business_events (id, request_id, event_type, ts)"
                      " values (-1, null, 'booking', now())")
-        # nulls: not_distinct (reservation_guests): a second NULL-email guest on a reservation
-        # that has one is a duplicate.
+        # alternative_key (reservation_guests): a second copy of a guest without email is a
+        # duplicate; another guest without email on the same reservation is not.
         conn.execute("insert into dedup.reservation_guests select -1, reservation_pk, null,"
-                     " 'Another guest', phone, last_sync_time from dedup.reservation_guests"
+                     " guest_name, phone, last_sync_time from dedup.reservation_guests"
                      " where guest_email is null limit 1")
     failing = _failing_tests(fresh, "business_events reservation_guests")
     assert "dedup_natural_key_unique_reservation_guests_" in failing
     assert "dedup_natural_key_unique_business_events_" in failing
+
+
+def test_another_guest_without_email_on_a_reservation_is_no_duplicate(fresh: Database) -> None:
+    with fresh.connect() as conn:
+        conn.execute("insert into dedup.reservation_guests select -1, reservation_pk, null,"
+                     " 'Another guest', phone, last_sync_time from dedup.reservation_guests"
+                     " where guest_email is null limit 1")
+    failing = _failing_tests(fresh, "reservation_guests")
+    # The tests ran: the row is none the key groups chose.
+    assert "dedup_reconciles_reservation_guests" in failing
+    assert "dedup_natural_key_unique_reservation_guests_" not in failing
 
 
 @pytest.mark.parametrize("damage", [

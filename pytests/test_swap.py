@@ -19,7 +19,7 @@ from conftest import (
 from psycopg import sql
 
 from runner import demo
-from runner.declaration.names import constraint_name, pg_name
+from runner.declaration.names import constraint_name, null_key_index_names, pg_name
 from runner.errors import ConnectionLost, RunnerError
 from runner.execution import locking
 from runner.jobs import swap
@@ -51,9 +51,14 @@ def test_swap_leaves_one_row_per_key_with_the_constraint_and_the_same_table(
         for table in SWAPPED:
             after = describe(conn, table)
             name = constraint_name(table)
-            # The only differences: the natural key's constraint, and its index.
+            # The only differences: the natural key's constraint, and its index; and where
+            # the natural key has a NULL, the partial unique indexes of the alternative key.
             assert after["constraints"].pop(name).startswith("UNIQUE")
             assert name in after["indexes"].pop(name)
+            partial = null_key_index_names(table) & set(after["indexes"])
+            assert len(partial) == (2 if table == "reservation_guests" else 0), table
+            for index in partial:
+                assert " WHERE " in after["indexes"].pop(index), index
             assert after == before[table], table
             kept = [r[0] for r in conn.execute(f"select id from breezeway.{table}")]
             assert len(kept) == expected[table].unique
@@ -91,11 +96,15 @@ def test_after_the_swap_the_etl_cannot_duplicate_again(fresh: Database) -> None:
             "insert into breezeway.property_photos (property_pk, photo_id) values (1, 'new')"
             " returning id").fetchone()[0]
         assert new_id > demo.expected_counts(TEST_SCALE)["property_photos"].total
-        # nulls: not_distinct: a second guest without email on the same reservation conflicts.
+        # alternative_key: a re-sent guest without email conflicts; another is a new guest.
         with pytest.raises(psycopg.errors.UniqueViolation):
-            conn.execute("insert into breezeway.reservation_guests (reservation_pk, guest_email)"
-                         " select reservation_pk, null from breezeway.reservation_guests"
-                         " where guest_email is null limit 1")
+            conn.execute("insert into breezeway.reservation_guests (reservation_pk, guest_email,"
+                         " guest_name) select reservation_pk, null, guest_name"
+                         " from breezeway.reservation_guests where guest_email is null limit 1")
+        assert conn.execute(
+            "insert into breezeway.reservation_guests (reservation_pk, guest_email, guest_name)"
+            " select reservation_pk, null, 'A new guest' from breezeway.reservation_guests"
+            " where guest_email is null limit 1").rowcount == 1
         # nulls: backfill: the constraint is a plain UNIQUE, so an event the ETL still sends
         # without a request id is not refused (runner verify reports it as a NULL key).
         inserted = conn.execute(
@@ -368,8 +377,9 @@ def test_an_etl_that_begins_deleting_kept_rows_during_the_swap_is_caught_on_the_
 
 def test_deletes_of_kept_rows_whose_key_has_a_null_are_replayed_under_the_lock_too(
         fresh: Database) -> None:
-    # NULLs are equal in reservation_guests' key: IS NOT DISTINCT FROM, which no index serves,
-    # would make each such delete under the lock a scan of the table.
+    # A NULL email keys reservation_guests' rows by the alternative key, NULLs equal: IS NOT
+    # DISTINCT FROM, which no index serves, would make each such delete under the lock a scan
+    # of the table.
     guest_without_email = ("select max(id) from breezeway.reservation_guests"
                            " where guest_email is null")
     deleted = [fresh.scalar(f"delete from breezeway.reservation_guests"
@@ -387,7 +397,8 @@ def test_deletes_of_kept_rows_whose_key_has_a_null_are_replayed_under_the_lock_t
                             ).fetchone()[0]
         latest = conn.execute(sql.SQL(
             "select array_agg(id order by id) from (select max(id) as id from {}"
-            " where id <> all(%s) group by reservation_pk, guest_email) as k").format(
+            " where id <> all(%s) group by reservation_pk, guest_email,"
+            " case when guest_email is null then guest_name end) as k").format(
                 sql.Identifier(archive.schema, archive.name)), (deleted,)).fetchone()[0]
     assert kept == latest
     assert _lookup_indexes(fresh) == []

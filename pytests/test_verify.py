@@ -58,14 +58,16 @@ def keys_with_copies(table: str) -> int:
 
 
 def null_email_rows_kept() -> int:
-    """reservation_guests after the swap: one guest without email per such reservation."""
+    """reservation_guests after the swap: each guest without email once."""
     table = next(t for t in demo.CHILD_TABLES if t.name == "reservation_guests")
     return len(demo.Layout.at(table, TEST_SCALE).null_email_keys())
 
 
 def policies(database: Database) -> dict[str, str]:
-    """Each table's NULL policy, as the dbt YAML declares it."""
-    return {t.name: t.spec.nulls for t in artifacts.load_targets(database.target_dir)}
+    """Each table's NULL policy, as the dbt YAML declares it; alternative_key for a table whose
+    NULL keys have one."""
+    return {t.name: "alternative_key" if t.spec.alternative_key else t.spec.nulls
+            for t in artifacts.load_targets(database.target_dir)}
 
 
 def null_key_rows_kept(table: str, policy: str) -> int:
@@ -82,6 +84,9 @@ def null_keys_detail(rows: int, policy: str) -> str:
     if policy in ("forbidden", "backfill"):
         return (f"NULL in the key: {rows:,} rows, which nulls: {policy} does not allow: fill "
                 "them in or delete them, then add NOT NULL")
+    if policy == "alternative_key":
+        return (f"NULL in the key: {rows:,} rows, keyed by the alternative key "
+                "(reservation_pk, guest_email, guest_name)")
     meaning = "equal to each other" if policy == "not_distinct" else "each its own key"
     return f"NULL in the key: {rows:,} rows, {meaning} (nulls: {policy})"
 
@@ -113,13 +118,21 @@ def test_after_the_swap_every_check_passes_with_the_exact_numbers(fresh: Databas
             assert details["natural key constraint"] == (
                 "constraint task_tags_task_pk_tag_pk_key on (task_pk, tag_pk), key columns "
                 "NOT NULL, valid")
+        elif nulls == "alternative_key":
+            # One partial unique index where the email is NULL, one where the name is too.
+            assert details["natural key constraint"] == (
+                f"constraint {constraint_name(table)} on ({NATURAL_KEYS[table]}), the "
+                "alternative key (reservation_pk, guest_email, guest_name) where it has a NULL "
+                "by 2 partial unique indexes (reservation_guests__natural_key_nulls__1, "
+                "reservation_guests__natural_key_nulls__2), valid")
         else:
             semantics = "NULLS NOT DISTINCT" if nulls == "not_distinct" else "NULLs distinct"
             assert details["natural key constraint"] == (
                 f"constraint {constraint_name(table)} on ({NATURAL_KEYS[table]}), "
                 f"{semantics}, valid")
-        # Primary key and natural key; the tables with a parent have their foreign key's index.
-        indexes = 3 if table in FOREIGN_KEYS else 2
+        # Primary key and natural key; the tables with a parent have their foreign key's index;
+        # an alternative key has its partial indexes.
+        indexes = (3 if table in FOREIGN_KEYS else 2) + 2 * (nulls == "alternative_key")
         assert details["indexes valid"] == f"{indexes} indexes, all valid"
         assert details["foreign keys valid"] == (
             f"1 validated: {FOREIGN_KEYS[table]}" if table in FOREIGN_KEYS else "no foreign keys")
