@@ -22,8 +22,14 @@ TABLE = "task_photos"
 
 
 def _copy(server, built: Database, name: str) -> Database:
+    """A copy of the built database, with a materialized view on the table, which the swap
+    creates again in its cut-over."""
     _create_database(server, name, template=built.name)
-    return Database({**built.env, "PGDATABASE": name}, built.target_dir)
+    database = Database({**built.env, "PGDATABASE": name}, built.target_dir)
+    with database.connect() as conn:
+        conn.execute(f"create materialized view breezeway.{TABLE}_per_task as"
+                     f" select task_pk, count(*) as photos from breezeway.{TABLE} group by 1")
+    return database
 
 
 def _drop(server, database: Database) -> None:
@@ -50,7 +56,9 @@ def _swap(database: Database, after_step=None) -> None:
 def _swapped_correctly(database: Database) -> None:
     with database.connect() as conn:
         kept = {r[0] for r in conn.execute(f"select id from breezeway.{TABLE}")}
+        counted = conn.execute(f"select sum(photos) from breezeway.{TABLE}_per_task").fetchone()
     assert kept == demo.expected_kept_ids(TABLE, TEST_SCALE)
+    assert counted == (len(kept),)
 
 
 def _kill_after(database: Database, steps: int):

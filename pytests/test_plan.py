@@ -10,7 +10,7 @@ from psycopg import sql
 
 from runner.declaration.artifacts import DedupSpec, DedupTarget, KeepColumn, Relation
 from runner.errors import RunnerError
-from runner.server.catalog import Column, LiveTable
+from runner.server.catalog import Column, LiveTable, MaterializedView
 from runner.statements import capture, plan
 
 LIVE = Relation("shop", "order lines")
@@ -62,7 +62,10 @@ def test_not_distinct_on_a_nullable_key_is_enforced_with_nulls_not_distinct() ->
     ({"kind": "p"}, "it is not a plain table (partitioned or foreign)"),
     ({"referenced_by": ("shop.refunds.refunds_line_fkey",)},
      "foreign keys point at it (shop.refunds.refunds_line_fkey)"),
-    ({"materialized_views": ("shop.totals",)}, "materialized views read it (shop.totals)"),
+    ({"materialized_views": (MaterializedView(
+        Relation("shop", "totals"), " SELECT 1;", (), "app owner", None, True, (), (),
+        ("shop.totals_by_day",)),)},
+     "shop.totals_by_day read materialized view shop.totals, which reads it"),
     ({"foreign_keys": (("lines_parent_fkey", "FOREIGN KEY (parent) REFERENCES shop.lines(id)",
                         LIVE),)},
      "it references itself (lines_parent_fkey)"),

@@ -555,13 +555,23 @@ def test_a_rollback_stopped_before_its_foreign_keys_were_checked_is_finished_by_
         "already")
 
 
-def test_refuses_a_table_a_materialized_view_now_reads(fresh: Database) -> None:
+def test_a_materialized_view_made_since_the_swap_reads_the_original_after_the_rollback(
+        fresh: Database) -> None:
     swapped(fresh, "--select", "task_photos")
     with fresh.connect() as conn:
         conn.execute("create materialized view public.photo_counts as"
-                     " select task_pk, count(*) from breezeway.task_photos group by 1")
-    message = refused(fresh, "rollback")
-    assert message == (
-        "Error: materialized views now read breezeway.task_photos (public.photo_counts) and "
-        "would keep reading the deduplicated table: drop them, roll back, then create them "
-        "again")
+                     " select count(*) as photos from breezeway.task_photos")
+        deduplicated = conn.execute("select photos from public.photo_counts").fetchone()[0]
+        conn.execute("create view public.photo_totals as select photos from public.photo_counts")
+    # A view that reads it would keep reading the one the rollback drops.
+    assert refused(fresh, "rollback") == (
+        "Error: cannot roll back breezeway.task_photos: public.photo_totals read materialized "
+        "view public.photo_counts, which reads it, and would keep reading the one it drops: "
+        "drop them, roll back, then create them again")
+    with fresh.connect() as conn:
+        conn.execute("drop view public.photo_totals")
+    rolled_back(fresh, "--select", "task_photos")
+    with fresh.connect() as conn:
+        photos = conn.execute("select photos from public.photo_counts").fetchone()[0]
+        assert photos == conn.execute("select count(*) from breezeway.task_photos").fetchone()[0]
+    assert photos > deduplicated

@@ -9,8 +9,9 @@ from datetime import datetime, timezone
 import pytest
 from facts import LIVE, NATURAL_KEY, PARENT, PRIMARY_KEY, TARGET, column, table, text
 
+from runner.declaration.artifacts import Relation
 from runner.errors import RunnerError
-from runner.server.catalog import Index
+from runner.server.catalog import Grant, Index, MaterializedView
 from runner.statements import capture, plan
 
 STAMP = datetime(2026, 12, 1, 8, 30, tzinfo=timezone.utc)
@@ -310,3 +311,29 @@ def test_an_alternative_key_is_enforced_only_by_a_constraint_whose_nulls_differ_
     # NULLS NOT DISTINCT makes one guest of all those without email on a reservation.
     equal = dataclasses.replace(distinct, nulls_not_distinct=True)
     assert table(indexes=(equal, *partial)).enforcing_index(spec) is None
+
+
+def test_a_materialized_view_that_reads_the_table_is_created_again_under_the_lock() -> None:
+    view = MaterializedView(
+        Relation("Shop", "line totals"), " SELECT order_id, count(*) AS lines\n   FROM"
+        ' "Shop"."order lines"\n  GROUP BY order_id;', ("fillfactor=90",), "report owner",
+        "per order", False, (Grant("app_reader", "SELECT", grantable=False),),
+        ('CREATE UNIQUE INDEX "line totals_order" ON "Shop"."line totals" USING btree'
+         " (order_id)",), ())
+    planned = plan.plan_table(TARGET, table(materialized_views=(view,)), DUPLICATES, STAMP,
+                              "dedup_archive", CAPTURED)
+    cutover = _statements(planned.cutover)
+    first = _index_of(cutover, 'drop materialized view "Shop"."line totals"')
+    # After the new table took the name, so that the definition reads it.
+    assert first > _index_of(cutover, 'alter table "Shop"."order lines__dedup_new" rename to'
+                                      ' "order lines"')
+    assert cutover[first + 1:first + 6] == [
+        'create materialized view "Shop"."line totals" with ("fillfactor" = \'90\') as  SELECT'
+        ' order_id, count(*) AS lines\n   FROM "Shop"."order lines"\n  GROUP BY order_id with'
+        " no data",
+        'alter materialized view "Shop"."line totals" owner to "report owner"',
+        'grant SELECT on "Shop"."line totals" to "app_reader"',
+        'comment on materialized view "Shop"."line totals" is \'per order\'',
+        'CREATE UNIQUE INDEX "line totals_order" ON "Shop"."line totals" USING btree (order_id)',
+    ]
+    assert planned.materialized_views == (view.relation,)

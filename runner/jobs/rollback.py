@@ -35,7 +35,15 @@ from runner.server.captures import Registered, registered_captures
 from runner.server.catalog import Index, LiveTable
 from runner.server.swap_log import LogEntry, when
 from runner.statements import capture, restore
-from runner.statements.plan import Step, left_to_validate, not_valid, recreate_view, validate_steps
+from runner.statements.plan import (
+    Step,
+    left_to_validate,
+    materialized_views_read,
+    not_valid,
+    recreate_materialized_views,
+    recreate_view,
+    validate_steps,
+)
 
 ROLLED_BACK = "rolled_back"
 # Carry over outside the lock until fewer changes than this wait.
@@ -60,6 +68,8 @@ class TableRollback:
     """Where the deduplicated table is kept after the rollback."""
     archive: Relation | None = None
     restore: restore.Restore | None = None
+    materialized_views: tuple[Relation, ...] = ()
+    """The materialized views the cut-over creates again: their readers can hold it off too."""
     prepare: list[Step] = field(default_factory=list)
     """Before the lock, with the archive locked."""
     locked: list[Step] = field(default_factory=list)
@@ -211,12 +221,15 @@ def _refuse_unsafe(entry: LogEntry, live: LiveTable, archive: LiveTable) -> None
         raise RunnerError(f"the columns of {entry.live} changed since the swap, so its rows no "
                           f"longer fit the original table {archive.relation}: roll it back by "
                           "hand, or leave it out with --select")
-    for what, found in (("foreign keys now point at", live.referenced_by),
-                        ("materialized views now read", live.materialized_views)):
-        if found:
-            raise RunnerError(f"{what} {entry.live} ({', '.join(found)}) and would keep "
-                              "reading the deduplicated table: drop them, roll back, then "
-                              "create them again")
+    if live.referenced_by:
+        raise RunnerError(f"foreign keys now point at {entry.live} "
+                          f"({', '.join(live.referenced_by)}) and would keep pointing at the "
+                          "deduplicated table: drop them, roll back, then create them again")
+    read_in_turn = materialized_views_read(live)
+    if read_in_turn:
+        raise RunnerError(f"cannot roll back {entry.live}: {'; '.join(read_in_turn)}, and "
+                          "would keep reading the one it drops: drop them, roll back, then "
+                          "create them again")
     tiebreaker = entry.tiebreaker or ""
     if not any(i.unique and i.valid and not i.partial and i.key_columns == (tiebreaker,)
                for i in archive.indexes):
@@ -233,6 +246,7 @@ def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered:
                                                    stamp.strftime("%Y%m%d%H%M%S"), ROLLED_BACK))
     plan = TableRollback(
         entry, rolled_back=rolled_back, archive=archive.relation,
+        materialized_views=tuple(view.relation for view in live.materialized_views),
         restore=restore.restore(entry.live, archive.relation, registered.capture.log,
                                 live.columns, entry.tiebreaker or "", entry.backfilled,
                                 entry.rows_before))
@@ -300,6 +314,7 @@ def _cutover_steps(plan: TableRollback, live: LiveTable, archive: LiveTable,
           for publication in live.publications),
         *(recreate_view(view, f"view {view.relation} reads the original table again")
           for view in live.views),
+        *recreate_materialized_views(live, "the original table again"),
         _mark(entry, archive_schema, rolled_back),
     ]
 
@@ -575,8 +590,8 @@ def execute(conn: psycopg.Connection, plans: list[TableRollback], options: Rollb
     before, locking_steps, locked = _phases(plans, options)
     carried: dict[Relation, tuple[int, int, int, int]] = {}
     carried_between_tries = 0
-    gave_up = locking.could_not_lock(conn, _locked(plans), options.lock_timeout_ms,
-                                     options.lock_wait_s,
+    held = [*_locked(plans), *(view for plan in plans for view in plan.materialized_views)]
+    gave_up = locking.could_not_lock(conn, held, options.lock_timeout_ms, options.lock_wait_s,
                                      writes_between_tries=lambda: carried_between_tries)
 
     def carry_all(under_lock: bool = False) -> int:

@@ -456,7 +456,8 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
         replayed_between_tries += replayed - already
 
     could_not_lock = locking.could_not_lock(
-        conn, [*(p.target.live for p in active), *parents(active)], options.lock_timeout_ms,
+        conn, [*(p.target.live for p in active), *parents(active),
+               *(view for p in active for view in p.materialized_views)], options.lock_timeout_ms,
         options.lock_wait_s, writes_between_tries=lambda: replayed_between_tries)
 
     with locking.one_runner(conn):

@@ -46,6 +46,23 @@ class View:
 
 
 @dataclass(frozen=True)
+class MaterializedView:
+    """A materialized view that reads the table: what it takes to create it again."""
+
+    relation: Relation
+    definition: str
+    options: tuple[str, ...]
+    owner: str
+    comment: str | None
+    populated: bool
+    grants: tuple[Grant, ...]
+    indexes: tuple[str, ...]
+    """Each index's CREATE INDEX, as pg_get_indexdef prints it."""
+    read_by: tuple[str, ...]
+    """Views and materialized views that read it in turn."""
+
+
+@dataclass(frozen=True)
 class Grant:
     grantee: str | None
     """None is PUBLIC."""
@@ -132,7 +149,7 @@ class LiveTable:
     policies: tuple[Policy, ...]
     options: tuple[str, ...]
     kind: str
-    materialized_views: tuple[str, ...]
+    materialized_views: tuple[MaterializedView, ...]
     publications: tuple[str, ...]
     """Publications that name the table (not those FOR ALL TABLES, which take any table)."""
     replica_identity: str
@@ -272,6 +289,26 @@ where d.classid = 'pg_rewrite'::regclass and d.refobjid = %s and v.oid <> %s
 order by 1, 2
 """
 
+_MATERIALIZED_VIEWS = """
+select v.oid, n.nspname, v.relname, pg_get_viewdef(v.oid), coalesce(v.reloptions, '{}'),
+       pg_get_userbyid(v.relowner), obj_description(v.oid, 'pg_class'), v.relispopulated,
+       array(select pg_get_indexdef(x.indexrelid) from pg_index as x
+             where x.indrelid = v.oid order by x.indexrelid::regclass::text),
+       array(select distinct reader.oid::regclass::text
+             from pg_depend as dr
+             join pg_rewrite as rr on rr.oid = dr.objid
+             join pg_class as reader on reader.oid = rr.ev_class
+             where dr.classid = 'pg_rewrite'::regclass and dr.refobjid = v.oid
+                 and reader.oid <> v.oid
+             order by 1)
+from pg_class as v
+join pg_namespace as n on n.oid = v.relnamespace
+where v.relkind = 'm' and v.oid in (
+    select r.ev_class from pg_depend as d join pg_rewrite as r on r.oid = d.objid
+    where d.classid = 'pg_rewrite'::regclass and d.refobjid = %s)
+order by 2, 3
+"""
+
 _GRANTS = """
 select case when a.grantee = 0 then null else pg_get_userbyid(a.grantee) end,
        a.privilege_type, a.is_grantable
@@ -398,7 +435,15 @@ def read_live_table(conn: psycopg.Connection, relation: Relation) -> LiveTable:
         views=tuple(
             View(Relation(r[0], r[1]), r[2], tuple(r[3])) for r in views if r[4] == "v"
         ),
-        materialized_views=tuple(f"{r[0]}.{r[1]}" for r in views if r[4] != "v"),
+        materialized_views=tuple(
+            MaterializedView(
+                relation=Relation(schema, name), definition=definition, options=tuple(options),
+                owner=view_owner, comment=view_comment, populated=populated,
+                grants=tuple(Grant(*g) for g in conn.execute(_GRANTS, (view_oid,))),
+                indexes=tuple(view_indexes), read_by=tuple(read_by))
+            for (view_oid, schema, name, definition, options, view_owner, view_comment,
+                 populated, view_indexes, read_by)
+            in conn.execute(_MATERIALIZED_VIEWS, (oid,)).fetchall()),
         grants=tuple(Grant(*r) for r in conn.execute(_GRANTS, (oid,))),
         comment=comment,
         owned_sequences=tuple(tuple(r) for r in conn.execute(_OWNED_SEQUENCES, (oid,))),

@@ -78,6 +78,8 @@ class TablePlan:
     parents: tuple[Relation, ...] = ()
     """Tables the new table's foreign keys reference: locked against writes for the moment of
     the cut-over, as the keys are added."""
+    materialized_views: tuple[Relation, ...] = ()
+    """The materialized views the cut-over creates again: their readers can hold it off too."""
     concurrent: list[Step] = field(default_factory=list)
     """Run before the transaction, outside it: CREATE INDEX CONCURRENTLY cannot run inside one."""
     built_concurrently: list[sql.Identifier] = field(default_factory=list)
@@ -126,6 +128,33 @@ def recreate_view(view: View, why: str) -> Step:
         sql.SQL(view.definition.rstrip().rstrip(";"))))
 
 
+def recreate_materialized_views(live: LiveTable, reads: str) -> list[Step]:
+    """Each materialized view that reads the table, dropped and created again from its
+    definition, so that it reads whatever table has the name now, filled from it as it was
+    (its query runs here, while the lock holds writers off), with its owner, grants, comment
+    and indexes. `reads`: which table that is, in words."""
+    steps = []
+    for view in live.materialized_views:
+        view_id = sql.Identifier(view.relation.schema, view.relation.name)
+        steps += [
+            Step(f"materialized view {view.relation} reads {reads}: dropped",
+                 sql.SQL("drop materialized view {}").format(view_id)),
+            Step("and created again from its definition, "
+                 + ("filled by its query" if view.populated else "unpopulated, as it was"),
+                 sql.SQL("create materialized view {}{} as {} with {}data").format(
+                     view_id, with_options(view.options),
+                     sql.SQL(view.definition.rstrip().rstrip(";")),
+                     sql.SQL("" if view.populated else "no "))),
+            Step("owned by its owner", sql.SQL("alter materialized view {} owner to {}").format(
+                view_id, sql.Identifier(view.owner))),
+            *(_grant(grant, view_id, view.relation) for grant in view.grants),
+            *([Step("same comment", sql.SQL("comment on materialized view {} is {}").format(
+                view_id, sql.Literal(view.comment)))] if view.comment is not None else []),
+            *(Step("its index", sql.SQL(index)) for index in view.indexes),
+        ]
+    return steps
+
+
 def _nullable_key(spec: DedupSpec, live: LiveTable) -> list[str]:
     not_null = {column.name for column in live.columns if column.not_null}
     return [column for column in spec.natural_key if column not in not_null]
@@ -153,11 +182,17 @@ def refuse_unsupported(live: LiveTable) -> None:
         # Rows of other tables may point at the duplicates the swap removes: moving them to the
         # kept row of the same key is a decision about their data, not a catalog copy.
         problems.append(f"foreign keys point at it ({', '.join(live.referenced_by)})")
-    if live.materialized_views:
-        problems.append(f"materialized views read it ({', '.join(live.materialized_views)})")
+    problems += materialized_views_read(live)
     if problems:
         raise RunnerError(f"runner swap cannot yet carry {name} over: {'; '.join(problems)}; "
                           "deduplicate it by hand or leave it out with --select")
+
+
+def materialized_views_read(live: LiveTable) -> list[str]:
+    """Materialized views that read the table and are read in turn: created again, they would
+    leave their readers reading the dropped one."""
+    return [f"{', '.join(view.read_by)} read materialized view {view.relation}, which reads it"
+            for view in live.materialized_views if view.read_by]
 
 
 def check_columns(target: DedupTarget, live: LiveTable, built: list[tuple[str, str]]) -> None:
@@ -402,6 +437,7 @@ def _swap(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: date
     identity_prepare, identity_free, identity_take = _identity_steps(live, shadow, archive)
     index_prepare, index_free, index_take = _index_steps(live, shadow, archive)
     plan.parents = tuple(dict.fromkeys(parent for _, _, parent in live.foreign_keys))
+    plan.materialized_views = tuple(view.relation for view in live.materialized_views)
     plan.prepare = [
         *_shadow_steps(live, shadow),
         *identity_prepare,
@@ -695,7 +731,7 @@ def _takeover_steps(live: LiveTable) -> list[Step]:
         for publication in live.publications]
     steps += [recreate_view(view, f"view {view.relation} reads the new table")
               for view in live.views]
-    return steps
+    return steps + recreate_materialized_views(live, "the new table")
 
 
 def _log_step(target: DedupTarget, live: LiveTable, counts: BuildCounts, archive: Relation,
