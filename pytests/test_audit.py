@@ -28,7 +28,8 @@ NAMES = [table.name for table in demo.CHILD_TABLES]
 COUNT_FIELDS = ["total_rows", "unique_rows", "duplicate_rows", "duplicate_pct",
                 "duplication_factor", "null_key_rows"]
 MACHINE_FIELDS = ["table", "natural_key", "nulls", "alternative_key", *COUNT_FIELDS, "bytes",
-                  "bytes_after_estimate", "natural_key_enforced_by", "unique_indexes"]
+                  "bytes_after_estimate", "natural_key_enforced_by", "unique_indexes",
+                  "referenced_by"]
 
 
 def audit_json(database: Database, *args: str) -> dict[str, dict]:
@@ -173,6 +174,34 @@ def test_an_extra_unique_index_is_listed_and_does_not_enforce_the_key(fresh: Dat
     ]
     assert row["natural_key_enforced_by"] is None
     assert row["duplicate_rows"] == EXPECTED["property_photos"].duplicates
+
+
+def test_the_tables_that_reference_a_table_and_their_rows_that_point_at_duplicates(
+        fresh: Database) -> None:
+    kept = demo.expected_kept_ids("task_photos", TEST_SCALE)
+    with fresh.connect() as conn:
+        conn.execute("create table public.photo_likes (id serial primary key, photo_id bigint"
+                     " references breezeway.task_photos (id), liked_by text)")
+        # Every fifth photo liked: kept ones and removed copies alike; one like of no photo.
+        conn.execute("insert into public.photo_likes (photo_id, liked_by) select id, 'a fan'"
+                     " from breezeway.task_photos where id % 5 = 0 union all select null, 'x'")
+        liked = [row[0] for row in conn.execute("select photo_id from public.photo_likes"
+                                                " where photo_id is not null")]
+    at_duplicates = len([photo for photo in liked if photo not in kept])
+    assert 0 < at_duplicates < len(liked)
+    row = audit_json(fresh, "--select", "task_photos")["breezeway.task_photos"]
+    assert row["referenced_by"] == [
+        {"constraint": "photo_likes_photo_id_fkey", "table": "public.photo_likes",
+         "rows": len(liked) + 1, "rows_pointing_at_duplicates": at_duplicates}]
+    readable = fresh.runner("audit", "--select", "task_photos")
+    assert readable.stdout.splitlines()[-2:] == [
+        "Referenced by (rows that point at a duplicate the swap would remove; runner swap "
+        "refuses a table others reference):",
+        f"  task_photos: public.photo_likes.photo_likes_photo_id_fkey, {at_duplicates:,} of "
+        f"{len(liked) + 1:,} rows"]
+    # A table nobody references says so by an empty list.
+    assert audit_json(fresh, "--select", "task_tags")["breezeway.task_tags"][
+        "referenced_by"] == []
 
 
 def test_after_the_swap_no_duplicates_and_the_key_enforced(fresh: Database) -> None:

@@ -592,6 +592,9 @@ def audit_command(project_dir: Path, target_path: Path | None, select: tuple[str
           output_format)
     if output_format == "table":
         click.echo(audit_view.index_lines(audits))
+        referenced = audit_view.reference_lines(audits)
+        if referenced:
+            click.echo(referenced)
 
 
 @cli.group()

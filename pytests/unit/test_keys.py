@@ -7,7 +7,14 @@ import dataclasses
 
 from facts import LIVE, SPEC, text
 
-from runner.statements.keys import KeyCounts, count_keys, key_shapes, null_key_shapes
+from runner.declaration.artifacts import Relation
+from runner.statements.keys import (
+    KeyCounts,
+    count_keys,
+    count_references,
+    key_shapes,
+    null_key_shapes,
+)
 
 
 def test_a_group_of_null_key_rows_is_one_duplicated_key_only_where_nulls_are_equal() -> None:
@@ -63,3 +70,15 @@ def test_key_shapes_of_an_alternative_key() -> None:
     assert null_key_shapes(equal, {"order_id"}, 180000) == []
     assert [s.nulls for s in null_key_shapes(equal, {"order_id"}, 140000)] == [("sku",)]
     assert [s.nulls for s in key_shapes(SPEC, set())] == [()]
+
+
+def test_references_to_duplicates_are_counted_by_the_keep_rule_and_the_null_policy() -> None:
+    child = Relation("Shop", "line notes")
+    counted = text(count_references(LIVE, SPEC, child, ("line",), ("id",)))
+    # Under nulls: distinct a NULL-key row is a group of its own, so never removed.
+    assert ('row_number() over (partition by "order_id", "sku", case when "order_id" is null'
+            ' or "sku" is null then "id" end order by "id" desc) as dedup_rank') in counted
+    assert 'on c."line" = removed."referenced_1"' in counted
+    equal = text(count_references(LIVE, dataclasses.replace(SPEC, nulls="not_distinct"), child,
+                                  ("line",), ("id",)))
+    assert 'partition by "order_id", "sku" order by' in equal

@@ -2,8 +2,10 @@
 
 Per table: total rows, unique natural keys counted with the table's NULL policy (as the dbt
 model audit_duplicates counts them), duplicates, NULL-key rows, its size and the size one row
-per key would leave, and the unique indexes it has, which say why `INSERT ... ON CONFLICT DO
-NOTHING` never conflicted: none of them is on the natural key.
+per key would leave, the unique indexes it has, which say why `INSERT ... ON CONFLICT DO
+NOTHING` never conflicted: none of them is on the natural key; and the foreign keys of other
+tables that point at it, with how many of their rows point at a duplicate (one more scan of
+the table and one of each such table, only for a table that others reference).
 
 One scan per table: a single GROUP BY on the narrow key columns, which PostgreSQL runs as a
 parallel hash aggregate. Scanning by block ranges instead (TID Range Scans, one statement per
@@ -30,8 +32,8 @@ import psycopg
 from psycopg import sql
 
 from runner.declaration.artifacts import DedupSpec, DedupTarget, Relation
-from runner.server.catalog import Index, LiveTable, read_live_table
-from runner.statements.keys import KeyCounts, count_keys
+from runner.server.catalog import Index, LiveTable, read_live_table, read_references
+from runner.statements.keys import KeyCounts, count_keys, count_references
 
 # Memory for the one hash aggregate per table, as the dbt project's key-group models get
 # (var dedup_work_mem, which says why so little).
@@ -52,12 +54,24 @@ class UniqueIndex:
 
 
 @dataclass(frozen=True)
+class ReferenceCount:
+    """A foreign key of another table that points at the table, and how many of its rows
+    point at a duplicate the keep rule removes."""
+
+    constraint: str
+    table: str
+    rows: int
+    rows_pointing_at_duplicates: int
+
+
+@dataclass(frozen=True)
 class TableAudit:
     target: DedupTarget
     counts: KeyCounts
     bytes: int
     """pg_total_relation_size: heap, TOAST and indexes (of every partition, if partitioned)."""
     unique_indexes: tuple[UniqueIndex, ...]
+    references: tuple[ReferenceCount, ...] = ()
 
     @property
     def bytes_after(self) -> int:
@@ -175,7 +189,13 @@ def audit_table(conn: psycopg.Connection, target: DedupTarget, live: LiveTable,
             watching = watch(Scan(live.relation, heap_bytes, estimate))
         with watching:
             row = conn.execute(count_keys(live.relation, target.spec)).fetchone()
-    return TableAudit(target, KeyCounts(*row), total_bytes, unique_indexes(live, target.spec))
+        references = tuple(
+            ReferenceCount(reference.constraint, str(reference.table), *conn.execute(
+                count_references(live.relation, target.spec, reference.table,
+                                 reference.columns, reference.referenced)).fetchone())
+            for reference in read_references(conn, live.relation))
+    return TableAudit(target, KeyCounts(*row), total_bytes, unique_indexes(live, target.spec),
+                      references)
 
 
 def audit(conn: psycopg.Connection, targets: list[DedupTarget], watch: Watch | None = None,

@@ -1,5 +1,5 @@
 """runner audit for people and machines: the progress of a long scan, the table of counts
-in the seed's shape, and the unique indexes found."""
+in the seed's shape, the unique indexes found, and the foreign keys that point at each table."""
 
 from __future__ import annotations
 
@@ -85,6 +85,11 @@ def rows(audits: list[TableAudit], output_format: str,
                 "; ".join(f"{i.name}: {i.definition}" for i in table.unique_indexes)
                 if as_text else [asdict(i) for i in table.unique_indexes]
             ),
+            "referenced_by": (
+                "; ".join(f"{r.table}.{r.constraint}: {r.rows_pointing_at_duplicates} of "
+                          f"{r.rows}" for r in table.references)
+                if as_text else [asdict(r) for r in table.references]
+            ),
         }
         for table in audits
     ]
@@ -92,7 +97,7 @@ def rows(audits: list[TableAudit], output_format: str,
         "table": "TOTAL", "natural_key": None, "nulls": None, "alternative_key": None,
         **_count_fields(counts),
         "bytes": total_bytes, "bytes_after_estimate": total_after,
-        "natural_key_enforced_by": None, "unique_indexes": None,
+        "natural_key_enforced_by": None, "unique_indexes": None, "referenced_by": None,
     })
     return machine
 
@@ -135,6 +140,21 @@ def index_lines(audits: list[TableAudit]) -> str:
         ) or "none"
         verdict = "" if table.enforced_by else f"; none enforces the natural key {key}"
         lines.append(f"  {table.target.live.name}: {listed}{verdict}")
+    return "\n".join(lines)
+
+
+def reference_lines(audits: list[TableAudit]) -> str:
+    """Per table that others reference, their foreign keys and how many of their rows point
+    at a duplicate the keep rule removes; nothing if no table is referenced."""
+    referenced = [table for table in audits if table.references]
+    if not referenced:
+        return ""
+    lines = ["Referenced by (rows that point at a duplicate the swap would remove; runner swap "
+             "refuses a table others reference):"]
+    for table in referenced:
+        listed = "; ".join(f"{r.table}.{r.constraint}, {r.rows_pointing_at_duplicates:,} of "
+                           f"{r.rows:,} rows" for r in table.references)
+        lines.append(f"  {table.target.live.name}: {listed}")
     return "\n".join(lines)
 
 

@@ -46,6 +46,18 @@ class View:
 
 
 @dataclass(frozen=True)
+class Reference:
+    """A foreign key of another table that points at the table."""
+
+    constraint: str
+    table: Relation
+    """The referencing table."""
+    columns: tuple[str, ...]
+    referenced: tuple[str, ...]
+    """The table's columns it points at, in the order of `columns`."""
+
+
+@dataclass(frozen=True)
 class MaterializedView:
     """A materialized view that reads the table: what it takes to create it again."""
 
@@ -278,6 +290,22 @@ where confrelid = %s and contype = 'f' and conrelid <> confrelid
 order by 1
 """
 
+_REFERENCES = """
+select c.conname, n.nspname, t.relname,
+       array(select a.attname from unnest(c.conkey) with ordinality as k(attnum, position)
+             join pg_attribute as a on a.attrelid = c.conrelid and a.attnum = k.attnum
+             order by k.position),
+       array(select a.attname from unnest(c.confkey) with ordinality as k(attnum, position)
+             join pg_attribute as a on a.attrelid = c.confrelid and a.attnum = k.attnum
+             order by k.position)
+from pg_constraint as c
+join pg_class as t on t.oid = c.conrelid
+join pg_namespace as n on n.oid = t.relnamespace
+where c.confrelid = format('%%I.%%I', %s::text, %s::text)::regclass and c.contype = 'f'
+    and c.conrelid <> c.confrelid
+order by 2, 3, 1
+"""
+
 _DEPENDENT_VIEWS = """
 select distinct n.nspname, v.relname, pg_get_viewdef(v.oid), coalesce(v.reloptions, '{}'),
        v.relkind
@@ -398,6 +426,13 @@ join pg_sequence as q on q.seqrelid = s.oid
 join pg_attribute as a on a.attrelid = %(table)s::oid and a.attnum = numbering.attnum
 order by a.attnum, 1, 2
 """
+
+
+def read_references(conn: psycopg.Connection, relation: Relation) -> list[Reference]:
+    """The foreign keys of other tables that point at the table."""
+    return [Reference(name, Relation(schema, table), tuple(columns), tuple(referenced))
+            for name, schema, table, columns, referenced
+            in conn.execute(_REFERENCES, (relation.schema, relation.name))]
 
 
 def server_version(conn: psycopg.Connection) -> int:

@@ -37,7 +37,7 @@ from psycopg import sql
 from runner.declaration.artifacts import DedupSpec, Relation
 from runner.declaration.names import pg_name
 from runner.server.catalog import Column
-from runner.statements.keys import KeyShape, key_shapes, key_terms
+from runner.statements.keys import KeyShape, keep_order, key_shapes, key_terms
 
 TRIGGER = "dedup_capture"
 TRUNCATE_TRIGGER = "dedup_capture_truncate"
@@ -370,10 +370,7 @@ class _Tables:
         return sql.SQL("(") + sql.SQL(" or ").join(terms) + sql.SQL(")")
 
     def keep_order(self) -> sql.Composed:
-        return sql.SQL(", ").join(
-            sql.SQL("{} {}").format(sql.Identifier(e.column),
-                                    sql.SQL("desc" if e.descending else "asc"))
-            for e in self.spec.keep)
+        return keep_order(self.spec)
 
     def group(self) -> sql.Composed:
         """What makes a group of rows one key: the key, and a NULL-key row's own tie-breaker

@@ -70,6 +70,14 @@ def null_key_shapes(spec: DedupSpec, not_null: set[str], server_version: int) ->
     return key_shapes(spec, not_null)[1:]
 
 
+def keep_order(spec: DedupSpec) -> sql.Composed:
+    """The keep rule as an ORDER BY, its first row the one kept."""
+    return sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(e.column),
+                                sql.SQL("desc" if e.descending else "asc"))
+        for e in spec.keep)
+
+
 def key_terms(spec: DedupSpec, of: Callable[[str], sql.Composable]) -> list[sql.Composable]:
     """What a row's key is, NULLs equal (as GROUP BY and IS NOT DISTINCT FROM hold them), `of`
     the row named: the natural key's columns, and each column the alternative key adds where
@@ -164,3 +172,30 @@ def count_keys(relation: Relation, spec: DedupSpec,
         table=sql.Identifier(relation.schema, relation.name), where=where,
         grouped=sql.SQL(", ").join(grouped),
     )
+
+
+def count_references(relation: Relation, spec: DedupSpec, child: Relation,
+                     columns: Sequence[str], referenced: Sequence[str]) -> sql.Composed:
+    """The rows of `child`, and how many of them point, by `columns`, at a row of the table
+    that its keep rule removes (any but the first of its key's rows in the keep order)."""
+    group = key_terms(spec, sql.Identifier)
+    if spec.nulls != NULLS_EQUAL:
+        group.append(sql.SQL("case when {} then {} end").format(
+            sql.SQL(" or ").join(sql.SQL("{} is null").format(sql.Identifier(k))
+                                 for k in spec.natural_key), sql.Identifier(spec.tiebreaker)))
+    pointed = [sql.Identifier(f"referenced_{n}") for n in range(1, len(referenced) + 1)]
+    child_id = sql.Identifier(child.schema, child.name)
+    return sql.SQL(
+        "select (select count(*) from {child}), count(*) from {child} as c join ("
+        "select {pointed_as} from (select {referenced}, row_number() over (partition by {group}"
+        " order by {keep}) as dedup_rank from {table}) as ranked where dedup_rank > 1"
+        ") as removed on {join}"
+    ).format(
+        child=child_id, table=sql.Identifier(relation.schema, relation.name),
+        pointed_as=sql.SQL(", ").join(sql.SQL("{} as {}").format(sql.Identifier(r), p)
+                                      for r, p in zip(referenced, pointed, strict=True)),
+        referenced=sql.SQL(", ").join(map(sql.Identifier, dict.fromkeys(referenced))),
+        group=sql.SQL(", ").join(group),
+        keep=keep_order(spec),
+        join=sql.SQL(" and ").join(sql.SQL("c.{} = removed.{}").format(sql.Identifier(c), p)
+                                   for c, p in zip(columns, pointed, strict=True)))
