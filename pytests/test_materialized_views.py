@@ -103,3 +103,22 @@ def test_a_reader_of_the_materialized_view_holds_the_swap_off_no_longer_than_the
         assert conn.execute("select count(*) from breezeway.task_photos").fetchone()[0] > len(
             counted_before)
     assert fresh.runner("swap", "--select", "task_photos").exit_code == 0
+
+
+def test_a_materialized_view_that_reads_the_table_through_a_view_is_refreshed(
+        fresh: Database) -> None:
+    with fresh.connect() as conn:
+        conn.execute("create view public.photos_seen as select task_pk from breezeway.task_photos;"
+                     " create materialized view public.photos_seen_count as"
+                     " select count(*) as photos from public.photos_seen")
+        rows_before = conn.execute("select count(*) from breezeway.task_photos").fetchone()[0]
+    result = fresh.runner("swap", "--select", "task_photos")
+    assert result.exit_code == 0, result.output
+    count = "select photos from public.photos_seen_count"
+    with fresh.connect() as conn:
+        rows_after = conn.execute("select count(*) from breezeway.task_photos").fetchone()[0]
+        assert conn.execute(count).fetchone()[0] == rows_after < rows_before
+    result = fresh.runner("rollback", "--select", "task_photos")
+    assert result.exit_code == 0, result.output
+    with fresh.connect() as conn:
+        assert conn.execute(count).fetchone()[0] == rows_before

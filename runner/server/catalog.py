@@ -175,6 +175,9 @@ class LiveTable:
     is_partition: bool = False
     numbering: tuple[NumberingSequence, ...] = ()
     """The sequences that number its columns, owned by them or called by their defaults."""
+    refreshed_through_views: tuple[Relation, ...] = ()
+    """Populated materialized views that read it through views only: they keep reading it once
+    the views are created again, and are refreshed to show what it holds then."""
 
     def column_names(self) -> list[str]:
         return [column.name for column in self.columns]
@@ -281,6 +284,31 @@ join pg_class as p on p.oid = c.confrelid
 join pg_namespace as n on n.oid = p.relnamespace
 where c.conrelid = %s and c.contype = 'f'
 order by c.conname
+"""
+
+_MATERIALIZED_VIEWS_THROUGH_VIEWS = """
+with recursive readers (oid, kind) as (
+    select v.oid, v.relkind
+    from pg_depend as d
+    join pg_rewrite as r on r.oid = d.objid
+    join pg_class as v on v.oid = r.ev_class
+    where d.classid = 'pg_rewrite'::regclass and d.refobjid = %(table)s and v.relkind = 'v'
+  union
+    select v.oid, v.relkind
+    from readers
+    join pg_depend as d on d.refobjid = readers.oid and d.classid = 'pg_rewrite'::regclass
+    join pg_rewrite as r on r.oid = d.objid
+    join pg_class as v on v.oid = r.ev_class
+    where readers.kind = 'v' and v.oid <> readers.oid
+)
+select n.nspname, c.relname
+from readers
+join pg_class as c on c.oid = readers.oid
+join pg_namespace as n on n.oid = c.relnamespace
+where readers.kind = 'm' and c.relispopulated and c.oid not in (
+    select r.ev_class from pg_depend as d join pg_rewrite as r on r.oid = d.objid
+    where d.classid = 'pg_rewrite'::regclass and d.refobjid = %(table)s)
+order by 1, 2
 """
 
 _REFERENCED_BY = """
@@ -503,6 +531,8 @@ def read_live_table(conn: psycopg.Connection, relation: Relation) -> LiveTable:
         is_partition=is_partition,
         numbering=tuple(NumberingSequence(*r)
                         for r in conn.execute(_NUMBERING_SEQUENCES, {"table": oid})),
+        refreshed_through_views=tuple(
+            Relation(*r) for r in conn.execute(_MATERIALIZED_VIEWS_THROUGH_VIEWS, {"table": oid})),
     )
 
 

@@ -132,7 +132,8 @@ def recreate_materialized_views(live: LiveTable, reads: str) -> list[Step]:
     """Each materialized view that reads the table, dropped and created again from its
     definition, so that it reads whatever table has the name now, filled from it as it was
     (its query runs here, while the lock holds writers off), with its owner, grants, comment
-    and indexes. `reads`: which table that is, in words."""
+    and indexes; and each that reads it through views, refreshed, once they read that table.
+    `reads`: which table that is, in words."""
     steps = []
     for view in live.materialized_views:
         view_id = sql.Identifier(view.relation.schema, view.relation.name)
@@ -152,7 +153,11 @@ def recreate_materialized_views(live: LiveTable, reads: str) -> list[Step]:
                 view_id, sql.Literal(view.comment)))] if view.comment is not None else []),
             *(Step("its index", sql.SQL(index)) for index in view.indexes),
         ]
-    return steps
+    return steps + [
+        Step(f"materialized view {view} reads {reads} through views: refreshed",
+             sql.SQL("refresh materialized view {}").format(
+                 sql.Identifier(view.schema, view.name)))
+        for view in live.refreshed_through_views]
 
 
 def _nullable_key(spec: DedupSpec, live: LiveTable) -> list[str]:
