@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from conftest import Database, _create_database
+from conftest import Database, _create_database, said
 from psycopg import sql
 
 from runner.declaration import artifacts
@@ -143,7 +143,7 @@ def test_capture_starts_on_every_table_or_on_none(uncaptured: Database) -> None:
     with uncaptured.holding("lock table breezeway.task_tags in share mode"):
         result = uncaptured.runner("capture", "--lock-timeout", "50ms", "--lock-wait", "1s")
     assert result.exit_code == 1, result.output
-    assert result.output.startswith("Error: could not lock breezeway.business_events, "), (
+    assert said(result)[0].startswith("Error: could not lock breezeway.business_events, "), (
         result.output)
     assert catalog(uncaptured) == before
 

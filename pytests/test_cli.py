@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -11,7 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_DIR
+from click.testing import CliRunner
+from conftest import PROJECT_DIR, Database
+
+from runner.cli import cli
 
 RUNNER = [sys.executable, "-m", "runner"]
 
@@ -64,7 +68,7 @@ def test_db_start_env_stop(own_server_env: dict[str, str]) -> None:
 
 
 def test_demo_refuses_a_configured_database(own_server_env: dict[str, str]) -> None:
-    done = subprocess.run([*RUNNER, "demo"], env={**own_server_env, "PGHOST": "192.0.2.1"},
+    done = subprocess.run([*RUNNER, "demo"], env={**own_server_env, "PGHOST": "db.invalid"},
                           cwd=PROJECT_DIR, capture_output=True, text=True)
     assert done.returncode == 1
     assert done.stderr.strip().startswith("Error: runner demo replaces the breezeway schema")
@@ -78,3 +82,48 @@ def test_an_unreachable_database_is_one_line(own_server_env: dict[str, str]) -> 
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("Error: cannot connect to PostgreSQL at 127.0.0.1:1")
+
+
+def test_any_variable_that_chooses_a_database_is_the_users_never_the_embedded_server(
+        own_server_env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+    env = {**own_server_env, "PGPORT": str(port), "PGUSER": "etl"}
+    done = subprocess.run([*RUNNER, "swap"], env=env, cwd=PROJECT_DIR, capture_output=True,
+                          text=True)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"Error: cannot connect to PostgreSQL at the local socket:{port} (")
+    assert "configured by PGPORT, PGUSER)" in lines[0]
+    assert not Path(own_server_env["RUNNER_DATA_DIR"]).exists()
+
+
+def test_the_embedded_server_ignores_the_users_other_libpq_variables_and_says_it_is_used(
+        own_server_env: dict[str, str]) -> None:
+    env = {**own_server_env, "PGSSLMODE": "require", "PGPASSFILE": "/nonexistent/pgpass",
+           "PGOPTIONS": "-c statement_timeout=1"}
+    done = subprocess.run([*RUNNER, "generate", "--scale", "0.001", "--table", "task_tags"],
+                          env=env, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "  database: the embedded server, 127.0.0.1:" in done.stderr
+    assert ("(none of PGHOST, PGHOSTADDR, PGPORT, PGUSER, PGDATABASE, PGSERVICE is set)"
+            in done.stderr)
+
+
+def test_a_service_file_chooses_the_database_as_libpq_reads_it(fresh: Database,
+                                                                tmp_path: Path) -> None:
+    services = tmp_path / "pg_service.conf"
+    services.write_text(f"[the shop]\nhost={fresh.env['PGHOST']}\nport={fresh.env['PGPORT']}\n"
+                        f"user={fresh.env['PGUSER']}\ndbname={fresh.name}\nsslmode=disable\n")
+    env = {"PGHOST": None, "PGPORT": None, "PGUSER": None, "PGDATABASE": None,
+           "PGSERVICEFILE": str(services), "PGSERVICE": "the shop",
+           "DBT_TARGET_PATH": str(fresh.target_dir)}
+    result = CliRunner().invoke(cli, ["swap", "--select", "task_photos"], env=env,
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (f"  database: {fresh.env['PGUSER']}@{fresh.env['PGHOST']}:{fresh.env['PGPORT']}/"
+            f"{fresh.name} (configured by PGSERVICE)") in result.output
+    with fresh.connect() as conn:
+        assert conn.execute("select count(*) from dedup_archive.swap_log").fetchone()[0] == 1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 import yaml
-from conftest import PROJECT_DIR, TEST_SCALE, Database, _create_database, run_dbt
+from conftest import PROJECT_DIR, TEST_SCALE, Database, _create_database, run_dbt, said
 from psycopg import sql
 from test_swap import SWAPPED
 
@@ -184,8 +184,8 @@ def test_swap_ignores_guard_tests_run_with_the_build_but_not_a_failed_dedup_test
     path.write_text(json.dumps(results))
     refused = fresh.runner("swap")
     assert refused.exit_code == 1
-    assert refused.output.startswith("Error: dedup_natural_key_unique_property_photos_ has status"
-                                      " fail in the latest dbt build"), refused.output
+    assert said(refused)[0].startswith("Error: dedup_natural_key_unique_property_photos_ has "
+                                       "status fail in the latest dbt build"), refused.output
 
     for result in results["results"]:
         if result["unique_id"] == build_test:

@@ -47,7 +47,7 @@ def swapped(database: Database, *args: str) -> None:
 def rolled_back(database: Database, *args: str) -> str:
     result = database.runner("rollback", *args)
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout
 
 
 def refused(database: Database, *args: str) -> str:
@@ -392,7 +392,7 @@ def test_cleanup_drops_what_the_swap_kept_and_rollback_then_refuses(fresh: Datab
     message = refused(fresh, "rollback")
     assert "runner cleanup dropped its archive" in message
     again = fresh.runner("cleanup", "--older-than", "0s")
-    assert again.output.startswith("Nothing to clean up"), again.output
+    assert again.stdout.startswith("Nothing to clean up"), again.output
 
 
 def test_cleanup_after_a_rollback_keeps_the_restored_tables(fresh: Database) -> None:
@@ -429,7 +429,7 @@ def test_cleanup_within_the_retention_drops_nothing(fresh: Database) -> None:
         result = fresh.runner("cleanup", *args)
         assert result.exit_code == 0, result.output
         assert (schema_state(fresh), swap_log(fresh)) == before
-    assert fresh.runner("cleanup", "--older-than", "7d").output.startswith(
+    assert fresh.runner("cleanup", "--older-than", "7d").stdout.startswith(
         "Nothing to clean up: no swap older than 7d")
 
 

@@ -118,7 +118,7 @@ def test_a_second_swap_after_a_new_build_has_nothing_to_do(fresh: Database) -> N
     assert fresh.dbt("build").success
     result = fresh.runner("swap")
     assert result.exit_code == 0
-    assert result.output.strip() == (
+    assert result.stdout.strip() == (
         "Nothing to do: every table is deduplicated and its natural key enforced."
     )
 
@@ -686,7 +686,7 @@ def test_plan_says_what_it_locks_and_for_how_long(fresh: Database) -> None:
 def test_json_reports_each_table_and_the_lock(fresh: Database) -> None:
     result = fresh.runner("swap", "--json")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     expected = demo.expected_counts(TEST_SCALE)
     tables = {t["table"]: t for t in report["tables"]}
     photos = tables["breezeway.property_photos"]

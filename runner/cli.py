@@ -26,7 +26,7 @@ from runner.facts import audit, report, upsert, verify
 from runner.jobs import capturing, cleanup, rollback, swap
 from runner.present import audit_view, report_view
 from runner.server import catalog, swap_log
-from runner.server.connection import connect, database, uses_embedded
+from runner.server.connection import configured_by, connect, database, uses_embedded
 from runner.server.embedded import EmbeddedPostgres, default_data_dir
 from runner.units import duration_text, parse_duration, size_text
 
@@ -162,8 +162,9 @@ def _emit(title: str, rows: list[dict], output_format: str) -> None:
 def cli() -> None:
     """Deduplicate PostgreSQL tables with dbt, then swap the clean tables in safely.
 
-    Without PGHOST in the environment every command uses an embedded PostgreSQL server of its
-    own, with its data under .runner/ in the project.
+    The database is the one libpq's variables choose (PGHOST, PGHOSTADDR, PGPORT, PGUSER,
+    PGDATABASE or PGSERVICE, read as psql reads them); with none of them set, an embedded
+    PostgreSQL server of its own, with its data under .runner/ in the project.
     """
 
 
@@ -282,7 +283,7 @@ def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str,
         archive_schema=archive_schema, lock_timeout_ms=_ms(lock_timeout),
         lock_wait_s=lock_wait.total_seconds(), postpone=postpone,
     )
-    with database(project_dir):
+    with database(project_dir, changes=not dry_run):
         _swap(options, dry_run, as_json)
 
 
@@ -333,7 +334,7 @@ def capture_command(project_dir: Path, target_path: Path | None, select: tuple[s
         raise click.UsageError("--status and --stop exclude each other")
     options = locking.LockOptions(archive_schema, _ms(lock_timeout),
                                   lock_wait.total_seconds())
-    with database(project_dir):
+    with database(project_dir, changes=not show_status):
         if show_status:
             with connect() as conn:
                 found = capturing.status(conn, archive_schema)
@@ -378,7 +379,7 @@ def _say_stopped(state: capturing.CaptureStatus) -> None:
 def generate(scale: float, replace: bool, tables: tuple[str, ...], project_dir: Path) -> None:
     """Create the demo schema `breezeway` with duplicates the way the ETL made them."""
     chosen = [table.name for table in demo.child_tables(list(tables))]
-    with database(project_dir), connect() as conn:
+    with database(project_dir, changes=True), connect() as conn:
         started = time.perf_counter()
         demo.generate(conn, scale, replace=replace, tables=chosen)
         counts = demo.expected_counts(scale)
@@ -396,9 +397,10 @@ def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> N
     """The whole job on the embedded server: demo data, dbt build, runner swap, summary."""
     if not uses_embedded():
         raise RunnerError("runner demo replaces the breezeway schema, so it only runs on the "
-                          "embedded server: unset PGHOST (or use `runner generate` deliberately)")
+                          f"embedded server: unset {', '.join(configured_by())} (or use "
+                          "`runner generate` deliberately)")
     timings = {}
-    with database(project_dir):
+    with database(project_dir, changes=True):
         target_dir = _target_dir(project_dir, target_path)
         with connect() as conn:
             started = time.perf_counter()
@@ -435,7 +437,7 @@ def rollback_command(project_dir: Path, select: tuple[str, ...], dry_run: bool,
         lock_timeout_ms=_ms(lock_timeout), lock_wait_s=lock_wait.total_seconds(),
         postpone=postpone,
     )
-    with database(project_dir), connect() as conn:
+    with database(project_dir, changes=not dry_run), connect() as conn:
         plans = rollback.make_plans(conn, options)
         if dry_run:
             click.echo(rollback.render(conn, plans, options))
@@ -461,7 +463,7 @@ def cleanup_command(project_dir: Path, older_than: timedelta, dry_run: bool,
         archive_schema=archive_schema, lock_timeout_ms=_ms(lock_timeout),
         lock_wait_s=lock_wait.total_seconds(),
     )
-    with database(project_dir), connect() as conn:
+    with database(project_dir, changes=not dry_run), connect() as conn:
         items = cleanup.plan_cleanup(conn, archive_schema, older_than)
         if not items:
             click.echo(f"Nothing to clean up: no swap older than {duration_text(older_than)} "

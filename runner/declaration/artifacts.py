@@ -114,6 +114,13 @@ def parse_spec(source_label: str, meta: dict) -> DedupSpec:
     if nulls not in NULL_POLICIES:
         raise RunnerError(f"{where}: nulls must be one of {', '.join(NULL_POLICIES)}, "
                           f"got {json.dumps(nulls)}")
+    return DedupSpec(tuple(natural_key), tuple(keep_columns), nulls,
+                     _alternative_key(where, spec, natural_key, nulls))
+
+
+def _alternative_key(where: str, spec: dict, natural_key: list[str],
+                     nulls: str) -> tuple[str, ...]:
+    """meta.dedup's alternative_key, refused as the macro refuses it, after the rest."""
     alternative_key = spec.get("alternative_key", [])
     if "alternative_key" in spec and (
             not isinstance(alternative_key, list) or not all(
@@ -125,8 +132,7 @@ def parse_spec(source_label: str, meta: dict) -> DedupSpec:
     if alternative_key and nulls != "not_distinct":
         raise RunnerError(f"{where}: alternative_key makes NULLs in it equal: leave nulls out or "
                           f"set it to not_distinct, got {json.dumps(nulls)}")
-    return DedupSpec(tuple(natural_key), tuple(keep_columns), nulls,
-                     tuple(dict.fromkeys(alternative_key)))
+    return tuple(dict.fromkeys(alternative_key))
 
 
 def _load(path: Path, what: str) -> dict:

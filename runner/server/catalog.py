@@ -456,6 +456,17 @@ order by a.attnum, 1, 2
 """
 
 
+def _materialized_views(conn: psycopg.Connection, oid: int) -> tuple[MaterializedView, ...]:
+    return tuple(
+        MaterializedView(
+            relation=Relation(schema, name), definition=definition, options=tuple(options),
+            owner=owner, comment=comment, populated=populated,
+            grants=tuple(Grant(*g) for g in conn.execute(_GRANTS, (view_oid,))),
+            indexes=tuple(indexes), read_by=tuple(read_by))
+        for view_oid, schema, name, definition, options, owner, comment, populated, indexes,
+        read_by in conn.execute(_MATERIALIZED_VIEWS, (oid,)).fetchall())
+
+
 def read_references(conn: psycopg.Connection, relation: Relation) -> list[Reference]:
     """The foreign keys of other tables that point at the table."""
     return [Reference(name, Relation(schema, table), tuple(columns), tuple(referenced))
@@ -498,15 +509,7 @@ def read_live_table(conn: psycopg.Connection, relation: Relation) -> LiveTable:
         views=tuple(
             View(Relation(r[0], r[1]), r[2], tuple(r[3])) for r in views if r[4] == "v"
         ),
-        materialized_views=tuple(
-            MaterializedView(
-                relation=Relation(schema, name), definition=definition, options=tuple(options),
-                owner=view_owner, comment=view_comment, populated=populated,
-                grants=tuple(Grant(*g) for g in conn.execute(_GRANTS, (view_oid,))),
-                indexes=tuple(view_indexes), read_by=tuple(read_by))
-            for (view_oid, schema, name, definition, options, view_owner, view_comment,
-                 populated, view_indexes, read_by)
-            in conn.execute(_MATERIALIZED_VIEWS, (oid,)).fetchall()),
+        materialized_views=_materialized_views(conn, oid),
         grants=tuple(Grant(*r) for r in conn.execute(_GRANTS, (oid,))),
         comment=comment,
         owned_sequences=tuple(tuple(r) for r in conn.execute(_OWNED_SEQUENCES, (oid,))),

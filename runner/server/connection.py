@@ -1,8 +1,15 @@
-"""Connections: the database the user configured, or the embedded one."""
+"""Connections: the database the user configured, or the embedded one, said out loud.
+
+A database is configured by any of libpq's variables that choose a server or a database
+(SERVER_VARIABLES), read by libpq itself, a service file included; the embedded server is used
+only when none is set. The rest of libpq's variables (SSL mode, password file, ...) apply to
+the user's database as in psql, and never to the embedded server.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +18,12 @@ import psycopg
 
 from runner.errors import RunnerError
 from runner.server.embedded import EmbeddedPostgres, default_data_dir
+
+SERVER_VARIABLES = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE")
+# What dbt's profiles.yml reads, from the connection libpq made: a service file or a default
+# socket directory reaches dbt as the host, port, user and database they stand for.
+_EXPORTED = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "dbname": "PGDATABASE",
+             "password": "PGPASSWORD", "sslmode": "PGSSLMODE"}
 
 
 def connect() -> psycopg.Connection:
@@ -22,24 +35,40 @@ def connect() -> psycopg.Connection:
     try:
         conn = psycopg.connect(autocommit=True, application_name="runner", connect_timeout=10)
     except psycopg.OperationalError as error:
-        where = f"{os.environ.get('PGHOST', 'localhost')}:{os.environ.get('PGPORT', '5432')}"
+        where = (f"service {os.environ['PGSERVICE']}" if os.environ.get("PGSERVICE") else
+                 f"{os.environ.get('PGHOST', 'the local socket')}:"
+                 f"{os.environ.get('PGPORT', '5432')}")
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "no answer"
-        raise RunnerError(f"cannot connect to PostgreSQL at {where} ({reason}): check PGHOST, "
-                          "PGPORT, PGUSER, PGPASSWORD and PGDATABASE, or unset PGHOST to use the "
-                          "embedded server") from error
+        raise RunnerError(f"cannot connect to PostgreSQL at {where} ({reason}; configured by "
+                          f"{', '.join(configured_by()) or 'nothing'}): check "
+                          f"{', '.join(SERVER_VARIABLES)} and PGPASSWORD, or unset them all to "
+                          "use the embedded server") from error
     conn.execute("set search_path = pg_catalog")
     return conn
 
 
+def configured_by() -> list[str]:
+    """The variables that choose the user's database, as set."""
+    return [name for name in SERVER_VARIABLES if os.environ.get(name)]
+
+
 def uses_embedded() -> bool:
-    """No PGHOST in the environment means nothing is configured: use the embedded server."""
-    return not os.environ.get("PGHOST")
+    """None of libpq's variables that choose a database is set: use the embedded server."""
+    return not configured_by()
+
+
+def _announce(where: str) -> None:
+    """Which database a command works on, on stderr, with the progress of its steps."""
+    print(f"  database: {where}", file=sys.stderr, flush=True)
 
 
 @contextmanager
-def environment(variables: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for a block, as dbt's profiles.yml reads them, then restore."""
-    previous = {name: os.environ.get(name) for name in variables}
+def environment(variables: dict[str, str], unset: tuple[str, ...] = ()) -> Iterator[None]:
+    """Set environment variables for a block, as dbt's profiles.yml reads them, and unset
+    `unset`, then restore."""
+    previous = {name: os.environ.get(name) for name in (*variables, *unset)}
+    for name in unset:
+        os.environ.pop(name, None)
     os.environ.update(variables)
     try:
         yield
@@ -51,22 +80,45 @@ def environment(variables: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-@contextmanager
-def database(project_dir: Path, *, keep_running: bool = False) -> Iterator[None]:
-    """Make the libpq environment point at the database to work on for the duration.
+def _resolved() -> dict[str, str]:
+    """The user's database as libpq reaches it, as the variables dbt's profiles.yml reads."""
+    with connect() as conn:
+        info = conn.info
+        found = {"host": info.host, "port": str(info.port), "user": info.user,
+                 "dbname": info.dbname, "password": info.password,
+                 "sslmode": info.get_parameters().get("sslmode", "")}
+    return {_EXPORTED[key]: value for key, value in found.items() if value}
 
-    With PGHOST set that is the user's database, untouched. Otherwise the embedded server is
-    started (or the running one reused) and its address exported, so that dbt's profiles.yml
-    and psycopg both reach it; a server this call started is stopped after, unless kept.
+
+@contextmanager
+def database(project_dir: Path, *, keep_running: bool = False,
+             changes: bool = False) -> Iterator[None]:
+    """Make the libpq environment point at the database to work on for the duration, and say
+    which on stderr when the command `changes` it.
+
+    With one of SERVER_VARIABLES set that is the user's database, as libpq reaches it.
+    Otherwise the embedded server is started (or the running one reused) and its address
+    exported, the user's other libpq variables set aside, so that dbt's profiles.yml and
+    psycopg both reach it; a server this call started is stopped after, unless kept.
     """
     if not uses_embedded():
-        yield
+        exported = _resolved()
+        if changes:
+            _announce(f"{exported['PGUSER']}@{exported['PGHOST']}:{exported['PGPORT']}/"
+                      f"{exported['PGDATABASE']} (configured by {', '.join(configured_by())})")
+        with environment(exported):
+            yield
         return
     server = EmbeddedPostgres(default_data_dir(project_dir))
-    server.start()
-    try:
-        with environment(server.environ()):
-            yield
-    finally:
-        if not keep_running:
-            server.stop()
+    with environment({}, unset=tuple(name for name in os.environ if name.startswith("PG"))):
+        server.start()
+        try:
+            with environment(server.environ()):
+                if changes:
+                    _announce(f"the embedded server, {server.environ()['PGHOST']}:"
+                              f"{server.port}/{server.dbname} (none of "
+                              f"{', '.join(SERVER_VARIABLES)} is set)")
+                yield
+        finally:
+            if not keep_running:
+                server.stop()
