@@ -245,7 +245,7 @@ def test_a_missing_table_is_one_error_line_before_any_scan(fresh: Database) -> N
     with fresh.connect() as conn:
         conn.execute("drop table breezeway.task_photos cascade")
     result = fresh.runner("audit")
-    assert result.exit_code == 1
+    assert result.exit_code == 4
     assert result.stdout == ""
     assert result.output.splitlines() == [
         "Error: table breezeway.task_photos does not exist: check the source's schema and name "

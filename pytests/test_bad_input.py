@@ -115,11 +115,13 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     held: str | None = None
     """A statement another session runs and holds, with its locks, while the commands run."""
+    exit_code: int = 4
+    """Refused; 3: no connection."""
 
 
 CASES = [
     Case("unreachable database", None, ALL_COMMANDS,
-         "cannot connect to PostgreSQL at 127.0.0.1:1", env={"PGPORT": "1"}),
+         "cannot connect to PostgreSQL at 127.0.0.1:1", env={"PGPORT": "1"}, exit_code=3),
     Case("missing table", _drop_task_photos, ON_TABLES,
          "breezeway.task_photos does not exist"),
     Case("missing natural key column", _drop_a_key_column, ON_TABLES, "photo_id"),
@@ -156,7 +158,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_bad_input_is_one_line_exit_1_and_no_change(fresh: Database, case: Case) -> None:
+def test_bad_input_is_one_line_an_exit_of_its_kind_and_no_change(fresh: Database,
+                                                                  case: Case) -> None:
     if case.breaks:
         case.breaks(fresh)
     before = fingerprint(fresh)
@@ -168,7 +171,7 @@ def test_bad_input_is_one_line_exit_1_and_no_change(fresh: Database, case: Case)
         else:
             result = broken.runner(*command)
         lines = said(result)
-        assert result.exit_code == 1, (command, result.output)
+        assert result.exit_code == case.exit_code, (command, result.output)
         assert len(lines) == 1 and lines[0].startswith("Error: "), (command, result.output)
         assert case.says in lines[0], (command, lines[0])
         assert fingerprint(fresh) == before, command

@@ -142,7 +142,7 @@ def test_capture_starts_on_every_table_or_on_none(uncaptured: Database) -> None:
     before = catalog(uncaptured)
     with uncaptured.holding("lock table breezeway.task_tags in share mode"):
         result = uncaptured.runner("capture", "--lock-timeout", "50ms", "--lock-wait", "1s")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 4, result.output
     assert said(result)[0].startswith("Error: could not lock breezeway.business_events, "), (
         result.output)
     assert catalog(uncaptured) == before
@@ -220,7 +220,7 @@ def test_a_truncate_while_captured_stops_the_swap(fresh: Database) -> None:
         conn.execute("insert into breezeway.task_photos (task_pk, photo_id)"
                      " values (1, 'after'), (1, 'after'), (1, 'other')")
     result = fresh.runner("swap", "--select", "task_photos")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 4, result.output
     assert result.output.strip().splitlines()[-1] == (
         "Error: breezeway.task_photos was truncated after dbt read it, so the build no longer "
         "says which rows to keep; nothing was changed: run `dbt build` again, then `runner "
@@ -239,6 +239,6 @@ def test_a_truncate_since_the_swap_stops_the_rollback(fresh: Database) -> None:
     with fresh.connect() as conn:
         conn.execute("truncate breezeway.task_photos")
     result = fresh.runner("rollback")
-    assert result.exit_code == 1
+    assert result.exit_code == 4
     assert "cannot roll back breezeway.task_photos: it was truncated since the swap" in (
         result.output)

@@ -44,7 +44,7 @@ def test_demo_runs_the_whole_job_on_its_own_server(own_server_env: dict[str, str
     # Nothing is left running after the command.
     status = subprocess.run([*RUNNER, "db", "env"], env=own_server_env, cwd=PROJECT_DIR,
                             capture_output=True, text=True)
-    assert status.returncode == 1
+    assert status.returncode == 4
     assert "the embedded server is not running" in status.stderr
 
 
@@ -70,7 +70,7 @@ def test_db_start_env_stop(own_server_env: dict[str, str]) -> None:
 def test_demo_refuses_a_configured_database(own_server_env: dict[str, str]) -> None:
     done = subprocess.run([*RUNNER, "demo"], env={**own_server_env, "PGHOST": "db.invalid"},
                           cwd=PROJECT_DIR, capture_output=True, text=True)
-    assert done.returncode == 1
+    assert done.returncode == 4
     assert done.stderr.strip().startswith("Error: runner demo replaces the breezeway schema")
 
 
@@ -78,7 +78,7 @@ def test_an_unreachable_database_is_one_line(own_server_env: dict[str, str]) -> 
     env = {**own_server_env, "PGHOST": "127.0.0.1", "PGPORT": "1"}
     done = subprocess.run([*RUNNER, "swap"], env=env, cwd=PROJECT_DIR, capture_output=True,
                           text=True)
-    assert done.returncode == 1
+    assert done.returncode == 3
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("Error: cannot connect to PostgreSQL at 127.0.0.1:1")
@@ -92,7 +92,7 @@ def test_any_variable_that_chooses_a_database_is_the_users_never_the_embedded_se
     env = {**own_server_env, "PGPORT": str(port), "PGUSER": "etl"}
     done = subprocess.run([*RUNNER, "swap"], env=env, cwd=PROJECT_DIR, capture_output=True,
                           text=True)
-    assert done.returncode == 1
+    assert done.returncode == 3
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"Error: cannot connect to PostgreSQL at the local socket:{port} (")

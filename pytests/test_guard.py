@@ -183,7 +183,7 @@ def test_swap_ignores_guard_tests_run_with_the_build_but_not_a_failed_dedup_test
             result["status"] = "fail"
     path.write_text(json.dumps(results))
     refused = fresh.runner("swap")
-    assert refused.exit_code == 1
+    assert refused.exit_code == 4
     assert said(refused)[0].startswith("Error: dedup_natural_key_unique_property_photos_ has "
                                        "status fail in the latest dbt build"), refused.output
 

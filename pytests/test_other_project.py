@@ -95,7 +95,7 @@ def test_a_null_key_fails_the_build_when_nulls_are_forbidden(shop: Database) -> 
     failed = {r.node.name for r in result.result.results if r.status == "fail"}
     assert any("dedup_natural_key_unique_order_lines" in name for name in failed)
     refused = shop.runner("swap", "--project-dir", str(OTHER_PROJECT))
-    assert refused.exit_code == 1
+    assert refused.exit_code == 4
     assert "has status fail in the latest dbt build" in refused.output
 
 

@@ -321,14 +321,14 @@ def test_json_and_select(swapped: Database) -> None:
     assert table["freed"] == data["freed"] == table["bytes_before"] - table["bytes_after"] > 0
     assert data["queries"] == [] and data["queries_run"] is False
     result = swapped.runner("report", "--select", "no_such_table")
-    assert result.exit_code == 1
+    assert result.exit_code == 4
     assert result.output.startswith("Error: --select no_such_table: dedup_archive.swap_log "
                                     "records no swap of that table; swapped: breezeway.")
 
 
 def test_before_any_swap_one_line_and_exit_1(fresh: Database) -> None:
     result = fresh.runner("report")
-    assert result.exit_code == 1
+    assert result.exit_code == 4
     assert result.output == ("Error: no swap recorded in dedup_archive.swap_log: run "
                              "`runner swap` first\n")
 
@@ -345,13 +345,13 @@ def test_a_rolled_back_swap_is_not_reported_as_current(fresh: Database) -> None:
     freed = FREED.search(markdown)
     assert number(freed.group(2)) == sum(b - a for b, a in swap_log_bytes(fresh).values())
     selected = fresh.runner("report", "--select", "property_photos")
-    assert selected.exit_code == 1
+    assert selected.exit_code == 4
     assert selected.output == ("Error: no current swap of property_photos in "
                                "dedup_archive.swap_log: the latest swap of each was rolled back; "
                                "run `runner swap` first\n")
     assert fresh.runner("rollback").exit_code == 0
     result = fresh.runner("report")
-    assert result.exit_code == 1
+    assert result.exit_code == 4
     assert result.output == ("Error: no current swap in dedup_archive.swap_log: the latest swap "
                              "of every table was rolled back; run `runner swap` first\n")
 

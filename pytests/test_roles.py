@@ -112,7 +112,7 @@ def test_the_whole_job_as_the_documented_roles(roles: Database) -> None:
 def test_no_secret_in_the_refusal_of_a_connection(roles: Database) -> None:
     unreachable = Database({**_as(roles, JOB).env, "PGPORT": "1"}, roles.target_dir)
     result = unreachable.runner("capture")
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert "cannot connect to PostgreSQL at 127.0.0.1:1" in result.output
     assert SECRET not in result.output
 
@@ -128,7 +128,7 @@ def _catalog(database: Database) -> list:
 def _refused(database: Database, *args: str) -> str:
     before = _catalog(database)
     result = database.runner(*args)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 4, result.output
     assert _catalog(database) == before
     return said(result)[-1]
 

@@ -54,7 +54,7 @@ def refused(database: Database, *args: str) -> str:
     """A one-line error, exit 1, and the schemas and swap log as they were."""
     before = schema_state(database), _log_if_any(database)
     result = database.runner(*args)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 4, result.output
     lines = said(result)
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert (schema_state(database), _log_if_any(database)) == before

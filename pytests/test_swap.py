@@ -159,7 +159,7 @@ def test_select_swaps_only_the_named_tables(fresh: Database) -> None:
 def _refused(database: Database, *args: str) -> str:
     before = schema_state(database)
     result = database.runner("swap", *args)
-    assert result.exit_code == 1
+    assert result.exit_code == 4
     lines = said(result)
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert schema_state(database) == before

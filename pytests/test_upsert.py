@@ -39,7 +39,7 @@ def _count(conn: psycopg.Connection, schema: str, table: str) -> int:
 
 def _one_error_line(database: Database, *args: str) -> str:
     result = database.runner("upsert-sql", *args)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 4, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1, result.output
     return lines[0]

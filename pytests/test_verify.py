@@ -439,8 +439,8 @@ def test_table_and_csv_formats(fresh: Database) -> None:
     assert as_table.stderr.strip() == f"All {len(CHECKS)} checks passed."
 
 
-def one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
+def one_line_error(result, exit_code: int = 4) -> str:
+    assert result.exit_code == exit_code, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     return lines[0]
@@ -458,7 +458,7 @@ def test_bad_input_is_one_line(fresh: Database) -> None:
     unreachable = CliRunner().invoke(cli, ["verify"], env={
         **fresh.env, "PGHOST": "127.0.0.1", "PGPORT": "1",
         "DBT_TARGET_PATH": str(fresh.target_dir)})
-    assert one_line_error(unreachable).startswith(
+    assert one_line_error(unreachable, exit_code=3).startswith(
         "Error: cannot connect to PostgreSQL at 127.0.0.1:1")
     assert one_line_error(fresh.runner("verify", "--select", "no_such_table")).startswith(
         "Error: --select no_such_table: no deduplicated table of that name")

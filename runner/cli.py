@@ -20,7 +20,7 @@ from rich.table import Table
 from runner import demo
 from runner.declaration import artifacts
 from runner.declaration.dbt import run_dbt
-from runner.errors import RunnerError, from_database
+from runner.errors import CHECKS_FAILED, RunnerError, from_database
 from runner.execution import locking
 from runner.facts import audit, report, upsert, verify
 from runner.jobs import capturing, cleanup, rollback, swap
@@ -35,15 +35,22 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 DEMO_SCALE = 0.01
 
 
+def _failure(error: RunnerError) -> click.ClickException:
+    """The error as click prints it, with the exit status of its kind."""
+    failure = click.ClickException(str(error))
+    failure.exit_code = error.exit_code
+    return failure
+
+
 def _fails_cleanly(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except RunnerError as error:
-            raise click.ClickException(str(error)) from error
         except psycopg.Error as error:
-            raise click.ClickException(str(from_database(error))) from error
+            raise _failure(from_database(error)) from error
+        except RunnerError as error:
+            raise _failure(error) from error
 
     return wrapper
 
@@ -158,7 +165,11 @@ def _emit(title: str, rows: list[dict], output_format: str) -> None:
         console.print(table)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Exit status: 0 done; 1 checks failed (runner verify); 2 bad usage of the "
+                    "command line; 3 no connection to PostgreSQL, or it went; 4 refused, "
+                    "nothing changed; 5 PostgreSQL stopped the command.")
+@click.version_option(package_name="runner", message="runner %(version)s")
 def cli() -> None:
     """Deduplicate PostgreSQL tables with dbt, then swap the clean tables in safely.
 
@@ -512,7 +523,7 @@ def verify_command(project_dir: Path, target_path: Path | None, select: tuple[st
     if failed:
         click.echo(f"{failed} of {len(results)} checks failed: fix what each FAIL row says, "
                    "then run `runner verify` again.", err=True)
-        sys.exit(1)
+        sys.exit(CHECKS_FAILED)
     click.echo(f"All {len(results)} checks passed.", err=True)
 
 

@@ -34,6 +34,7 @@ from psycopg import sql
 from runner.declaration.artifacts import DedupSpec, DedupTarget, Relation
 from runner.server.catalog import Index, LiveTable, read_live_table, read_references
 from runner.statements.keys import KeyCounts, count_keys, count_references
+from runner.statements.plan import check_spec_columns
 
 # Memory for the one hash aggregate per table, as the dbt project's key-group models get
 # (var dedup_work_mem, which says why so little).
@@ -200,9 +201,11 @@ def audit_table(conn: psycopg.Connection, target: DedupTarget, live: LiveTable,
 
 def audit(conn: psycopg.Connection, targets: list[DedupTarget], watch: Watch | None = None,
           progress_above_bytes: int = PROGRESS_ABOVE_BYTES) -> list[TableAudit]:
-    """Audit each target's live table; every table is found in the catalog before any scan,
-    so a missing one fails at once."""
+    """Audit each target's live table; every table and the columns its YAML names are found
+    in the catalog before any scan, so a missing one fails at once."""
     live_tables = [read_live_table(conn, target.live) for target in targets]
+    for target, live in zip(targets, live_tables, strict=True):
+        check_spec_columns(target, live)
     return [audit_table(conn, target, live, watch, progress_above_bytes)
             for target, live in zip(targets, live_tables, strict=True)]
 

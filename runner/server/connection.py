@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 
-from runner.errors import RunnerError
+from runner.errors import ConnectionProblem
 from runner.server.embedded import EmbeddedPostgres, default_data_dir
 
 SERVER_VARIABLES = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE")
@@ -39,7 +39,7 @@ def connect() -> psycopg.Connection:
                  f"{os.environ.get('PGHOST', 'the local socket')}:"
                  f"{os.environ.get('PGPORT', '5432')}")
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "no answer"
-        raise RunnerError(f"cannot connect to PostgreSQL at {where} ({reason}; configured by "
+        raise ConnectionProblem(f"cannot connect to PostgreSQL at {where} ({reason}; configured by "
                           f"{', '.join(configured_by()) or 'nothing'}): check "
                           f"{', '.join(SERVER_VARIABLES)} and PGPASSWORD, or unset them all to "
                           "use the embedded server") from error
