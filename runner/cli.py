@@ -19,7 +19,7 @@ from rich.table import Table
 
 from runner import demo
 from runner.declaration import artifacts
-from runner.declaration.dbt import run_dbt
+from runner.declaration.dbt import DbtFlags, run_dbt
 from runner.errors import CHECKS_FAILED, RunnerError, from_database
 from runner.execution import locking
 from runner.facts import audit, report, upsert, verify
@@ -123,18 +123,36 @@ archive_schema_option = click.option(
     help="Where the original tables are kept, with every row they had.")
 
 
+def dbt_flags_options(command):
+    """dbt's --profiles-dir, --target and --vars, for a command that may run dbt, passed on as
+    one DbtFlags."""
+    @click.option("--profiles-dir", type=click.Path(file_okay=False, path_type=Path),
+                  envvar="DBT_PROFILES_DIR",
+                  help="Where dbt finds profiles.yml, as dbt's own option [default: the project "
+                       "if it has one, else dbt's: the working directory, then ~/.dbt].")
+    @click.option("--target", "dbt_target", help="The profile's target, as dbt's own option.")
+    @click.option("--vars", "dbt_vars",
+                  help="The project's variables, as dbt's own option: '{key: value}'.")
+    @functools.wraps(command)
+    def wrapper(*args, profiles_dir: Path | None, dbt_target: str | None,
+                dbt_vars: str | None, **kwargs):
+        return command(*args, dbt_flags=DbtFlags(profiles_dir, dbt_target, dbt_vars), **kwargs)
+
+    return wrapper
+
+
 def _target_dir(project_dir: Path, target_path: Path | None) -> Path:
     if target_path is None:
         return project_dir / "target"
     return target_path if target_path.is_absolute() else project_dir / target_path
 
 
-def _configured_targets(project_dir: Path, target_dir: Path,
-                        select: tuple[str, ...]) -> list[artifacts.DedupTarget]:
+def _configured_targets(project_dir: Path, target_dir: Path, select: tuple[str, ...],
+                        dbt_flags: DbtFlags) -> list[artifacts.DedupTarget]:
     """The tables the dbt YAML configures; without a manifest `dbt parse` writes one first,
-    which needs no database and builds nothing."""
+    with the user's dbt flags, which needs no database and builds nothing."""
     if not (target_dir / "manifest.json").is_file():
-        run_dbt(["parse"], project_dir, target_dir=target_dir, quiet=True)
+        run_dbt(["parse"], project_dir, target_dir=target_dir, flags=dbt_flags, quiet=True)
     return artifacts.select_targets(artifacts.load_targets(target_dir), list(select) or None)
 
 
@@ -319,6 +337,7 @@ def plan_command(project_dir: Path, target_path: Path | None, select: tuple[str,
 @cli.command(name="capture")
 @project_dir_option
 @target_path_option
+@dbt_flags_options
 @select_option
 @archive_schema_option
 @lock_timeout_option
@@ -330,9 +349,10 @@ def plan_command(project_dir: Path, target_path: Path | None, select: tuple[str,
                    "swap whose capture is stopped can no longer be rolled back.")
 @output_format_option
 @_fails_cleanly
-def capture_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
-                    archive_schema: str, lock_timeout: timedelta, lock_wait: timedelta,
-                    show_status: bool, stop: bool, output_format: str) -> None:
+def capture_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFlags,
+                    select: tuple[str, ...], archive_schema: str, lock_timeout: timedelta,
+                    lock_wait: timedelta, show_status: bool, stop: bool,
+                    output_format: str) -> None:
     """Start capturing writes to the live tables; run it before `dbt build`.
 
     The swap replays what the ETL writes between the build and its commit, so nothing is lost
@@ -357,7 +377,8 @@ def capture_command(project_dir: Path, target_path: Path | None, select: tuple[s
             for state in stopped:
                 _say_stopped(state)
             return
-        targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), select)
+        targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), select,
+                                      dbt_flags)
         with connect() as conn:
             result = capturing.start(conn, targets, options)
     for registered in result.already:
@@ -498,6 +519,7 @@ def cleanup_command(project_dir: Path, older_than: timedelta, dry_run: bool,
 @cli.command(name="verify")
 @project_dir_option
 @target_path_option
+@dbt_flags_options
 @select_option
 @archive_schema_option
 @click.option("--sample", type=click.IntRange(min=1), default=100, show_default=True,
@@ -505,9 +527,9 @@ def cleanup_command(project_dir: Path, older_than: timedelta, dry_run: bool,
 @lock_timeout_option
 @output_format_option
 @_fails_cleanly
-def verify_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
-                   archive_schema: str, sample: int, lock_timeout: timedelta,
-                   output_format: str) -> None:
+def verify_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFlags,
+                   select: tuple[str, ...], archive_schema: str, sample: int,
+                   lock_timeout: timedelta, output_format: str) -> None:
     """Check the live tables after a swap: no duplicate or forbidden NULL key, the natural
     key's constraint and every index valid, foreign keys validated, sequences ahead of their
     columns, size against the swap, and the ETL's statement adding no row. Exit 1 if any
@@ -515,7 +537,8 @@ def verify_command(project_dir: Path, target_path: Path | None, select: tuple[st
     options = verify.VerifyOptions(archive_schema=archive_schema, sample=sample,
                                    lock_timeout_ms=_ms(lock_timeout))
     with database(project_dir):
-        targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), select)
+        targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), select,
+                                      dbt_flags)
         with connect() as conn:
             results = verify.verify(conn, targets, options)
     _emit("runner verify", [result.as_row() for result in results], output_format)
@@ -534,14 +557,16 @@ def verify_command(project_dir: Path, target_path: Path | None, select: tuple[st
                    "(repeatable).")
 @project_dir_option
 @target_path_option
+@dbt_flags_options
 @_fails_cleanly
 def upsert_sql_command(table: str, touch: tuple[str, ...], project_dir: Path,
-                       target_path: Path | None) -> None:
+                       target_path: Path | None, dbt_flags: DbtFlags) -> None:
     """Print the INSERT ... ON CONFLICT ... DO UPDATE the ETL should load TABLE with (a live
     table, source or schema.table), on the constraint that enforces its natural key now (one
     per shape of key, each saying which rows it takes, for a table with an alternative key)."""
     with database(project_dir):
-        targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), ())
+        targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), (),
+                                      dbt_flags)
         with connect() as conn:
             upserts = upsert.target_upserts(conn, upsert.one_target(targets, table), touch)
             for shaped in upserts:
@@ -586,18 +611,20 @@ def report_command(project_dir: Path, select: tuple[str, ...], archive_schema: s
 @cli.command(name="audit")
 @project_dir_option
 @target_path_option
+@dbt_flags_options
 @select_option
 @output_format_option
 @_fails_cleanly
-def audit_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
-                  output_format: str) -> None:
+def audit_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFlags,
+                  select: tuple[str, ...], output_format: str) -> None:
     """How duplicated each live table is, read straight from it with one scan: rows, unique
     natural keys (under the table's NULL policy), duplicates, NULL keys, size now and after,
     and the unique indexes that ON CONFLICT could have used. Reads only; needs no dbt build,
     only the YAML (without a manifest this runs `dbt parse`). A table of a GB or more gets an
     estimate of its duration and a progress bar on stderr."""
     with database(project_dir):
-        targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), select)
+        targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), select,
+                                      dbt_flags)
         with connect() as conn:
             audits = audit.audit(conn, targets,
                                  audit_view.progress_on(Console(stderr=True), size_text))

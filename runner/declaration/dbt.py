@@ -8,24 +8,42 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
 
 
+@dataclass(frozen=True)
+class DbtFlags:
+    """dbt's own options that choose the profile, its target and the project's variables, as
+    a user gives them to dbt."""
+
+    profiles_dir: Path | None = None
+    target: str | None = None
+    vars: str | None = None
+
+    def args(self) -> list[str]:
+        return [*(["--target", self.target] if self.target else []),
+                *(["--vars", self.vars] if self.vars else [])]
+
+
 def invoke(args: list[str], project_dir: Path, *, target_dir: Path | None = None,
            profiles_dir: Path | None = None, callbacks: Sequence[Callable[[Any], None]] = (),
            quiet: bool = False):
-    """dbt's result for `dbt ARGS` on the project. The profile is found as dbt finds it
-    ($DBT_PROFILES_DIR), else in `profiles_dir`, else in the project; each callback gets every
-    event dbt fires."""
+    """dbt's result for `dbt ARGS` on the project. The profile is found in `profiles_dir`, else
+    as dbt finds it ($DBT_PROFILES_DIR) where that is set, else in the project where it has a
+    profiles.yml, else where dbt looks by default (the working directory, then ~/.dbt); each
+    callback gets every event dbt fires."""
     # Imported here: dbt takes about a second to import, and most commands never call it.
     from dbt.cli.main import dbtRunner
 
     command = [*args, "--project-dir", str(project_dir)]
-    if "DBT_PROFILES_DIR" not in os.environ:
-        command += ["--profiles-dir", str(profiles_dir or project_dir)]
+    if profiles_dir is not None:
+        command += ["--profiles-dir", str(profiles_dir)]
+    elif "DBT_PROFILES_DIR" not in os.environ and (project_dir / "profiles.yml").is_file():
+        command += ["--profiles-dir", str(project_dir)]
     if target_dir is not None:
         command += ["--target-path", str(target_dir)]
     if quiet:
@@ -34,9 +52,10 @@ def invoke(args: list[str], project_dir: Path, *, target_dir: Path | None = None
 
 
 def run_dbt(args: list[str], project_dir: Path, *, target_dir: Path | None = None,
-            quiet: bool = False) -> None:
-    """`dbt ARGS`, refusing to go on when it fails."""
-    if not invoke(args, project_dir, target_dir=target_dir, quiet=quiet).success:
+            flags: DbtFlags = DbtFlags(), quiet: bool = False) -> None:
+    """`dbt ARGS`, with the user's dbt flags, refusing to go on when it fails."""
+    if not invoke([*args, *flags.args()], project_dir, target_dir=target_dir,
+                  profiles_dir=flags.profiles_dir, quiet=quiet).success:
         raise RunnerError(f"dbt {' '.join(args)} failed (its log is above): fix the cause and "
                           "run again")
 
