@@ -381,13 +381,49 @@ def capture_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtF
                                       dbt_flags)
         with connect() as conn:
             result = capturing.start(conn, targets, options)
+    _say_started(result)
+    click.echo("Change capture is on; now run `dbt build`, then `runner swap`.")
+
+
+def _say_started(result: capturing.Started) -> None:
     for registered in result.already:
         if registered.capture.since_swap_of:
             click.echo(f"{registered.capture.live}: captured since its swap, for a rollback; "
                        "nothing to start.")
     if result.started:
         click.echo(f"Capturing writes to {', '.join(str(t) for t in result.started)}.")
-    click.echo("Change capture is on; now run `dbt build`, then `runner swap`.")
+
+
+@cli.command(name="build")
+@project_dir_option
+@target_path_option
+@dbt_flags_options
+@select_option
+@archive_schema_option
+@lock_timeout_option
+@lock_wait_option
+@_fails_cleanly
+def build_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFlags,
+                  select: tuple[str, ...], archive_schema: str, lock_timeout: timedelta,
+                  lock_wait: timedelta) -> None:
+    """The two steps before `runner swap` as one: capture the live tables whose writes no
+    capture logs yet, then `dbt build` what deduplicates them (with --select, their sources
+    and everything downstream; else the project's default selector)."""
+    options = locking.LockOptions(archive_schema, _ms(lock_timeout),
+                                  lock_wait.total_seconds())
+    target_dir = _target_dir(project_dir, target_path)
+    with database(project_dir, changes=True):
+        # Parsed afresh: the build must deduplicate the tables the YAML declares now.
+        run_dbt(["parse"], project_dir, target_dir=target_dir, flags=dbt_flags, quiet=True)
+        targets = artifacts.select_targets(artifacts.load_targets(target_dir),
+                                           list(select) or None)
+        with connect() as conn:
+            _say_started(capturing.start(conn, targets, options))
+        chosen = (["--select", *(f"source:{t.source}+" for t in targets),
+                   "--exclude", f"tag:{artifacts.GUARD_TAG}"] if select else [])
+        run_dbt(["build", *chosen], project_dir, target_dir=target_dir, flags=dbt_flags)
+    click.echo("Built; now run `runner swap --dry-run` to read what the swap will do, then "
+               "`runner swap`.")
 
 
 def _say_stopped(state: capturing.CaptureStatus) -> None:
