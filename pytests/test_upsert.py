@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import re
 
 import psycopg
@@ -122,6 +124,33 @@ ETL_DO_NOTHING = (
     " sort_order, exif) select property_pk, photo_id, url, thumbnail_url, caption, sort_order,"
     " exif from dedup.property_photos on conflict do nothing"
 )
+
+
+def test_an_earliest_wins_table_gets_an_upsert_that_keeps_the_earliest(fresh: Database) -> None:
+    """business_events keeps the first event of a request (keep: ts, then id, ascending): a
+    re-sent event replaces the kept one only if it is earlier, as the swap would choose."""
+    _swapped(fresh)
+    printed = fresh.runner("upsert-sql", "business_events")
+    assert printed.exit_code == 0, printed.output
+    assert printed.stdout.endswith(
+        'where ((excluded."ts" < "business_events"."ts" or (excluded."ts" is not null and'
+        ' "business_events"."ts" is null)) or excluded."ts" is not distinct from'
+        ' "business_events"."ts" and (excluded."id" < "business_events"."id" or (excluded."id"'
+        ' is not null and "business_events"."id" is null)))\n')
+    with fresh.connect() as conn:
+        kept = conn.cursor(row_factory=dict_row).execute(
+            "select request_id, event_type, ts from breezeway.business_events"
+            " where request_id is not null order by id limit 1").fetchone()
+        later = {**kept, "event_type": "sent again, later", "ts": kept["ts"] + timedelta(days=1)}
+        conn.execute(printed.stdout, later)
+        row = ("select event_type, ts from breezeway.business_events where request_id = %s")
+        assert conn.execute(row, (kept["request_id"],)).fetchall() == [
+            (kept["event_type"], kept["ts"])]
+        earlier = {**kept, "event_type": "sent again, earlier",
+                   "ts": kept["ts"] - timedelta(days=1)}
+        conn.execute(printed.stdout, earlier)
+        assert conn.execute(row, (kept["request_id"],)).fetchall() == [
+            ("sent again, earlier", earlier["ts"])]
 
 
 def test_the_etl_statement_duplicated_before_the_swap_and_adds_nothing_after(

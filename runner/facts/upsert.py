@@ -22,11 +22,17 @@ from psycopg import sql
 from psycopg.abc import AdaptContext
 
 from runner.declaration import select
-from runner.declaration.artifacts import DedupTarget, Relation, load_targets, target_names
+from runner.declaration.artifacts import (
+    DedupTarget,
+    KeepColumn,
+    Relation,
+    load_targets,
+    target_names,
+)
 from runner.declaration.names import null_key_index_name
 from runner.errors import RunnerError
 from runner.server.catalog import read_live_table
-from runner.statements.keys import KeyShape, key_shapes
+from runner.statements.keys import KeyShape, beats, key_shapes
 
 
 @dataclass(frozen=True)
@@ -158,11 +164,7 @@ def _placeholder(relation: Relation, column: str) -> sql.Placeholder:
     return sql.Placeholder(column)
 
 
-def build_upsert(table: UpsertTable, natural_key: Sequence[str], arbiter: UniqueIndex,
-                 touch: Sequence[str] = ()) -> sql.Composed:
-    """INSERT every column the table does not fill itself, one %(column)s each; on a conflict
-    with the arbiter, set every non-key column from the new row, and each `touch` column to
-    now() (on insert too)."""
+def _check_touch(table: UpsertTable, natural_key: Sequence[str], touch: Sequence[str]) -> None:
     generated = {c.name for c in table.columns if c.generated_by_table}
     for column in touch:
         if column not in {c.name for c in table.columns}:
@@ -174,6 +176,28 @@ def build_upsert(table: UpsertTable, natural_key: Sequence[str], arbiter: Unique
         if column in natural_key:
             raise RunnerError(f"--touch {column}: that column is in the natural key, which an "
                               "upsert never changes: touch another column")
+
+
+def _replaces(table: UpsertTable, keep: Sequence[KeepColumn]) -> sql.Composed | bool:
+    """Whether a row sent again replaces the one the table holds for its key, as the keep rule
+    chooses between them: True always (no keep rule; or one led by a column the table numbers
+    itself, descending, so a row sent later always comes first); False never (the same,
+    ascending: the earliest stays); else the condition, on `excluded` and the table's row."""
+    if not keep:
+        return True
+    if keep[0].column in {c.name for c in table.columns if c.generated_by_table}:
+        return keep[0].descending
+    return beats(keep, lambda c: sql.SQL("excluded.{}").format(_Identifier(c)),
+                 lambda c: sql.SQL("{}.{}").format(_Identifier(table.relation.name),
+                                                   _Identifier(c)))
+
+
+def build_upsert(table: UpsertTable, natural_key: Sequence[str], arbiter: UniqueIndex,
+                 touch: Sequence[str] = (), keep: Sequence[KeepColumn] = ()) -> sql.Composed:
+    """INSERT every column the table does not fill itself, one %(column)s each; on a conflict
+    with the arbiter, set every non-key column from the new row, and each `touch` column to
+    now() (on insert too), where the keep rule prefers the new row (see _replaces)."""
+    _check_touch(table, natural_key, touch)
     inserted = [c.name for c in table.columns if not c.generated_by_table]
     values = [sql.SQL("now()") if c in touch else _placeholder(table.relation, c)
               for c in inserted]
@@ -191,8 +215,14 @@ def build_upsert(table: UpsertTable, natural_key: Sequence[str], arbiter: Unique
         )
         for c in inserted if c not in natural_key
     ]
-    action = (sql.SQL("do update set {}").format(sql.SQL(", ").join(assignments))
-              if assignments else sql.SQL("do nothing"))
+    replaces = _replaces(table, keep)
+    if not assignments or replaces is False:
+        action = sql.SQL("do nothing")
+    elif replaces is True:
+        action = sql.SQL("do update set {}").format(sql.SQL(", ").join(assignments))
+    else:
+        action = sql.SQL("do update set {}\nwhere {}").format(sql.SQL(", ").join(assignments),
+                                                              replaces)
     return sql.SQL("insert into {table} ({columns})\nvalues ({values})\n"
                    "on conflict ({target}){predicate}\n{action}").format(
         table=_Identifier(table.relation.schema, table.relation.name),
@@ -270,7 +300,7 @@ def target_upserts(conn: psycopg.Connection, target: DedupTarget,
         shapes, names = [KeyShape((), target.spec.natural_key, ())], names[:1]
     return [ShapedUpsert("every row" if len(shapes) == 1 else _shape_words(shape),
                          build_upsert(facts, (*shape.compared, *shape.nulls), arbiters[name],
-                                      touch), shape)
+                                      touch, target.spec.keep), shape)
             for shape, name in zip(shapes, names, strict=True)]
 
 

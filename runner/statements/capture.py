@@ -37,7 +37,7 @@ from psycopg import sql
 from runner.declaration.artifacts import DedupSpec, Relation
 from runner.declaration.names import pg_name
 from runner.server.catalog import Column
-from runner.statements.keys import KeyShape, keep_order, key_shapes, key_terms
+from runner.statements.keys import KeyShape, beats, keep_order, key_shapes, key_terms
 
 TRIGGER = "dedup_capture"
 TRUNCATE_TRIGGER = "dedup_capture_truncate"
@@ -357,17 +357,7 @@ class _Tables:
 
     def beats(self, new: str, old: str) -> sql.Composed:
         """`new` comes first in the keep order, with ORDER BY's NULL placement."""
-        terms, equal_so_far = [], []
-        for entry in self.spec.keep:
-            n = sql.SQL("{}.{}").format(sql.SQL(new), sql.Identifier(entry.column))
-            o = sql.SQL("{}.{}").format(sql.SQL(old), sql.Identifier(entry.column))
-            if entry.descending:
-                better = sql.SQL("({n} > {o} or ({n} is null and {o} is not null))")
-            else:
-                better = sql.SQL("({n} < {o} or ({n} is not null and {o} is null))")
-            terms.append(sql.SQL(" and ").join([*equal_so_far, better.format(n=n, o=o)]))
-            equal_so_far.append(sql.SQL("{} is not distinct from {}").format(n, o))
-        return sql.SQL("(") + sql.SQL(" or ").join(terms) + sql.SQL(")")
+        return beats(self.spec.keep, columns_of(new), columns_of(old))
 
     def keep_order(self) -> sql.Composed:
         return keep_order(self.spec)

@@ -16,7 +16,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 from psycopg import sql
 
-from runner.declaration.artifacts import DedupSpec, Relation
+from runner.declaration.artifacts import DedupSpec, KeepColumn, Relation
 
 NULLS_EQUAL = "not_distinct"
 # The first version with UNIQUE NULLS NOT DISTINCT.
@@ -68,6 +68,22 @@ def null_key_shapes(spec: DedupSpec, not_null: set[str], server_version: int) ->
     if not spec.alternative_key and server_version >= NULLS_NOT_DISTINCT_VERSION:
         return []
     return key_shapes(spec, not_null)[1:]
+
+
+def beats(keep: Sequence[KeepColumn], new: Callable[[str], sql.Composable],
+          old: Callable[[str], sql.Composable]) -> sql.Composed:
+    """The row `new` (each column `new` of its name) comes before the row `old` in the keep
+    order, with ORDER BY's NULL placement: NULLs last ascending, first descending."""
+    terms, equal_so_far = [], []
+    for entry in keep:
+        n, o = new(entry.column), old(entry.column)
+        if entry.descending:
+            better = sql.SQL("({n} > {o} or ({n} is null and {o} is not null))")
+        else:
+            better = sql.SQL("({n} < {o} or ({n} is not null and {o} is null))")
+        terms.append(sql.SQL(" and ").join([*equal_so_far, better.format(n=n, o=o)]))
+        equal_so_far.append(sql.SQL("{} is not distinct from {}").format(n, o))
+    return sql.SQL("(") + sql.SQL(" or ").join(terms) + sql.SQL(")")
 
 
 def keep_order(spec: DedupSpec) -> sql.Composed:
