@@ -39,10 +39,10 @@ def connect() -> psycopg.Connection:
                  f"{os.environ.get('PGHOST', 'the local socket')}:"
                  f"{os.environ.get('PGPORT', '5432')}")
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "no answer"
-        raise ConnectionProblem(f"cannot connect to PostgreSQL at {where} ({reason}; configured by "
-                          f"{', '.join(configured_by()) or 'nothing'}): check "
-                          f"{', '.join(SERVER_VARIABLES)} and PGPASSWORD, or unset them all to "
-                          "use the embedded server") from error
+        raise ConnectionProblem(
+            f"cannot connect to PostgreSQL at {where} ({reason}; configured by "
+            f"{', '.join(configured_by()) or 'nothing'}): check {', '.join(SERVER_VARIABLES)} "
+            "and PGPASSWORD, or unset them all to use the embedded server") from error
     conn.execute("set search_path = pg_catalog")
     return conn
 
