@@ -10,7 +10,7 @@ import json
 import shutil
 from contextlib import nullcontext
 
-from conftest import PROJECT_DIR, TEST_SCALE, Database
+from conftest import PROJECT_DIR, TEST_SCALE, Database, said
 from test_other_project import OTHER_PROJECT, run_other_dbt
 from test_other_project import shop as shop  # imported, its fixture is this module's too
 
@@ -366,3 +366,14 @@ def test_a_partitioned_table_counts_every_partition_and_has_no_estimate(fresh: D
     assert result.bytes == sizes > 0
     assert scans == [audit.Scan(relation, scans[0].heap_bytes, None)]
     assert scans[0].heap_bytes > 0
+
+
+def test_exclude_leaves_tables_out_by_any_name_select_takes(built: Database) -> None:
+    rows = audit_json(built, "--exclude", "task_tags", "--exclude", "breezeway.business_events",
+                      "--exclude", "breezeway.task_photos")
+    assert set(rows) == {f"breezeway.{name}" for name in EXPECTED} - {
+        "breezeway.task_tags", "breezeway.business_events", "breezeway.task_photos"} | {"TOTAL"}
+    refused = built.runner("audit", "--exclude", "no_such_table")
+    assert refused.exit_code == 4
+    assert said(refused) == ["Error: --exclude no_such_table: no deduplicated table of that "
+                             "name; known: " + ", ".join(sorted(EXPECTED))]

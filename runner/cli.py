@@ -101,6 +101,9 @@ scale_option = click.option(
 select_option = click.option(
     "--select", "select", multiple=True,
     help="Only these live tables (repeatable); all of them by default.")
+exclude_option = click.option(
+    "--exclude", "exclude", multiple=True,
+    help="Leave these live tables out (repeatable), named as --select names them.")
 swapped_select_option = click.option(
     "--select", "select", multiple=True,
     help="Only these live tables (repeatable); by default every table whose latest swap was "
@@ -148,12 +151,14 @@ def _target_dir(project_dir: Path, target_path: Path | None) -> Path:
 
 
 def _configured_targets(project_dir: Path, target_dir: Path, select: tuple[str, ...],
-                        dbt_flags: DbtFlags) -> list[artifacts.DedupTarget]:
+                        dbt_flags: DbtFlags,
+                        exclude: tuple[str, ...] = ()) -> list[artifacts.DedupTarget]:
     """The tables the dbt YAML configures; without a manifest `dbt parse` writes one first,
     with the user's dbt flags, which needs no database and builds nothing."""
     if not (target_dir / "manifest.json").is_file():
         run_dbt(["parse"], project_dir, target_dir=target_dir, flags=dbt_flags, quiet=True)
-    return artifacts.select_targets(artifacts.load_targets(target_dir), list(select) or None)
+    return artifacts.select_targets(artifacts.load_targets(target_dir), list(select) or None,
+                                    list(exclude))
 
 
 output_format_option = click.option(
@@ -295,6 +300,7 @@ def _as_json(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> dict
 @project_dir_option
 @target_path_option
 @select_option
+@exclude_option
 @dry_run_option
 @lock_timeout_option
 @lock_wait_option
@@ -303,13 +309,14 @@ def _as_json(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> dict
 @click.option("--json", "as_json", is_flag=True, help="Report as JSON, for machines.")
 @_fails_cleanly
 def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
-                 dry_run: bool, lock_timeout: timedelta, lock_wait: timedelta,
-                 postpone: Path | None, archive_schema: str, as_json: bool) -> None:
+                 exclude: tuple[str, ...], dry_run: bool, lock_timeout: timedelta,
+                 lock_wait: timedelta, postpone: Path | None, archive_schema: str,
+                 as_json: bool) -> None:
     """Swap the tables `dbt build` deduplicated into the live schema and add their UNIQUE
     constraints, all in one transaction; refuses unless the latest build passed."""
     options = swap.SwapOptions(
         target_dir=_target_dir(project_dir, target_path), select=list(select) or None,
-        archive_schema=archive_schema, lock_timeout_ms=_ms(lock_timeout),
+        exclude=list(exclude), archive_schema=archive_schema, lock_timeout_ms=_ms(lock_timeout),
         lock_wait_s=lock_wait.total_seconds(), postpone=postpone,
     )
     with database(project_dir, changes=not dry_run):
@@ -320,14 +327,16 @@ def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str,
 @project_dir_option
 @target_path_option
 @select_option
+@exclude_option
 @lock_timeout_option
 @lock_wait_option
 @_fails_cleanly
 def plan_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
-                 lock_timeout: timedelta, lock_wait: timedelta) -> None:
+                 exclude: tuple[str, ...], lock_timeout: timedelta, lock_wait: timedelta) -> None:
     """What `runner swap` would do: what it locks and for how long, then every statement."""
     options = swap.SwapOptions(
         target_dir=_target_dir(project_dir, target_path), select=list(select) or None,
+        exclude=list(exclude),
         lock_timeout_ms=_ms(lock_timeout), lock_wait_s=lock_wait.total_seconds(),
     )
     with database(project_dir):
@@ -339,6 +348,7 @@ def plan_command(project_dir: Path, target_path: Path | None, select: tuple[str,
 @target_path_option
 @dbt_flags_options
 @select_option
+@exclude_option
 @archive_schema_option
 @lock_timeout_option
 @lock_wait_option
@@ -350,9 +360,9 @@ def plan_command(project_dir: Path, target_path: Path | None, select: tuple[str,
 @output_format_option
 @_fails_cleanly
 def capture_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFlags,
-                    select: tuple[str, ...], archive_schema: str, lock_timeout: timedelta,
-                    lock_wait: timedelta, show_status: bool, stop: bool,
-                    output_format: str) -> None:
+                    select: tuple[str, ...], exclude: tuple[str, ...], archive_schema: str,
+                    lock_timeout: timedelta, lock_wait: timedelta, show_status: bool,
+                    stop: bool, output_format: str) -> None:
     """Start capturing writes to the live tables; run it before `dbt build`.
 
     The swap replays what the ETL writes between the build and its commit, so nothing is lost
@@ -363,6 +373,9 @@ def capture_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtF
     """
     if show_status and stop:
         raise click.UsageError("--status and --stop exclude each other")
+    if exclude and (show_status or stop):
+        raise click.UsageError("--exclude leaves tables out of a capture to start, not of "
+                               "--status or --stop")
     options = locking.LockOptions(archive_schema, _ms(lock_timeout),
                                   lock_wait.total_seconds())
     with database(project_dir, changes=not show_status):
@@ -378,7 +391,7 @@ def capture_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtF
                 _say_stopped(state)
             return
         targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), select,
-                                      dbt_flags)
+                                      dbt_flags, exclude)
         with connect() as conn:
             result = capturing.start(conn, targets, options)
     _say_started(result)
@@ -399,13 +412,14 @@ def _say_started(result: capturing.Started) -> None:
 @target_path_option
 @dbt_flags_options
 @select_option
+@exclude_option
 @archive_schema_option
 @lock_timeout_option
 @lock_wait_option
 @_fails_cleanly
 def build_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFlags,
-                  select: tuple[str, ...], archive_schema: str, lock_timeout: timedelta,
-                  lock_wait: timedelta) -> None:
+                  select: tuple[str, ...], exclude: tuple[str, ...], archive_schema: str,
+                  lock_timeout: timedelta, lock_wait: timedelta) -> None:
     """The two steps before `runner swap` as one: capture the live tables whose writes no
     capture logs yet, then `dbt build` what deduplicates them (with --select, their sources
     and everything downstream; else the project's default selector)."""
@@ -416,11 +430,11 @@ def build_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFla
         # Parsed afresh: the build must deduplicate the tables the YAML declares now.
         run_dbt(["parse"], project_dir, target_dir=target_dir, flags=dbt_flags, quiet=True)
         targets = artifacts.select_targets(artifacts.load_targets(target_dir),
-                                           list(select) or None)
+                                           list(select) or None, list(exclude))
         with connect() as conn:
             _say_started(capturing.start(conn, targets, options))
         chosen = (["--select", *(f"source:{t.source}+" for t in targets),
-                   "--exclude", f"tag:{artifacts.GUARD_TAG}"] if select else [])
+                   "--exclude", f"tag:{artifacts.GUARD_TAG}"] if select or exclude else [])
         run_dbt(["build", *chosen], project_dir, target_dir=target_dir, flags=dbt_flags)
     click.echo("Built; now run `runner swap --dry-run` to read what the swap will do, then "
                "`runner swap`.")
@@ -557,6 +571,7 @@ def cleanup_command(project_dir: Path, older_than: timedelta, dry_run: bool,
 @target_path_option
 @dbt_flags_options
 @select_option
+@exclude_option
 @archive_schema_option
 @click.option("--sample", type=click.IntRange(min=1), default=100, show_default=True,
               help="Existing rows replayed through the ETL's statement, which must add none.")
@@ -564,8 +579,8 @@ def cleanup_command(project_dir: Path, older_than: timedelta, dry_run: bool,
 @output_format_option
 @_fails_cleanly
 def verify_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFlags,
-                   select: tuple[str, ...], archive_schema: str, sample: int,
-                   lock_timeout: timedelta, output_format: str) -> None:
+                   select: tuple[str, ...], exclude: tuple[str, ...], archive_schema: str,
+                   sample: int, lock_timeout: timedelta, output_format: str) -> None:
     """Check the live tables after a swap: no duplicate or forbidden NULL key, the natural
     key's constraint and every index valid, foreign keys validated, sequences ahead of their
     columns, size against the swap, and the ETL's statement adding no row. Exit 1 if any
@@ -574,7 +589,7 @@ def verify_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFl
                                    lock_timeout_ms=_ms(lock_timeout))
     with database(project_dir):
         targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), select,
-                                      dbt_flags)
+                                      dbt_flags, exclude)
         with connect() as conn:
             results = verify.verify(conn, targets, options)
     _emit("runner verify", [result.as_row() for result in results], output_format)
@@ -649,10 +664,11 @@ def report_command(project_dir: Path, select: tuple[str, ...], archive_schema: s
 @target_path_option
 @dbt_flags_options
 @select_option
+@exclude_option
 @output_format_option
 @_fails_cleanly
 def audit_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFlags,
-                  select: tuple[str, ...], output_format: str) -> None:
+                  select: tuple[str, ...], exclude: tuple[str, ...], output_format: str) -> None:
     """How duplicated each live table is, read straight from it with one scan: rows, unique
     natural keys (under the table's NULL policy), duplicates, NULL keys, size now and after,
     and the unique indexes that ON CONFLICT could have used. Reads only; needs no dbt build,
@@ -660,7 +676,7 @@ def audit_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFla
     estimate of its duration and a progress bar on stderr."""
     with database(project_dir):
         targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), select,
-                                      dbt_flags)
+                                      dbt_flags, exclude)
         with connect() as conn:
             audits = audit.audit(conn, targets,
                                  audit_view.progress_on(Console(stderr=True), size_text))

@@ -3,9 +3,13 @@ each once."""
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
 
-from runner.declaration import select
+import pytest
+from facts import TARGET
+
+from runner.declaration import artifacts, select
+from runner.declaration.artifacts import Relation
 from runner.errors import RunnerError
 
 TABLES = ["shop.orders", "shop.order lines", "audit.orders"]
@@ -28,3 +32,17 @@ def test_no_name_selects_all_and_names_select_in_their_order_each_once() -> None
 def test_a_name_that_selects_nothing_stops_with_the_commands_message() -> None:
     with pytest.raises(RunnerError, match=r"^--select order: none; known: shop.orders, "):
         select.chosen(TABLES, ["orders", "order"], _known_as, _unknown)
+
+
+def test_exclude_leaves_out_by_the_same_names_and_refuses_a_name_of_nothing() -> None:
+    other = dataclasses.replace(TARGET, source="shop.refunds", live=Relation("Shop", "refunds"),
+                                model_id="model.shop.refunds")
+    targets = [TARGET, other]
+    assert artifacts.select_targets(targets, None, ["shop.refunds"]) == [TARGET]
+    assert artifacts.select_targets(targets, ["refunds", "order lines"], ["Shop.order lines"]
+                                    ) == [other]
+    with pytest.raises(RunnerError, match=r"^--exclude nope: no deduplicated table of that "
+                                          r"name; known: order lines, refunds$"):
+        artifacts.select_targets(targets, None, ["nope"])
+    with pytest.raises(RunnerError, match=r"^--exclude leaves no table to work on"):
+        artifacts.select_targets(targets, ["refunds"], ["refunds"])

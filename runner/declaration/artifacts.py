@@ -8,6 +8,7 @@ whether the latest build built every model the swap needs and passed every test 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,12 +229,22 @@ def target_names(target: DedupTarget) -> tuple[str, ...]:
     return (target.live.name, target.source, str(target.live))
 
 
-def select_targets(targets: list[DedupTarget], names: list[str] | None) -> list[DedupTarget]:
-    """The targets named by --select (live table or source names), or all of them."""
-    return select.chosen(
-        targets, names, target_names,
-        lambda name, all_targets: f"--select {name}: no deduplicated table of that name; "
-        f"known: {', '.join(t.live.name for t in all_targets)}")
+def select_targets(targets: list[DedupTarget], names: list[str] | None,
+                   excluded: list[str] | None = None) -> list[DedupTarget]:
+    """The targets named by --select (live table or source names), or all of them, but those
+    --exclude names by the same names."""
+    def unknown(option: str) -> Callable[[str, list[DedupTarget]], str]:
+        return lambda name, all_targets: (f"{option} {name}: no deduplicated table of that "
+                                          f"name; known: "
+                                          f"{', '.join(t.live.name for t in all_targets)}")
+    chosen = select.chosen(targets, names, target_names, unknown("--select"))
+    left_out = select.chosen(targets, excluded, target_names, unknown("--exclude")) if excluded \
+        else []
+    kept = [target for target in chosen if target not in left_out]
+    if not kept:
+        raise RunnerError("--exclude leaves no table to work on: exclude fewer, or select "
+                          "others")
+    return kept
 
 
 def check_build(target_dir: Path, targets: list[DedupTarget]) -> None:

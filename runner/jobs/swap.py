@@ -47,6 +47,7 @@ from runner.statements.plan import (
 class SwapOptions:
     target_dir: Path
     select: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
     archive_schema: str = swap_log.DEFAULT_ARCHIVE_SCHEMA
     lock_timeout_ms: int = 100
     """How long one attempt waits for the lock: the longest anyone queues behind the runner."""
@@ -109,7 +110,8 @@ def _swapped_since_build(conn: psycopg.Connection, archive_schema: str, live: Re
 def make_plans(conn: psycopg.Connection, options: SwapOptions,
                stamp: datetime | None = None) -> list[TablePlan]:
     """Read dbt's artifacts and the catalog, refuse what is wrong, and plan every table."""
-    targets = artifacts.select_targets(artifacts.load_targets(options.target_dir), options.select)
+    targets = artifacts.select_targets(artifacts.load_targets(options.target_dir), options.select,
+                                       options.exclude)
     artifacts.check_build(options.target_dir, targets)
     stamp = stamp or datetime.now(timezone.utc)
     before_swap = {(r.capture.live.schema, r.capture.live.name): r
