@@ -41,6 +41,12 @@ def test_demo_runs_the_whole_job_on_its_own_server(own_server_env: dict[str, str
     assert "Every original row is kept in dedup_archive." in done.stdout
     assert "dedup_archive.property_photos__" in done.stdout
     assert "runner swap:" in done.stdout
+    # dbt's own log goes to its file; the screen has the steps and what the build did.
+    summary = next(line for line in done.stdout.splitlines() if line.startswith("dbt build: "))
+    assert "models: " in summary and "tests: " in summary and " pass" in summary
+    assert summary.endswith("(its log: logs/dbt.log)")
+    assert "Command `cli build` succeeded" in (PROJECT_DIR / "logs" / "dbt.log").read_text()
+    assert "OK created" not in done.stdout + done.stderr
     # Nothing is left running after the command.
     status = subprocess.run([*RUNNER, "db", "env"], env=own_server_env, cwd=PROJECT_DIR,
                             capture_output=True, text=True)

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from runner import demo
 from runner.declaration import artifacts
-from runner.declaration.dbt import DbtFlags, run_dbt
+from runner.declaration.dbt import DbtFlags, log_file, outcome, run_dbt
 from runner.errors import CHECKS_FAILED, RunnerError, from_database
 from runner.execution import locking
 from runner.facts import audit, report, upsert, verify
@@ -492,8 +492,9 @@ def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> N
             capturing.start(conn, artifacts.load_targets(target_dir),
                             locking.LockOptions(swap_log.DEFAULT_ARCHIVE_SCHEMA))
         started = time.perf_counter()
-        run_dbt(["build"], project_dir, target_dir=target_dir)
+        built = run_dbt(["build"], project_dir, target_dir=target_dir, quiet=True)
         timings["dbt build"] = time.perf_counter() - started
+        click.echo(f"dbt build: {outcome(built)} (its log: {log_file(project_dir)})")
         started = time.perf_counter()
         _swap(swap.SwapOptions(target_dir=target_dir), dry_run=False)
         timings["runner swap"] = time.perf_counter() - started

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +52,31 @@ def invoke(args: list[str], project_dir: Path, *, target_dir: Path | None = None
     return dbtRunner(callbacks=list(callbacks)).invoke(command)
 
 
+def log_file(project_dir: Path) -> Path:
+    """Where dbt writes its log, quiet or not."""
+    return Path(os.environ.get("DBT_LOG_PATH") or project_dir / "logs") / "dbt.log"
+
+
 def run_dbt(args: list[str], project_dir: Path, *, target_dir: Path | None = None,
-            flags: DbtFlags = DbtFlags(), quiet: bool = False) -> None:
-    """`dbt ARGS`, with the user's dbt flags, refusing to go on when it fails."""
-    if not invoke([*args, *flags.args()], project_dir, target_dir=target_dir,
-                  profiles_dir=flags.profiles_dir, quiet=quiet).success:
-        raise RunnerError(f"dbt {' '.join(args)} failed (its log is above): fix the cause and "
-                          "run again")
+            flags: DbtFlags = DbtFlags(), quiet: bool = False):
+    """`dbt ARGS`, with the user's dbt flags, refusing to go on when it fails; its result."""
+    result = invoke([*args, *flags.args()], project_dir, target_dir=target_dir,
+                    profiles_dir=flags.profiles_dir, quiet=quiet)
+    if not result.success:
+        raise RunnerError(f"dbt {' '.join(args)} failed (its errors are above, its whole log in "
+                          f"{log_file(project_dir)}): fix the cause and run again")
+    return result
+
+
+def outcome(result) -> str:
+    """What a dbt command did to each kind of node, in one line: `models: 12 success; tests:
+    30 pass, 2 warn`."""
+    counts = Counter((str(r.node.resource_type), str(r.status)) for r in result.result.results)
+    kinds = sorted({kind for kind, _ in counts})
+    return "; ".join(
+        f"{kind}s: " + ", ".join(f"{n} {status}" for (k, status), n in sorted(counts.items())
+                                 if k == kind)
+        for kind in kinds)
 
 
 if __name__ == "__main__":
