@@ -498,7 +498,7 @@ def main() -> None:
             "dbt build": lambda: job_step(run.dbt_arguments("build", target, BUILD_SELECTION),
                                           timeout),
             "swap": lambda: json.loads(job_step(
-                runner_command("swap", "--target-path", str(target), "--json"), timeout)),
+                runner_command("swap", "--target-path", str(target), "--format", "json"), timeout)),
             "after": after_the_swap,
             "rollback": lambda: job_step(runner_command("rollback"), timeout),
             "after rollback": lambda: time.sleep(args.after),

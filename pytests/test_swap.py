@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 
 import psycopg
@@ -684,7 +686,7 @@ def test_plan_says_what_it_locks_and_for_how_long(fresh: Database) -> None:
 
 
 def test_json_reports_each_table_and_the_lock(fresh: Database) -> None:
-    result = fresh.runner("swap", "--json")
+    result = fresh.runner("swap", "--format", "json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     expected = demo.expected_counts(TEST_SCALE)
@@ -697,6 +699,16 @@ def test_json_reports_each_table_and_the_lock(fresh: Database) -> None:
     assert photos["bytes_after"] < photos["bytes_before"]
     assert tables["breezeway.task_tags"]["action"] == "nothing"
     assert 0 < report["lock_ms"] < 5000 and report["lock_attempts"] == 1
+
+
+def test_csv_reports_a_row_per_table(fresh: Database) -> None:
+    result = fresh.runner("swap", "--select", "task_photos", "--format", "csv")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    expected = demo.expected_counts(TEST_SCALE)["task_photos"]
+    assert [(r["table"], r["action"], int(r["rows_before"]), int(r["rows_after"]))
+            for r in rows] == [("breezeway.task_photos", "swap", expected.total,
+                                expected.unique)]
 
 
 @pytest.mark.parametrize("table", ["property_photos", "ü" * 40, "a" * 63])
@@ -719,7 +731,7 @@ def test_the_rows_reported_are_those_at_commit(fresh: Database) -> None:
                      " order by id limit 3")
         conn.execute("delete from breezeway.property_photos"
                      " where id in (select id from breezeway.property_photos order by id limit 2)")
-    result = fresh.runner("swap", "--select", "property_photos", "--json")
+    result = fresh.runner("swap", "--select", "property_photos", "--format", "json")
     assert result.exit_code == 0, result.output
     reported = json.loads(result.stdout)["tables"][0]
     with fresh.connect() as conn:

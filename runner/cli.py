@@ -258,24 +258,26 @@ def _progress() -> Callable[[str], None]:
     return step_done
 
 
-def _swap(options: swap.SwapOptions, dry_run: bool, as_json: bool = False) -> None:
+def _swap(options: swap.SwapOptions, dry_run: bool, output_format: str = "table") -> None:
     with connect() as conn:
         plans = swap.make_plans(conn, options)
         if dry_run:
             click.echo(swap.render(conn, plans, options))
             return
         result = swap.execute(conn, plans, options,
-                              after_step=None if as_json else _progress())
+                              after_step=_progress() if output_format == "table" else None)
         sizes = _sizes(conn, result)
-        if as_json:
-            click.echo(json.dumps(_as_json(result, sizes), indent=2))
+        if output_format == "json":
+            click.echo(json.dumps(_as_data(result, sizes), indent=2))
+        elif output_format == "csv":
+            _emit("", _as_data(result, sizes)["tables"], "csv")
         elif all(p.action == "nothing" for p in plans):
             click.echo("Nothing to do: every table is deduplicated and its natural key enforced.")
         else:
             _print_summary(result, sizes)
 
 
-def _as_json(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> dict:
+def _as_data(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> dict:
     return {
         "lock_ms": round(result.lock_ms, 1),
         "lock_attempts": result.attempts,
@@ -306,12 +308,12 @@ def _as_json(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> dict
 @lock_wait_option
 @postpone_option
 @archive_schema_option
-@click.option("--json", "as_json", is_flag=True, help="Report as JSON, for machines.")
+@output_format_option
 @_fails_cleanly
 def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
                  exclude: tuple[str, ...], dry_run: bool, lock_timeout: timedelta,
                  lock_wait: timedelta, postpone: Path | None, archive_schema: str,
-                 as_json: bool) -> None:
+                 output_format: str) -> None:
     """Swap the tables `dbt build` deduplicated into the live schema and add their UNIQUE
     constraints, all in one transaction; refuses unless the latest build passed."""
     options = swap.SwapOptions(
@@ -320,7 +322,7 @@ def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str,
         lock_wait_s=lock_wait.total_seconds(), postpone=postpone,
     )
     with database(project_dir, changes=not dry_run):
-        _swap(options, dry_run, as_json)
+        _swap(options, dry_run, output_format)
 
 
 @cli.command(name="plan")
