@@ -312,7 +312,7 @@ def html_escaped(text: str) -> str:
 
 
 def test_json_and_select(swapped: Database) -> None:
-    data = json.loads(reported(swapped, "--json", "--no-queries",
+    data = json.loads(reported(swapped, "--format", "json", "--no-queries",
                                "--select", "property_photos"))
     (table,) = data["tables"]
     expected = demo.expected_counts(TEST_SCALE)["property_photos"]

@@ -99,7 +99,7 @@ def test_the_whole_job_as_the_documented_roles(roles: Database) -> None:
     _ran(job, "rollback", "--select", "task_photos")
     _etl_writes(roles, "after the rollback")
     _ran(job, "cleanup", "--older-than", "1ms")
-    _ran(job, "report", "--json")
+    _ran(job, "report", "--format", "json")
     for path in [*roles.target_dir.rglob("*"), *(PROJECT_DIR / "logs").rglob("*")]:
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path

@@ -635,7 +635,9 @@ def upsert_sql_command(table: str, touch: tuple[str, ...], project_dir: Path,
 @archive_schema_option
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a self-contained HTML page with bar charts to this file instead.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON, for machines.")
+@click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table",
+              show_default=True,
+              help="A readable report (Markdown), or JSON for machines: a document, not rows.")
 @click.option("--no-queries", is_flag=True,
               help="Sizes only: do not time the example queries.")
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True,
@@ -644,11 +646,11 @@ def upsert_sql_command(table: str, touch: tuple[str, ...], project_dir: Path,
               help="statement_timeout of each example query.")
 @_fails_cleanly
 def report_command(project_dir: Path, select: tuple[str, ...], archive_schema: str,
-                   html_file: Path | None, as_json: bool, no_queries: bool, runs: int,
+                   html_file: Path | None, output_format: str, no_queries: bool, runs: int,
                    query_timeout: timedelta) -> None:
     """What the swaps did: rows and size before and after per table, the space freed, and
     example queries timed with EXPLAIN (ANALYZE, BUFFERS) on the original and the deduplicated
-    table, read-only. Markdown on stdout, or --html FILE, or --json."""
+    table, read-only. Markdown on stdout, or --html FILE, or --format json."""
     options = report.ReportOptions(
         archive_schema=archive_schema, select=list(select) or None, queries=not no_queries,
         runs=runs, timeout_ms=_ms(query_timeout))
@@ -658,7 +660,8 @@ def report_command(project_dir: Path, select: tuple[str, ...], archive_schema: s
         html_file.write_text(report_view.to_html(facts), encoding="utf-8")
         click.echo(f"Wrote the report to {html_file}.")
     else:
-        shown = report_view.to_json(facts) if as_json else report_view.to_markdown(facts)
+        shown = (report_view.to_json(facts) if output_format == "json"
+                 else report_view.to_markdown(facts))
         click.echo(shown, nl=False)
 
 
