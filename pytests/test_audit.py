@@ -377,3 +377,20 @@ def test_exclude_leaves_tables_out_by_any_name_select_takes(built: Database) -> 
     assert refused.exit_code == 4
     assert said(refused) == ["Error: --exclude no_such_table: no deduplicated table of that "
                              "name; known: " + ", ".join(sorted(EXPECTED))]
+
+
+def test_several_tables_that_reference_one_table_are_each_counted(fresh: Database) -> None:
+    kept = demo.expected_kept_ids("task_photos", TEST_SCALE)
+    with fresh.connect() as conn:
+        for name, step in (("photo_likes", 5), ("photo_flags", 3)):
+            conn.execute(f"create table public.{name} (photo_id bigint"
+                         f" references breezeway.task_photos (id))")
+            conn.execute(f"insert into public.{name} select id from breezeway.task_photos"
+                         f" where id % {step} = 0")
+        counted = {name: [row[0] for row in conn.execute(f"select photo_id from public.{name}")]
+                   for name in ("photo_likes", "photo_flags")}
+    row = audit_json(fresh, "--select", "task_photos")["breezeway.task_photos"]
+    assert row["referenced_by"] == [
+        {"constraint": f"{name}_photo_id_fkey", "table": f"public.{name}",
+         "rows": len(photos), "rows_pointing_at_duplicates": len(set(photos) - kept)}
+        for name, photos in sorted(counted.items())]

@@ -10,7 +10,7 @@ from psycopg import sql
 
 from runner.declaration.artifacts import DedupSpec, DedupTarget, KeepColumn, Relation
 from runner.errors import RunnerError
-from runner.server.catalog import Column, LiveTable, MaterializedView
+from runner.server.catalog import Column, LiveTable, MaterializedView, Reference
 from runner.statements import capture, plan
 
 LIVE = Relation("shop", "order lines")
@@ -25,7 +25,7 @@ def live_table(*, nullable_key: bool = True, **changes) -> LiveTable:
                Column("line", "integer", True, "", False))
     table = LiveTable(
         relation=LIVE, owner="app", columns=columns, indexes=(), foreign_keys=(),
-        referenced_by=(), views=(), grants=(), comment=None, owned_sequences=(), triggers=(),
+        references=(), views=(), grants=(), comment=None, owned_sequences=(), triggers=(),
         row_security=False, force_row_security=False, policies=(), options=(), kind="r",
         materialized_views=(), publications=(), replica_identity="d",
         replica_identity_index=None, column_grants=(), identity_sequences=())
@@ -43,7 +43,7 @@ def test_not_distinct_on_a_key_that_cannot_be_null_needs_no_nulls_clause(version
     live = live_table(nullable_key=False)
     index = plan._unique_index(SPEC, live, "key_new", sql.Identifier(LIVE.schema, LIVE.name),
                                version)
-    assert plan.null_patterns(SPEC, live, version) == []
+    assert plan.partial_key_shapes(SPEC, live, version) == []
     assert as_text(index) == ('create unique index "key_new" on "shop"."order lines" '
                               '("order_id", "line")')
 
@@ -60,7 +60,8 @@ def test_not_distinct_on_a_nullable_key_is_enforced_with_nulls_not_distinct() ->
     ({"parents": ("shop.base",)}, "it inherits from shop.base"),
     ({"children": ("shop.old lines",)}, "tables inherit from it (shop.old lines)"),
     ({"kind": "p"}, "it is not a plain table (partitioned or foreign)"),
-    ({"referenced_by": ("shop.refunds.refunds_line_fkey",)},
+    ({"references": (Reference("refunds_line_fkey", Relation("shop", "refunds"), ("line",),
+                                ("id",), "shop.refunds.refunds_line_fkey"),)},
      "foreign keys point at it (shop.refunds.refunds_line_fkey)"),
     ({"materialized_views": (MaterializedView(
         Relation("shop", "totals"), " SELECT 1;", (), "app owner", None, True, (), (),

@@ -36,7 +36,7 @@ def table(**changes) -> LiveTable:
         indexes=(PRIMARY_KEY,),
         foreign_keys=(("order lines_order_id_fkey",
                        'FOREIGN KEY (order_id) REFERENCES "Shop".orders(id)', PARENT),),
-        referenced_by=(), views=(), grants=(Grant("app_etl", "INSERT", grantable=False),),
+        references=(), views=(), grants=(Grant("app_etl", "INSERT", grantable=False),),
         comment="one row per line", owned_sequences=(("Shop", "order lines_id_seq", "id", False),),
         triggers=(), row_security=False, force_row_security=False, policies=(), options=(),
         kind="r", materialized_views=(), publications=(), replica_identity="d",

@@ -74,11 +74,11 @@ def test_key_shapes_of_an_alternative_key() -> None:
 
 def test_references_to_duplicates_are_counted_by_the_keep_rule_and_the_null_policy() -> None:
     child = Relation("Shop", "line notes")
-    counted = text(count_references(LIVE, SPEC, child, ("line",), ("id",)))
+    counted = text(count_references(LIVE, SPEC, ("id",), [(child, ("line",))]))
     # Under nulls: distinct a NULL-key row is a group of its own, so never removed.
     assert ('row_number() over (partition by "order_id", "sku", case when "order_id" is null'
             ' or "sku" is null then "id" end order by "id" desc) as dedup_rank') in counted
     assert 'on c."line" = removed."referenced_1"' in counted
-    equal = text(count_references(LIVE, dataclasses.replace(SPEC, nulls="not_distinct"), child,
-                                  ("line",), ("id",)))
+    equal = text(count_references(LIVE, dataclasses.replace(SPEC, nulls="not_distinct"),
+                                  ("id",), [(child, ("line",))]))
     assert 'partition by "order_id", "sku" order by' in equal

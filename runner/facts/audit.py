@@ -5,7 +5,8 @@ model audit_duplicates counts them), duplicates, NULL-key rows, its size and the
 per key would leave, the unique indexes it has, which say why `INSERT ... ON CONFLICT DO
 NOTHING` never conflicted: none of them is on the natural key; and the foreign keys of other
 tables that point at it, with how many of their rows point at a duplicate (one more scan of
-the table and one of each such table, only for a table that others reference).
+the table for all the keys that point at the same columns, and one of each such table, only
+for a table that others reference).
 
 One scan per table: a single GROUP BY on the narrow key columns, which PostgreSQL runs as a
 parallel hash aggregate. Scanning by block ranges instead (TID Range Scans, one statement per
@@ -32,7 +33,7 @@ import psycopg
 from psycopg import sql
 
 from runner.declaration.artifacts import DedupSpec, DedupTarget, Relation
-from runner.server.catalog import Index, LiveTable, read_live_table, read_references
+from runner.server.catalog import Index, LiveTable, Reference, read_live_table
 from runner.statements.keys import KeyCounts, count_keys, count_references
 from runner.statements.plan import check_spec_columns
 
@@ -190,13 +191,27 @@ def audit_table(conn: psycopg.Connection, target: DedupTarget, live: LiveTable,
             watching = watch(Scan(live.relation, heap_bytes, estimate))
         with watching:
             row = conn.execute(count_keys(live.relation, target.spec)).fetchone()
-        references = tuple(
-            ReferenceCount(reference.constraint, str(reference.table), *conn.execute(
-                count_references(live.relation, target.spec, reference.table,
-                                 reference.columns, reference.referenced)).fetchone())
-            for reference in read_references(conn, live.relation))
+        references = _reference_counts(conn, target, live)
     return TableAudit(target, KeyCounts(*row), total_bytes, unique_indexes(live, target.spec),
                       references)
+
+
+def _reference_counts(conn: psycopg.Connection, target: DedupTarget,
+                      live: LiveTable) -> tuple[ReferenceCount, ...]:
+    """Per foreign key that points at the table, its rows that point at a duplicate: one scan
+    of the table for all the keys that point at the same columns."""
+    by_referenced: dict[tuple[str, ...], list[Reference]] = {}
+    for reference in live.references:
+        by_referenced.setdefault(reference.referenced, []).append(reference)
+    counted = {}
+    for referenced, references in by_referenced.items():
+        row = conn.execute(count_references(
+            live.relation, target.spec, referenced,
+            [(r.table, r.columns) for r in references])).fetchone()
+        for number, reference in enumerate(references):
+            counted[reference] = ReferenceCount(reference.constraint, str(reference.table),
+                                                *row[2 * number:2 * number + 2])
+    return tuple(counted[reference] for reference in live.references)
 
 
 def audit(conn: psycopg.Connection, targets: list[DedupTarget], watch: Watch | None = None,

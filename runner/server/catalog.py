@@ -55,6 +55,8 @@ class Reference:
     columns: tuple[str, ...]
     referenced: tuple[str, ...]
     """The table's columns it points at, in the order of `columns`."""
+    shown: str
+    """table.constraint, quoted as the server prints names."""
 
 
 @dataclass(frozen=True)
@@ -148,8 +150,8 @@ class LiveTable:
     indexes: tuple[Index, ...]
     foreign_keys: tuple[tuple[str, str, Relation], ...]
     """(name, definition, referenced table) of the constraints by which it references others."""
-    referenced_by: tuple[str, ...]
-    """Foreign keys of other tables that point at this one, as table.constraint."""
+    references: tuple[Reference, ...]
+    """Foreign keys of other tables that point at this one."""
     views: tuple[View, ...]
     grants: tuple[Grant, ...]
     comment: str | None
@@ -178,6 +180,11 @@ class LiveTable:
     refreshed_through_views: tuple[Relation, ...] = ()
     """Populated materialized views that read it through views only: they keep reading it once
     the views are created again, and are refreshed to show what it holds then."""
+
+    @property
+    def referenced_by(self) -> tuple[str, ...]:
+        """The foreign keys of other tables that point at this one, as table.constraint."""
+        return tuple(reference.shown for reference in self.references)
 
     def column_names(self) -> list[str]:
         return [column.name for column in self.columns]
@@ -311,13 +318,6 @@ where readers.kind = 'm' and c.relispopulated and c.oid not in (
 order by 1, 2
 """
 
-_REFERENCED_BY = """
-select conrelid::regclass::text || '.' || quote_ident(conname)
-from pg_constraint
-where confrelid = %s and contype = 'f' and conrelid <> confrelid
-order by 1
-"""
-
 _REFERENCES = """
 select c.conname, n.nspname, t.relname,
        array(select a.attname from unnest(c.conkey) with ordinality as k(attnum, position)
@@ -325,13 +325,13 @@ select c.conname, n.nspname, t.relname,
              order by k.position),
        array(select a.attname from unnest(c.confkey) with ordinality as k(attnum, position)
              join pg_attribute as a on a.attrelid = c.confrelid and a.attnum = k.attnum
-             order by k.position)
+             order by k.position),
+       c.conrelid::regclass::text || '.' || quote_ident(c.conname) as shown
 from pg_constraint as c
 join pg_class as t on t.oid = c.conrelid
 join pg_namespace as n on n.oid = t.relnamespace
-where c.confrelid = format('%%I.%%I', %s::text, %s::text)::regclass and c.contype = 'f'
-    and c.conrelid <> c.confrelid
-order by 2, 3, 1
+where c.confrelid = %s and c.contype = 'f' and c.conrelid <> c.confrelid
+order by shown
 """
 
 _DEPENDENT_VIEWS = """
@@ -467,13 +467,6 @@ def _materialized_views(conn: psycopg.Connection, oid: int) -> tuple[Materialize
         read_by in conn.execute(_MATERIALIZED_VIEWS, (oid,)).fetchall())
 
 
-def read_references(conn: psycopg.Connection, relation: Relation) -> list[Reference]:
-    """The foreign keys of other tables that point at the table."""
-    return [Reference(name, Relation(schema, table), tuple(columns), tuple(referenced))
-            for name, schema, table, columns, referenced
-            in conn.execute(_REFERENCES, (relation.schema, relation.name))]
-
-
 def server_version(conn: psycopg.Connection) -> int:
     return conn.info.server_version
 
@@ -505,7 +498,10 @@ def read_live_table(conn: psycopg.Connection, relation: Relation) -> LiveTable:
         foreign_keys=tuple((name, definition, Relation(schema, table))
                            for name, definition, schema, table
                            in conn.execute(_FOREIGN_KEYS, (oid,))),
-        referenced_by=tuple(r[0] for r in conn.execute(_REFERENCED_BY, (oid,))),
+        references=tuple(
+            Reference(name, Relation(schema, table), tuple(columns), tuple(referenced), shown)
+            for name, schema, table, columns, referenced, shown
+            in conn.execute(_REFERENCES, (oid,))),
         views=tuple(
             View(Relation(r[0], r[1]), r[2], tuple(r[3])) for r in views if r[4] == "v"
         ),

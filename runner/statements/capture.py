@@ -37,7 +37,14 @@ from psycopg import sql
 from runner.declaration.artifacts import DedupSpec, Relation
 from runner.declaration.names import pg_name
 from runner.server.catalog import Column
-from runner.statements.keys import KeyShape, beats, keep_order, key_shapes, key_terms
+from runner.statements.keys import (
+    KeyShape,
+    beats,
+    group_terms,
+    keep_order,
+    key_shapes,
+    key_terms,
+)
 
 TRIGGER = "dedup_capture"
 TRUNCATE_TRIGGER = "dedup_capture_truncate"
@@ -362,16 +369,6 @@ class _Tables:
     def keep_order(self) -> sql.Composed:
         return keep_order(self.spec)
 
-    def group(self) -> sql.Composed:
-        """What makes a group of rows one key: the key, and a NULL-key row's own tie-breaker
-        unless NULLs are equal."""
-        group = sql.SQL(", ").join(key_terms(self.spec, sql.Identifier))
-        if self.nulls_equal:
-            return group
-        return group + sql.SQL(", case when {} then {} end").format(
-            sql.SQL(" or ").join(sql.SQL("{} is null").format(sql.Identifier(k))
-                                 for k in self.spec.natural_key), self.tiebreaker)
-
     def unseen(self) -> sql.Composable:
         """A condition on a logged change: the build did not see it."""
         if self.snapshot is None:
@@ -526,7 +523,8 @@ def _apply(t: _Tables) -> list[sql.Composed]:
             " and {old_tb_d} = latest.{tb} and d.change_id > latest.change_id)"
             " and not exists (select from dedup_rescan as r where {rescanned})"
             " order by {group}, {keep}"
-        ).format(group=t.group(), new_tb=field("b.new_row", t.spec.tiebreaker),
+        ).format(group=sql.SQL(", ").join(group_terms(t.spec)),
+                 new_tb=field("b.new_row", t.spec.tiebreaker),
                  old_tb_d=field("d.old_row", t.spec.tiebreaker), tb=tb,
                  rescanned=t.same_key("latest", "r", right_is_row=False), keep=t.keep_order()),
         # The new version of a kept row replaces it; a better row replaces the kept one.

@@ -190,28 +190,42 @@ def count_keys(relation: Relation, spec: DedupSpec,
     )
 
 
-def count_references(relation: Relation, spec: DedupSpec, child: Relation,
-                     columns: Sequence[str], referenced: Sequence[str]) -> sql.Composed:
-    """The rows of `child`, and how many of them point, by `columns`, at a row of the table
-    that its keep rule removes (any but the first of its key's rows in the keep order)."""
+def group_terms(spec: DedupSpec) -> list[sql.Composable]:
+    """What makes rows one key group, as the key groups and the constraint mean it: the key's
+    terms, and unless NULLs are equal, a NULL-key row's own tie-breaker."""
     group = key_terms(spec, sql.Identifier)
     if spec.nulls != NULLS_EQUAL:
         group.append(sql.SQL("case when {} then {} end").format(
             sql.SQL(" or ").join(sql.SQL("{} is null").format(sql.Identifier(k))
                                  for k in spec.natural_key), sql.Identifier(spec.tiebreaker)))
+    return group
+
+
+def count_references(relation: Relation, spec: DedupSpec, referenced: Sequence[str],
+                     children: Sequence[tuple[Relation, Sequence[str]]]) -> sql.Composed:
+    """For each child table and its columns that point at `referenced`: its rows, and how many
+    of them point at a row of the table that its keep rule removes (any but the first of its
+    key's rows in the keep order). One scan of the table, for every child."""
     pointed = [sql.Identifier(f"referenced_{n}") for n in range(1, len(referenced) + 1)]
-    child_id = sql.Identifier(child.schema, child.name)
+    counts = []
+    for child, columns in children:
+        child_id = sql.Identifier(child.schema, child.name)
+        counts.append(sql.SQL(
+            "(select count(*) from {child}),"
+            " (select count(*) from {child} as c join removed on {join})").format(
+            child=child_id,
+            join=sql.SQL(" and ").join(sql.SQL("c.{} = removed.{}").format(sql.Identifier(c), p)
+                                       for c, p in zip(columns, pointed, strict=True))))
     return sql.SQL(
-        "select (select count(*) from {child}), count(*) from {child} as c join ("
+        "with removed as materialized ("
         "select {pointed_as} from (select {referenced}, row_number() over (partition by {group}"
         " order by {keep}) as dedup_rank from {table}) as ranked where dedup_rank > 1"
-        ") as removed on {join}"
+        ") select {counts}"
     ).format(
-        child=child_id, table=sql.Identifier(relation.schema, relation.name),
+        table=sql.Identifier(relation.schema, relation.name),
         pointed_as=sql.SQL(", ").join(sql.SQL("{} as {}").format(sql.Identifier(r), p)
                                       for r, p in zip(referenced, pointed, strict=True)),
         referenced=sql.SQL(", ").join(map(sql.Identifier, dict.fromkeys(referenced))),
-        group=sql.SQL(", ").join(group),
+        group=sql.SQL(", ").join(group_terms(spec)),
         keep=keep_order(spec),
-        join=sql.SQL(" and ").join(sql.SQL("c.{} = removed.{}").format(sql.Identifier(c), p)
-                                   for c, p in zip(columns, pointed, strict=True)))
+        counts=sql.SQL(", ").join(counts))

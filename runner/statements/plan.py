@@ -225,7 +225,7 @@ def check_spec_columns(target: DedupTarget, live: LiveTable) -> None:
 def _unique_index(spec: DedupSpec, live: LiveTable, name: str, table: sql.Composable,
                   server_version: int, concurrently: bool = False) -> sql.Composed:
     # With every key column NOT NULL, NULLS NOT DISTINCT changes nothing: leaving it out
-    # keeps the statement valid before PostgreSQL 15, where null_patterns does its work. Under
+    # keeps the statement valid before PostgreSQL 15, where partial_key_shapes does its work. Under
     # an alternative key a NULL in the natural key is for its partial indexes to hold.
     nulls_not_distinct = (spec.nulls == "not_distinct" and not spec.alternative_key
                           and _nullable_key(spec, live)
@@ -239,7 +239,7 @@ def _unique_index(spec: DedupSpec, live: LiveTable, name: str, table: sql.Compos
     )
 
 
-def null_patterns(spec: DedupSpec, live: LiveTable, server_version: int) -> list[KeyShape]:
+def partial_key_shapes(spec: DedupSpec, live: LiveTable, server_version: int) -> list[KeyShape]:
     """The keys with a NULL that the constraint on the natural key leaves to partial unique
     indexes beside it, one per shape: `(a) WHERE b IS NULL`, and `((true)) WHERE a IS NULL AND
     b IS NULL` for a key of NULLs only. Before PostgreSQL 15 no constraint makes NULLs equal;
@@ -249,16 +249,16 @@ def null_patterns(spec: DedupSpec, live: LiveTable, server_version: int) -> list
 
 def _null_key_names(spec: DedupSpec, live: LiveTable, server_version: int,
                     pending: bool) -> list[str]:
-    """The names of the partial unique indexes of null_patterns, in their order."""
+    """The names of the partial unique indexes of partial_key_shapes, in their order."""
     return [null_key_index_name(live.relation.name, number, pending)
-            for number in range(1, len(null_patterns(spec, live, server_version)) + 1)]
+            for number in range(1, len(partial_key_shapes(spec, live, server_version)) + 1)]
 
 
 def _null_key_indexes(spec: DedupSpec, live: LiveTable, server_version: int,
                       table: sql.Composable, concurrently: bool = False) -> list[Step]:
-    """The partial unique indexes of null_patterns, under their pending names."""
+    """The partial unique indexes of partial_key_shapes, under their pending names."""
     steps = []
-    for shape, name in zip(null_patterns(spec, live, server_version),
+    for shape, name in zip(partial_key_shapes(spec, live, server_version),
                            _null_key_names(spec, live, server_version, pending=True),
                            strict=True):
         steps.append(Step(
