@@ -36,6 +36,10 @@ MISTAKES = {
     "an alternative key with NULLs distinct": {
         "dedup": {"natural_key": ["a"], "keep": KEEP, "nulls": "distinct",
                   "alternative_key": ["a", "b"]}},
+    "an unknown reference policy": {
+        "dedup": {"natural_key": ["a"], "keep": KEEP, "references": "cascade"}},
+    "a reference policy that is a list": {
+        "dedup": {"natural_key": ["a"], "keep": KEEP, "references": ["refuse"]}},
 }
 
 

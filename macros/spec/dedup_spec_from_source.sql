@@ -10,6 +10,10 @@
               # optional: where the natural key has a NULL, the rows' key instead (NULLs
               # equal), e.g. [reservation_pk, guest_email, guest_name] for guests without email
               alternative_key: [property_pk, photo_id, caption]
+              # optional: rows of other tables that point at a removed duplicate are
+              # re-pointed at the kept row of its key (repoint, the default), or the swap
+              # refuses the table (refuse)
+              references: repoint
 
     Every model, test and the runner read it from there. These macros find it from any model
     downstream of the source, and stop compilation with a message naming what is wrong.
@@ -27,9 +31,9 @@
     {%- if spec is not mapping -%}
         {{ exceptions.raise_compiler_error(where ~ " has no meta.dedup: declare natural_key, keep and nulls under config.meta.dedup") }}
     {%- endif -%}
-    {%- set unknown = spec.keys() | reject("in", ["natural_key", "keep", "nulls", "alternative_key"]) | sort | list -%}
+    {%- set unknown = spec.keys() | reject("in", ["natural_key", "keep", "nulls", "alternative_key", "references"]) | sort | list -%}
     {%- if unknown -%}
-        {{ exceptions.raise_compiler_error(where ~ ": unknown meta.dedup keys " ~ tojson(unknown) ~ "; expected natural_key, keep, nulls, alternative_key") }}
+        {{ exceptions.raise_compiler_error(where ~ ": unknown meta.dedup keys " ~ tojson(unknown) ~ "; expected natural_key, keep, nulls, alternative_key, references") }}
     {%- endif -%}
     {%- set natural_key = spec.get("natural_key") -%}
     {%- if natural_key is string or natural_key is mapping or natural_key is not iterable
@@ -61,6 +65,10 @@
     {%- if alternative_key and nulls != "not_distinct" -%}
         {{ exceptions.raise_compiler_error(where ~ ": alternative_key makes NULLs in it equal: leave nulls out or set it to not_distinct, got " ~ tojson(nulls)) }}
     {%- endif -%}
+    {%- set references = spec.get("references", "repoint") -%}
+    {%- if references not in ["repoint", "refuse"] -%}
+        {{ exceptions.raise_compiler_error(where ~ ": references must be one of repoint, refuse, got " ~ tojson(references)) }}
+    {%- endif -%}
     {{ return({
         "source": source_node.source_name ~ "." ~ source_node.name,
         "natural_key": natural_key,
@@ -69,5 +77,6 @@
         "nulls": nulls,
         "alternative_key": alternative_key | unique | list,
         "told_apart_by": alternative_key | reject("in", natural_key) | unique | list,
+        "references": references,
     }) }}
 {% endmacro %}

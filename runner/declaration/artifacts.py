@@ -21,6 +21,7 @@ KEY_GROUPS_TAG = "key_groups"
 # are, which say nothing of a build.
 GUARD_TAG = "dedup_guard"
 NULL_POLICIES = ("not_distinct", "distinct", "forbidden", "backfill")
+REFERENCE_POLICIES = ("repoint", "refuse")
 PASSING = {"success", "pass"}
 
 
@@ -49,6 +50,9 @@ class DedupSpec:
     alternative_key: tuple[str, ...] = ()
     """The key of the rows whose natural key has a NULL, NULLs equal: the natural key's
     columns and those that tell such rows apart (the incident's guests without email)."""
+    references: str = "repoint"
+    """What a swap does with rows of other tables that point at a removed duplicate: re-point
+    them at the kept row of the same key, or refuse to swap the table."""
 
     @property
     def tiebreaker(self) -> str:
@@ -91,10 +95,10 @@ def parse_spec(source_label: str, meta: dict) -> DedupSpec:
     if not isinstance(spec, dict):
         raise RunnerError(f"{where} has no meta.dedup: declare natural_key, keep and nulls under "
                           "config.meta.dedup")
-    unknown = sorted(set(spec) - {"natural_key", "keep", "nulls", "alternative_key"})
+    unknown = sorted(set(spec) - {"natural_key", "keep", "nulls", "alternative_key", "references"})
     if unknown:
         raise RunnerError(f"{where}: unknown meta.dedup keys {json.dumps(unknown)}; expected "
-                          "natural_key, keep, nulls, alternative_key")
+                          "natural_key, keep, nulls, alternative_key, references")
     natural_key = spec.get("natural_key")
     if not isinstance(natural_key, list) or not natural_key or not all(
             isinstance(column, str) and column for column in natural_key):
@@ -115,8 +119,12 @@ def parse_spec(source_label: str, meta: dict) -> DedupSpec:
     if nulls not in NULL_POLICIES:
         raise RunnerError(f"{where}: nulls must be one of {', '.join(NULL_POLICIES)}, "
                           f"got {json.dumps(nulls)}")
-    return DedupSpec(tuple(natural_key), tuple(keep_columns), nulls,
-                     _alternative_key(where, spec, natural_key, nulls))
+    alternative_key = _alternative_key(where, spec, natural_key, nulls)
+    references = spec.get("references", "repoint")
+    if references not in REFERENCE_POLICIES:
+        raise RunnerError(f"{where}: references must be one of {', '.join(REFERENCE_POLICIES)}, "
+                          f"got {json.dumps(references)}")
+    return DedupSpec(tuple(natural_key), tuple(keep_columns), nulls, alternative_key, references)
 
 
 def _alternative_key(where: str, spec: dict, natural_key: list[str],

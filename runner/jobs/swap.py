@@ -28,7 +28,7 @@ from runner.execution import executor, locking
 from runner.execution.executor import ASYNC_COMMIT, NO_JIT, run_batched, run_steps
 from runner.execution.locking import lock_timeout
 from runner.server import captures, catalog, privileges, swap_log
-from runner.statements import capture
+from runner.statements import capture, repoint
 from runner.statements.plan import (
     BuildCounts,
     Step,
@@ -40,6 +40,7 @@ from runner.statements.plan import (
     parents,
     parents_lock_statement,
     plan_table,
+    referencing,
 )
 
 
@@ -119,6 +120,7 @@ def make_plans(conn: psycopg.Connection, options: SwapOptions,
                    if r.capture.since_swap_of is None and r.trigger is not None}
     latest = {entry.live: entry for entry in swap_log.latest_swaps(conn, options.archive_schema)}
     plans = []
+    swapped = frozenset(target.live for target in targets)
     for target in targets:
         live = catalog.read_live_table(conn, target.live)
         check_columns(target, live, catalog.relation_columns(conn, target.deduplicated))
@@ -131,7 +133,7 @@ def make_plans(conn: psycopg.Connection, options: SwapOptions,
                                                      counts.snapshot),
             server_version=conn.info.server_version,
             rows_moved=bool(registered) and conn.execute(capture.rows_moved(
-                target.spec, registered.capture.log)).fetchone()[0])
+                target.spec, registered.capture.log)).fetchone()[0], swapped=swapped)
         if plan.action == "swap":
             _check_capture_before_build(conn, plan, registered.xid)
         if plan.action == "nothing":
@@ -146,6 +148,7 @@ def archive_schema_steps(archive_schema: str) -> list[Step]:
                 archive_schema)),
             Step("the record of every swap, for the summary, rollback and cleanup",
                  swap_log.table(archive_schema)),
+            Step("", swap_log.repointed_column(archive_schema)),
             Step("the registry of change captures", capture.registry_table(archive_schema))]
 
 
@@ -193,6 +196,11 @@ def _lock_summary(plans: list[TablePlan], options: SwapOptions) -> list[str]:
         f"{len(under_lock)} catalog statements, none of which reads a whole table: "
         "milliseconds, growing with the writes of those last moments only",
     ]
+    if referencing(active):
+        lines.append(f"-- with them {', '.join(map(str, referencing(active)))}, whose foreign keys "
+                     "are added again against the new tables; the rows of theirs that point at "
+                     "a removed duplicate are moved to the kept row of its key before the lock, "
+                     "and row-locked until the commit")
     if parents(active):
         lines.append(f"-- with it, SHARE ROW EXCLUSIVE on {', '.join(map(str, parents(active)))},"
                      " which holds their writers (not their readers) for the same moments, as "
@@ -222,6 +230,14 @@ def _replay_lines(conn: psycopg.Connection, plan: TablePlan, under_lock: bool) -
     lines.append("-- after each batch, must be true: " + check.as_string(conn) + ";")
     if not under_lock:
         lines.append("-- then must be true: " + replay.all_rows_match.as_string(conn) + ";")
+        if plan.repointings:
+            lines.append(f"-- once, then after each replay: the rows that point at "
+                         f"{plan.target.live} move to the kept rows")
+            for step in _repoint_setup(plan):
+                lines.append(step.statement.as_string(conn) + ";")
+    for step in _moves(plan, under_lock) if plan.repointings else []:
+        lines.append(("-- must be true: " if step.check else "")
+                     + step.statement.as_string(conn) + ";")
     return lines
 
 
@@ -232,6 +248,11 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
     if not any(p.cutover or p.concurrent for p in plans):
         return "\n".join(lines)
     lines += _lock_summary(plans, options)
+    captures_first = _reference_captures(plans)
+    if captures_first:
+        lines.append("-- in a transaction of its own, committed before the swap's: what logs the "
+                     "values the ETL writes into the foreign keys that point at the tables")
+        lines += [statement.as_string(conn) + ";" for statement in captures_first]
     for plan in plans:
         for steps in (plan.concurrent, plan.lookup):
             for step in _concurrent_steps(steps, options) if steps else []:
@@ -285,6 +306,47 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool,
         if executor.caught_up(conn.execute(replay.pending).fetchone()[0], deadline):
             return replayed
     return replayed
+
+
+def _repoint_setup(plan: TablePlan) -> list[Step]:
+    return [Step(f"the rows of {r.reference.table} that point at rows of {plan.target.live} "
+                 "the new table does not keep, queued to move to the kept row of their key",
+                 statement)
+            for r in plan.repointings for statement in repoint.setup(r)]
+
+
+def _moves(plan: TablePlan, under_lock: bool) -> list[Step]:
+    """A round of re-pointing for each reference into the table; under the lock, the last."""
+    steps = []
+    for r in plan.repointings:
+        steps += [Step(f"{r.reference.shown}: the rows that point at a row the new table does "
+                       "not keep move to the kept row of its key", statement)
+                  for statement in repoint.move(r)]
+        if under_lock:
+            steps.append(Step(f"{r.reference.shown}: no row is left pointing at a removed row",
+                              repoint.nothing_left(r), check=True))
+    return steps
+
+
+def _reference_captures(plans: list[TablePlan]) -> list[sql.Composed]:
+    return [statement for plan in plans for r in plan.repointings
+            for statement in repoint.capture_install(r)]
+
+
+def _capture_references(conn: psycopg.Connection, plans: list[TablePlan],
+                        options: SwapOptions) -> None:
+    """The captures of the foreign keys that point at the tables, committed before the swap's
+    transaction begins, so that it sees every value the ETL writes into them after its start.
+    The cut-over removes them; a swap that gives up leaves them to the next, which makes them
+    afresh."""
+    statements = _reference_captures(plans)
+    if not statements:
+        return
+    executor.run_alone(
+        conn, "swap", [capture.ensure_schema(options.archive_schema), *statements],
+        locking.LockOptions(options.archive_schema, options.lock_timeout_ms, options.lock_wait_s),
+        referencing(plans), doing=" to capture the rows that point at the swapped tables",
+        status="`runner swap --dry-run`")
 
 
 def _concurrent_steps(steps: list[Step], options: SwapOptions) -> list[Step]:
@@ -357,7 +419,8 @@ def needs(plans: list[TablePlan], options: SwapOptions) -> list[privileges.Need]
         if plan.action == "swap":
             found += [privileges.create_in(live.schema), privileges.owner_creates_in(live),
                       privileges.read(plan.target.deduplicated),
-                      *(privileges.reference(parent) for parent in plan.parents)]
+                      *(privileges.reference(parent) for parent in plan.parents),
+                      *(privileges.act_as_owner(r.reference.table) for r in plan.repointings)]
     return found
 
 
@@ -429,10 +492,14 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
     rows: dict[Relation, tuple[int, int]] = {}
     before, locking_steps, under_lock = _phases(plans, options)
 
+    repointing: set[Relation] = set()
+
     def replay(plan: TablePlan, under_lock: bool) -> None:
         nonlocal replayed
         replayed += _replay(conn, plan, under_lock=under_lock,
                             for_at_most_s=None if under_lock else options.lock_wait_s)
+        if plan.target.live in repointing:
+            run_steps(conn, _moves(plan, under_lock))
 
     def replay_all(under_lock: bool = False) -> None:
         for plan in replaying:
@@ -443,6 +510,10 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
         run_steps(conn, [Step(f"every kept row of {plan.target.live} equals its live row, "
                               "unless a captured write waits to explain it",
                               plan.replay.all_rows_match, check=True)])
+        if plan.repointings:
+            run_steps(conn, _repoint_setup(plan))
+            repointing.add(plan.target.live)
+            run_steps(conn, _moves(plan, under_lock=False))
 
     def cut_over() -> None:
         replay_all(under_lock=True)
@@ -458,11 +529,12 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
         replayed_between_tries += replayed - already
 
     could_not_lock = locking.could_not_lock(
-        conn, [*(p.target.live for p in active), *parents(active),
+        conn, [*(p.target.live for p in active), *referencing(active), *parents(active),
                *(view for p in active for view in p.materialized_views)], options.lock_timeout_ms,
         options.lock_wait_s, writes_between_tries=lambda: replayed_between_tries)
 
     with locking.one_runner(conn):
+        _capture_references(conn, active, options)
         for plan in active:
             if plan.concurrent:
                 _build_concurrently(conn, plan.concurrent, plan.built_concurrently,

@@ -57,6 +57,14 @@ class Reference:
     """The table's columns it points at, in the order of `columns`."""
     shown: str
     """table.constraint, quoted as the server prints names."""
+    definition: str = ""
+    """As pg_get_constraintdef prints it: what adds it again."""
+    validated: bool = True
+    row_key: tuple[str, ...] = ()
+    """The referencing table's primary key, by which a rollback finds the rows re-pointed."""
+    indexed: bool = False
+    """Whether an index of the referencing table starts with `columns`, which finds the rows
+    that point at one row without a scan."""
 
 
 @dataclass(frozen=True)
@@ -326,7 +334,16 @@ select c.conname, n.nspname, t.relname,
        array(select a.attname from unnest(c.confkey) with ordinality as k(attnum, position)
              join pg_attribute as a on a.attrelid = c.confrelid and a.attnum = k.attnum
              order by k.position),
-       c.conrelid::regclass::text || '.' || quote_ident(c.conname) as shown
+       c.conrelid::regclass::text || '.' || quote_ident(c.conname) as shown,
+       pg_get_constraintdef(c.oid), c.convalidated,
+       array(select a.attname from pg_constraint as p
+             cross join unnest(p.conkey) with ordinality as k(attnum, position)
+             join pg_attribute as a on a.attrelid = p.conrelid and a.attnum = k.attnum
+             where p.conrelid = c.conrelid and p.contype = 'p' order by k.position),
+       exists (select from pg_index as i
+               where i.indrelid = c.conrelid and i.indisvalid and i.indpred is null
+                   and (i.indkey::int2[])[0:cardinality(c.conkey) - 1] @> c.conkey
+                   and (i.indkey::int2[])[0:cardinality(c.conkey) - 1] <@ c.conkey)
 from pg_constraint as c
 join pg_class as t on t.oid = c.conrelid
 join pg_namespace as n on n.oid = t.relnamespace
@@ -499,9 +516,10 @@ def read_live_table(conn: psycopg.Connection, relation: Relation) -> LiveTable:
                            for name, definition, schema, table
                            in conn.execute(_FOREIGN_KEYS, (oid,))),
         references=tuple(
-            Reference(name, Relation(schema, table), tuple(columns), tuple(referenced), shown)
-            for name, schema, table, columns, referenced, shown
-            in conn.execute(_REFERENCES, (oid,))),
+            Reference(name, Relation(schema, table), tuple(columns), tuple(referenced), shown,
+                      definition, validated, tuple(row_key), indexed)
+            for (name, schema, table, columns, referenced, shown, definition, validated,
+                 row_key, indexed) in conn.execute(_REFERENCES, (oid,))),
         views=tuple(
             View(Relation(r[0], r[1]), r[2], tuple(r[3])) for r in views if r[4] == "v"
         ),

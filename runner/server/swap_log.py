@@ -18,6 +18,7 @@ from psycopg import sql
 
 from runner.declaration import select
 from runner.declaration.artifacts import Relation
+from runner.server.catalog import Reference
 
 SWAP_LOG = "swap_log"
 # Where the archives, the swap log and the captures' logs are kept unless --archive-schema says.
@@ -36,6 +37,7 @@ def table(archive_schema: str) -> sql.Composed:
         " archive_foreign_keys jsonb not null default '[]',"
         " archive_triggers jsonb not null default '[]',"
         " sequences_not_owned jsonb not null default '[]',"
+        " repointed jsonb not null default '[]',"
         " rolled_back_at timestamptz, rolled_back_table text, cleaned_at timestamptz)"
     ).format(sql.Identifier(archive_schema, SWAP_LOG))
 
@@ -44,6 +46,36 @@ def table(archive_schema: str) -> sql.Composed:
 class ArchivedForeignKey:
     name: str
     definition: str
+
+
+def repointed_column(archive_schema: str) -> sql.Composed:
+    """For a swap_log an earlier version made, without the record of re-pointed references."""
+    return sql.SQL("alter table {} add column if not exists repointed jsonb not null"
+                   " default '[]'").format(sql.Identifier(archive_schema, SWAP_LOG))
+
+
+@dataclass(frozen=True)
+class Repointed:
+    """A foreign key whose rows a swap re-pointed, and where it recorded what they were."""
+
+    reference: Reference
+    record: str
+    """The table in the archive schema with each moved row's primary key, the value it
+    pointed at, and the one the swap gave it."""
+
+    def as_json(self) -> dict:
+        r = self.reference
+        return {"constraint": r.constraint, "table": [r.table.schema, r.table.name],
+                "columns": list(r.columns), "referenced": list(r.referenced), "shown": r.shown,
+                "definition": r.definition, "validated": r.validated,
+                "row_key": list(r.row_key), "record": self.record}
+
+    @classmethod
+    def from_json(cls, value: dict) -> Repointed:
+        return cls(Reference(value["constraint"], Relation(*value["table"]),
+                             tuple(value["columns"]), tuple(value["referenced"]), value["shown"],
+                             value["definition"], value["validated"], tuple(value["row_key"]),
+                             True), value["record"])
 
 
 @dataclass(frozen=True)
@@ -79,6 +111,7 @@ class LogEntry:
     owned them then (None: nobody)."""
     archive_schema: str = ""
     """The schema of this log, where the archive is."""
+    repointed: tuple[Repointed, ...] = ()
 
     @property
     def archive(self) -> Relation | None:
@@ -90,7 +123,8 @@ def entry(*, archive_schema: str, live: Relation, action: str, archive: Relation
           constraint: str, rows_before: sql.Composable, rows_after: sql.Composable,
           tiebreaker: str, backfilled: list[str], foreign_keys: list[ArchivedForeignKey],
           triggers: list[ArchivedTrigger],
-          sequences_not_owned: list[tuple[str, str | None]]) -> sql.Composed:
+          sequences_not_owned: list[tuple[str, str | None]],
+          repointed: list[Repointed] | None = None) -> sql.Composed:
     """The row a swap writes, under its lock, after its renames: the sizes are those of the
     relations as they are at commit."""
     def size(relation: Relation) -> sql.Composed:
@@ -100,10 +134,10 @@ def entry(*, archive_schema: str, live: Relation, action: str, archive: Relation
     return sql.SQL(
         "insert into {log} (live_schema, live_table, action, archive_table, constraint_name,"
         " rows_before, rows_after, bytes_before, bytes_after, tiebreaker, backfilled,"
-        " archive_foreign_keys, archive_triggers, sequences_not_owned)"
+        " archive_foreign_keys, archive_triggers, sequences_not_owned, repointed)"
         " values ({schema}, {table}, {action}, {archive}, {constraint}, {rows_before},"
         " {rows_after}, {bytes_before}, {bytes_after}, {tiebreaker}, {backfilled},"
-        " {foreign_keys}, {triggers}, {sequences})"
+        " {foreign_keys}, {triggers}, {sequences}, {repointed})"
     ).format(
         log=sql.Identifier(archive_schema, SWAP_LOG),
         schema=sql.Literal(live.schema), table=sql.Literal(live.name),
@@ -114,6 +148,7 @@ def entry(*, archive_schema: str, live: Relation, action: str, archive: Relation
         foreign_keys=sql.Literal(json.dumps([[k.name, k.definition] for k in foreign_keys])),
         triggers=sql.Literal(json.dumps([[t.name, t.enabled] for t in triggers])),
         sequences=sql.Literal(json.dumps([list(s) for s in sequences_not_owned])),
+        repointed=sql.Literal(json.dumps([r.as_json() for r in repointed or []])),
     )
 
 
@@ -141,7 +176,7 @@ _ROWS = """
 select swapped_at, live_schema, live_table, action, archive_table, constraint_name,
        rolled_back_at, rolled_back_table, cleaned_at, rows_before, rows_after, bytes_before,
        bytes_after, tiebreaker, backfilled, archive_foreign_keys, archive_triggers,
-       sequences_not_owned
+       sequences_not_owned, repointed
 from {log} as l
 """
 
@@ -157,7 +192,8 @@ def _entries(rows: list[tuple], archive_schema: str) -> list[LogEntry]:
                      archive_foreign_keys=tuple(ArchivedForeignKey(*k) for k in r[15]),
                      archive_triggers=tuple(ArchivedTrigger(*t) for t in r[16]),
                      sequences_not_owned=tuple(tuple(s) for s in r[17]),
-                     archive_schema=archive_schema)
+                     archive_schema=archive_schema,
+                     repointed=tuple(Repointed.from_json(v) for v in r[18]))
             for r in rows]
 
 

@@ -44,6 +44,8 @@ from runner.statements.keys import (
     keep_order,
     key_shapes,
     key_terms,
+    nulls_exactly,
+    shape_matches,
 )
 
 TRIGGER = "dedup_capture"
@@ -342,21 +344,6 @@ class _Tables:
         DISTINCT FROM would make every match a scan of the whole table."""
         return key_shapes(self.spec, {c.name for c in self.columns if c.not_null})
 
-    @staticmethod
-    def nulls_exactly(of: Callable[[str], sql.Composable], shape: KeyShape) -> sql.Composed:
-        """The key's nullable columns, each `of` the row named, are NULL as in `shape`."""
-        terms = [sql.SQL("{} is {}null").format(of(k), sql.SQL("" if k in shape.nulls else "not "))
-                 for k in shape.checked]
-        return sql.SQL("({})").format(sql.SQL(" and ").join(terms or [sql.SQL("true")]))
-
-    def key_matches(self, left: Callable[[str], sql.Composable],
-                    right: Callable[[str], sql.Composable], shape: KeyShape) -> sql.Composed:
-        """The keys are equal, for a `right` whose key has `shape`."""
-        return sql.SQL(" and ").join(
-            sql.SQL("{} is null").format(left(k)) if k in shape.nulls
-            else sql.SQL("{} = {}").format(left(k), right(k))
-            for k in self.spec.key_columns if k in shape.nulls or k in shape.compared)
-
     def null_in_key(self, row: str) -> sql.Composed:
         return sql.SQL("(") + sql.SQL(" or ").join(
             sql.SQL("{} is null").format(field(row, k)) for k in self.spec.natural_key
@@ -449,12 +436,12 @@ def _key_kept(t: _Tables, row: str) -> sql.Composed:
     """The new table keeps a row of `row`'s key, found by its unique index."""
     def kept(shape: KeyShape) -> sql.Composed:
         return sql.SQL("exists (select from {new} as s where {match})").format(
-            new=_id(t.shadow), match=t.key_matches(columns_of("s"), fields_of(row), shape))
+            new=_id(t.shadow), match=shape_matches(t.spec, columns_of("s"), fields_of(row), shape))
     patterns = t.shapes()
     if len(patterns) == 1:
         return kept(patterns[0])
     return sql.SQL("(case {} end)").format(sql.SQL(" ").join(
-        sql.SQL("when {} then {}").format(t.nulls_exactly(fields_of(row), shape), kept(shape))
+        sql.SQL("when {} then {}").format(nulls_exactly(fields_of(row), shape), kept(shape))
         for shape in patterns))
 
 
@@ -466,11 +453,11 @@ def _rescan(t: _Tables) -> list[sql.Composed]:
     keys = sql.SQL(", ").join(key_terms(t.spec, sql.Identifier))
     statements = []
     for shape in t.shapes():
-        which = t.nulls_exactly(columns_of("r"), shape)
+        which = nulls_exactly(columns_of("r"), shape)
 
         def match(left: str, which=which, shape=shape) -> sql.Composed:
             return sql.SQL("{} and {}").format(
-                which, t.key_matches(columns_of(left), columns_of("r"), shape))
+                which, shape_matches(t.spec, columns_of(left), columns_of("r"), shape))
         statements += [
             counted(t.live, sql.SQL("delete from {new} as s using dedup_rescan as r where {match}")
                     .format(new=_id(t.shadow), match=match("s")), "-"),
@@ -493,8 +480,8 @@ def _by_null_pattern(t: _Tables, template: str, inserting: bool,
     key has one matches nothing, as under the constraint."""
     shadow, candidate = _id(t.shadow), columns_of("c")
     statements = [sql.SQL(template).format(
-        new=shadow, keys_null=t.nulls_exactly(candidate, shape),
-        match=t.key_matches(columns_of("s"), candidate, shape), **parts)
+        new=shadow, keys_null=nulls_exactly(candidate, shape),
+        match=shape_matches(t.spec, columns_of("s"), candidate, shape), **parts)
         for shape in t.shapes()]
     if inserting and not t.nulls_equal:
         some_null = sql.SQL("({})").format(sql.SQL(" or ").join(

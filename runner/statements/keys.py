@@ -61,6 +61,23 @@ def key_shapes(spec: DedupSpec, not_null: set[str]) -> list[KeyShape]:
     return shapes
 
 
+def nulls_exactly(of: Callable[[str], sql.Composable], shape: KeyShape) -> sql.Composed:
+    """The key's nullable columns, each `of` the row named, are NULL as in `shape`."""
+    terms = [sql.SQL("{} is {}null").format(of(k), sql.SQL("" if k in shape.nulls else "not "))
+             for k in shape.checked]
+    return sql.SQL("({})").format(sql.SQL(" and ").join(terms or [sql.SQL("true")]))
+
+
+def shape_matches(spec: DedupSpec, left: Callable[[str], sql.Composable],
+                  right: Callable[[str], sql.Composable], shape: KeyShape) -> sql.Composed:
+    """The keys are equal, for a `right` whose key has `shape`, as an index on the key finds
+    them."""
+    return sql.SQL(" and ").join(
+        sql.SQL("{} is null").format(left(k)) if k in shape.nulls
+        else sql.SQL("{} = {}").format(left(k), right(k))
+        for k in spec.key_columns if k in shape.nulls or k in shape.compared)
+
+
 def null_key_shapes(spec: DedupSpec, not_null: set[str], server_version: int) -> list[KeyShape]:
     """The shapes with a NULL that the natural key's constraint does not hold, each held by a
     partial unique index of its own: an alternative key's, on any version; and before

@@ -32,7 +32,7 @@ from runner.declaration.names import (
 from runner.errors import RunnerError
 from runner.server import swap_log
 from runner.server.catalog import ColumnGrant, Grant, Index, LiveTable, View
-from runner.statements import capture
+from runner.statements import capture, repoint
 from runner.statements.keys import NULLS_NOT_DISTINCT_VERSION, KeyShape, null_key_shapes
 
 PRIVILEGES = {
@@ -80,6 +80,9 @@ class TablePlan:
     the cut-over, as the keys are added."""
     materialized_views: tuple[Relation, ...] = ()
     """The materialized views the cut-over creates again: their readers can hold it off too."""
+    repointings: tuple[repoint.Repointing, ...] = ()
+    """The foreign keys of other tables that point at it, whose rows pointing at a removed
+    duplicate move to the kept row of its key."""
     concurrent: list[Step] = field(default_factory=list)
     """Run before the transaction, outside it: CREATE INDEX CONCURRENTLY cannot run inside one."""
     built_concurrently: list[sql.Identifier] = field(default_factory=list)
@@ -183,14 +186,39 @@ def refuse_unsupported(live: LiveTable) -> None:
     if referencing_itself:
         # Its rows point at each other: the kept rows would point at the archive's.
         problems.append(f"it references itself ({', '.join(referencing_itself)})")
-    if live.referenced_by:
-        # Rows of other tables may point at the duplicates the swap removes: moving them to the
-        # kept row of the same key is a decision about their data, not a catalog copy.
-        problems.append(f"foreign keys point at it ({', '.join(live.referenced_by)})")
     problems += materialized_views_read(live)
     if problems:
         raise RunnerError(f"runner swap cannot yet carry {name} over: {'; '.join(problems)}; "
                           "deduplicate it by hand or leave it out with --select")
+
+
+def refuse_references(spec: DedupSpec, live: LiveTable, swapped: set[Relation]) -> None:
+    """Whether the rows that point at the duplicates the swap removes can be moved to the kept
+    rows: stop before changing anything if not. `swapped`: the tables this run replaces."""
+    if not live.references:
+        return
+    if spec.references == "refuse":
+        raise RunnerError(f"runner swap does not replace {live.relation}: foreign keys point at "
+                          f"it ({', '.join(live.referenced_by)}) and its meta.dedup says "
+                          "references: refuse; set references: repoint to move their rows to "
+                          "the kept rows, or leave it out with --exclude")
+    for reference in live.references:
+        columns = ", ".join(reference.columns)
+        if reference.table in swapped:
+            raise RunnerError(f"{reference.table} is swapped in the same run as {live.relation}, "
+                              f"whose rows its foreign key {reference.constraint} re-points: "
+                              f"swap {live.relation} first, then {reference.table} (--select)")
+        if not reference.indexed:
+            raise RunnerError(f"{reference.shown} points at {live.relation}, and no index of "
+                              f"{reference.table} starts with ({columns}), without which each "
+                              "row re-pointed under the lock is a scan: create one (create "
+                              f"index concurrently on {reference.table} ({columns})), then run "
+                              "`runner swap` again")
+        if not reference.row_key:
+            raise RunnerError(f"{reference.shown} points at {live.relation}, and "
+                              f"{reference.table} has no primary key, by which a rollback would "
+                              "put back the rows it re-points: add one, or set references: "
+                              f"refuse for {live.relation}")
 
 
 def materialized_views_read(live: LiveTable) -> list[str]:
@@ -344,10 +372,12 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
                archive_schema: str, captured: capture.Capture | None,
                swapped_since_build: bool = False,
                server_version: int = NULLS_NOT_DISTINCT_VERSION,
-               rows_moved: bool = False) -> TablePlan:
+               rows_moved: bool = False, swapped: frozenset[Relation] = frozenset()
+               ) -> TablePlan:
     """The plan for one table. `captured`: its change capture from before the build, if in
     place; `swapped_since_build`: a swap the build did not see replaced the table already;
-    `rows_moved`: the capture saw the ETL delete or re-key rows."""
+    `rows_moved`: the capture saw the ETL delete or re-key rows; `swapped`: the tables the
+    run replaces."""
     pending = {pg_name(live.relation.name, "natural_key_new"),
                *null_key_index_names(live.relation.name, pending=True)}
     lookup = _lookup_name(live.relation)
@@ -365,6 +395,7 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
     refuse_unsupported(live)
     if counts.duplicates == 0:
         return _constraint_only(target, live, counts, archive_schema, captured, server_version)
+    refuse_references(target.spec, live, swapped)
     if captured is None:
         raise RunnerError(f"{live.relation} has no change capture: run `runner capture`, then "
                           "`dbt build`, then `runner swap`, so that no write between the build "
@@ -443,6 +474,9 @@ def _swap(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: date
     index_prepare, index_free, index_take = _index_steps(live, shadow, archive)
     plan.parents = tuple(dict.fromkeys(parent for _, _, parent in live.foreign_keys))
     plan.materialized_views = tuple(view.relation for view in live.materialized_views)
+    plan.repointings = tuple(
+        repoint.Repointing.of(reference, live.relation, shadow, target.spec, live.columns,
+                              archive) for reference in live.references)
     plan.prepare = [
         *_shadow_steps(live, shadow),
         *identity_prepare,
@@ -457,22 +491,31 @@ def _swap(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: date
         *_foreign_key_steps(live, shadow),
         *identity_free,
         *index_free,
+        *(Step(f"{r.reference.shown} follows the original to the archive: it goes, and comes "
+               "back against the new table", statement)
+          for r in plan.repointings for statement in repoint.cutover(r, drop=True)),
         *_archive_steps(live, shadow, archive),
         Step("the new table takes the live name",
              sql.SQL("alter table {} rename to {}").format(
                  sql.Identifier(shadow.schema, shadow.name),
                  sql.Identifier(live.relation.name))),
+        *(Step(f"{r.reference.shown} points at the new table, enforced from now on, its rows "
+               "checked after the commit", statement)
+          for r in plan.repointings for statement in repoint.cutover(r, drop=False)),
         *index_take,
         *_null_key_indexes_taken(target.spec, live, server_version),
         *identity_take,
         *_takeover_steps(live),
-        _log_step(target, live, counts, archive, archive_schema),
+        _log_step(target, live, counts, archive, archive_schema, plan.repointings),
         *(Step("a change capture on the new table from the swap's own commit, so that a "
                "rollback knows every write made after it", statement)
           for statement in capture.install(capture.Capture.since_swap(live.relation, archive))),
     ]
     plan.validate = validate_steps(live.relation, [
         name for name, definition, _ in live.foreign_keys if not_valid(definition)[1]])
+    for r in plan.repointings:
+        if r.reference.validated:
+            plan.validate += validate_steps(r.reference.table, [r.reference.constraint])
     return plan
 
 
@@ -630,9 +673,15 @@ def left_to_validate(live: LiveTable, latest: swap_log.LogEntry | None) -> list[
         return []
     validated_before = {key.name for key in latest.archive_foreign_keys
                         if not_valid(key.definition)[1]}
-    return validate_steps(live.relation, [
+    repointed_before = {(r.reference.table, r.reference.constraint) for r in latest.repointed
+                        if r.reference.validated}
+    return [*validate_steps(live.relation, [
         name for name, definition, _ in live.foreign_keys
-        if name in validated_before and not not_valid(definition)[1]])
+        if name in validated_before and not not_valid(definition)[1]]),
+            *(step for reference in live.references
+              if (reference.table, reference.constraint) in repointed_before
+              and not reference.validated
+              for step in validate_steps(reference.table, [reference.constraint]))]
 
 
 def validate_steps(table: Relation, foreign_keys: list[str]) -> list[Step]:
@@ -740,7 +789,7 @@ def _takeover_steps(live: LiveTable) -> list[Step]:
 
 
 def _log_step(target: DedupTarget, live: LiveTable, counts: BuildCounts, archive: Relation,
-              archive_schema: str) -> Step:
+              archive_schema: str, repointings: tuple[repoint.Repointing, ...]) -> Step:
     """The swap's record, with the rows true at commit: the build's rows and those the capture
     says were written since, and the new table's rows as the swap counted them."""
     counted = sql.SQL("(select {} from pg_temp.{} where live = {})")
@@ -761,17 +810,24 @@ def _log_step(target: DedupTarget, live: LiveTable, counts: BuildCounts, archive
             foreign_keys=[swap_log.ArchivedForeignKey(name, definition)
                           for name, definition, _ in live.foreign_keys],
             triggers=_firing_triggers(live),
-            sequences_not_owned=_sequences_not_owned(live)))
+            sequences_not_owned=_sequences_not_owned(live),
+            repointed=[swap_log.Repointed(r.reference, r.record.name) for r in repointings]))
 
 
 def _sequences_not_owned(live: LiveTable) -> list[tuple[str, str | None]]:
     return [(f"{s.schema}.{s.name}", s.owner) for s in live.numbering if not s.owned_here]
 
 
+def referencing(plans: list[TablePlan]) -> list[Relation]:
+    """The tables whose foreign keys the cut-over adds again against the new tables."""
+    return list(dict.fromkeys(r.reference.table for plan in plans for r in plan.repointings))
+
+
 def lock_statement(plans: list[TablePlan]) -> sql.Composed:
     """One LOCK for every table, so the runner never holds some while it queues for others."""
+    tables = [*(p.target.live for p in plans), *referencing(plans)]
     return sql.SQL("lock table {} in access exclusive mode").format(sql.SQL(", ").join(
-        sql.Identifier(p.target.live.schema, p.target.live.name) for p in plans))
+        sql.Identifier(table.schema, table.name) for table in dict.fromkeys(tables)))
 
 
 def parents(plans: list[TablePlan]) -> list[Relation]:

@@ -1,0 +1,79 @@
+"""Tables that other tables reference, on a real server: the swap moves every referencing row
+that points at a removed duplicate to the kept row of the same key, in its own transaction,
+adds the foreign key again against the new table, and a rollback puts every such row back."""
+
+from __future__ import annotations
+
+import psycopg
+from conftest import Database
+
+LIKES = """
+create table public.photo_likes (
+    id bigint generated always as identity primary key,
+    photo bigint references breezeway.task_photos (id) on delete cascade deferrable,
+    liked_by text not null);
+create index photo_likes_photo on public.photo_likes (photo);
+insert into public.photo_likes (photo, liked_by)
+    select id, 'guest ' || (id % 7) from breezeway.task_photos where id % 3 = 0;
+insert into public.photo_likes (photo, liked_by) values (null, 'nobody');
+"""
+# What each like pointed at, by the natural key of the photo.
+LIKED_KEYS = """
+select l.id, p.task_pk, p.photo_id from public.photo_likes as l
+left join {photos} as p on p.id = l.photo order by l.id
+"""
+EXACTLY = "select id, photo, liked_by from public.photo_likes order by id"
+FOREIGN_KEY = """
+select pg_get_constraintdef(oid), convalidated, confrelid::regclass::text from pg_constraint
+where conrelid = 'public.photo_likes'::regclass and contype = 'f'
+"""
+
+
+def liked_keys(conn: psycopg.Connection, photos: str = "breezeway.task_photos") -> list:
+    return conn.execute(LIKED_KEYS.format(photos=photos)).fetchall()
+
+
+def record_of(conn: psycopg.Connection, table: str) -> str:
+    """Where the latest swap of `table` recorded the rows it re-pointed."""
+    return conn.execute(
+        "select format('%%I.%%I', 'dedup_archive', repointed->0->>'record')"
+        " from dedup_archive.swap_log where live_table = %s order by swapped_at desc limit 1",
+        (table,)).fetchone()[0]
+
+
+def test_every_row_that_points_at_a_removed_duplicate_points_at_the_kept_row_of_its_key(
+        fresh: Database) -> None:
+    with fresh.connect() as conn:
+        conn.execute(LIKES)
+        before = liked_keys(conn)
+        exactly_before = conn.execute(EXACTLY).fetchall()
+        foreign_key = conn.execute(FOREIGN_KEY).fetchone()
+        pointing_at_removed = conn.execute(
+            "select count(*) from public.photo_likes as l where l.photo in (select id from"
+            " (select id, row_number() over (partition by task_pk, photo_id order by id desc)"
+            " as n from breezeway.task_photos) as ranked where n > 1)").fetchone()[0]
+    assert pointing_at_removed > 0
+    result = fresh.runner("swap", "--select", "task_photos")
+    assert result.exit_code == 0, result.output
+    with fresh.connect() as conn:
+        # Every like points at a live photo with the key its photo had, the unset one at none.
+        assert liked_keys(conn) == before
+        assert conn.execute(
+            "select count(*) from public.photo_likes as l where l.photo is not null and not"
+            " exists (select from breezeway.task_photos as p where p.id = l.photo)"
+        ).fetchone()[0] == 0
+        # The same foreign key, against the new table, checked after the commit.
+        assert conn.execute(FOREIGN_KEY).fetchone() == foreign_key
+        moved = conn.execute(f"select count(*) from {record_of(conn, 'task_photos')}"
+                             ).fetchone()[0]
+        assert moved == pointing_at_removed
+        # Nothing of the re-pointing is left on the referencing table.
+        assert conn.execute("select count(*) from pg_trigger where tgrelid ="
+                            " 'public.photo_likes'::regclass and not tgisinternal"
+                            ).fetchone()[0] == 0
+    result = fresh.runner("rollback", "--select", "task_photos")
+    assert result.exit_code == 0, result.output
+    with fresh.connect() as conn:
+        assert conn.execute(EXACTLY).fetchall() == exactly_before
+        assert liked_keys(conn) == before
+        assert conn.execute(FOREIGN_KEY).fetchone() == foreign_key
