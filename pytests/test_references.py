@@ -7,6 +7,8 @@ from __future__ import annotations
 import psycopg
 from conftest import Database
 
+from runner.jobs import swap
+
 LIKES = """
 create table public.photo_likes (
     id bigint generated always as identity primary key,
@@ -77,3 +79,70 @@ def test_every_row_that_points_at_a_removed_duplicate_points_at_the_kept_row_of_
         assert conn.execute(EXACTLY).fetchall() == exactly_before
         assert liked_keys(conn) == before
         assert conn.execute(FOREIGN_KEY).fetchone() == foreign_key
+
+
+REMOVED = """
+select id from (select id, row_number() over (partition by task_pk, photo_id order by id desc)
+as n from breezeway.task_photos) as ranked where n > 1 order by id
+"""
+KEPT_AND_LIKED = """
+select p.id, p.task_pk, p.photo_id from breezeway.task_photos as p
+where p.id not in (""" + REMOVED + """) and exists (select from public.photo_likes as l
+where l.photo = p.id) order by p.id limit 2
+"""
+
+
+def test_references_the_etl_writes_during_the_swap_are_moved_too(fresh: Database) -> None:
+    """Before the lock the ETL likes removed duplicates, re-points a like at one, and sends
+    a new copy of a liked photo, which the keep rule (latest wins) keeps instead: every like
+    ends on the kept row of its photo's key, the new copy's included."""
+    with fresh.connect() as conn:
+        conn.execute(LIKES)
+        removed = [r[0] for r in conn.execute(REMOVED + " limit 3")]
+        (replaced, task_pk, photo_id), (unmoved, _, _) = conn.execute(KEPT_AND_LIKED).fetchall()
+        likes_of_its_key = {r[0] for r in conn.execute(
+            "select l.id from public.photo_likes as l join breezeway.task_photos as p"
+            " on p.id = l.photo where (p.task_pk, p.photo_id) = (%s, %s)", (task_pk, photo_id))}
+        assert replaced in {r[0] for r in conn.execute(
+            "select photo from public.photo_likes where id = any(%s)", (list(likes_of_its_key),))}
+        unmoved_like = conn.execute("select id from public.photo_likes where photo = %s limit 1",
+                                    (unmoved,)).fetchone()[0]
+    written: dict[str, int] = {}
+
+    def write_meanwhile(label: str) -> None:
+        if not label.startswith("replay before the lock") or written:
+            return
+        with fresh.connect() as etl:
+            written["new_like"] = etl.execute(
+                "insert into public.photo_likes (photo, liked_by) values (%s, 'late')"
+                " returning id", (removed[0],)).fetchone()[0]
+            etl.execute("update public.photo_likes set photo = %s where id = %s",
+                        (removed[1], unmoved_like))
+            written["new_copy"] = etl.execute(
+                "insert into breezeway.task_photos (task_pk, photo_id)"
+                " values (%s, %s) returning id", (task_pk, photo_id)).fetchone()[0]
+            written["liked_copy"] = etl.execute(
+                "insert into public.photo_likes (photo, liked_by) values (%s, 'newest')"
+                " returning id", (written["new_copy"],)).fetchone()[0]
+
+    with fresh.connect() as conn:
+        keys_of = {row_id: key for row_id, *key in conn.execute(
+            "select id, task_pk, photo_id from breezeway.task_photos")}
+    options = swap.SwapOptions(target_dir=fresh.target_dir, select=["task_photos"])
+    with fresh.connect() as conn:
+        conn.execute("set search_path = pg_catalog")
+        swap.execute(conn, swap.make_plans(conn, options), options, after_step=write_meanwhile)
+    assert written
+    with fresh.connect() as conn:
+        now = dict(conn.execute("select id, photo from public.photo_likes"
+                                " where photo is not null").fetchall())
+        live = {row_id: key for row_id, *key in conn.execute(
+            "select id, task_pk, photo_id from breezeway.task_photos")}
+    # Each like written meanwhile is on the kept row of the key it was written for.
+    assert live[now[written["new_like"]]] == keys_of[removed[0]]
+    assert live[now[unmoved_like]] == keys_of[removed[1]]
+    # The new copy is the kept row of its key, and every like of the rows it replaced is its.
+    assert now[written["liked_copy"]] == written["new_copy"]
+    assert {like for like, photo in now.items() if photo == written["new_copy"]} == {
+        *likes_of_its_key, written["liked_copy"]}
+    assert set(now.values()) <= set(live)

@@ -23,7 +23,7 @@ from runner.execution import executor
 from runner.execution.locking import LockOptions
 from runner.server import catalog, privileges, swap_log
 from runner.server.captures import Registered, registered_captures
-from runner.statements import capture
+from runner.statements import capture, repoint
 from runner.statements.plan import check_spec_columns, lookup_index, refuse_unsupported
 
 # What shows, after a lost connection, whether a capture was started or stopped.
@@ -130,6 +130,14 @@ def _chosen(found: list[Registered], names: list[str] | None,
         f"captured: {', '.join(str(r.capture.live) for r in known)}")
 
 
+def _reference_captures_left(conn: psycopg.Connection, table: Relation,
+                             archive_schema: str) -> list[repoint.ReferenceCapture]:
+    """The captures of foreign keys that point at `table`, which a swap that gave up left."""
+    return [c for c in (repoint.ReferenceCapture.of(reference, archive_schema)
+                        for reference in catalog.read_live_table(conn, table).references)
+            if catalog.exists(conn, c.log)]
+
+
 def stop(conn: psycopg.Connection, names: list[str] | None,
          options: LockOptions) -> list[CaptureStatus]:
     """Remove the chosen captures entirely, in one transaction; returns what they were."""
@@ -143,8 +151,11 @@ def stop(conn: psycopg.Connection, names: list[str] | None,
     for registered in chosen:
         table = registered.capture.live if registered.live_exists else None
         if table is not None:
-            # A swap that was killed after building its index on the key left it behind.
+            # A swap that was killed after building its index on the key left it behind, and
+            # one that gave up left the captures of the foreign keys that point at the table.
             statements.append(sql.SQL("drop index if exists {}").format(lookup_index(table)))
+            statements += [statement for left in _reference_captures_left(
+                conn, table, options.archive_schema) for statement in repoint.capture_remove(left)]
         statements += capture.remove(registered.capture, table)
     statements += capture.drop_if_unused(options.archive_schema)
     executor.run_alone(conn, "capture --stop", statements, options,

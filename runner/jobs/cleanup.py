@@ -43,14 +43,16 @@ class CleanupResult:
 
 def kept_by(entry: LogEntry) -> list[Relation]:
     """What a swap left in the archive schema; after a rollback its archive is the live table
-    again, and what is kept instead is the deduplicated table."""
+    again, and what is kept instead is the deduplicated table. With either go the records of
+    the rows it re-pointed."""
     if entry.action != "swap" or not entry.archive:
         return []
+    records = [Relation(entry.archive_schema, r.record) for r in entry.repointed]
     if entry.rolled_back_at is None:
-        return [entry.archive]
+        return [entry.archive, *records]
     if entry.rolled_back_table:
-        return [Relation(entry.archive_schema, entry.rolled_back_table)]
-    return []
+        return [Relation(entry.archive_schema, entry.rolled_back_table), *records]
+    return records
 
 
 def plan_cleanup(conn: psycopg.Connection, archive_schema: str,

@@ -34,7 +34,7 @@ from runner.server import catalog, privileges, swap_log
 from runner.server.captures import Registered, registered_captures
 from runner.server.catalog import Index, LiveTable
 from runner.server.swap_log import LogEntry, when
-from runner.statements import capture, restore
+from runner.statements import capture, repoint, restore
 from runner.statements.plan import (
     Step,
     left_to_validate,
@@ -70,6 +70,9 @@ class TableRollback:
     restore: restore.Restore | None = None
     materialized_views: tuple[Relation, ...] = ()
     """The materialized views the cut-over creates again: their readers can hold it off too."""
+    repointed: tuple[swap_log.Repointed, ...] = ()
+    """The foreign keys whose rows the swap re-pointed, and that still point at the table:
+    added again against the original, and their rows put back."""
     prepare: list[Step] = field(default_factory=list)
     """Before the lock, with the archive locked."""
     locked: list[Step] = field(default_factory=list)
@@ -221,9 +224,12 @@ def _refuse_unsafe(entry: LogEntry, live: LiveTable, archive: LiveTable) -> None
         raise RunnerError(f"the columns of {entry.live} changed since the swap, so its rows no "
                           f"longer fit the original table {archive.relation}: roll it back by "
                           "hand, or leave it out with --select")
-    if live.referenced_by:
-        raise RunnerError(f"foreign keys now point at {entry.live} "
-                          f"({', '.join(live.referenced_by)}) and would keep pointing at the "
+    repointed = {(r.reference.table, r.reference.constraint) for r in entry.repointed}
+    added_since = [r.shown for r in live.references
+                   if (r.table, r.constraint) not in repointed]
+    if added_since:
+        raise RunnerError(f"foreign keys now point at {entry.live} ({', '.join(added_since)}) "
+                          "that the swap did not re-point, and would keep pointing at the "
                           "deduplicated table: drop them, roll back, then create them again")
     read_in_turn = materialized_views_read(live)
     if read_in_turn:
@@ -260,6 +266,12 @@ def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered:
     ]
     plan.locked, revalidated = _foreign_keys_back(entry, archive_id)
     plan.validate = validate_steps(entry.live, revalidated)
+    plan.repointed = tuple(r for r in entry.repointed
+                           if any((r.reference.table, r.reference.constraint)
+                                  == (now.table, now.constraint) for now in live.references))
+    for r in plan.repointed:
+        if r.reference.validated:
+            plan.validate += validate_steps(r.reference.table, [r.reference.constraint])
     plan.cutover = _cutover_steps(plan, live, archive, registered, archive_schema)
     return plan
 
@@ -295,6 +307,11 @@ def _cutover_steps(plan: TableRollback, live: LiveTable, archive: LiveTable,
                  _column_list(entry.live), _column_list(archive.relation)), check=True),
         *(Step("the change capture since the swap ends with the rollback", statement)
           for statement in capture.remove(registered.capture, entry.live)),
+        *(Step(f"{r.reference.shown} would follow the deduplicated table to the archive: it "
+               "goes, and comes back against the original",
+               sql.SQL("alter table {} drop constraint {}").format(
+                   _id(r.reference.table), sql.Identifier(r.reference.constraint)))
+          for r in plan.repointed),
         *_inert_steps(live),
         *_set_aside_steps(entry, live, rolled_back),
         Step("the original table comes back to the live schema, with its own owner, grants, "
@@ -304,6 +321,7 @@ def _cutover_steps(plan: TableRollback, live: LiveTable, archive: LiveTable,
              sql.SQL("alter table {} rename to {}").format(
                  sql.Identifier(schema, archive.relation.name), sql.Identifier(name))),
         *_names_back_steps(plan, entry, live, archive, rolled_back),
+        *(step for r in plan.repointed for step in _references_back(r, entry.archive_schema)),
         *_trigger_steps(entry),
         Step("the deduplicated table is kept in the archive schema, never dropped by a rollback",
              sql.SQL("alter table {} set schema {}").format(
@@ -316,6 +334,18 @@ def _cutover_steps(plan: TableRollback, live: LiveTable, archive: LiveTable,
           for view in live.views),
         *recreate_materialized_views(live, "the original table again"),
         _mark(entry, archive_schema, rolled_back),
+    ]
+
+
+def _references_back(repointed: swap_log.Repointed, archive_schema: str) -> list[Step]:
+    """A foreign key the swap re-pointed points at the original again, NOT VALID, checked
+    after the commit; each row the swap moved, and nobody moved since, points where it did."""
+    r = repointed.reference
+    return [
+        Step(f"{r.shown} points at the original again, its rows checked after the commit",
+             repoint.add_again(r)),
+        Step(f"the rows of {r.table} the swap re-pointed point where they did before it",
+             repoint.put_back(r, Relation(archive_schema, repointed.record))),
     ]
 
 
@@ -456,7 +486,8 @@ def _locked(plans: list[TableRollback]) -> list[Relation]:
         tables.append(plan.entry.live)
         if plan.archive:
             tables.append(plan.archive)
-    return tables
+        tables += [r.reference.table for r in plan.repointed]
+    return list(dict.fromkeys(tables))
 
 
 def _lock(tables: list[Relation], why: str) -> Step:

@@ -330,7 +330,7 @@ def _moves(plan: TablePlan, under_lock: bool) -> list[Step]:
 
 def _reference_captures(plans: list[TablePlan]) -> list[sql.Composed]:
     return [statement for plan in plans for r in plan.repointings
-            for statement in repoint.capture_install(r)]
+            for statement in repoint.capture_install(r.capture)]
 
 
 def _capture_references(conn: psycopg.Connection, plans: list[TablePlan],

@@ -56,6 +56,31 @@ def _equal(left: list[sql.Composable], right: list[sql.Composable]) -> sql.Compo
                                  for a, b in zip(left, right, strict=True))
 
 
+def _numbered(prefix: str, columns: tuple[str, ...]) -> list[str]:
+    """The record's names for the columns of the foreign key (`was_1`, `now_1`, ...) and of the
+    referencing table's primary key (`row_key_1`, ...)."""
+    return [f"{prefix}_{n}" for n in range(1, len(columns) + 1)]
+
+
+@dataclass(frozen=True)
+class ReferenceCapture:
+    """What logs the values written into one foreign key during a swap."""
+
+    reference: Reference
+    log: Relation
+    function: Relation
+    trigger: str
+
+    @classmethod
+    def of(cls, reference: Reference, archive_schema: str) -> ReferenceCapture:
+        table, name = reference.table, reference.constraint
+        return cls(reference,
+                   Relation(archive_schema, pg_name(table.schema, table.name, name, "references")),
+                   Relation(archive_schema, pg_name(table.schema, table.name, name,
+                                                    "references_capture")),
+                   pg_name("dedup_references", name))
+
+
 @dataclass(frozen=True)
 class Repointing:
     """One reference into a table the swap replaces, and where its work is kept."""
@@ -66,9 +91,7 @@ class Repointing:
     spec: DedupSpec
     columns: tuple[Column, ...]
     """The live table's."""
-    log: Relation
-    function: Relation
-    trigger: str
+    capture: ReferenceCapture
     record: Relation
     """In the archive schema: each moved row by its primary key, the value it pointed at and
     the one it points at now."""
@@ -76,13 +99,10 @@ class Repointing:
     @classmethod
     def of(cls, reference: Reference, live: Relation, shadow: Relation, spec: DedupSpec,
            columns: tuple[Column, ...], archive: Relation) -> Repointing:
-        table, name = reference.table, reference.constraint
         return cls(reference, live, shadow, spec, columns,
-                   Relation(archive.schema, pg_name(table.schema, table.name, name, "references")),
-                   Relation(archive.schema, pg_name(table.schema, table.name, name,
-                                                    "references_capture")),
-                   pg_name("dedup_references", name),
-                   Relation(archive.schema, pg_name(archive.name, table.name, name)))
+                   ReferenceCapture.of(reference, archive.schema),
+                   Relation(archive.schema, pg_name(archive.name, reference.table.name,
+                                                    reference.constraint)))
 
     def _temp(self, what: str) -> sql.Identifier:
         return sql.Identifier("pg_temp", pg_name(
@@ -112,43 +132,41 @@ class Repointing:
         return [_columns(alias)(c) for c in self.reference.columns]
 
     def numbered(self, prefix: str) -> list[str]:
-        """The record's names for the foreign key's columns: `was_1`, `now_1`, ..."""
-        return [f"{prefix}_{n}" for n in range(1, len(self.reference.columns) + 1)]
+        return _numbered(prefix, self.reference.columns)
 
     def numbered_key(self) -> list[str]:
-        """The record's names for the referencing table's primary key columns."""
-        return [f"row_key_{n}" for n in range(1, len(self.reference.row_key) + 1)]
+        return _numbered("row_key", self.reference.row_key)
 
 
-def capture_install(r: Repointing) -> list[sql.Composed]:
+def capture_install(c: ReferenceCapture) -> list[sql.Composed]:
     """What logs the values written into the foreign key, committed before the swap's
     transaction so that every write after it is seen; needs a short SHARE ROW EXCLUSIVE on the
     referencing table."""
-    table, log = _id(r.reference.table), _id(r.log)
+    table, log = _id(c.reference.table), _id(c.log)
     body = sql.SQL("begin insert into {} (new_row) values (new); return null; end").format(log)
     return [
-        *capture_remove(r),
+        *capture_remove(c),
         sql.SQL("create table {} (change_id bigint generated always as identity primary key,"
                 " new_row {})").format(log, table),
         # As the change capture's: the writers need no right in the archive schema.
         sql.SQL("create function {}() returns trigger language plpgsql security definer"
                 " set search_path = pg_catalog, pg_temp as {}").format(
-                    _id(r.function), sql.Literal(body.as_string())),
+                    _id(c.function), sql.Literal(body.as_string())),
         sql.SQL("create trigger {} after insert or update of {} on {} for each row"
                 " execute function {}()").format(
-                    sql.Identifier(r.trigger), _list([sql.Identifier(c)
-                                                      for c in r.reference.columns]),
-                    table, _id(r.function)),
-        sql.SQL("alter table {} enable always trigger {}").format(table, sql.Identifier(r.trigger)),
+                    sql.Identifier(c.trigger), _names(list(c.reference.columns)),
+                    table, _id(c.function)),
+        sql.SQL("alter table {} enable always trigger {}").format(table, sql.Identifier(c.trigger)),
     ]
 
 
-def capture_remove(r: Repointing) -> list[sql.Composed]:
+def capture_remove(c: ReferenceCapture) -> list[sql.Composed]:
+    """The capture of a foreign key, as far as it is there: a swap that gave up left it."""
     return [
-        sql.SQL("drop trigger if exists {} on {}").format(sql.Identifier(r.trigger),
-                                                          _id(r.reference.table)),
-        sql.SQL("drop function if exists {}()").format(_id(r.function)),
-        sql.SQL("drop table if exists {}").format(_id(r.log)),
+        sql.SQL("drop trigger if exists {} on {}").format(sql.Identifier(c.trigger),
+                                                          _id(c.reference.table)),
+        sql.SQL("drop function if exists {}()").format(_id(c.function)),
+        sql.SQL("drop table if exists {}").format(_id(c.log)),
     ]
 
 
@@ -221,7 +239,7 @@ def move(r: Repointing) -> list[sql.Composed]:
     return [
         sql.SQL("with taken as (delete from {log} returning new_row)"
                 " insert into {queue} select distinct {written} from taken where {present}").format(
-            log=_id(r.log), queue=r.queue, written=_list(written),
+            log=_id(r.capture.log), queue=r.queue, written=_list(written),
             present=sql.SQL(" and ").join(sql.SQL("{} is not null").format(w) for w in written)),
         sql.SQL("drop table if exists {}").format(r.survivors),
         _survivors(r),
@@ -271,7 +289,28 @@ def cutover(r: Repointing, drop: bool) -> list[sql.Composed]:
                                                         _id(r.shadow)),
                 sql.SQL("alter table {} drop constraint {}").format(
                     table, sql.Identifier(r.reference.constraint))]
-    definition = r.reference.definition.removesuffix(" NOT VALID")
-    return [sql.SQL("alter table {} add constraint {} {} not valid").format(
-                table, sql.Identifier(r.reference.constraint), sql.SQL(definition)),
-            *capture_remove(r)]
+    return [add_again(r.reference), *capture_remove(r.capture)]
+
+
+def add_again(reference: Reference) -> sql.Composed:
+    """The foreign key, dropped, added again against the table that now has the name it
+    references, NOT VALID: its rows are checked after the commit, which blocks no writer."""
+    return sql.SQL("alter table {} add constraint {} {} not valid").format(
+        _id(reference.table), sql.Identifier(reference.constraint),
+        sql.SQL(reference.definition.removesuffix(" NOT VALID")))
+
+
+def put_back(reference: Reference, record: Relation) -> sql.Composed:
+    """For a rollback: each row a swap re-pointed, and nobody moved since, points where it
+    pointed before the swap."""
+    was, now = _numbered("was", reference.columns), _numbered("now", reference.columns)
+    return sql.SQL("update {table} as r set {assign} from {record} as m where {same_row}"
+                   " and {still}").format(
+        table=_id(reference.table), record=_id(record),
+        assign=_list([sql.SQL("{} = m.{}").format(sql.Identifier(c), sql.Identifier(w))
+                      for c, w in zip(reference.columns, was, strict=True)]),
+        same_row=_equal(
+            [_columns("r")(k) for k in reference.row_key],
+            [_columns("m")(n) for n in _numbered("row_key", reference.row_key)]),
+        still=_equal([_columns("r")(c) for c in reference.columns],
+                     [_columns("m")(n) for n in now]))
