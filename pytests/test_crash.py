@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from conftest import PROJECT_DIR, TEST_SCALE, Database, _create_database
 from psycopg import sql
+from test_references import EXACTLY, LIKES, liked_keys
 from test_swap import schema_state
 
 from runner import demo
@@ -23,13 +24,22 @@ TABLE = "task_photos"
 
 def _copy(server, built: Database, name: str) -> Database:
     """A copy of the built database, with a materialized view on the table, which the swap
-    creates again in its cut-over."""
+    creates again in its cut-over, and a table that references it, whose rows it re-points."""
     _create_database(server, name, template=built.name)
     database = Database({**built.env, "PGDATABASE": name}, built.target_dir)
     with database.connect() as conn:
         conn.execute(f"create materialized view breezeway.{TABLE}_per_task as"
                      f" select task_pk, count(*) as photos from breezeway.{TABLE} group by 1")
+        conn.execute(LIKES)
+    assert database.runner("capture").exit_code == 0
     return database
+
+
+def archive_of(conn: psycopg.Connection) -> str:
+    """The original table, as the latest swap kept it."""
+    return conn.execute(
+        "select format('%%I.%%I', 'dedup_archive', archive_table) from dedup_archive.swap_log"
+        " where live_table = %s order by swapped_at desc limit 1", (TABLE,)).fetchone()[0]
 
 
 def _drop(server, database: Database) -> None:
@@ -42,8 +52,9 @@ def _state(database: Database) -> tuple:
     with database.connect() as conn:
         rows = conn.execute(f"select count(*), sum(id) from breezeway.{TABLE}").fetchone()
         triggers = conn.execute("select count(*) from pg_trigger"
-                                " where tgname like 'dedup_capture%'").fetchone()[0]
-    return schema_state(database), rows, triggers
+                                " where tgname like 'dedup_%'").fetchone()[0]
+        likes = conn.execute(EXACTLY).fetchall()
+    return schema_state(database), rows, triggers, likes
 
 
 def _swap(database: Database, after_step=None) -> None:
@@ -57,8 +68,11 @@ def _swapped_correctly(database: Database) -> None:
     with database.connect() as conn:
         kept = {r[0] for r in conn.execute(f"select id from breezeway.{TABLE}")}
         counted = conn.execute(f"select sum(photos) from breezeway.{TABLE}_per_task").fetchone()
+        liked = liked_keys(conn)
+        original = liked_keys(conn, archive_of(conn))
     assert kept == demo.expected_kept_ids(TABLE, TEST_SCALE)
     assert counted == (len(kept),)
+    assert liked == original
 
 
 def _kill_after(database: Database, steps: int):

@@ -60,9 +60,6 @@ def test_not_distinct_on_a_nullable_key_is_enforced_with_nulls_not_distinct() ->
     ({"parents": ("shop.base",)}, "it inherits from shop.base"),
     ({"children": ("shop.old lines",)}, "tables inherit from it (shop.old lines)"),
     ({"kind": "p"}, "it is not a plain table (partitioned or foreign)"),
-    ({"references": (Reference("refunds_line_fkey", Relation("shop", "refunds"), ("line",),
-                                ("id",), "shop.refunds.refunds_line_fkey"),)},
-     "foreign keys point at it (shop.refunds.refunds_line_fkey)"),
     ({"materialized_views": (MaterializedView(
         Relation("shop", "totals"), " SELECT 1;", (), "app owner", None, True, (), (),
         ("shop.totals_by_day",)),)},
@@ -76,6 +73,37 @@ def test_what_the_swap_cannot_carry_over_is_refused_by_name(changes: dict, says:
         plan.refuse_unsupported(live_table(**changes))
     assert str(refused.value) == (f"runner swap cannot yet carry shop.order lines over: {says}; "
                                   "deduplicate it by hand or leave it out with --select")
+
+
+REFUNDS = Reference("refunds_line_fkey", Relation("shop", "refunds"), ("line",), ("id",),
+                    "shop.refunds.refunds_line_fkey", "FOREIGN KEY (line) REFERENCES "
+                    'shop."order lines"(id)', True, ("id",), True)
+
+
+@pytest.mark.parametrize(("reference", "spec", "swapped", "says"), [
+    (REFUNDS, {"references": "refuse"}, set(),
+     "runner swap does not replace shop.order lines: foreign keys point at it "
+     "(shop.refunds.refunds_line_fkey) and its meta.dedup says references: refuse; set "
+     "references: repoint to move their rows to the kept rows, or leave it out with --exclude"),
+    (REFUNDS, {}, {Relation("shop", "refunds")},
+     "shop.refunds is swapped in the same run as shop.order lines, whose rows its foreign key "
+     "refunds_line_fkey re-points: swap shop.order lines first, then shop.refunds (--select)"),
+    (dataclasses.replace(REFUNDS, indexed=False), {}, set(),
+     "shop.refunds.refunds_line_fkey points at shop.order lines, and no index of shop.refunds "
+     "starts with (line), without which each row re-pointed under the lock is a scan: create "
+     "one (create index concurrently on shop.refunds (line)), then run `runner swap` again"),
+    (dataclasses.replace(REFUNDS, row_key=()), {}, set(),
+     "shop.refunds.refunds_line_fkey points at shop.order lines, and shop.refunds has no "
+     "primary key, by which a rollback would put back the rows it re-points: add one, or set "
+     "references: refuse for shop.order lines"),
+])
+def test_references_that_cannot_be_re_pointed_are_refused_by_name(
+        reference: Reference, spec: dict, swapped: set, says: str) -> None:
+    with pytest.raises(RunnerError) as refused:
+        plan.refuse_references(dataclasses.replace(TARGET.spec, **spec),
+                               live_table(references=(reference,)), swapped,
+                               {"refunds_line_fkey"})
+    assert str(refused.value) == says
 
 
 def test_a_table_with_duplicates_and_no_capture_is_refused() -> None:

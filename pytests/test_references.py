@@ -5,7 +5,7 @@ adds the foreign key again against the new table, and a rollback puts every such
 from __future__ import annotations
 
 import psycopg
-from conftest import Database
+from conftest import Database, said
 
 from runner.jobs import swap
 
@@ -19,6 +19,14 @@ insert into public.photo_likes (photo, liked_by)
     select id, 'guest ' || (id % 7) from breezeway.task_photos where id % 3 = 0;
 insert into public.photo_likes (photo, liked_by) values (null, 'nobody');
 """
+
+
+def with_likes(database: Database) -> None:
+    """The likes table, its rows, and the capture of what the ETL writes into it."""
+    with database.connect() as conn:
+        conn.execute(LIKES)
+    result = database.runner("capture")
+    assert result.exit_code == 0, result.output
 # What each like pointed at, by the natural key of the photo.
 LIKED_KEYS = """
 select l.id, p.task_pk, p.photo_id from public.photo_likes as l
@@ -45,8 +53,8 @@ def record_of(conn: psycopg.Connection, table: str) -> str:
 
 def test_every_row_that_points_at_a_removed_duplicate_points_at_the_kept_row_of_its_key(
         fresh: Database) -> None:
+    with_likes(fresh)
     with fresh.connect() as conn:
-        conn.execute(LIKES)
         before = liked_keys(conn)
         exactly_before = conn.execute(EXACTLY).fetchall()
         foreign_key = conn.execute(FOREIGN_KEY).fetchone()
@@ -96,8 +104,8 @@ def test_references_the_etl_writes_during_the_swap_are_moved_too(fresh: Database
     """Before the lock the ETL likes removed duplicates, re-points a like at one, and sends
     a new copy of a liked photo, which the keep rule (latest wins) keeps instead: every like
     ends on the kept row of its photo's key, the new copy's included."""
+    with_likes(fresh)
     with fresh.connect() as conn:
-        conn.execute(LIKES)
         removed = [r[0] for r in conn.execute(REMOVED + " limit 3")]
         (replaced, task_pk, photo_id), (unmoved, _, _) = conn.execute(KEPT_AND_LIKED).fetchall()
         likes_of_its_key = {r[0] for r in conn.execute(
@@ -146,3 +154,21 @@ def test_references_the_etl_writes_during_the_swap_are_moved_too(fresh: Database
     assert {like for like, photo in now.items() if photo == written["new_copy"]} == {
         *likes_of_its_key, written["liked_copy"]}
     assert set(now.values()) <= set(live)
+
+
+def test_a_reference_made_after_the_capture_is_refused_until_it_is_captured_too(
+        fresh: Database) -> None:
+    with fresh.connect() as conn:
+        conn.execute(LIKES)
+        before = conn.execute(EXACTLY).fetchall()
+    result = fresh.runner("swap", "--select", "task_photos")
+    assert result.exit_code == 4, result.output
+    assert said(result) == [
+        "Error: the rows written into public.photo_likes.photo_likes_photo_fkey, which points at "
+        "breezeway.task_photos, are not captured, so the swap could miss some to re-point: run "
+        "`runner capture` (it captures the foreign keys that point at each table it captures), "
+        "then `runner swap`"]
+    assert fresh.runner("capture").exit_code == 0
+    assert fresh.runner("swap", "--select", "task_photos").exit_code == 0
+    with fresh.connect() as conn:
+        assert conn.execute(EXACTLY).fetchall() != before

@@ -22,7 +22,7 @@ from runner.errors import RunnerError
 from runner.execution import executor
 from runner.execution.locking import LockOptions
 from runner.server import catalog, privileges, swap_log
-from runner.server.captures import Registered, registered_captures
+from runner.server.captures import Registered, reference_captured, registered_captures
 from runner.statements import capture, repoint
 from runner.statements.plan import check_spec_columns, lookup_index, refuse_unsupported
 
@@ -42,28 +42,41 @@ def start(conn: psycopg.Connection, targets: list[DedupTarget], options: LockOpt
     """Capture the writes to every target's live table, or to none: every table is checked
     first, then all are captured in one transaction. `step_done` is called after each
     statement, for tests that interrupt the runner."""
+    lives = {}
     for target in targets:
-        live = catalog.read_live_table(conn, target.live)
-        check_spec_columns(target, live)
-        if live.enforcing_index(target.spec) is None:
-            refuse_unsupported(live)
+        lives[target.live] = catalog.read_live_table(conn, target.live)
+        check_spec_columns(target, lives[target.live])
+        if lives[target.live].enforcing_index(target.spec) is None:
+            refuse_unsupported(lives[target.live])
     in_place = {r.capture.live: r for r in registered_captures(conn, options.archive_schema)
                 if r.trigger is not None and r.log_exists}
     to_start = [t.live for t in targets if t.live not in in_place]
     already = [in_place[t.live] for t in targets if t.live in in_place]
-    if not to_start:
+    # The values the ETL writes into the foreign keys that point at a table to be swapped, for
+    # the swap to re-point those that name a row it removes.
+    uncaptured_references = [
+        c for t in targets if t.spec.references == "repoint" and (
+            t.live in to_start or in_place[t.live].capture.since_swap_of is None)
+        for c in (repoint.ReferenceCapture.of(r, options.archive_schema)
+                  for r in lives[t.live].references)
+        if not reference_captured(conn, c)]
+    if not to_start and not uncaptured_references:
         return Started([], already)
+    referencing = [c.reference.table for c in uncaptured_references]
+    locked = list(dict.fromkeys([*to_start, *referencing]))
     privileges.check(conn, "runner capture", [
         privileges.archive_schema(options.archive_schema),
-        *(privileges.act_as_owner(live) for live in to_start)])
+        *(privileges.act_as_owner(table) for table in locked)])
     statements = [capture.ensure_schema(options.archive_schema),
                   capture.registry_table(options.archive_schema),
-                  # All at once, so the runner never holds one while it queues for another.
+                  # All at once, so the runner never holds one while it queues for others.
                   sql.SQL("lock table {} in share row exclusive mode").format(
-                      sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in to_start))]
+                      sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in locked))]
     for live in to_start:
         statements += capture.install(capture.Capture.before_swap(live, options.archive_schema))
-    executor.run_alone(conn, "capture", statements, options, to_start,
+    for reference_capture in uncaptured_references:
+        statements += repoint.capture_install(reference_capture)
+    executor.run_alone(conn, "capture", statements, options, locked,
                        doing=" to start their change capture", status=STATUS, step_done=step_done)
     return Started(to_start, already)
 

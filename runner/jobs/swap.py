@@ -133,7 +133,10 @@ def make_plans(conn: psycopg.Connection, options: SwapOptions,
                                                      counts.snapshot),
             server_version=conn.info.server_version,
             rows_moved=bool(registered) and conn.execute(capture.rows_moved(
-                target.spec, registered.capture.log)).fetchone()[0], swapped=swapped)
+                target.spec, registered.capture.log)).fetchone()[0], swapped=swapped,
+            references_captured=frozenset(
+                r.constraint for r in live.references if captures.reference_captured(
+                    conn, repoint.ReferenceCapture.of(r, options.archive_schema))))
         if plan.action == "swap":
             _check_capture_before_build(conn, plan, registered.xid)
         if plan.action == "nothing":
@@ -248,11 +251,6 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
     if not any(p.cutover or p.concurrent for p in plans):
         return "\n".join(lines)
     lines += _lock_summary(plans, options)
-    captures_first = _reference_captures(plans)
-    if captures_first:
-        lines.append("-- in a transaction of its own, committed before the swap's: what logs the "
-                     "values the ETL writes into the foreign keys that point at the tables")
-        lines += [statement.as_string(conn) + ";" for statement in captures_first]
     for plan in plans:
         for steps in (plan.concurrent, plan.lookup):
             for step in _concurrent_steps(steps, options) if steps else []:
@@ -326,27 +324,6 @@ def _moves(plan: TablePlan, under_lock: bool) -> list[Step]:
             steps.append(Step(f"{r.reference.shown}: no row is left pointing at a removed row",
                               repoint.nothing_left(r), check=True))
     return steps
-
-
-def _reference_captures(plans: list[TablePlan]) -> list[sql.Composed]:
-    return [statement for plan in plans for r in plan.repointings
-            for statement in repoint.capture_install(r.capture)]
-
-
-def _capture_references(conn: psycopg.Connection, plans: list[TablePlan],
-                        options: SwapOptions) -> None:
-    """The captures of the foreign keys that point at the tables, committed before the swap's
-    transaction begins, so that it sees every value the ETL writes into them after its start.
-    The cut-over removes them; a swap that gives up leaves them to the next, which makes them
-    afresh."""
-    statements = _reference_captures(plans)
-    if not statements:
-        return
-    executor.run_alone(
-        conn, "swap", [capture.ensure_schema(options.archive_schema), *statements],
-        locking.LockOptions(options.archive_schema, options.lock_timeout_ms, options.lock_wait_s),
-        referencing(plans), doing=" to capture the rows that point at the swapped tables",
-        status="`runner swap --dry-run`")
 
 
 def _concurrent_steps(steps: list[Step], options: SwapOptions) -> list[Step]:
@@ -534,7 +511,6 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
         options.lock_wait_s, writes_between_tries=lambda: replayed_between_tries)
 
     with locking.one_runner(conn):
-        _capture_references(conn, active, options)
         for plan in active:
             if plan.concurrent:
                 _build_concurrently(conn, plan.concurrent, plan.built_concurrently,

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import psycopg
+from psycopg import sql
 
 from runner.declaration.artifacts import Relation
 from runner.server import catalog
-from runner.statements import capture
+from runner.statements import capture, repoint
 
 
 @dataclass(frozen=True)
@@ -36,3 +37,14 @@ def registered_captures(conn: psycopg.Connection, archive_schema: str) -> list[R
                        int(xid), started_at, trigger, live_exists, log_exists)
             for (schema, table, log, function, since_swap_of, xid, started_at, live_exists,
                  trigger, log_exists) in conn.execute(capture.registered(archive_schema))]
+
+
+def reference_captured(conn: psycopg.Connection, c: repoint.ReferenceCapture) -> bool:
+    """Whether the values written into a foreign key are logged: its trigger fires and its log
+    is there."""
+    return conn.execute(
+        "select to_regclass(%s) is not null and exists (select from pg_trigger"
+        " where tgrelid = %s::regclass and tgname = %s and tgenabled <> 'D')",
+        (sql.Identifier(c.log.schema, c.log.name).as_string(),
+         sql.Identifier(c.reference.table.schema, c.reference.table.name).as_string(),
+         c.trigger)).fetchone()[0]

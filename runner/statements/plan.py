@@ -192,9 +192,11 @@ def refuse_unsupported(live: LiveTable) -> None:
                           "deduplicate it by hand or leave it out with --select")
 
 
-def refuse_references(spec: DedupSpec, live: LiveTable, swapped: set[Relation]) -> None:
+def refuse_references(spec: DedupSpec, live: LiveTable, swapped: set[Relation],
+                      captured: set[str]) -> None:
     """Whether the rows that point at the duplicates the swap removes can be moved to the kept
-    rows: stop before changing anything if not. `swapped`: the tables this run replaces."""
+    rows: stop before changing anything if not. `swapped`: the tables this run replaces;
+    `captured`: the foreign keys whose written values `runner capture` logs."""
     if not live.references:
         return
     if spec.references == "refuse":
@@ -219,6 +221,11 @@ def refuse_references(spec: DedupSpec, live: LiveTable, swapped: set[Relation]) 
                               f"{reference.table} has no primary key, by which a rollback would "
                               "put back the rows it re-points: add one, or set references: "
                               f"refuse for {live.relation}")
+        if reference.constraint not in captured:
+            raise RunnerError(f"the rows written into {reference.shown}, which points at "
+                              f"{live.relation}, are not captured, so the swap could miss some "
+                              "to re-point: run `runner capture` (it captures the foreign keys "
+                              "that point at each table it captures), then `runner swap`")
 
 
 def materialized_views_read(live: LiveTable) -> list[str]:
@@ -372,12 +379,13 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
                archive_schema: str, captured: capture.Capture | None,
                swapped_since_build: bool = False,
                server_version: int = NULLS_NOT_DISTINCT_VERSION,
-               rows_moved: bool = False, swapped: frozenset[Relation] = frozenset()
-               ) -> TablePlan:
+               rows_moved: bool = False, swapped: frozenset[Relation] = frozenset(),
+               references_captured: frozenset[str] = frozenset()) -> TablePlan:
     """The plan for one table. `captured`: its change capture from before the build, if in
     place; `swapped_since_build`: a swap the build did not see replaced the table already;
     `rows_moved`: the capture saw the ETL delete or re-key rows; `swapped`: the tables the
-    run replaces."""
+    run replaces; `references_captured`: the foreign keys pointing at it whose writes are
+    captured."""
     pending = {pg_name(live.relation.name, "natural_key_new"),
                *null_key_index_names(live.relation.name, pending=True)}
     lookup = _lookup_name(live.relation)
@@ -395,7 +403,7 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
     refuse_unsupported(live)
     if counts.duplicates == 0:
         return _constraint_only(target, live, counts, archive_schema, captured, server_version)
-    refuse_references(target.spec, live, swapped)
+    refuse_references(target.spec, live, swapped, references_captured)
     if captured is None:
         raise RunnerError(f"{live.relation} has no change capture: run `runner capture`, then "
                           "`dbt build`, then `runner swap`, so that no write between the build "
