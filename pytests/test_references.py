@@ -5,7 +5,7 @@ adds the foreign key again against the new table, and a rollback puts every such
 from __future__ import annotations
 
 import psycopg
-from conftest import Database, said
+from conftest import Database, description, said
 
 from runner.jobs import swap
 
@@ -53,7 +53,10 @@ def record_of(conn: psycopg.Connection, table: str) -> str:
 
 def test_every_row_that_points_at_a_removed_duplicate_points_at_the_kept_row_of_its_key(
         fresh: Database) -> None:
-    with_likes(fresh)
+    with fresh.connect() as conn:
+        conn.execute(LIKES)
+        likes_table = description(conn, "public.photo_likes")
+    assert fresh.runner("capture").exit_code == 0
     with fresh.connect() as conn:
         before = liked_keys(conn)
         exactly_before = conn.execute(EXACTLY).fetchall()
@@ -72,8 +75,10 @@ def test_every_row_that_points_at_a_removed_duplicate_points_at_the_kept_row_of_
             "select count(*) from public.photo_likes as l where l.photo is not null and not"
             " exists (select from breezeway.task_photos as p where p.id = l.photo)"
         ).fetchone()[0] == 0
-        # The same foreign key, against the new table, checked after the commit.
+        # The same foreign key, against the new table, checked after the commit; the table
+        # that has it is what it was to everything around it.
         assert conn.execute(FOREIGN_KEY).fetchone() == foreign_key
+        assert description(conn, "public.photo_likes") == likes_table
         moved = conn.execute(f"select count(*) from {record_of(conn, 'task_photos')}"
                              ).fetchone()[0]
         assert moved == pointing_at_removed
@@ -87,6 +92,7 @@ def test_every_row_that_points_at_a_removed_duplicate_points_at_the_kept_row_of_
         assert conn.execute(EXACTLY).fetchall() == exactly_before
         assert liked_keys(conn) == before
         assert conn.execute(FOREIGN_KEY).fetchone() == foreign_key
+        assert description(conn, "public.photo_likes") == likes_table
 
 
 REMOVED = """
@@ -172,3 +178,23 @@ def test_a_reference_made_after_the_capture_is_refused_until_it_is_captured_too(
     assert fresh.runner("swap", "--select", "task_photos").exit_code == 0
     with fresh.connect() as conn:
         assert conn.execute(EXACTLY).fetchall() != before
+
+
+def test_the_plan_says_how_many_rows_each_reference_re_points(fresh: Database) -> None:
+    with_likes(fresh)
+    with fresh.connect() as conn:
+        rows, pointing = conn.execute(
+            "select count(*), count(*) filter (where photo in (" + REMOVED + "))"
+            " from public.photo_likes").fetchone()
+        before = conn.execute(EXACTLY).fetchall()
+    result = fresh.runner("swap", "--select", "task_photos", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert (f"-- breezeway.task_photos: {pointing:,} of the {rows:,} rows of public.photo_likes "
+            "point at a duplicate the swap removes (foreign key photo_likes_photo_fkey) and "
+            "move to the kept row of its key") in result.stdout
+    assert "-- with them public.photo_likes, whose foreign keys are added again" in result.stdout
+    assert ('alter table "public"."photo_likes" add constraint "photo_likes_photo_fkey" FOREIGN '
+            "KEY (photo) REFERENCES breezeway.task_photos(id) ON DELETE CASCADE DEFERRABLE not "
+            "valid;") in result.stdout
+    with fresh.connect() as conn:
+        assert conn.execute(EXACTLY).fetchall() == before

@@ -33,8 +33,9 @@ import psycopg
 from psycopg import sql
 
 from runner.declaration.artifacts import DedupSpec, DedupTarget, Relation
-from runner.server.catalog import Index, LiveTable, Reference, read_live_table
-from runner.statements.keys import KeyCounts, count_keys, count_references
+from runner.server.catalog import Index, LiveTable, read_live_table
+from runner.server.references import ReferenceCount, reference_counts
+from runner.statements.keys import KeyCounts, count_keys
 from runner.statements.plan import check_spec_columns
 
 # Memory for the one hash aggregate per table, as the dbt project's key-group models get
@@ -53,17 +54,6 @@ class UniqueIndex:
     """The constraint's name where the index backs one, else the index's."""
     definition: str
     enforces_natural_key: bool
-
-
-@dataclass(frozen=True)
-class ReferenceCount:
-    """A foreign key of another table that points at the table, and how many of its rows
-    point at a duplicate the keep rule removes."""
-
-    constraint: str
-    table: str
-    rows: int
-    rows_pointing_at_duplicates: int
 
 
 @dataclass(frozen=True)
@@ -191,27 +181,9 @@ def audit_table(conn: psycopg.Connection, target: DedupTarget, live: LiveTable,
             watching = watch(Scan(live.relation, heap_bytes, estimate))
         with watching:
             row = conn.execute(count_keys(live.relation, target.spec)).fetchone()
-        references = _reference_counts(conn, target, live)
+        references = reference_counts(conn, target.spec, live)
     return TableAudit(target, KeyCounts(*row), total_bytes, unique_indexes(live, target.spec),
                       references)
-
-
-def _reference_counts(conn: psycopg.Connection, target: DedupTarget,
-                      live: LiveTable) -> tuple[ReferenceCount, ...]:
-    """Per foreign key that points at the table, its rows that point at a duplicate: one scan
-    of the table for all the keys that point at the same columns."""
-    by_referenced: dict[tuple[str, ...], list[Reference]] = {}
-    for reference in live.references:
-        by_referenced.setdefault(reference.referenced, []).append(reference)
-    counted = {}
-    for referenced, references in by_referenced.items():
-        row = conn.execute(count_references(
-            live.relation, target.spec, referenced,
-            [(r.table, r.columns) for r in references])).fetchone()
-        for number, reference in enumerate(references):
-            counted[reference] = ReferenceCount(reference.constraint, str(reference.table),
-                                                *row[2 * number:2 * number + 2])
-    return tuple(counted[reference] for reference in live.references)
 
 
 def audit(conn: psycopg.Connection, targets: list[DedupTarget], watch: Watch | None = None,

@@ -27,7 +27,7 @@ from runner.errors import ConnectionLost, RunnerError
 from runner.execution import executor, locking
 from runner.execution.executor import ASYNC_COMMIT, NO_JIT, run_batched, run_steps
 from runner.execution.locking import lock_timeout
-from runner.server import captures, catalog, privileges, swap_log
+from runner.server import captures, catalog, privileges, references, swap_log
 from runner.statements import capture, repoint
 from runner.statements.plan import (
     BuildCounts,
@@ -220,6 +220,18 @@ def _lock_summary(plans: list[TablePlan], options: SwapOptions) -> list[str]:
     return lines
 
 
+def _repoint_summary(conn: psycopg.Connection, plan: TablePlan) -> list[str]:
+    """How many rows of each referencing table the swap re-points, as the live rows say now."""
+    if not plan.repointings:
+        return []
+    counted = references.reference_counts(conn, plan.target.spec,
+                                          catalog.read_live_table(conn, plan.target.live))
+    return [f"-- {plan.target.live}: {count.rows_pointing_at_duplicates:,} of the {count.rows:,} "
+            f"rows of {count.table} point at a duplicate the swap removes (foreign key "
+            f"{count.constraint}) and move to the kept row of its key"
+            for count in counted]
+
+
 def _replay_lines(conn: psycopg.Connection, plan: TablePlan, under_lock: bool) -> list[str]:
     replay = plan.replay
     lines = [f"-- replay the writes captured on {plan.target.live}, a batch at a time, until the "
@@ -251,6 +263,8 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
     if not any(p.cutover or p.concurrent for p in plans):
         return "\n".join(lines)
     lines += _lock_summary(plans, options)
+    for plan in plans:
+        lines += _repoint_summary(conn, plan)
     for plan in plans:
         for steps in (plan.concurrent, plan.lookup):
             for step in _concurrent_steps(steps, options) if steps else []:
