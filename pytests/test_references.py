@@ -4,7 +4,10 @@ adds the foreign key again against the new table, and a rollback puts every such
 
 from __future__ import annotations
 
+import random
+
 import psycopg
+import pytest
 from conftest import Database, description, said
 
 from runner.jobs import swap
@@ -198,3 +201,93 @@ def test_the_plan_says_how_many_rows_each_reference_re_points(fresh: Database) -
             "valid;") in result.stdout
     with fresh.connect() as conn:
         assert conn.execute(EXACTLY).fetchall() == before
+
+
+def _etl_meanwhile(etl: psycopg.Connection, rng: random.Random, likes: dict[int, int | None],
+                   writes: int) -> None:
+    """Random writes of the ETL while the swap works, to both tables, `likes` kept as the ETL
+    leaves it. It moves and deletes only likes of its own (the swap row-locks those it
+    re-points until its commit) and deletes only photos nobody likes."""
+    own: list[int] = []
+    for _ in range(writes):
+        photos = [r[0] for r in etl.execute("select id from breezeway.task_photos")]
+        removed = [r[0] for r in etl.execute(REMOVED)]
+        action = rng.choice(["like removed", "like any", "move own", "delete own", "new copy",
+                             "re-key", "delete unliked"])
+        if action in ("like removed", "like any"):
+            photo = rng.choice(removed if action == "like removed" and removed else photos)
+            own.append(etl.execute("insert into public.photo_likes (photo, liked_by)"
+                                   " values (%s, 'etl') returning id", (photo,)).fetchone()[0])
+            likes[own[-1]] = photo
+        elif action == "move own" and own:
+            like, photo = rng.choice(own), rng.choice(photos)
+            etl.execute("update public.photo_likes set photo = %s where id = %s", (photo, like))
+            likes[like] = photo
+        elif action == "delete own" and own:
+            like = own.pop(rng.randrange(len(own)))
+            etl.execute("delete from public.photo_likes where id = %s", (like,))
+            del likes[like]
+        elif action == "new copy":
+            etl.execute("insert into breezeway.task_photos (task_pk, photo_id) select task_pk,"
+                        " photo_id from breezeway.task_photos where id = %s", (rng.choice(photos),))
+        elif action == "re-key":
+            etl.execute("update breezeway.task_photos set photo_id = %s where id = %s",
+                        (rng.choice(photos), rng.choice(photos)))
+        elif action == "delete unliked":
+            etl.execute("delete from breezeway.task_photos where id = (select p.id from"
+                        " breezeway.task_photos as p where not exists (select from"
+                        " public.photo_likes as l where l.photo = p.id) order by p.id"
+                        " offset %s limit 1)", (rng.randrange(50),))
+
+
+@pytest.mark.parametrize("seed", list(range(1, 9)))
+def test_random_writes_during_the_swap_end_on_the_kept_rows_and_come_back_on_rollback(
+        fresh: Database, seed: int) -> None:
+    with_likes(fresh)
+    with fresh.connect() as conn:
+        likes = dict(conn.execute("select id, photo from public.photo_likes").fetchall())
+    rng = random.Random(seed)
+    # Someone reads the likes as the swap begins: its first lock tries time out, and the ETL
+    # writes between them too.
+    holder = fresh.connect()
+    holder.execute("begin")
+    holder.execute("lock table public.photo_likes in access share mode")
+    tries = []
+
+    def write_meanwhile(label: str) -> None:
+        if label.startswith("replay before the lock"):
+            with fresh.connect() as etl:
+                _etl_meanwhile(etl, rng, likes, 30)
+        if label == "lock try timed out" and not tries:
+            tries.append(label)
+            with fresh.connect() as etl:
+                _etl_meanwhile(etl, rng, likes, 15)
+            holder.execute("rollback")
+
+    options = swap.SwapOptions(target_dir=fresh.target_dir, select=["task_photos"],
+                               lock_timeout_ms=50)
+    with fresh.connect() as conn:
+        conn.execute("set search_path = pg_catalog")
+        swap.execute(conn, swap.make_plans(conn, options), options, after_step=write_meanwhile)
+    holder.close()
+    assert tries
+    with fresh.connect() as conn:
+        archive = conn.execute(
+            "select format('%%I.%%I', 'dedup_archive', archive_table) from"
+            " dedup_archive.swap_log where live_table = %s", ("task_photos",)).fetchone()[0]
+        # Every like is where the ETL left it, or on the kept row of that row's key as the
+        # original had it at the commit; the foreign key holds, validated.
+        now = dict(conn.execute("select id, photo from public.photo_likes").fetchall())
+        assert now.keys() == likes.keys()
+        keys_then = {row_id: (task_pk, photo_id) for row_id, task_pk, photo_id in conn.execute(
+            f"select id, task_pk, photo_id from {archive}")}
+        keys_now = {row_id: (task_pk, photo_id) for row_id, task_pk, photo_id in conn.execute(
+            "select id, task_pk, photo_id from breezeway.task_photos")}
+        for like, photo in likes.items():
+            if photo is not None:
+                assert keys_now[now[like]] == keys_then[photo], like
+        assert conn.execute(FOREIGN_KEY).fetchone()[1] is True
+    result = fresh.runner("rollback", "--select", "task_photos")
+    assert result.exit_code == 0, result.output
+    with fresh.connect() as conn:
+        assert dict(conn.execute("select id, photo from public.photo_likes").fetchall()) == likes

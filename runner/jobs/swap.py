@@ -241,6 +241,7 @@ def _replay_lines(conn: psycopg.Connection, plan: TablePlan, under_lock: bool) -
     lines.append("-- a TRUNCATE stops the swap: " + replay.truncated.as_string(conn) + ";")
     lines.append("-- only when this is true: " + replay.needs_rescan.as_string(conn) + ";")
     lines += [statement.as_string(conn) + ";" for statement in [*replay.rescan, *replay.apply]]
+    lines += [step.statement.as_string(conn) + ";" for step in _note_changed(plan)]
     check = replay.touched_rows_match if under_lock else replay.touched_rows_settled
     lines.append("-- after each batch, must be true: " + check.as_string(conn) + ";")
     if not under_lock:
@@ -284,10 +285,12 @@ class _NeedsRescan(locking.Retry):
 
 
 def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool,
-            for_at_most_s: float | None = None) -> int:
+            for_at_most_s: float | None = None, after_batch: list[Step] | None = None) -> int:
     """Replay a table's captured writes into its new table until the log is empty (under the
     lock) or the remaining writes are few, or, outside the lock, `for_at_most_s` has passed
-    (the lock tries catch up with the rest); returns how many were replayed."""
+    (the lock tries catch up with the rest); returns how many were replayed. `after_batch`
+    runs after each batch is applied."""
+    after_batch = after_batch or []
     replay = plan.replay
     replayed = 0
     deadline = None if for_at_most_s is None else time.monotonic() + for_at_most_s
@@ -307,6 +310,7 @@ def _replay(conn: psycopg.Connection, plan: TablePlan, *, under_lock: bool,
             for statement in replay.rescan:
                 conn.execute(statement)
         run_batched(conn, [Step("", statement) for statement in replay.apply])
+        run_steps(conn, after_batch)
         replayed += conn.execute("select count(*) from pg_temp.dedup_batch").fetchone()[0]
         if under_lock:
             run_steps(conn, [Step(f"every row the replay touched in {plan.target.live} equals its "
@@ -325,6 +329,13 @@ def _repoint_setup(plan: TablePlan) -> list[Step]:
                  "the new table does not keep, queued to move to the kept row of their key",
                  statement)
             for r in plan.repointings for statement in repoint.setup(r)]
+
+
+def _note_changed(plan: TablePlan) -> list[Step]:
+    return [Step(f"{r.reference.shown}: the rows of the batch that the ETL updated, which may "
+                 "have left the key of the rows moved to or from them",
+                 repoint.note_changed(r, sql.Identifier("pg_temp", "dedup_batch")))
+            for r in plan.repointings]
 
 
 def _moves(plan: TablePlan, under_lock: bool) -> list[Step]:
@@ -488,7 +499,9 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
     def replay(plan: TablePlan, under_lock: bool) -> None:
         nonlocal replayed
         replayed += _replay(conn, plan, under_lock=under_lock,
-                            for_at_most_s=None if under_lock else options.lock_wait_s)
+                            for_at_most_s=None if under_lock else options.lock_wait_s,
+                            after_batch=_note_changed(plan) if plan.target.live in repointing
+                            else [])
         if plan.target.live in repointing:
             run_steps(conn, _moves(plan, under_lock))
 

@@ -12,9 +12,12 @@ referenced values may have to move:
               trigger on the new table, which is the swap's alone, queues its values.
 A queued value moves once its row is not kept and the row that keeps its key is in the live
 table too (the replay may lag behind the ETL before the lock; under it, never). Each moved row
-is recorded with the value it had, for a rollback to put back. Under the lock the queue ends
-empty, the foreign key is added again against the new table, NOT VALID, and checked after the
-commit. Every statement here is built from facts alone; runner.jobs.swap runs them.
+is recorded with the value it had, for a rollback to put back. A moved row belongs with the
+kept row of the key its original row has at the commit: when the ETL re-keys the original, or
+the kept row it was moved to, the replay notes the change and the row moves again. Under the
+lock the queue ends empty, the foreign key is added again against the new table, NOT VALID,
+and checked after the commit. Every statement here is built from facts alone; runner.jobs.swap
+runs them.
 """
 
 from __future__ import annotations
@@ -118,6 +121,14 @@ class Repointing:
         return self._temp("dedup_survivors")
 
     @property
+    def changed(self) -> sql.Identifier:
+        return self._temp("dedup_changed")
+
+    @property
+    def again(self) -> sql.Identifier:
+        return self._temp("dedup_again")
+
+    @property
     def unkept_trigger(self) -> str:
         return pg_name("dedup_unkept", self.reference.table.name, self.reference.constraint)
 
@@ -176,9 +187,10 @@ def setup(r: Repointing) -> list[sql.Composed]:
     shadow = _id(r.shadow)
     body = sql.SQL("begin insert into {queue} select {values} from gone; return null; end").format(
         queue=r.queue, values=_list(r.referenced("gone")))
+    referenced = _names(list(r.reference.referenced))
     return [
-        sql.SQL("create temp table {} on commit drop as select {} from {} with no data").format(
-            r.queue, _list([sql.Identifier(c) for c in r.reference.referenced]), _id(r.live)),
+        *(sql.SQL("create temp table {} on commit drop as select {} from {} with no data").format(
+            table, referenced, _id(r.live)) for table in (r.queue, r.changed)),
         sql.SQL("create function {}() returns trigger language plpgsql as {}").format(
             r.unkept_function, sql.Literal(body.as_string())),
         sql.SQL("create trigger {} after delete on {} referencing old table as gone"
@@ -194,6 +206,9 @@ def setup(r: Repointing) -> list[sql.Composed]:
             table=_id(r.reference.table)),
         sql.SQL("alter table {} add primary key ({})").format(_id(r.record),
                                                               _names(r.numbered_key())),
+        # The rows to move again are found by where they pointed and where they point.
+        *(sql.SQL("create index on {} ({})").format(_id(r.record), _names(r.numbered(prefix)))
+          for prefix in ("was", "now")),
         sql.SQL("insert into {queue} select distinct {values} from {live} as t"
                 " where exists (select from {table} as r where {points})"
                 " and not exists (select from {shadow} as k where k.{tb} = t.{tb})").format(
@@ -203,40 +218,109 @@ def setup(r: Repointing) -> list[sql.Composed]:
     ]
 
 
+def note_changed(r: Repointing, batch: sql.Identifier) -> sql.Composed:
+    """After each replayed batch of the live table's changes: the rows it updated, any of
+    which may be a moved row's original or the kept row it was moved to, and may have a key of
+    its own now."""
+    def values(row: str) -> sql.Composed:
+        return _list([sql.SQL("({}).{}").format(sql.Identifier(row), sql.Identifier(c))
+                      for c in r.reference.referenced])
+    return sql.SQL("insert into {changed} select {old} from {batch} where op = 'U'"
+                   " union select {new} from {batch} where op = 'U'").format(
+        changed=r.changed, old=values("old_row"), new=values("new_row"), batch=batch)
+
+
+def _per_shape(r: Repointing, template: str, **parts: sql.Composable) -> sql.Composed:
+    """`template` once per shape of key, with `shape` (the live row `t`'s key has it) and
+    `same_key` (the new table's row `s` has that key), so that the new table's unique index
+    finds `s`; the queries joined by UNION ALL."""
+    not_null = {c.name for c in r.columns if c.not_null}
+    return sql.SQL(" union all ").join(
+        sql.SQL(template).format(
+            shape=nulls_exactly(_columns("t"), shape),
+            same_key=shape_matches(r.spec, _columns("s"), _columns("t"), shape), **parts)
+        for shape in key_shapes(r.spec, not_null))
+
+
+def _move_again(r: Repointing) -> list[sql.Composed]:
+    """The moved rows whose original or new target the ETL changed since: each moves to the
+    kept row of the key its original has now, once that row is in the live table too."""
+    was, now = r.numbered("was"), r.numbered("now")
+    target = r.numbered("target")
+    related = sql.SQL(" or ").join(
+        sql.SQL("exists (select from {} as c where {})").format(
+            r.changed, _equal(r.referenced("c"), [_columns("m")(n) for n in names]))
+        for names in (was, now))
+    return [
+        sql.SQL("drop table if exists {}").format(r.again),
+        sql.SQL("create temp table {} on commit drop as {}").format(r.again, _per_shape(
+            r, "select {row_key}, {was}, {now}, {target},"
+               " exists (select from {live} as l where {kept_live}) as ready"
+               " from {record} as m join {live} as t on {original}"
+               " join {shadow} as s on {shape} and {same_key} where {related}",
+            row_key=_list([_columns("m")(n) for n in r.numbered_key()]),
+            was=_list([_columns("m")(n) for n in was]),
+            now=_list([_columns("m")(n) for n in now]),
+            target=_renamed(r.referenced("s"), target), live=_id(r.live),
+            kept_live=_equal(r.referenced("l"), r.referenced("s")), record=_id(r.record),
+            original=_equal(r.referenced("t"), [_columns("m")(n) for n in was]),
+            shadow=_id(r.shadow), related=related)),
+        sql.SQL(
+            "with moved as (update {table} as r set {assign} from {again} as a"
+            " where a.ready and ({targets}) <> ({nows}) and {same_row} and {still}"
+            " returning {row_key}, {moved_to})"
+            " update {record} as m set {record_now} from moved where {recorded}"
+        ).format(
+            table=_id(r.reference.table), again=r.again,
+            assign=_list([sql.SQL("{} = a.{}").format(sql.Identifier(c), sql.Identifier(t))
+                          for c, t in zip(r.reference.columns, target, strict=True)]),
+            targets=_list([_columns("a")(t) for t in target]),
+            nows=_list([_columns("a")(n) for n in now]),
+            same_row=_equal([_columns("r")(k) for k in r.reference.row_key],
+                            [_columns("a")(n) for n in r.numbered_key()]),
+            still=_equal(r.pointing("r"), [_columns("a")(n) for n in now]),
+            row_key=_list([_columns("a")(n) for n in r.numbered_key()]),
+            moved_to=_list([_columns("a")(t) for t in target]), record=_id(r.record),
+            record_now=_list([sql.SQL("{} = moved.{}").format(sql.Identifier(n),
+                                                              sql.Identifier(t))
+                              for n, t in zip(now, target, strict=True)]),
+            recorded=_equal([_columns("m")(n) for n in r.numbered_key()],
+                            [_columns("moved")(n) for n in r.numbered_key()])),
+        # What waits for its kept row to reach the live table stays noted for the next round.
+        sql.SQL("delete from {changed} as c where not exists (select from {again} as a"
+                " where not a.ready and ({was_match} or {now_match}))").format(
+            changed=r.changed, again=r.again,
+            was_match=_equal(r.referenced("c"), [_columns("a")(n) for n in was]),
+            now_match=_equal(r.referenced("c"), [_columns("a")(n) for n in now])),
+    ]
+
+
 def _survivors(r: Repointing) -> sql.Composed:
     """Each queued value whose row the new table does not keep, with the one of its key the
-    new table keeps, where that one is in the live table too; one query per shape of key, so
-    that the new table's unique index finds it."""
-    not_null = {c.name for c in r.columns if c.not_null}
-    per_shape = [
-        sql.SQL(
-            "select distinct {old}, {new} from (select distinct * from {queue}) as q"
-            " join {live} as t on {pointed}"
-            " join {shadow} as s on {shape} and {same_key}"
-            " where not exists (select from {shadow} as k where k.{tb} = t.{tb})"
-            " and exists (select from {live} as l where {survivor_live})"
-        ).format(
-            old=_renamed(r.referenced("t"), r.numbered("was")),
-            new=_renamed(r.referenced("s"), r.numbered("now")),
-            queue=r.queue, live=_id(r.live), shadow=_id(r.shadow),
-            pointed=_equal(r.referenced("t"), r.referenced("q")),
-            shape=nulls_exactly(_columns("t"), shape),
-            same_key=shape_matches(r.spec, _columns("s"), _columns("t"), shape),
-            tb=sql.Identifier(r.spec.tiebreaker),
-            survivor_live=_equal(r.referenced("l"), r.referenced("s")))
-        for shape in key_shapes(r.spec, not_null)]
-    return sql.SQL("create temp table {} on commit drop as {}").format(
-        r.survivors, sql.SQL(" union all ").join(per_shape))
+    new table keeps, where that one is in the live table too."""
+    return sql.SQL("create temp table {} on commit drop as {}").format(r.survivors, _per_shape(
+        r, "select distinct {old}, {new} from (select distinct * from {queue}) as q"
+           " join {live} as t on {pointed} join {shadow} as s on {shape} and {same_key}"
+           " where not exists (select from {shadow} as k where k.{tb} = t.{tb})"
+           " and exists (select from {live} as l where {survivor_live})",
+        old=_renamed(r.referenced("t"), r.numbered("was")),
+        new=_renamed(r.referenced("s"), r.numbered("now")),
+        queue=r.queue, live=_id(r.live), shadow=_id(r.shadow),
+        pointed=_equal(r.referenced("t"), r.referenced("q")),
+        tb=sql.Identifier(r.spec.tiebreaker),
+        survivor_live=_equal(r.referenced("l"), r.referenced("s"))))
 
 
 def move(r: Repointing) -> list[sql.Composed]:
-    """One round: the values written since the last, then every queued value that can move,
-    moved and recorded; what cannot move yet stays queued."""
+    """One round: the moved rows whose targets changed move again; then the values written
+    since the last round are queued, and every queued value that can move is moved and
+    recorded; what cannot move yet stays queued."""
     written = [sql.SQL("({}).{}").format(sql.Identifier("new_row"), sql.Identifier(c))
                for c in r.reference.columns]
     was = [_columns("m")(n) for n in r.numbered("was")]
     now = r.numbered("now")
     return [
+        *_move_again(r),
         sql.SQL("with taken as (delete from {log} returning new_row)"
                 " insert into {queue} select distinct {written} from taken where {present}").format(
             log=_id(r.capture.log), queue=r.queue, written=_list(written),
@@ -272,7 +356,8 @@ def move(r: Repointing) -> list[sql.Composed]:
 
 def nothing_left(r: Repointing) -> sql.Composed:
     """A check under the lock, after the last round: no reference is left to move."""
-    return sql.SQL("select count(*) = 0, count(*) as references_left from {}").format(r.queue)
+    return sql.SQL("select count(*) = 0, count(*) as references_left from (select from {}"
+                   " union all select from {}) as waiting").format(r.queue, r.changed)
 
 
 def moved_rows(r: Repointing) -> sql.Composed:
