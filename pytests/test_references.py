@@ -4,6 +4,7 @@ adds the foreign key again against the new table, and a rollback puts every such
 
 from __future__ import annotations
 
+import json
 import random
 
 import psycopg
@@ -69,8 +70,11 @@ def test_every_row_that_points_at_a_removed_duplicate_points_at_the_kept_row_of_
             " (select id, row_number() over (partition by task_pk, photo_id order by id desc)"
             " as n from breezeway.task_photos) as ranked where n > 1)").fetchone()[0]
     assert pointing_at_removed > 0
-    result = fresh.runner("swap", "--select", "task_photos")
+    result = fresh.runner("swap", "--select", "task_photos", "--format", "json")
     assert result.exit_code == 0, result.output
+    (repointed,) = json.loads(result.stdout)["tables"][0]["repointed"]
+    assert repointed["table"] == "public.photo_likes"
+    assert repointed["rows"] == pointing_at_removed
     with fresh.connect() as conn:
         # Every like points at a live photo with the key its photo had, the unset one at none.
         assert liked_keys(conn) == before

@@ -226,6 +226,10 @@ def _print_summary(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -
         click.echo(f"Live tables locked for {result.lock_ms:.0f} ms. Every original row is "
                    f"kept in {', '.join(archives)}; writes from now on are captured, for a "
                    "rollback, until `runner cleanup` or `runner capture --stop`.")
+    for r, rows in result.repointed.items():
+        click.echo(f"Re-pointed {rows:,} rows of {r.reference.table} (foreign key "
+                   f"{r.reference.constraint}) at the kept rows of {r.live}; where each pointed "
+                   f"is kept in {r.record}, for a rollback.")
     for note in result.notes:
         click.echo(f"Note: {note}")
 
@@ -270,7 +274,9 @@ def _swap(options: swap.SwapOptions, dry_run: bool, output_format: str = "table"
         if output_format == "json":
             click.echo(json.dumps(_as_data(result, sizes), indent=2))
         elif output_format == "csv":
-            _emit("", _as_data(result, sizes)["tables"], "csv")
+            # One flat row per table: the rows re-pointed in all tables that reference it.
+            _emit("", [{**table, "repointed": sum(r["rows"] for r in table["repointed"])}
+                       for table in _as_data(result, sizes)["tables"]], "csv")
         elif all(p.action == "nothing" for p in plans):
             click.echo("Nothing to do: every table is deduplicated and its natural key enforced.")
         else:
@@ -292,6 +298,10 @@ def _as_data(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> dict
                 "bytes_after": sizes[plan.target.live.name][1],
                 "archive": str(plan.archive) if plan.archive else None,
                 "constraint": plan.constraint or None,
+                "repointed": [
+                    {"foreign_key": r.reference.constraint, "table": str(r.reference.table),
+                     "rows": result.repointed.get(r, 0), "record": str(r.record)}
+                    for r in plan.repointings],
             }
             for plan in result.plans
         ],

@@ -70,6 +70,8 @@ class SwapResult:
     """Per table, the rows of the original and of the new table at commit."""
     notes: list[str] = field(default_factory=list)
     """What the commit left to do by hand: foreign keys that could not be validated."""
+    repointed: dict[repoint.Repointing, int] = field(default_factory=dict)
+    """Per foreign key that points at a swapped table, the rows the swap moved."""
 
 
 def build_counts(conn: psycopg.Connection, target: artifacts.DedupTarget) -> BuildCounts:
@@ -554,4 +556,7 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
                 gave_up_before=lambda step: _gave_up_before(options, step),
                 validate=validate, lock_timeout_ms=options.lock_timeout_ms,
                 postpone=options.postpone), step_done)
-    return SwapResult(plans, result.lock_ms, result.attempts, replayed, rows, result.notes)
+    moved = {r: conn.execute(repoint.moved_rows(r)).fetchone()[0]
+             for plan in active for r in plan.repointings}
+    return SwapResult(plans, result.lock_ms, result.attempts, replayed, rows, result.notes,
+                      moved)
