@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import random
+import threading
+import time
 
 import psycopg
 import pytest
 from conftest import Database, description, said
 
+from runner.errors import RunnerError
 from runner.jobs import swap
 
 LIKES = """
@@ -295,3 +298,45 @@ def test_random_writes_during_the_swap_end_on_the_kept_rows_and_come_back_on_rol
     assert result.exit_code == 0, result.output
     with fresh.connect() as conn:
         assert dict(conn.execute("select id, photo from public.photo_likes").fetchall()) == likes
+
+
+def test_a_writer_that_waits_for_a_re_pointed_row_makes_the_swap_give_up_at_once(
+        fresh: Database) -> None:
+    """The ETL updates a like the swap moved: it waits for the swap's commit, and its lock on
+    the likes keeps the swap from theirs. The swap gives up at the first failed try, long
+    before --lock-wait, and the writer goes on."""
+    with_likes(fresh)
+    with fresh.connect() as conn:
+        moved_like = conn.execute("select id from public.photo_likes where photo in ("
+                                  + REMOVED + ") order by id limit 1").fetchone()[0]
+        before = conn.execute(EXACTLY).fetchall()
+    writer = threading.Thread(target=lambda: fresh.scalar(
+        "update public.photo_likes set liked_by = 'edited' where id = %s returning id",
+        (moved_like,)))
+
+    tries = []
+
+    def update_meanwhile(label: str) -> None:
+        if label == "lock try timed out":
+            tries.append(label)
+        if label.startswith("replay before the lock"):
+            writer.start()
+            with fresh.connect() as conn:
+                while not conn.execute("select exists (select from pg_stat_activity where"
+                                       " wait_event_type = 'Lock' and query like 'update public"
+                                       ".photo_likes%')").fetchone()[0]:
+                    time.sleep(0.01)
+
+    options = swap.SwapOptions(target_dir=fresh.target_dir, select=["task_photos"])
+    with fresh.connect() as conn, pytest.raises(RunnerError) as gave_up:
+        swap.execute(conn, swap.make_plans(conn, options), options, after_step=update_meanwhile)
+    writer.join(10)
+    assert tries == ["lock try timed out"]
+    assert str(gave_up.value).startswith("gave up, nothing was changed: pid ")
+    assert "waits for rows the swap re-pointed" in str(gave_up.value)
+    with fresh.connect() as conn:
+        after = conn.execute(EXACTLY).fetchall()
+        assert [row for row in after if row[0] != moved_like] == [
+            row for row in before if row[0] != moved_like]
+        assert dict((row[0], row[2]) for row in after)[moved_like] == "edited"
+        assert conn.execute("select to_regclass('dedup_archive.swap_log')").fetchone()[0] is None

@@ -333,6 +333,18 @@ def _repoint_setup(plan: TablePlan) -> list[Step]:
             for r in plan.repointings for statement in repoint.setup(r)]
 
 
+def _refuse_to_hold_up(conn: psycopg.Connection) -> None:
+    """Between the lock's tries: a session that waits for rows the swap re-pointed (or for the
+    kept rows their foreign keys checked) waits until the commit, and the table lock it holds
+    meanwhile keeps the swap from it: give up at once rather than hold it up until --lock-wait."""
+    waiting = catalog.waiting_for_this_session(conn)
+    if waiting:
+        raise RunnerError(f"gave up, nothing was changed: {waiting} waits for rows the swap "
+                          "re-pointed, or for the kept rows they now point at, and holds a lock "
+                          "the swap needs; run `runner swap` again when the ETL pauses, or set "
+                          "references: refuse for the table")
+
+
 def _note_changed(plan: TablePlan) -> list[Step]:
     return [Step(f"{r.reference.shown}: the rows of the batch that the ETL updated, which may "
                  "have left the key of the rows moved to or from them",
@@ -530,6 +542,8 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
 
     def replay_between_tries() -> None:
         nonlocal replayed_between_tries
+        if any(p.repointings for p in active):
+            _refuse_to_hold_up(conn)
         already = replayed
         replay_all()
         replayed_between_tries += replayed - already

@@ -588,6 +588,22 @@ def lock_holders(conn: psycopg.Connection, tables: list[Relation]) -> str:
                      for pid, user, app, state, query in rows) or "no holder left by now"
 
 
+def waiting_for_this_session(conn: psycopg.Connection) -> str:
+    """The sessions that wait for a lock this one holds (between the cut-over's tries: the rows
+    it re-pointed, or the live rows their foreign keys checked), as the messages name them."""
+    rows = conn.execute(
+        """
+        select pid, coalesce(usename, '?'), coalesce(application_name, ''), coalesce(state, ''),
+               left(coalesce(query, ''), 60)
+        from pg_stat_activity
+        where pg_backend_pid() = any(pg_blocking_pids(pid))
+        order by pid
+        """
+    ).fetchall()
+    return "; ".join(f"pid {pid} ({user} {app} {state}: {query})"
+                     for pid, user, app, state, query in rows)
+
+
 def oldest_transactions(conn: psycopg.Connection, limit: int = 3) -> str:
     """The sessions whose transactions began longest ago, for the message of a runner that
     waited for them to end."""
