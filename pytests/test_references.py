@@ -340,3 +340,63 @@ def test_a_writer_that_waits_for_a_re_pointed_row_makes_the_swap_give_up_at_once
             row for row in before if row[0] != moved_like]
         assert dict((row[0], row[2]) for row in after)[moved_like] == "edited"
         assert conn.execute("select to_regclass('dedup_archive.swap_log')").fetchone()[0] is None
+
+
+def test_a_trigger_that_keeps_a_row_from_moving_fails_the_swap_before_anything_changes(
+        fresh: Database) -> None:
+    with_likes(fresh)
+    with fresh.connect() as conn:
+        conn.execute("create function public.keep_likes() returns trigger language plpgsql as"
+                     " $$ begin if new.liked_by = 'guest 3' then return null; end if;"
+                     " return new; end $$;"
+                     " create trigger keep_likes before update on public.photo_likes"
+                     " for each row execute function public.keep_likes()")
+        before = conn.execute(EXACTLY).fetchall()
+    result = fresh.runner("swap", "--select", "task_photos")
+    assert result.exit_code == 4, result.output
+    assert said(result)[-1].startswith(
+        "Error: check failed, nothing was changed: public.photo_likes.photo_likes_photo_fkey: "
+        "every row that pointed at a row moved in this round points at its kept row (a trigger "
+        "or a policy of public.photo_likes could have kept one from it) "
+        "(rows_left_pointing_at_removed_rows=")
+    with fresh.connect() as conn:
+        assert conn.execute(EXACTLY).fetchall() == before
+
+
+PARTITIONED_VIEWS = """
+create table public.photo_views (id bigint generated always as identity, region int not null,
+    photo bigint references breezeway.task_photos (id), primary key (id, region))
+    partition by list (region);
+create table public.photo_views_1 partition of public.photo_views for values in (1);
+create table public.photo_views_2 partition of public.photo_views for values in (2);
+create index on public.photo_views (photo);
+insert into public.photo_views (region, photo)
+    select 1 + id % 2, id from breezeway.task_photos where id % 5 = 0;
+"""
+# Each view by the natural key of the photo it points at.
+VIEWED_KEYS = """
+select v.id, p.task_pk, p.photo_id from public.photo_views as v
+join breezeway.task_photos as p on p.id = v.photo order by v.id
+"""
+
+
+def test_a_partitioned_referencing_table_is_re_pointed_from_postgresql_18_refused_before(
+        fresh: Database) -> None:
+    """test_versions.py runs the re-pointing of one on every version from 18."""
+    with fresh.connect() as conn:
+        conn.execute(PARTITIONED_VIEWS)
+        version = conn.info.server_version
+        viewed = conn.execute(VIEWED_KEYS).fetchall()
+    assert fresh.runner("capture").exit_code == 0
+    result = fresh.runner("swap", "--select", "task_photos")
+    if version >= 180000:
+        assert result.exit_code == 0, result.output
+        with fresh.connect() as conn:
+            assert conn.execute(VIEWED_KEYS).fetchall() == viewed
+        return
+    assert result.exit_code == 4, result.output
+    assert said(result) == [
+        "Error: public.photo_views, whose foreign key photo_views_photo_fkey points at "
+        "breezeway.task_photos, is partitioned, and before PostgreSQL 18 such a key cannot be "
+        "added NOT VALID: the swap would check all its rows under the lock; re-point them by "
+        "hand, or set references: refuse for breezeway.task_photos"]

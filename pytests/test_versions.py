@@ -15,11 +15,13 @@ import pytest
 import versions
 from conftest import TEST_SCALE, Database, description
 from psycopg import sql
+from test_references import EXACTLY, LIKES, PARTITIONED_VIEWS, VIEWED_KEYS, liked_keys
 
 from runner import demo
 from runner.declaration.names import constraint_name, null_key_index_names
 from runner.server.embedded import EmbeddedPostgres
 from runner.statements.keys import NULLS_NOT_DISTINCT_VERSION
+from runner.statements.plan import PARTITIONED_NOT_VALID_VERSION
 
 SWAPPED = [t.name for t in demo.CHILD_TABLES if t.name != "task_tags"]
 
@@ -44,6 +46,23 @@ def server(request: pytest.FixtureRequest) -> Iterator[EmbeddedPostgres]:
 def _ids(conn: psycopg.Connection, table: str) -> set[int]:
     return {row[0] for row in conn.execute(
         sql.SQL("select id from {}").format(sql.Identifier("breezeway", table)))}
+
+
+def _referenced_keys(conn: psycopg.Connection, version: int) -> list:
+    """The natural keys of the photos the likes (and, from 18, the views) point at."""
+    keys = liked_keys(conn)
+    if version >= PARTITIONED_NOT_VALID_VERSION:
+        keys += conn.execute(VIEWED_KEYS).fetchall()
+    return keys
+
+
+def _references(conn: psycopg.Connection, version: int) -> tuple[list, list]:
+    """The referencing rows exactly, and the keys they point at."""
+    rows = conn.execute(EXACTLY).fetchall()
+    if version >= PARTITIONED_NOT_VALID_VERSION:
+        rows += conn.execute("select id, region, photo from public.photo_views order by id"
+                             ).fetchall()
+    return rows, _referenced_keys(conn, version)
 
 
 def _constraint_only_and_back(database: Database, table: str, original: dict) -> None:
@@ -78,6 +97,12 @@ def test_the_demo_is_captured_built_swapped_verified_and_rolled_back(server: Emb
         conn.execute("create database demo")
     with psycopg.connect(autocommit=True, **{**server.conninfo, "dbname": "demo"}) as conn:
         demo.generate(conn, TEST_SCALE)
+        # Tables that reference one the swap replaces: their rows are re-pointed, and put
+        # back by the rollback; a partitioned one's key is added NOT VALID from 18 on.
+        conn.execute(LIKES)
+        if version >= PARTITIONED_NOT_VALID_VERSION:
+            conn.execute(PARTITIONED_VIEWS)
+        references_before = _references(conn, version)
     database = Database({**server.environ(), "PGDATABASE": "demo"}, tmp_path / "target")
     captured = database.runner("capture")
     assert captured.exit_code == 0, captured.output
@@ -108,6 +133,7 @@ def test_the_demo_is_captured_built_swapped_verified_and_rolled_back(server: Emb
             kept = _ids(conn, table)
             assert len(kept) == expected[table].unique, table
             assert kept == demo.expected_kept_ids(table, TEST_SCALE), table
+        assert _referenced_keys(conn, version) == references_before[1]
     # reservation_guests: an alternative key where the email is NULL, one statement per shape.
     guests = database.runner("upsert-sql", "reservation_guests")
     assert guests.exit_code == 0, guests.output
@@ -127,6 +153,7 @@ def test_the_demo_is_captured_built_swapped_verified_and_rolled_back(server: Emb
         for table in SWAPPED:
             assert description(conn, f"breezeway.{table}") == before[table], table
             assert _ids(conn, table) == rows_before[table], table
+        assert _references(conn, version) == references_before
         said = conn.execute("show server_version").fetchone()[0].split()[0]
     _constraint_only_and_back(database, "reservation_guests", before["reservation_guests"])
     versions.OUTCOMES[version // 10000] = (

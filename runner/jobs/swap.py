@@ -359,10 +359,26 @@ def _moves(plan: TablePlan, under_lock: bool) -> list[Step]:
         steps += [Step(f"{r.reference.shown}: the rows that point at a row the new table does "
                        "not keep move to the kept row of its key", statement)
                   for statement in repoint.move(r)]
+        steps.append(Step(f"{r.reference.shown}: every row that pointed at a row moved in this "
+                          "round points at its kept row (a trigger or a policy of "
+                          f"{r.reference.table} could have kept one from it)",
+                          repoint.all_moved(r), check=True))
         if under_lock:
             steps.append(Step(f"{r.reference.shown}: no row is left pointing at a removed row",
                               repoint.nothing_left(r), check=True))
     return steps
+
+
+def _move(conn: psycopg.Connection, plan: TablePlan, under_lock: bool,
+          options: SwapOptions) -> None:
+    """A round of re-pointing, tried again when a row it moves is locked by a writer for
+    longer than the lock timeout: the try is undone, and nobody waits behind it meanwhile."""
+    locking.retry_until(
+        conn, lambda: run_steps(conn, _moves(plan, under_lock)), wait_s=options.lock_wait_s,
+        gave_up=lambda tries, error: (
+            f"could not re-point the rows that point at {plan.target.live} in {tries} tries "
+            f"over {options.lock_wait_s:g} s, nothing was changed: writers kept them locked "
+            f"({error.diag.message_primary}); retry when the ETL pauses, or raise --lock-wait"))
 
 
 def _concurrent_steps(steps: list[Step], options: SwapOptions) -> list[Step]:
@@ -517,7 +533,7 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
                             after_batch=_note_changed(plan) if plan.target.live in repointing
                             else [])
         if plan.target.live in repointing:
-            run_steps(conn, _moves(plan, under_lock))
+            _move(conn, plan, under_lock, options)
 
     def replay_all(under_lock: bool = False) -> None:
         for plan in replaying:
@@ -531,7 +547,7 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
         if plan.repointings:
             run_steps(conn, _repoint_setup(plan))
             repointing.add(plan.target.live)
-            run_steps(conn, _moves(plan, under_lock=False))
+            _move(conn, plan, under_lock=False, options=options)
 
     def cut_over() -> None:
         replay_all(under_lock=True)

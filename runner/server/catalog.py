@@ -65,6 +65,9 @@ class Reference:
     indexed: bool = False
     """Whether an index of the referencing table starts with `columns`, which finds the rows
     that point at one row without a scan."""
+    partitioned: bool = False
+    """Whether the referencing table is partitioned: before PostgreSQL 18 its foreign key
+    cannot be added NOT VALID."""
 
 
 @dataclass(frozen=True)
@@ -343,11 +346,14 @@ select c.conname, n.nspname, t.relname,
        exists (select from pg_index as i
                where i.indrelid = c.conrelid and i.indisvalid and i.indpred is null
                    and (i.indkey::int2[])[0:cardinality(c.conkey) - 1] @> c.conkey
-                   and (i.indkey::int2[])[0:cardinality(c.conkey) - 1] <@ c.conkey)
+                   and (i.indkey::int2[])[0:cardinality(c.conkey) - 1] <@ c.conkey),
+       t.relkind = 'p'
 from pg_constraint as c
 join pg_class as t on t.oid = c.conrelid
 join pg_namespace as n on n.oid = t.relnamespace
 where c.confrelid = %s and c.contype = 'f' and c.conrelid <> c.confrelid
+    -- A partitioned table's key, not its partitions' copies of it.
+    and c.conparentid = 0
 order by shown
 """
 
@@ -517,9 +523,9 @@ def read_live_table(conn: psycopg.Connection, relation: Relation) -> LiveTable:
                            in conn.execute(_FOREIGN_KEYS, (oid,))),
         references=tuple(
             Reference(name, Relation(schema, table), tuple(columns), tuple(referenced), shown,
-                      definition, validated, tuple(row_key), indexed)
+                      definition, validated, tuple(row_key), indexed, partitioned)
             for (name, schema, table, columns, referenced, shown, definition, validated,
-                 row_key, indexed) in conn.execute(_REFERENCES, (oid,))),
+                 row_key, indexed, partitioned) in conn.execute(_REFERENCES, (oid,))),
         views=tuple(
             View(Relation(r[0], r[1]), r[2], tuple(r[3])) for r in views if r[4] == "v"
         ),

@@ -35,6 +35,8 @@ from runner.server.catalog import ColumnGrant, Grant, Index, LiveTable, View
 from runner.statements import capture, repoint
 from runner.statements.keys import NULLS_NOT_DISTINCT_VERSION, KeyShape, null_key_shapes
 
+# The first version that adds a partitioned table's foreign key NOT VALID.
+PARTITIONED_NOT_VALID_VERSION = 180000
 PRIVILEGES = {
     "SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN",
 }
@@ -193,7 +195,8 @@ def refuse_unsupported(live: LiveTable) -> None:
 
 
 def refuse_references(spec: DedupSpec, live: LiveTable, swapped: set[Relation],
-                      captured: set[str]) -> None:
+                      captured: set[str],
+                      server_version: int = PARTITIONED_NOT_VALID_VERSION) -> None:
     """Whether the rows that point at the duplicates the swap removes can be moved to the kept
     rows: stop before changing anything if not. `swapped`: the tables this run replaces;
     `captured`: the foreign keys whose written values `runner capture` logs."""
@@ -221,6 +224,12 @@ def refuse_references(spec: DedupSpec, live: LiveTable, swapped: set[Relation],
                               f"{reference.table} has no primary key, by which a rollback would "
                               "put back the rows it re-points: add one, or set references: "
                               f"refuse for {live.relation}")
+        if reference.partitioned and server_version < PARTITIONED_NOT_VALID_VERSION:
+            raise RunnerError(f"{reference.table}, whose foreign key {reference.constraint} "
+                              f"points at {live.relation}, is partitioned, and before "
+                              "PostgreSQL 18 such a key cannot be added NOT VALID: the swap would "
+                              "check all its rows under the lock; re-point them by hand, or set "
+                              f"references: refuse for {live.relation}")
         if reference.constraint not in captured:
             raise RunnerError(f"the rows written into {reference.shown}, which points at "
                               f"{live.relation}, are not captured, so the swap could miss some "
@@ -403,7 +412,7 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
     refuse_unsupported(live)
     if counts.duplicates == 0:
         return _constraint_only(target, live, counts, archive_schema, captured, server_version)
-    refuse_references(target.spec, live, swapped, references_captured)
+    refuse_references(target.spec, live, swapped, references_captured, server_version)
     if captured is None:
         raise RunnerError(f"{live.relation} has no change capture: run `runner capture`, then "
                           "`dbt build`, then `runner swap`, so that no write between the build "

@@ -152,21 +152,28 @@ class Repointing:
 def capture_install(c: ReferenceCapture) -> list[sql.Composed]:
     """What logs the values written into the foreign key, committed before the swap's
     transaction so that every write after it is seen; needs a short SHARE ROW EXCLUSIVE on the
-    referencing table."""
+    referencing table. The log holds the foreign key's columns alone, each of its own type, so
+    that a partitioned referencing table, whose partitions' rows are of their own types, logs
+    the same."""
     table, log = _id(c.reference.table), _id(c.log)
-    body = sql.SQL("begin insert into {} (new_row) values (new); return null; end").format(log)
+    columns = list(c.reference.columns)
+    logged = _numbered("pointed", c.reference.columns)
+    body = sql.SQL("begin insert into {} ({}) values ({}); return null; end").format(
+        log, _names(logged), _list([sql.SQL("new.{}").format(sql.Identifier(n))
+                                     for n in columns]))
     return [
         *capture_remove(c),
-        sql.SQL("create table {} (change_id bigint generated always as identity primary key,"
-                " new_row {})").format(log, table),
+        sql.SQL("create table {} as select {} from {} as r with no data").format(
+            log, _renamed([_columns("r")(n) for n in columns], logged), table),
+        sql.SQL("alter table {} add column change_id bigint generated always as identity"
+                " primary key").format(log),
         # As the change capture's: the writers need no right in the archive schema.
         sql.SQL("create function {}() returns trigger language plpgsql security definer"
                 " set search_path = pg_catalog, pg_temp as {}").format(
                     _id(c.function), sql.Literal(body.as_string())),
         sql.SQL("create trigger {} after insert or update of {} on {} for each row"
                 " execute function {}()").format(
-                    sql.Identifier(c.trigger), _names(list(c.reference.columns)),
-                    table, _id(c.function)),
+                    sql.Identifier(c.trigger), _names(columns), table, _id(c.function)),
         sql.SQL("alter table {} enable always trigger {}").format(table, sql.Identifier(c.trigger)),
     ]
 
@@ -315,13 +322,12 @@ def move(r: Repointing) -> list[sql.Composed]:
     """One round: the moved rows whose targets changed move again; then the values written
     since the last round are queued, and every queued value that can move is moved and
     recorded; what cannot move yet stays queued."""
-    written = [sql.SQL("({}).{}").format(sql.Identifier("new_row"), sql.Identifier(c))
-               for c in r.reference.columns]
+    written = [sql.Identifier(n) for n in _numbered("pointed", r.reference.columns)]
     was = [_columns("m")(n) for n in r.numbered("was")]
     now = r.numbered("now")
     return [
         *_move_again(r),
-        sql.SQL("with taken as (delete from {log} returning new_row)"
+        sql.SQL("with taken as (delete from {log} returning {written})"
                 " insert into {queue} select distinct {written} from taken where {present}").format(
             log=_id(r.capture.log), queue=r.queue, written=_list(written),
             present=sql.SQL(" and ").join(sql.SQL("{} is not null").format(w) for w in written)),
@@ -352,6 +358,20 @@ def move(r: Repointing) -> list[sql.Composed]:
             live=_id(r.live), pointed=_equal(r.referenced("t"), r.referenced("q")),
             shadow=_id(r.shadow), tb=sql.Identifier(r.spec.tiebreaker)),
     ]
+
+
+def all_moved(r: Repointing) -> sql.Composed:
+    """A check after each round: no row points at a value the round moved, unless the ETL
+    wrote that value again since (its next round moves it). A trigger of the referencing
+    table that kept its row from changing, or a policy that hid it, would leave it dangling."""
+    pointed = [_columns("g")(n) for n in _numbered("pointed", r.reference.columns)]
+    return sql.SQL(
+        "select count(*) = 0, count(*) as rows_left_pointing_at_removed_rows"
+        " from {table} as r join {survivors} as m on {moved}"
+        " where not exists (select from {log} as g where {written_again})"
+    ).format(table=_id(r.reference.table), survivors=r.survivors,
+             moved=_equal(r.pointing("r"), [_columns("m")(n) for n in r.numbered("was")]),
+             log=_id(r.capture.log), written_again=_equal(pointed, r.pointing("r")))
 
 
 def nothing_left(r: Repointing) -> sql.Composed:
