@@ -22,9 +22,9 @@ from runner.declaration import artifacts
 from runner.declaration.dbt import DbtFlags, log_file, outcome, run_dbt
 from runner.errors import CHECKS_FAILED, RunnerError, from_database
 from runner.execution import locking
-from runner.facts import audit, report, upsert, verify
+from runner.facts import audit, report, suggest, upsert, verify
 from runner.jobs import capturing, cleanup, rollback, swap
-from runner.present import audit_view, report_view
+from runner.present import audit_view, report_view, suggest_view
 from runner.server import catalog, swap_log
 from runner.server.connection import configured_by, connect, database, uses_embedded
 from runner.server.embedded import EmbeddedPostgres, default_data_dir
@@ -703,6 +703,58 @@ def audit_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFla
         referenced = audit_view.reference_lines(audits)
         if referenced:
             click.echo(referenced)
+
+
+def _relation(name: str) -> artifacts.Relation:
+    schema, dot, table = name.partition(".")
+    if not dot or not schema or not table:
+        raise click.BadParameter(f"{name!r}: name the table as schema.table")
+    return artifacts.Relation(schema, table)
+
+
+@cli.command(name="suggest-keys")
+@project_dir_option
+@click.argument("table")
+@click.option("--sample-rows", type=click.IntRange(min=100), default=suggest.SAMPLE_ROWS,
+              show_default=True, help="About how many rows to look at first.")
+@click.option("--max-columns", type=click.IntRange(1, 5), default=suggest.MAX_COLUMNS,
+              show_default=True, help="The most columns a candidate key may have.")
+@click.option("--show", type=click.IntRange(min=1), default=suggest.SHOWN, show_default=True,
+              help="How many candidates to count on the whole table and show.")
+@output_format_option
+@_fails_cleanly
+def suggest_keys_command(project_dir: Path, table: str, sample_rows: int, max_columns: int,
+                         show: int, output_format: str) -> None:
+    """Candidate natural keys of TABLE (schema.table), found in its data: column sets under
+    which its other columns are the same in every row, surrogate ids and load times set
+    aside. Tried on a sample, then each shown candidate is counted on the whole table as
+    `runner audit` counts it, with the groups whose rows still differ (none for a true key).
+    Prints the best as the source's meta.dedup. Reads only."""
+    relation = _relation(table)
+    with database(project_dir), connect() as conn:
+        found = suggest.suggest(conn, relation, sample_rows, max_columns, show)
+    if output_format == "json":
+        click.echo(json.dumps({"table": str(relation), "surrogates": list(found.surrogates),
+                               "load_times": list(found.load_times),
+                               "sampled_rows": found.sampled_rows,
+                               "tiebreaker": found.tiebreaker,
+                               "candidates": suggest_view.rows(found)}, indent=2))
+        return
+    if output_format == "csv":
+        _emit("", suggest_view.as_text_rows(found), "csv")
+        return
+    for line in suggest_view.summary(found):
+        click.echo(line)
+    if not found.checked:
+        click.echo(f"No candidate of up to {max_columns} columns: in the sample, every column "
+                   "set either has no two rows alike or leaves rows that differ in another "
+                   "column; raise --max-columns or --sample-rows (a table with few duplicates "
+                   "holds few of them in a sample)")
+        return
+    _emit(f"runner suggest-keys: {relation}", suggest_view.as_text_rows(found), "table")
+    click.echo("The first, as its source's meta.dedup:")
+    for line in suggest_view.meta_dedup(found.checked[0], found.tiebreaker):
+        click.echo(f"  {line}")
 
 
 @cli.group()

@@ -683,3 +683,22 @@ def constraint_columns(conn: psycopg.Connection, relation: Relation,
     """The columns of the relation's constraint `name`, in order; none when it is not there."""
     row = conn.execute(_CONSTRAINT_COLUMNS, (relation.schema, relation.name, name)).fetchone()
     return tuple(row[0]) if row else ()
+
+
+_DEFAULTS_AND_ESTIMATE = """
+select coalesce((select jsonb_object_agg(a.attname, pg_get_expr(d.adbin, d.adrelid))
+                 from pg_attrdef as d
+                 join pg_attribute as a on a.attrelid = d.adrelid and a.attnum = d.adnum
+                 where d.adrelid = c.oid), '{}'), c.reltuples::bigint
+from pg_class as c
+where c.oid = to_regclass(format('%%I.%%I', %s::text, %s::text))
+"""
+
+
+def defaults_and_estimate(conn: psycopg.Connection,
+                          relation: Relation) -> tuple[dict[str, str], int]:
+    """Each column's default expression, as pg_get_expr prints it, and the planner's estimate
+    of the rows (negative: never analyzed)."""
+    defaults, estimate = conn.execute(_DEFAULTS_AND_ESTIMATE,
+                                      (relation.schema, relation.name)).fetchone()
+    return defaults, estimate
