@@ -133,3 +133,40 @@ def test_a_service_file_chooses_the_database_as_libpq_reads_it(fresh: Database,
             f"{fresh.name} (configured by PGSERVICE)") in result.output
     with fresh.connect() as conn:
         assert conn.execute("select count(*) from dedup_archive.swap_log").fetchone()[0] == 1
+
+
+@pytest.mark.parametrize("how", ["options", "key=value", "uri"])
+def test_the_database_can_be_named_on_the_command_line_as_psql_takes_it(fresh: Database,
+                                                                        how: str) -> None:
+    host, port, user = fresh.env["PGHOST"], fresh.env["PGPORT"], fresh.env["PGUSER"]
+    given = {
+        "options": ["-h", host, "-p", port, "-U", user, "-d", fresh.name],
+        "key=value": ["--dsn", f"host={host} port={port} user={user} dbname={fresh.name}"
+                               " sslmode=disable"],
+        # The URI names another database: -d overrides it, as in psql.
+        "uri": ["--dsn", f"postgresql://{user}@{host}:{port}/postgres?sslmode=disable",
+                "-d", fresh.name],
+    }[how]
+    env = {"PGHOST": None, "PGPORT": None, "PGUSER": None, "PGDATABASE": None,
+           "DBT_TARGET_PATH": str(fresh.target_dir)}
+    result = CliRunner().invoke(cli, ["swap", "--select", "task_photos", *given], env=env,
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"  database: {user}@{host}:{port}/{fresh.name} (configured by " in result.output
+    with fresh.connect() as conn:
+        assert conn.execute("select count(*) from dedup_archive.swap_log").fetchone()[0] == 1
+    # For the command alone: nothing of it is left in this process's environment.
+    assert "PGDATABASE" not in os.environ or os.environ["PGDATABASE"] != fresh.name
+
+
+def test_a_connection_string_libpq_cannot_read_is_bad_usage(own_server_env) -> None:
+    done = subprocess.run([*RUNNER, "audit", "--dsn", "host=db.invalid port"],
+                          env=own_server_env, cwd=PROJECT_DIR, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "Invalid value for '--dsn': not a connection string libpq reads (" in done.stderr
+    unreachable = subprocess.run([*RUNNER, "swap", "-h", "127.0.0.1", "-p", "1"],
+                                 env=own_server_env, cwd=PROJECT_DIR, capture_output=True,
+                                 text=True)
+    assert unreachable.returncode == 3
+    assert unreachable.stderr.strip().startswith(
+        "Error: cannot connect to PostgreSQL at 127.0.0.1:1")

@@ -26,7 +26,14 @@ from runner.facts import audit, report, suggest, upsert, verify
 from runner.jobs import capturing, cleanup, rollback, swap
 from runner.present import audit_view, report_view, suggest_view
 from runner.server import catalog, swap_log
-from runner.server.connection import configured_by, connect, database, uses_embedded
+from runner.server.connection import (
+    chosen_variables,
+    configured_by,
+    connect,
+    database,
+    environment,
+    uses_embedded,
+)
 from runner.server.embedded import EmbeddedPostgres, default_data_dir
 from runner.units import duration_text, parse_duration, size_text
 
@@ -89,6 +96,30 @@ project_dir_option = click.option(
     "--project-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
     show_default=True, help="The dbt project.",
 )
+
+
+def connection_options(command):
+    """Which database, as psql is told: a connection string or URI, or its parts. Each sets
+    the libpq variable it stands for, for the command alone."""
+    @click.option("--dsn", metavar="CONNINFO",
+                  help="A libpq connection string or URI (host=... dbname=..., or "
+                       "postgresql://...); -h/-p/-U/-d override its parts.")
+    @click.option("-h", "--host", help="The server's host or socket directory (PGHOST).")
+    @click.option("-p", "--port", type=click.IntRange(1, 65535), help="Its port (PGPORT).")
+    @click.option("-U", "--username", help="The role to connect as (PGUSER).")
+    @click.option("-d", "--dbname", help="The database (PGDATABASE).")
+    @functools.wraps(command)
+    def wrapper(*args, dsn: str | None, host: str | None, port: int | None,
+                username: str | None, dbname: str | None, **kwargs):
+        try:
+            chosen = chosen_variables(dsn, host, port, username, dbname)
+        except RunnerError as error:
+            raise click.BadParameter(str(error), param_hint="'--dsn'") from error
+        with environment(chosen):
+            return command(*args, **kwargs)
+    return wrapper
+
+
 target_path_option = click.option(
     "--target-path", type=click.Path(file_okay=False, path_type=Path), envvar="DBT_TARGET_PATH",
     help="Where dbt wrote its artifacts, as dbt's own option [default: PROJECT_DIR/target].",
@@ -188,7 +219,7 @@ def _emit(title: str, rows: list[dict], output_format: str) -> None:
         console.print(table)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+@click.group(context_settings={"help_option_names": ["--help"]},
              epilog="Exit status: 0 done; 1 checks failed (runner verify); 2 bad usage of the "
                     "command line; 3 no connection to PostgreSQL, or it went; 4 refused, "
                     "nothing changed; 5 PostgreSQL stopped the command.")
@@ -310,6 +341,7 @@ def _as_data(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> dict
 
 @cli.command(name="swap")
 @project_dir_option
+@connection_options
 @target_path_option
 @select_option
 @exclude_option
@@ -337,6 +369,7 @@ def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str,
 
 @cli.command(name="plan")
 @project_dir_option
+@connection_options
 @target_path_option
 @select_option
 @exclude_option
@@ -357,6 +390,7 @@ def plan_command(project_dir: Path, target_path: Path | None, select: tuple[str,
 
 @cli.command(name="capture")
 @project_dir_option
+@connection_options
 @target_path_option
 @dbt_flags_options
 @select_option
@@ -421,6 +455,7 @@ def _say_started(result: capturing.Started) -> None:
 
 @cli.command(name="build")
 @project_dir_option
+@connection_options
 @target_path_option
 @dbt_flags_options
 @select_option
@@ -469,6 +504,7 @@ def _say_stopped(state: capturing.CaptureStatus) -> None:
 @click.option("--table", "tables", multiple=True,
               help="Only this child table (repeatable); all of them by default.")
 @project_dir_option
+@connection_options
 @_fails_cleanly
 def generate(scale: float, replace: bool, tables: tuple[str, ...], project_dir: Path) -> None:
     """Create the demo schema `breezeway` with duplicates the way the ETL made them."""
@@ -485,6 +521,7 @@ def generate(scale: float, replace: bool, tables: tuple[str, ...], project_dir: 
 @cli.command(name="demo")
 @scale_option
 @project_dir_option
+@connection_options
 @target_path_option
 @_fails_cleanly
 def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> None:
@@ -515,6 +552,7 @@ def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> N
 
 @cli.command(name="rollback")
 @project_dir_option
+@connection_options
 @swapped_select_option
 @dry_run_option
 @lock_timeout_option
@@ -543,6 +581,7 @@ def rollback_command(project_dir: Path, select: tuple[str, ...], dry_run: bool,
 
 @cli.command(name="cleanup")
 @project_dir_option
+@connection_options
 @click.option("--older-than", type=Duration(), required=True,
               help="Drop only what swaps older than this kept: 7d, 12h, 30min, 0s.")
 @dry_run_option
@@ -581,6 +620,7 @@ def cleanup_command(project_dir: Path, older_than: timedelta, dry_run: bool,
 
 @cli.command(name="verify")
 @project_dir_option
+@connection_options
 @target_path_option
 @dbt_flags_options
 @select_option
@@ -620,6 +660,7 @@ def verify_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFl
               help="A column set to now() on insert and on update, such as last_sync_time "
                    "(repeatable).")
 @project_dir_option
+@connection_options
 @target_path_option
 @dbt_flags_options
 @_fails_cleanly
@@ -641,6 +682,7 @@ def upsert_sql_command(table: str, touch: tuple[str, ...], project_dir: Path,
 
 @cli.command(name="report")
 @project_dir_option
+@connection_options
 @swapped_select_option
 @archive_schema_option
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -677,6 +719,7 @@ def report_command(project_dir: Path, select: tuple[str, ...], archive_schema: s
 
 @cli.command(name="audit")
 @project_dir_option
+@connection_options
 @target_path_option
 @dbt_flags_options
 @select_option
@@ -714,6 +757,7 @@ def _relation(name: str) -> artifacts.Relation:
 
 @cli.command(name="suggest-keys")
 @project_dir_option
+@connection_options
 @click.argument("table")
 @click.option("--sample-rows", type=click.IntRange(min=100), default=suggest.SAMPLE_ROWS,
               show_default=True, help="About how many rows to look at first.")

@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
+import psycopg.conninfo
 
-from runner.errors import ConnectionProblem
+from runner.errors import ConnectionProblem, RunnerError
 from runner.server.embedded import EmbeddedPostgres, default_data_dir
 
 SERVER_VARIABLES = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE")
@@ -24,6 +25,42 @@ SERVER_VARIABLES = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGUSER", "PGDATABASE", "P
 # socket directory reaches dbt as the host, port, user and database they stand for.
 _EXPORTED = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "dbname": "PGDATABASE",
              "password": "PGPASSWORD", "sslmode": "PGSSLMODE"}
+
+
+# libpq's connection parameters and the variables it reads them from: a --dsn or -h/-p/-U/-d
+# given to a command sets them, so libpq, psql's rules and dbt's profiles.yml all see it.
+_PARAMETER_VARIABLES = {
+    "host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "user": "PGUSER",
+    "dbname": "PGDATABASE", "password": "PGPASSWORD", "passfile": "PGPASSFILE",
+    "service": "PGSERVICE", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "connect_timeout": "PGCONNECT_TIMEOUT",
+    "options": "PGOPTIONS", "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "gssencmode": "PGGSSENCMODE", "channel_binding": "PGCHANNELBINDING",
+}
+
+
+def chosen_variables(dsn: str | None, host: str | None, port: int | None, user: str | None,
+                     dbname: str | None) -> dict[str, str]:
+    """The libpq variables a command's --dsn (a connection string or URI) and -h/-p/-U/-d
+    stand for, the options over the string; refused when the string is not one libpq reads."""
+    given: dict[str, str] = {}
+    if dsn:
+        try:
+            parsed = psycopg.conninfo.conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError as error:
+            raise RunnerError(f"not a connection string libpq reads ("
+                              f"{str(error).strip().splitlines()[0]}): give key=value pairs "
+                              "or a postgresql:// URI") from error
+        unknown = sorted(set(parsed) - set(_PARAMETER_VARIABLES))
+        if unknown:
+            raise RunnerError(f"it sets {', '.join(unknown)}, which the runner cannot hand on "
+                              "to dbt: set it in the environment instead")
+        given.update({_PARAMETER_VARIABLES[k]: str(v) for k, v in parsed.items()})
+    for variable, value in (("PGHOST", host), ("PGPORT", port), ("PGUSER", user),
+                            ("PGDATABASE", dbname)):
+        if value is not None:
+            given[variable] = str(value)
+    return given
 
 
 def connect() -> psycopg.Connection:
