@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -170,3 +171,28 @@ def test_a_connection_string_libpq_cannot_read_is_bad_usage(own_server_env) -> N
     assert unreachable.returncode == 3
     assert unreachable.stderr.strip().startswith(
         "Error: cannot connect to PostgreSQL at 127.0.0.1:1")
+
+
+def _swap_says(database: Database, *flags: str) -> list[str]:
+    result = database.runner("swap", "--select", "task_photos", *flags)
+    assert result.exit_code == 0, result.output
+    return result.stderr.splitlines()
+
+
+def test_stderr_says_every_step_with_verbose_and_nothing_with_quiet(fresh: Database) -> None:
+    verbose = _swap_says(fresh, "-v")
+    assert verbose[0].startswith("  database: ")
+    steps = [line.strip().split(": ")[0] for line in verbose[1:]]
+    # Every step, the quick ones too: the lock, the cut-over and the commit among them.
+    assert {"lock", "cutover", "commit"} <= set(steps)
+    rolled_back = fresh.runner("rollback", "--select", "task_photos", "-q")
+    assert rolled_back.exit_code == 0, rolled_back.output
+    assert rolled_back.stderr == ""
+
+
+def test_stderr_says_one_json_object_a_line_with_log_format_json(fresh: Database) -> None:
+    events = [json.loads(line) for line in _swap_says(fresh, "--log-format", "json")]
+    assert events[0]["event"] == "database" and events[0]["message"].startswith("database: ")
+    steps = [e for e in events if e["event"] == "step"]
+    assert {"lock", "cutover"} <= {e["step"] for e in steps}
+    assert all(isinstance(e["seconds"], float | int) and e["at"] for e in steps)

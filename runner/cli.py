@@ -17,7 +17,7 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
-from runner import demo
+from runner import demo, progress
 from runner.declaration import artifacts
 from runner.declaration.dbt import DbtFlags, log_file, outcome, run_dbt
 from runner.errors import CHECKS_FAILED, RunnerError, from_database
@@ -47,6 +47,22 @@ def _failure(error: RunnerError) -> click.ClickException:
     failure = click.ClickException(str(error))
     failure.exit_code = error.exit_code
     return failure
+
+
+def _reports(command):
+    """-q, -v and --log-format, for every command: how it says what it is doing."""
+    @click.option("-q", "--quiet", "verbosity", flag_value=progress.QUIET,
+                  help="Say nothing on stderr but errors.")
+    @click.option("-v", "--verbose", "verbosity", flag_value=progress.VERBOSE,
+                  help="Say every step on stderr, not only those that take a while.")
+    @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+                  show_default=True, help="What stderr says, as text or one JSON object a line.")
+    @functools.wraps(command)
+    def wrapper(*args, verbosity: int | None, log_format: str, **kwargs):
+        level = progress.NORMAL if verbosity is None else verbosity
+        with progress.reporting(level, log_format == "json"):
+            return command(*args, **kwargs)
+    return wrapper
 
 
 def _fails_cleanly(command):
@@ -275,7 +291,8 @@ def _sizes(conn, result: swap.SwapResult) -> dict[str, tuple[int, int]]:
 
 
 def _progress() -> Callable[[str], None]:
-    """Tell the user, on stderr, about the steps that take a while and about the lock."""
+    """Tell the user, on stderr, about the steps that take a while and about the lock; with
+    -v, about every step."""
     last = [time.perf_counter()]
     said: set[str] = set()
 
@@ -285,10 +302,14 @@ def _progress() -> Callable[[str], None]:
         if label == "cut-over postponed":
             # Once, not every second it goes on catching up.
             if label not in said:
-                click.echo("  cut-over postponed: catching up until the file is gone", err=True)
+                progress.say("postponed", "cut-over postponed: catching up until the file is "
+                             "gone")
             said.add(label)
-        elif took >= 0.5 or label in ("lock", "cutover"):
-            click.echo(f"  {label or 'step'}: {took:.1f} s", err=True)
+            return
+        level = (progress.NORMAL if took >= 0.5 or label in ("lock", "cutover")
+                 else progress.VERBOSE)
+        progress.say("step", f"{label or 'step'}: {took:.1f} s", level, step=label or "step",
+                     seconds=round(took, 3))
 
     return step_done
 
@@ -352,6 +373,7 @@ def _as_data(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> dict
 @archive_schema_option
 @output_format_option
 @_fails_cleanly
+@_reports
 def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
                  exclude: tuple[str, ...], dry_run: bool, lock_timeout: timedelta,
                  lock_wait: timedelta, postpone: Path | None, archive_schema: str,
@@ -376,6 +398,7 @@ def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str,
 @lock_timeout_option
 @lock_wait_option
 @_fails_cleanly
+@_reports
 def plan_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
                  exclude: tuple[str, ...], lock_timeout: timedelta, lock_wait: timedelta) -> None:
     """What `runner swap` would do: what it locks and for how long, then every statement."""
@@ -405,6 +428,7 @@ def plan_command(project_dir: Path, target_path: Path | None, select: tuple[str,
                    "swap whose capture is stopped can no longer be rolled back.")
 @output_format_option
 @_fails_cleanly
+@_reports
 def capture_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFlags,
                     select: tuple[str, ...], exclude: tuple[str, ...], archive_schema: str,
                     lock_timeout: timedelta, lock_wait: timedelta, show_status: bool,
@@ -464,6 +488,7 @@ def _say_started(result: capturing.Started) -> None:
 @lock_timeout_option
 @lock_wait_option
 @_fails_cleanly
+@_reports
 def build_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFlags,
                   select: tuple[str, ...], exclude: tuple[str, ...], archive_schema: str,
                   lock_timeout: timedelta, lock_wait: timedelta) -> None:
@@ -506,6 +531,7 @@ def _say_stopped(state: capturing.CaptureStatus) -> None:
 @project_dir_option
 @connection_options
 @_fails_cleanly
+@_reports
 def generate(scale: float, replace: bool, tables: tuple[str, ...], project_dir: Path) -> None:
     """Create the demo schema `breezeway` with duplicates the way the ETL made them."""
     chosen = [table.name for table in demo.child_tables(list(tables))]
@@ -524,6 +550,7 @@ def generate(scale: float, replace: bool, tables: tuple[str, ...], project_dir: 
 @connection_options
 @target_path_option
 @_fails_cleanly
+@_reports
 def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> None:
     """The whole job on the embedded server: demo data, dbt build, runner swap, summary."""
     if not uses_embedded():
@@ -560,6 +587,7 @@ def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> N
 @postpone_option
 @archive_schema_option
 @_fails_cleanly
+@_reports
 def rollback_command(project_dir: Path, select: tuple[str, ...], dry_run: bool,
                      lock_timeout: timedelta, lock_wait: timedelta, postpone: Path | None,
                      archive_schema: str) -> None:
@@ -575,7 +603,7 @@ def rollback_command(project_dir: Path, select: tuple[str, ...], dry_run: bool,
         if dry_run:
             click.echo(rollback.render(conn, plans, options))
             return
-        result = rollback.execute(conn, plans, options)
+        result = rollback.execute(conn, plans, options, after_step=_progress())
     click.echo("\n".join(rollback.report(result)))
 
 
@@ -589,6 +617,7 @@ def rollback_command(project_dir: Path, select: tuple[str, ...], dry_run: bool,
 @lock_wait_option
 @archive_schema_option
 @_fails_cleanly
+@_reports
 def cleanup_command(project_dir: Path, older_than: timedelta, dry_run: bool,
                     lock_timeout: timedelta, lock_wait: timedelta, archive_schema: str) -> None:
     """Drop the archives, kept-row tables and rolled-back copies of the swaps older than
@@ -631,6 +660,7 @@ def cleanup_command(project_dir: Path, older_than: timedelta, dry_run: bool,
 @lock_timeout_option
 @output_format_option
 @_fails_cleanly
+@_reports
 def verify_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFlags,
                    select: tuple[str, ...], exclude: tuple[str, ...], archive_schema: str,
                    sample: int, lock_timeout: timedelta, output_format: str) -> None:
@@ -664,6 +694,7 @@ def verify_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFl
 @target_path_option
 @dbt_flags_options
 @_fails_cleanly
+@_reports
 def upsert_sql_command(table: str, touch: tuple[str, ...], project_dir: Path,
                        target_path: Path | None, dbt_flags: DbtFlags) -> None:
     """Print the INSERT ... ON CONFLICT ... DO UPDATE the ETL should load TABLE with (a live
@@ -697,6 +728,7 @@ def upsert_sql_command(table: str, touch: tuple[str, ...], project_dir: Path,
 @click.option("--query-timeout", type=A_TIMEOUT, default="30s", show_default=True,
               help="statement_timeout of each example query.")
 @_fails_cleanly
+@_reports
 def report_command(project_dir: Path, select: tuple[str, ...], archive_schema: str,
                    html_file: Path | None, output_format: str, no_queries: bool, runs: int,
                    query_timeout: timedelta) -> None:
@@ -726,6 +758,7 @@ def report_command(project_dir: Path, select: tuple[str, ...], archive_schema: s
 @exclude_option
 @output_format_option
 @_fails_cleanly
+@_reports
 def audit_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFlags,
                   select: tuple[str, ...], exclude: tuple[str, ...], output_format: str) -> None:
     """How duplicated each live table is, read straight from it with one scan: rows, unique
@@ -737,8 +770,10 @@ def audit_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFla
         targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), select,
                                       dbt_flags, exclude)
         with connect() as conn:
-            audits = audit.audit(conn, targets,
-                                 audit_view.progress_on(Console(stderr=True), size_text))
+            watch = (None if not progress.shown()
+                     else audit_view.progress_as_events(size_text) if progress.as_json()
+                     else audit_view.progress_on(Console(stderr=True), size_text))
+            audits = audit.audit(conn, targets, watch)
     _emit(audit_view.title(audits), audit_view.rows(audits, output_format, size_text),
           output_format)
     if output_format == "table":
@@ -767,6 +802,7 @@ def _relation(name: str) -> artifacts.Relation:
               help="How many candidates to count on the whole table and show.")
 @output_format_option
 @_fails_cleanly
+@_reports
 def suggest_keys_command(project_dir: Path, table: str, sample_rows: int, max_columns: int,
                          show: int, output_format: str) -> None:
     """Candidate natural keys of TABLE (schema.table), found in its data: column sets under
@@ -809,6 +845,7 @@ def db() -> None:
 @db.command()
 @project_dir_option
 @_fails_cleanly
+@_reports
 def start(project_dir: Path) -> None:
     """Start it and leave it running; `eval "$(runner db env)"` then points dbt at it."""
     server = EmbeddedPostgres(default_data_dir(project_dir))
@@ -819,6 +856,7 @@ def start(project_dir: Path) -> None:
 @db.command()
 @project_dir_option
 @_fails_cleanly
+@_reports
 def stop(project_dir: Path) -> None:
     """Stop it."""
     server = EmbeddedPostgres(default_data_dir(project_dir))
@@ -832,6 +870,7 @@ def stop(project_dir: Path) -> None:
 @db.command()
 @project_dir_option
 @_fails_cleanly
+@_reports
 def env(project_dir: Path) -> None:
     """Print `export` lines for the running server, for dbt and psql."""
     server = EmbeddedPostgres(default_data_dir(project_dir))

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.progress_bar import ProgressBar
 
+from runner import progress
 from runner.facts.audit import Scan, TableAudit, Watch, total
 from runner.statements.keys import KeyCounts
 
@@ -49,6 +50,22 @@ def progress_on(console: Console, size: Callable[[int], str]) -> Watch:
             yield
         console.print(f"{scan.relation}: scanned in {_seconds(time.perf_counter() - started)}",
                       highlight=False)
+
+    return watch
+
+
+def progress_as_events(size: Callable[[int], str]) -> Watch:
+    """A Watch that says what a long scan will take, and then took, as progress events."""
+
+    @contextmanager
+    def watch(scan: Scan) -> Iterator[None]:
+        progress.say("scan", f"{scan.relation}: scanning {size(scan.heap_bytes)}",
+                     table=str(scan.relation), heap_bytes=scan.heap_bytes,
+                     estimate_seconds=scan.estimate_seconds)
+        started = time.perf_counter()
+        yield
+        progress.say("scanned", f"{scan.relation}: scanned", table=str(scan.relation),
+                     seconds=round(time.perf_counter() - started, 3))
 
     return watch
 

@@ -9,7 +9,6 @@ the user's database as in psql, and never to the embedded server.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import psycopg
 import psycopg.conninfo
 
+from runner import progress
 from runner.errors import ConnectionProblem, RunnerError
 from runner.server.embedded import EmbeddedPostgres, default_data_dir
 
@@ -96,7 +96,7 @@ def uses_embedded() -> bool:
 
 def _announce(where: str) -> None:
     """Which database a command works on, on stderr, with the progress of its steps."""
-    print(f"  database: {where}", file=sys.stderr, flush=True)
+    progress.say("database", f"database: {where}")
 
 
 @contextmanager
