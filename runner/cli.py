@@ -20,6 +20,7 @@ from rich.table import Table
 from runner import demo, progress
 from runner.declaration import artifacts
 from runner.declaration.dbt import DbtFlags, log_file, outcome, run_dbt
+from runner.declaration.project import copy_bundled_project
 from runner.errors import CHECKS_FAILED, RunnerError, from_database
 from runner.execution import locking
 from runner.facts import audit, report, suggest, upsert, verify
@@ -40,6 +41,8 @@ from runner.units import duration_text, parse_duration, size_text
 # Off a terminal rich would assume 80 columns and squeeze the table.
 console = Console(width=None if sys.stdout.isatty() else 120)
 DEMO_SCALE = 0.01
+# Where `runner demo` outside a dbt project puts the one this package ships.
+DEMO_PROJECT = "runner-demo"
 
 
 def _failure(error: RunnerError) -> click.ClickException:
@@ -192,9 +195,10 @@ def dbt_flags_options(command):
 
 
 def _target_dir(project_dir: Path, target_path: Path | None) -> Path:
+    """Where dbt writes its artifacts, absolute: dbt reads a relative one from the project."""
     if target_path is None:
-        return project_dir / "target"
-    return target_path if target_path.is_absolute() else project_dir / target_path
+        return (project_dir / "target").absolute()
+    return target_path if target_path.is_absolute() else (project_dir / target_path).absolute()
 
 
 def _configured_targets(project_dir: Path, target_dir: Path, select: tuple[str, ...],
@@ -239,7 +243,7 @@ def _emit(title: str, rows: list[dict], output_format: str) -> None:
              epilog="Exit status: 0 done; 1 checks failed (runner verify); 2 bad usage of the "
                     "command line; 3 no connection to PostgreSQL, or it went; 4 refused, "
                     "nothing changed; 5 PostgreSQL stopped the command.")
-@click.version_option(package_name="runner", message="runner %(version)s")
+@click.version_option(package_name="pg-dedup-runner", message="runner %(version)s")
 def cli() -> None:
     """Deduplicate PostgreSQL tables with dbt, then swap the clean tables in safely.
 
@@ -552,11 +556,15 @@ def generate(scale: float, replace: bool, tables: tuple[str, ...], project_dir: 
 @_fails_cleanly
 @_reports
 def demo_command(scale: float, project_dir: Path, target_path: Path | None) -> None:
-    """The whole job on the embedded server: demo data, dbt build, runner swap, summary."""
+    """The whole job on the embedded server: demo data, dbt build, runner swap, summary.
+    Outside a dbt project, the one this package ships is copied to ./runner-demo first."""
     if not uses_embedded():
         raise RunnerError("runner demo replaces the breezeway schema, so it only runs on the "
                           f"embedded server: unset {', '.join(configured_by())} (or use "
                           "`runner generate` deliberately)")
+    if not (project_dir / "dbt_project.yml").is_file():
+        project_dir = copy_bundled_project(project_dir / DEMO_PROJECT)
+        progress.say("project", f"the demo's dbt project, copied to {project_dir}")
     timings = {}
     with database(project_dir, changes=True):
         target_dir = _target_dir(project_dir, target_path)
