@@ -3,6 +3,7 @@ project it reads, and `runner demo` runs from it in an empty directory."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import tomllib
-from conftest import PROJECT_DIR, TEST_SCALE
+from conftest import PROJECT_DIR, TEST_SCALE, Database, said
 
 from runner.declaration.project import PROJECT_FILES, PROJECT_FOLDERS
 
@@ -61,3 +62,28 @@ def test_the_wheel_holds_every_package_of_the_runner_and_its_dbt_project(tmp_pat
     assert "  the demo's dbt project, copied to runner-demo" in demo.stderr
     assert (empty / "runner-demo" / "dbt_project.yml").is_file()
     assert "dbt build: " in demo.stdout and "runner swap" in demo.stdout
+
+
+def test_the_dbt_package_is_the_runners_own_version() -> None:
+    import runner
+
+    macro = (PROJECT_DIR / "macros" / "spec" / "dedup_version.sql").read_text()
+    assert f'return("{runner.__version__}")' in macro
+
+
+def test_artifacts_built_with_another_version_of_the_dbt_package_are_refused(
+        fresh: Database) -> None:
+    manifest_path = fresh.target_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    macro = manifest["macros"]["macro.dedup.dedup_version"]
+    macro["macro_sql"] = macro["macro_sql"].replace('return("', 'return("0.0.9-')
+    manifest_path.write_text(json.dumps(manifest))
+    result = fresh.runner("swap", "--select", "task_photos")
+    assert result.exit_code == 4, result.output
+    (line,) = said(result)
+    assert line.startswith(f"Error: {fresh.target_dir}/manifest.json was built with version "
+                           "0.0.9-")
+    assert line.endswith("point packages.yml at this runner's own (`local:` the path `runner "
+                         "package-path` prints), then `dbt deps` and `dbt build` again")
+    with fresh.connect() as conn:
+        assert conn.execute("select to_regclass('dedup_archive.swap_log')").fetchone()[0] is None

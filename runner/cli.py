@@ -20,7 +20,7 @@ from rich.table import Table
 from runner import demo, progress
 from runner.declaration import artifacts
 from runner.declaration.dbt import DbtFlags, log_file, outcome, run_dbt
-from runner.declaration.project import copy_bundled_project
+from runner.declaration.project import bundled_project, copy_bundled_project
 from runner.errors import CHECKS_FAILED, RunnerError, from_database
 from runner.execution import locking
 from runner.facts import audit, report, suggest, upsert, verify
@@ -843,6 +843,15 @@ def suggest_keys_command(project_dir: Path, table: str, sample_rows: int, max_co
     click.echo("The first, as its source's meta.dedup:")
     for line in suggest_view.meta_dedup(found.checked[0], found.tiebreaker):
         click.echo(f"  {line}")
+
+
+@cli.command(name="package-path")
+@_fails_cleanly
+@_reports
+def package_path_command() -> None:
+    """The dbt project this runner ships, for a project of yours that installs it as a dbt
+    package (packages.yml: `- local: <this path>`), at the runner's own version."""
+    click.echo(bundled_project())
 
 
 @cli.group()

@@ -8,15 +8,18 @@ whether the latest build built every model the swap needs and passed every test 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from runner.declaration import select
 from runner.errors import RunnerError
+from runner.version import VERSION
 
 DEDUPLICATED_TAG = "deduplicated"
 KEY_GROUPS_TAG = "key_groups"
+VERSION_MACRO = "macro.dedup.dedup_version"
 # The guard of a user's CI after the swap (selectors.yml): tests of the live tables as they
 # are, which say nothing of a build.
 GUARD_TAG = "dedup_guard"
@@ -194,9 +197,23 @@ def _relation(node: dict) -> Relation:
     return Relation(node["schema"], node.get("alias") or node.get("identifier") or node["name"])
 
 
+def _check_package_version(manifest: dict, target_dir: Path) -> None:
+    """The dbt package the project built with is this runner's own version: the artifacts'
+    meaning (tags, key groups, tests) is the one this runner reads."""
+    macro = manifest.get("macros", {}).get(VERSION_MACRO)
+    found = re.search(r'return\("([^"]+)"\)', macro["macro_sql"]) if macro else None
+    built_with = found.group(1) if found else "older than 0.1.0"
+    if built_with != VERSION:
+        raise RunnerError(f"{target_dir}/manifest.json was built with version {built_with} of "
+                          f"the dbt package dedup, and this runner is {VERSION}: point "
+                          "packages.yml at this runner's own (`local:` the path `runner "
+                          "package-path` prints), then `dbt deps` and `dbt build` again")
+
+
 def load_targets(target_dir: Path) -> list[DedupTarget]:
     """Every deduplicated model in the manifest, with the live table it replaces."""
     manifest = _load(target_dir / "manifest.json", "the runner reads dbt's manifest")
+    _check_package_version(manifest, target_dir)
     targets = []
     for node_id, node in sorted(manifest["nodes"].items()):
         if node["resource_type"] != "model" or DEDUPLICATED_TAG not in node.get("tags", []):
