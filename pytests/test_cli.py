@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import PROJECT_DIR, Database
+from conftest import PROJECT_DIR, TEST_SCALE, Database
 
 from runner.cli import cli
 
@@ -196,3 +196,14 @@ def test_stderr_says_one_json_object_a_line_with_log_format_json(fresh: Database
     steps = [e for e in events if e["event"] == "step"]
     assert {"lock", "cutover"} <= {e["step"] for e in steps}
     assert all(isinstance(e["seconds"], float | int) and e["at"] for e in steps)
+
+
+def test_the_demo_says_its_steps_and_with_verbose_each_node_dbt_finishes(
+        own_server_env) -> None:
+    done = subprocess.run([*RUNNER, "demo", "--scale", str(TEST_SCALE), "-v"],
+                          env=own_server_env, cwd=PROJECT_DIR, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    steps = [line.strip() for line in done.stderr.splitlines()]
+    assert any(line.startswith("generate: task_photos: ") for line in steps)
+    assert any(line.startswith("dbt model task_photos: success in ") for line in steps)
+    assert any(line.startswith("dbt test ") for line in steps)

@@ -10,14 +10,18 @@ Everything is generated in SQL with generate_series; nothing is inserted row by 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
+from runner import progress
 from runner.errors import RunnerError
 
 DEMO_SCHEMA = "breezeway"
+# A step that takes longer than this is said on stderr; with -v every step is.
+SLOW_STEP_S = 2.0
 READER_ROLE = "breezeway_reader"
 
 # Parents at scale 1.0; children spread their keys over them.
@@ -321,20 +325,23 @@ def child_tables(names: list[str] | None = None) -> list[ChildTable]:
     return [known[name] for name in names]
 
 
-def demo_statements(scale: float, schema: str = DEMO_SCHEMA,
-                    tables: list[str] | None = None) -> list[sql.Composed]:
-    """Every statement that builds the demo schema, in order, for one transaction."""
+def demo_steps(scale: float, schema: str = DEMO_SCHEMA,
+               tables: list[str] | None = None) -> list[tuple[str, list[sql.Composed]]]:
+    """Every statement that builds the demo schema, in order, for one transaction, in named
+    steps: the parents, each child table, what comes after."""
     if scale <= 0:
         raise RunnerError(f"--scale must be positive, got {scale}")
     s = sql.Identifier(schema)
     chosen = [table.name for table in child_tables(tables)]
-    statements = [sql.SQL("create schema {}").format(s), *_parents(schema, scale)]
+    steps = [("the parent tables", [sql.SQL("create schema {}").format(s),
+                                    *_parents(schema, scale)])]
     for table in child_tables(tables):
-        statements += [
+        steps.append((table.name, [
             _create_child(schema, table.name),
             _child_insert(schema, Layout.at(table, scale)),
             *_finish_child(schema, table.name),
-        ]
+        ]))
+    statements = []
     if "task_tags" in chosen:
         # The one child table the ETL could not duplicate: it had its constraint from day one.
         statements.append(sql.SQL("alter table {} add constraint {} unique (task_pk, tag_pk)")
@@ -357,7 +364,14 @@ def demo_statements(scale: float, schema: str = DEMO_SCHEMA,
             s, sql.Identifier(READER_ROLE)
         ),
     ]
-    return statements
+    return [*steps, ("constraints, views and grants", statements)]
+
+
+def _took(step: str, seconds: float) -> None:
+    """A step of the demo on stderr: those that take a while, or every one with -v."""
+    progress.say("step", f"{step}: {seconds:.1f} s",
+                 progress.NORMAL if seconds >= SLOW_STEP_S else progress.VERBOSE,
+                 step=step, seconds=round(seconds, 3))
 
 
 def generate(conn: psycopg.Connection, scale: float, *, replace: bool = False,
@@ -366,7 +380,7 @@ def generate(conn: psycopg.Connection, scale: float, *, replace: bool = False,
 
     Takes an autocommit connection: the build is one transaction, VACUUM runs outside it.
     """
-    statements = demo_statements(scale, schema, tables)
+    steps = demo_steps(scale, schema, tables)
     exists = conn.execute(
         "select 1 from pg_namespace where nspname = %s", (schema,)
     ).fetchone()
@@ -382,11 +396,16 @@ def generate(conn: psycopg.Connection, scale: float, *, replace: bool = False,
         ).fetchone()
         if not role_exists:
             conn.execute(sql.SQL("create role {} nologin").format(sql.Identifier(READER_ROLE)))
-        for statement in statements:
-            conn.execute(statement)
+        for label, statements in steps:
+            started = time.perf_counter()
+            for statement in statements:
+                conn.execute(statement)
+            _took(f"generate: {label}", time.perf_counter() - started)
     # Visibility map and statistics, as a long-lived table would have them.
+    started = time.perf_counter()
     conn.execute(
         sql.SQL("vacuum (analyze) {}").format(
             sql.SQL(", ").join(sql.Identifier(schema, t.name) for t in child_tables(tables))
         )
     )
+    _took("generate: vacuum and statistics", time.perf_counter() - started)

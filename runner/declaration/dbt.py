@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runner import progress
 from runner.errors import RunnerError
+
+# A node that takes longer than this is said on stderr during a quiet build.
+SLOW_NODE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -57,11 +61,26 @@ def log_file(project_dir: Path) -> Path:
     return Path(os.environ.get("DBT_LOG_PATH") or project_dir / "logs") / "dbt.log"
 
 
+def _node_finished(event: Any) -> None:
+    """A node dbt finished, on stderr while it is quiet: those that took a while, or every
+    one with -v."""
+    if event.info.name != "NodeFinished":
+        return
+    node, result = event.data.node_info, event.data.run_result
+    seconds = float(result.execution_time)
+    progress.say("dbt", f"dbt {node.resource_type} {node.node_name}: {result.status} in "
+                 f"{seconds:.1f} s",
+                 progress.NORMAL if seconds >= SLOW_NODE_S else progress.VERBOSE,
+                 node=node.unique_id, status=result.status, seconds=round(seconds, 3))
+
+
 def run_dbt(args: list[str], project_dir: Path, *, target_dir: Path | None = None,
             flags: DbtFlags = DbtFlags(), quiet: bool = False):
-    """`dbt ARGS`, with the user's dbt flags, refusing to go on when it fails; its result."""
+    """`dbt ARGS`, with the user's dbt flags, refusing to go on when it fails; its result.
+    Quiet, it says the nodes it finishes as the runner's progress."""
     result = invoke([*args, *flags.args()], project_dir, target_dir=target_dir,
-                    profiles_dir=flags.profiles_dir, quiet=quiet)
+                    profiles_dir=flags.profiles_dir, quiet=quiet,
+                    callbacks=[_node_finished] if quiet else ())
     if not result.success:
         raise RunnerError(f"dbt {' '.join(args)} failed (its errors are above, its whole log in "
                           f"{log_file(project_dir)}): fix the cause and run again")
