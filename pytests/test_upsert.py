@@ -13,6 +13,8 @@ from psycopg.rows import dict_row
 
 from runner import demo
 from runner.declaration import artifacts
+from runner.declaration.artifacts import Relation
+from runner.errors import RunnerError
 from runner.facts import upsert
 
 PROPERTY_PHOTOS_UPSERT = (
@@ -323,3 +325,43 @@ def test_refuses_a_deferrable_constraint(fresh: Database) -> None:
         f"Error: {name} on breezeway.task_tags is deferrable, and ON CONFLICT cannot arbitrate"
         " on a deferrable constraint: make it NOT DEFERRABLE"
     )
+
+
+def test_placeholders_for_the_common_drivers_load_the_same_rows(fresh: Database) -> None:
+    """Numbered $1 (asyncpg, node-postgres, pgx), loaded here with PREPARE and EXECUTE, which
+    read them as those drivers do; JDBC's ? and :name as the same statement with the same
+    parameters in the same order; every form one row per key, re-sent twice."""
+    _swapped(fresh)
+    printed = {style: fresh.runner("upsert-sql", "task_photos", "--touch", "last_sync_time",
+                                   "--placeholders", style)
+               for style in ("psycopg", "numbered", "jdbc", "named")}
+    for style, result in printed.items():
+        assert result.exit_code == 0, (style, result.output)
+    order = ["task_pk", "photo_id", "url"]
+    numbered = printed["numbered"].output
+    assert numbered.startswith("-- parameters, in order: $1 task_pk, $2 photo_id, $3 url\n")
+    statement = numbered.split("\n", 1)[1]
+    jdbc = printed["jdbc"].output
+    assert jdbc.startswith("-- parameters, in order: task_pk, photo_id, url\n")
+    assert jdbc.split("\n", 1)[1] == re.sub(r"\$\d+", "?", statement)
+    assert printed["named"].output == re.sub(
+        r"\$(\d+)", lambda m: f":{order[int(m.group(1)) - 1]}", statement)
+    assert printed["psycopg"].output == re.sub(
+        r"\$(\d+)", lambda m: f"%({order[int(m.group(1)) - 1]})s", statement)
+    with fresh.connect() as conn:
+        rows = conn.execute("select task_pk, photo_id, url from breezeway.task_photos").fetchall()
+        conn.execute(f"prepare load_photo as {statement}")
+        for _ in range(2):
+            for row in rows:
+                conn.execute(sql.SQL("execute load_photo ({})").format(
+                    sql.SQL(", ").join(map(sql.Literal, row))))
+        assert _count(conn, "breezeway", "task_photos") == len(rows)
+
+
+def test_a_column_no_named_parameter_can_name_is_refused_in_that_style_alone() -> None:
+    relation = Relation("upsert_cases", "quoted")
+    with pytest.raises(RunnerError) as refused:
+        upsert._Style("named").parameter(relation, "Synced At", 1)
+    assert str(refused.value) == ("column 'Synced At' of upsert_cases.quoted cannot be a :name "
+                                  "parameter: use --placeholders numbered or jdbc")
+    assert upsert._Style("numbered").parameter(relation, "Synced At", 3).as_string() == "$3"

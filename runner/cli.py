@@ -697,14 +697,19 @@ def verify_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFl
 @click.option("--touch", multiple=True,
               help="A column set to now() on insert and on update, such as last_sync_time "
                    "(repeatable).")
+@click.option("--placeholders", type=click.Choice(upsert.PLACEHOLDER_STYLES), default="psycopg",
+              show_default=True,
+              help="How the ETL's driver writes a parameter: psycopg's %(column)s, numbered $1 "
+                   "(asyncpg, node-postgres, pgx, PREPARE), jdbc's ?, or named :column "
+                   "(SQLAlchemy's text()).")
 @project_dir_option
 @connection_options
 @target_path_option
 @dbt_flags_options
 @_fails_cleanly
 @_reports
-def upsert_sql_command(table: str, touch: tuple[str, ...], project_dir: Path,
-                       target_path: Path | None, dbt_flags: DbtFlags) -> None:
+def upsert_sql_command(table: str, touch: tuple[str, ...], placeholders: str,
+                       project_dir: Path, target_path: Path | None, dbt_flags: DbtFlags) -> None:
     """Print the INSERT ... ON CONFLICT ... DO UPDATE the ETL should load TABLE with (a live
     table, source or schema.table), on the constraint that enforces its natural key now (one
     per shape of key, each saying which rows it takes, for a table with an alternative key)."""
@@ -712,9 +717,14 @@ def upsert_sql_command(table: str, touch: tuple[str, ...], project_dir: Path,
         targets = _configured_targets(project_dir, _target_dir(project_dir, target_path), (),
                                       dbt_flags)
         with connect() as conn:
-            upserts = upsert.target_upserts(conn, upsert.one_target(targets, table), touch)
+            upserts = upsert.target_upserts(conn, upsert.one_target(targets, table), touch,
+                                            placeholders)
             for shaped in upserts:
                 said = f"-- for {shaped.rows}:\n" if len(upserts) > 1 else ""
+                if placeholders in ("numbered", "jdbc"):
+                    said += "-- parameters, in order: " + ", ".join(
+                        f"${n} {c}" if placeholders == "numbered" else c
+                        for n, c in enumerate(shaped.parameters, 1)) + "\n"
                 click.echo(f"{said}{shaped.statement.as_string(conn)}"
                            f"{';' if len(upserts) > 1 else ''}")
 

@@ -13,6 +13,7 @@ table whose alternative key needs one statement per shape of key.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,16 +153,37 @@ class _Identifier(sql.Identifier):
         return super().as_bytes(context).replace(b"%", b"%%")
 
 
-def _deparsed(text: str) -> sql.SQL:
-    """SQL the server printed; its % doubled, as the statement takes %(name)s parameters."""
-    return sql.SQL(text.replace("%", "%%"))
+# How the drivers people load tables with write a parameter: psycopg's %(name)s, numbered $1
+# (asyncpg, node-postgres, pgx, PREPARE), JDBC's ?, and :name (SQLAlchemy's text(), JDBI).
+PLACEHOLDER_STYLES = ("psycopg", "numbered", "jdbc", "named")
+_NAMED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _placeholder(relation: Relation, column: str) -> sql.Placeholder:
-    if ")" in column:
-        raise RunnerError(f"column {column!r} of {relation} contains ')', which a psycopg "
-                          "%(name)s placeholder cannot: rename the column")
-    return sql.Placeholder(column)
+@dataclass(frozen=True)
+class _Style:
+    name: str = "psycopg"
+
+    def identifier(self, *names: str) -> sql.Identifier:
+        return _Identifier(*names) if self.name == "psycopg" else sql.Identifier(*names)
+
+    def deparsed(self, text: str) -> sql.SQL:
+        """SQL the server printed; for psycopg, its % doubled, as % starts a parameter."""
+        return sql.SQL(text.replace("%", "%%") if self.name == "psycopg" else text)
+
+    def parameter(self, relation: Relation, column: str, number: int) -> sql.Composable:
+        if self.name == "numbered":
+            return sql.SQL(f"${number}")
+        if self.name == "jdbc":
+            return sql.SQL("?")
+        if self.name == "named":
+            if not _NAMED.fullmatch(column):
+                raise RunnerError(f"column {column!r} of {relation} cannot be a :name "
+                                  "parameter: use --placeholders numbered or jdbc")
+            return sql.SQL(f":{column}")
+        if ")" in column:
+            raise RunnerError(f"column {column!r} of {relation} contains ')', which a psycopg "
+                              "%(name)s placeholder cannot: rename the column")
+        return sql.Placeholder(column)
 
 
 def _check_touch(table: UpsertTable, natural_key: Sequence[str], touch: Sequence[str]) -> None:
@@ -178,7 +200,8 @@ def _check_touch(table: UpsertTable, natural_key: Sequence[str], touch: Sequence
                               "upsert never changes: touch another column")
 
 
-def _replaces(table: UpsertTable, keep: Sequence[KeepColumn]) -> sql.Composed | bool:
+def _replaces(table: UpsertTable, keep: Sequence[KeepColumn],
+              style: _Style) -> sql.Composed | bool:
     """Whether a row sent again replaces the one the table holds for its key, as the keep rule
     chooses between them: True always (no keep rule; or one led by a column the table numbers
     itself, descending, so a row sent later always comes first); False never (the same,
@@ -187,35 +210,45 @@ def _replaces(table: UpsertTable, keep: Sequence[KeepColumn]) -> sql.Composed | 
         return True
     if keep[0].column in {c.name for c in table.columns if c.generated_by_table}:
         return keep[0].descending
-    return beats(keep, lambda c: sql.SQL("excluded.{}").format(_Identifier(c)),
-                 lambda c: sql.SQL("{}.{}").format(_Identifier(table.relation.name),
-                                                   _Identifier(c)))
+    return beats(keep, lambda c: sql.SQL("excluded.{}").format(style.identifier(c)),
+                 lambda c: sql.SQL("{}.{}").format(style.identifier(table.relation.name),
+                                                   style.identifier(c)))
+
+
+def parameters(table: UpsertTable, touch: Sequence[str] = ()) -> list[str]:
+    """The columns the upsert takes a parameter for, in the order of its placeholders."""
+    return [c.name for c in table.columns if not c.generated_by_table and c.name not in touch]
 
 
 def build_upsert(table: UpsertTable, natural_key: Sequence[str], arbiter: UniqueIndex,
-                 touch: Sequence[str] = (), keep: Sequence[KeepColumn] = ()) -> sql.Composed:
-    """INSERT every column the table does not fill itself, one %(column)s each; on a conflict
-    with the arbiter, set every non-key column from the new row, and each `touch` column to
-    now() (on insert too), where the keep rule prefers the new row (see _replaces)."""
+                 touch: Sequence[str] = (), keep: Sequence[KeepColumn] = (),
+                 placeholders: str = "psycopg") -> sql.Composed:
+    """INSERT every column the table does not fill itself, one parameter each (psycopg's
+    %(column)s, or as `placeholders` says, in the order `parameters` gives); on a conflict with
+    the arbiter, set every non-key column from the new row, and each `touch` column to now()
+    (on insert too), where the keep rule prefers the new row (see _replaces)."""
     _check_touch(table, natural_key, touch)
+    style = _Style(placeholders)
     inserted = [c.name for c in table.columns if not c.generated_by_table]
-    values = [sql.SQL("now()") if c in touch else _placeholder(table.relation, c)
+    numbers = {c: n for n, c in enumerate(parameters(table, touch), 1)}
+    values = [sql.SQL("now()") if c in touch else style.parameter(table.relation, c, numbers[c])
               for c in inserted]
     target = sql.SQL(", ").join(
-        _Identifier(e.column) if e.column is not None
-        else sql.SQL("({})").format(_deparsed(e.expression))
+        style.identifier(e.column) if e.column is not None
+        else sql.SQL("({})").format(style.deparsed(e.expression))
         for e in arbiter.elements
     )
-    predicate = (sql.SQL(" where {}").format(_deparsed(arbiter.predicate))
+    predicate = (sql.SQL(" where {}").format(style.deparsed(arbiter.predicate))
                  if arbiter.predicate is not None else sql.SQL(""))
     assignments = [
         sql.SQL("{} = {}").format(
-            _Identifier(c),
-            sql.SQL("now()") if c in touch else sql.SQL("excluded.{}").format(_Identifier(c)),
+            style.identifier(c),
+            sql.SQL("now()") if c in touch
+            else sql.SQL("excluded.{}").format(style.identifier(c)),
         )
         for c in inserted if c not in natural_key
     ]
-    replaces = _replaces(table, keep)
+    replaces = _replaces(table, keep, style)
     if not assignments or replaces is False:
         action = sql.SQL("do nothing")
     elif replaces is True:
@@ -225,8 +258,8 @@ def build_upsert(table: UpsertTable, natural_key: Sequence[str], arbiter: Unique
                                                               replaces)
     return sql.SQL("insert into {table} ({columns})\nvalues ({values})\n"
                    "on conflict ({target}){predicate}\n{action}").format(
-        table=_Identifier(table.relation.schema, table.relation.name),
-        columns=sql.SQL(", ").join(map(_Identifier, inserted)),
+        table=style.identifier(table.relation.schema, table.relation.name),
+        columns=sql.SQL(", ").join(style.identifier(c) for c in inserted),
         values=sql.SQL(", ").join(values),
         target=target,
         predicate=predicate,
@@ -253,6 +286,8 @@ class ShapedUpsert:
     """Which rows it is for, said in words."""
     statement: sql.Composed
     shape: KeyShape
+    parameters: tuple[str, ...] = ()
+    """The columns it takes a parameter for, in the order of its placeholders."""
 
     def takes(self, row: Mapping[str, object]) -> bool:
         """Whether the ETL sends `row`, a dict keyed by column name, with this statement."""
@@ -268,8 +303,8 @@ def _shape_words(shape: KeyShape) -> str:
     return "rows whose " + " and ".join(said)
 
 
-def target_upserts(conn: psycopg.Connection, target: DedupTarget,
-                   touch: Sequence[str] = ()) -> list[ShapedUpsert]:
+def target_upserts(conn: psycopg.Connection, target: DedupTarget, touch: Sequence[str] = (),
+                   placeholders: str = "psycopg") -> list[ShapedUpsert]:
     """The upserts on the constraint that enforces the natural key as the dbt YAML declares it,
     NULL semantics included: a key enforced only in part (a partial index, or NULLs distinct
     where the YAML says not_distinct) is not enforced, and `runner swap` adds the constraint.
@@ -300,7 +335,8 @@ def target_upserts(conn: psycopg.Connection, target: DedupTarget,
         shapes, names = [KeyShape((), target.spec.natural_key, ())], names[:1]
     return [ShapedUpsert("every row" if len(shapes) == 1 else _shape_words(shape),
                          build_upsert(facts, (*shape.compared, *shape.nulls), arbiters[name],
-                                      touch, target.spec.keep), shape)
+                                      touch, target.spec.keep, placeholders), shape,
+                         tuple(parameters(facts, touch)))
             for shape, name in zip(shapes, names, strict=True)]
 
 
