@@ -400,3 +400,38 @@ def test_a_partitioned_referencing_table_is_re_pointed_from_postgresql_18_refuse
         "breezeway.task_photos, is partitioned, and before PostgreSQL 18 such a key cannot be "
         "added NOT VALID: the swap would check all its rows under the lock; re-point them by "
         "hand, or set references: refuse for breezeway.task_photos"]
+
+
+def _reference_triggers(conn: psycopg.Connection) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "select tgname from pg_trigger where tgrelid = 'public.photo_likes'::regclass"
+        " and not tgisinternal")]
+
+
+def test_capture_stop_removes_the_capture_of_the_references_too(fresh: Database) -> None:
+    with_likes(fresh)
+    with fresh.connect() as conn:
+        assert _reference_triggers(conn) == ["dedup_references__photo_likes_photo_fkey"]
+    stopped = fresh.runner("capture", "--stop", "--select", "task_photos")
+    assert stopped.exit_code == 0, stopped.output
+    with fresh.connect() as conn:
+        assert _reference_triggers(conn) == []
+        assert conn.execute(
+            "select count(*) from pg_class where relnamespace = 'dedup_archive'::regnamespace"
+            " and relname like 'public__photo_likes%'").fetchone()[0] == 0
+
+
+def test_cleanup_drops_the_record_of_the_re_pointed_rows_with_the_archive(
+        fresh: Database) -> None:
+    with_likes(fresh)
+    assert fresh.runner("swap", "--select", "task_photos").exit_code == 0
+    with fresh.connect() as conn:
+        record = record_of(conn, "task_photos")
+        assert conn.execute("select to_regclass(%s)", (record,)).fetchone()[0] is not None
+    cleaned = fresh.runner("cleanup", "--older-than", "1ms")
+    assert cleaned.exit_code == 0, cleaned.output
+    with fresh.connect() as conn:
+        assert conn.execute("select to_regclass(%s)", (record,)).fetchone()[0] is None
+    # Without the archive and its record, a rollback says why it cannot.
+    refused = fresh.runner("rollback", "--select", "task_photos")
+    assert refused.exit_code == 4
