@@ -53,13 +53,15 @@ def test_the_request_id_of_the_events_is_found_with_its_timestamp_set_aside(
 def test_the_best_is_printed_as_meta_dedup(built: Database) -> None:
     result = built.runner("suggest-keys", "breezeway.task_photos")
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[-6:] == [
+    assert result.output.splitlines()[-7:] == [
         "The first, as its source's meta.dedup:",
         "  config:",
         "    meta:",
         "      dedup:",
         '        natural_key: ["task_pk", "photo_id"]',
         "        keep: [{column: id, order: desc}]   # the latest copy",
+        "or declared in a project of yours (runner init): runner add breezeway.task_photos "
+        "--key task_pk,photo_id --keep id",
     ]
 
 

@@ -24,7 +24,7 @@ from runner.declaration.project import bundled_project, copy_bundled_project
 from runner.errors import CHECKS_FAILED, RunnerError, from_database
 from runner.execution import locking
 from runner.facts import audit, report, suggest, upsert, verify
-from runner.jobs import capturing, cleanup, rollback, swap
+from runner.jobs import capturing, cleanup, rollback, scaffolding, swap
 from runner.present import audit_view, report_view, suggest_view
 from runner.server import catalog, swap_log
 from runner.server.connection import (
@@ -853,6 +853,97 @@ def suggest_keys_command(project_dir: Path, table: str, sample_rows: int, max_co
     click.echo("The first, as its source's meta.dedup:")
     for line in suggest_view.meta_dedup(found.checked[0], found.tiebreaker):
         click.echo(f"  {line}")
+    add = suggest_view.add_line(found, found.checked[0])
+    if add:
+        click.echo(f"or declared in a project of yours (runner init): {add}")
+
+
+def _columns(text: str) -> list[str]:
+    return [column.strip() for column in text.split(",") if column.strip()]
+
+
+def _keep_rule(text: str) -> list[dict[str, str]]:
+    """`updated_at:desc,uid:desc` as meta.dedup's keep; a column alone is descending."""
+    rule = []
+    for part in _columns(text):
+        column, _, order = part.rpartition(":") if ":" in part else (part, "", "desc")
+        rule.append({"column": column.strip(), "order": order.strip()})
+    return rule
+
+
+@cli.command(name="init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", help="The dbt project's name [default: the directory's].")
+@_fails_cleanly
+@_reports
+def init_command(directory: Path, name: str | None) -> None:
+    """A dbt project of your own in DIRECTORY that deduplicates your tables with this runner's
+    dbt package: dbt_project.yml with the folders the runner reads, packages.yml, a profile
+    from libpq's variables, a .gitignore; then `dbt deps`. Add tables with `runner add`."""
+    written = scaffolding.init(directory, name)
+    click.echo(f"Wrote {', '.join(written)} in {directory}, and installed the dedup package.")
+    click.echo(f"Next: runner add SCHEMA.TABLE --key COLUMNS --keep COLUMN --project-dir "
+               f"{directory}  (runner suggest-keys SCHEMA.TABLE finds candidate keys)")
+
+
+@cli.command(name="add")
+@click.argument("table")
+@click.option("--key", "key", required=True, help="The natural key's columns, comma-separated.")
+@click.option("--keep", "keep", required=True,
+              help="The keep rule, comma-separated COLUMN[:asc|desc] (desc if left out), its "
+                   "last column a unique NOT NULL tie-breaker: id, or updated_at:desc,uid:desc.")
+@click.option("--nulls", type=click.Choice(artifacts.NULL_POLICIES),
+              help="What a NULL in the key means [default: not_distinct].")
+@click.option("--alternative-key", help="Where the key has a NULL, the rows' key instead: the "
+                                        "natural key's columns and more, comma-separated.")
+@click.option("--references", type=click.Choice(artifacts.REFERENCE_POLICIES),
+              help="What the swap does with rows of other tables that point at a removed "
+                   "duplicate [default: repoint].")
+@click.option("--source", help="The dbt source to declare it under [default: its schema].")
+@click.option("--name", help="Its dbt name, which its models are named after [default: its "
+                             "own, lowercase].")
+@project_dir_option
+@_fails_cleanly
+@_reports
+def add_command(table: str, key: str, keep: str, nulls: str | None,
+                alternative_key: str | None, references: str | None, source: str | None,
+                name: str | None, project_dir: Path) -> None:
+    """Declare TABLE (schema.table) under its source with its meta.dedup, in the project's
+    models/staging/<source>/_<source>__sources.yml, then write the models and tests it needs
+    (`runner models`). Reads no database: `runner build` then captures and builds it."""
+    spec: dict = {"natural_key": _columns(key), "keep": _keep_rule(keep)}
+    if nulls:
+        spec["nulls"] = nulls
+    if alternative_key:
+        spec["alternative_key"] = _columns(alternative_key)
+    if references:
+        spec["references"] = references
+    result = scaffolding.add(project_dir, _relation(table), spec, source, name)
+    click.echo(f"Declared {table} in {result.declared_in}; wrote "
+               f"{', '.join(result.written) or 'nothing else'}.")
+
+
+@cli.command(name="models")
+@project_dir_option
+@click.option("--check", is_flag=True,
+              help="Write nothing: exit 1 if a generated file differs from what the "
+                   "declarations make, is missing, or is left from a table no longer declared.")
+@_fails_cleanly
+@_reports
+def models_command(project_dir: Path, check: bool) -> None:
+    """Write the models and tests every table declared with meta.dedup needs (staging, key
+    groups, kept rows, removed rows, their tests, the audit), from that declaration alone."""
+    if check:
+        drifted = scaffolding.check_models(project_dir)
+        for line in drifted:
+            click.echo(line)
+        if drifted:
+            raise click.exceptions.Exit(CHECKS_FAILED)
+        click.echo("Every generated file is what the declarations make.")
+        return
+    written = scaffolding.write_models(project_dir)
+    click.echo(f"Wrote {', '.join(written)}." if written else "Nothing to write: every "
+               "generated file is what the declarations make.")
 
 
 @cli.command(name="package-path")

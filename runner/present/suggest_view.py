@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 from runner.facts.suggest import Checked, Suggestion
 
@@ -64,3 +65,18 @@ def summary(suggestion: Suggestion) -> list[str]:
     return [f"{suggestion.relation}: candidates found in {suggestion.sampled_rows:,} sampled "
             "rows, each counted on the whole table",
             f"set aside: {', '.join(aside) or 'nothing'}"]
+
+
+def add_line(suggestion: Suggestion, checked: Checked) -> str | None:
+    """The `runner add` that declares the candidate, where a tie-breaker ends its keep rule."""
+    if not suggestion.tiebreaker:
+        return None
+    spec = checked.spec
+    parts = ["runner", "add", shlex.quote(str(suggestion.relation)),
+             "--key", shlex.quote(",".join(spec.natural_key)),
+             "--keep", shlex.quote(suggestion.tiebreaker)]
+    if spec.nulls != "not_distinct":
+        parts += ["--nulls", spec.nulls]
+    if spec.alternative_key:
+        parts += ["--alternative-key", shlex.quote(",".join(spec.alternative_key))]
+    return " ".join(parts)
