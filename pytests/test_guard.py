@@ -175,7 +175,7 @@ def test_swap_ignores_guard_tests_run_with_the_build_but_not_a_failed_dedup_test
     # As the guard's own command reports them, failed; and one of the build's own tests failed.
     manifest = json.loads((fresh.target_dir / "manifest.json").read_text())
     (build_test,) = [node_id for node_id, node in manifest["nodes"].items()
-                     if node["name"] == "dedup_natural_key_unique_property_photos_"]
+                     if node["name"] == "dedup_natural_key_unique_property_photos"]
     path = fresh.target_dir / "run_results.json"
     results = json.loads(path.read_text())
     for result in results["results"]:
@@ -184,7 +184,7 @@ def test_swap_ignores_guard_tests_run_with_the_build_but_not_a_failed_dedup_test
     path.write_text(json.dumps(results))
     refused = fresh.runner("swap")
     assert refused.exit_code == 4
-    assert said(refused)[0].startswith("Error: dedup_natural_key_unique_property_photos_ has "
+    assert said(refused)[0].startswith("Error: dedup_natural_key_unique_property_photos has "
                                        "status fail in the latest dbt build"), refused.output
 
     for result in results["results"]:

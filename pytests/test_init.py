@@ -104,3 +104,15 @@ def test_what_init_and_add_refuse_changes_nothing(tmp_path: Path) -> None:
     assert twice.exit_code == 4
     assert said(twice) == ["Error: source shop declares order_lines already: edit its "
                            "meta.dedup there, then run `runner models`"]
+
+
+def test_the_demo_projects_models_are_what_its_declarations_make() -> None:
+    """The demo is generated as a project of one's own is: `runner models --check`, as CI runs
+    it, finds nothing to change."""
+    from click.testing import CliRunner
+    from conftest import PROJECT_DIR
+
+    from runner.cli import cli
+
+    checked = CliRunner().invoke(cli, ["models", "--check", "--project-dir", str(PROJECT_DIR)])
+    assert checked.exit_code == 0, checked.output

@@ -119,6 +119,12 @@ def added(document: dict | None, source: str, schema: str, entry: dict) -> dict:
     return document
 
 
+def written_by_hand(text: str) -> bool:
+    """Whether a YAML file holds what a rewrite through a parser would lose: comments, anchors."""
+    return any(line.lstrip().startswith("#") or " #" in line or "&" in line or "*" in line
+               for line in text.splitlines())
+
+
 def checked_spec(label: str, spec: dict) -> DedupSpec:
     """meta.dedup refused as dbt and every command refuse it."""
     return parse_spec(label, {"dedup": spec})
@@ -139,8 +145,30 @@ def declared(project: Path) -> list[Declared]:
 
 
 def _header(table: Declared, comment: str) -> str:
-    return (f"{comment} {GENERATED} the meta.dedup of {table.source}.{table.table} in "
-            f"{table.declared_in}: edit that, then run `runner models`.\n")
+    return (f"{comment} {GENERATED} the meta.dedup of {table.source}.{table.table}:\n"
+            f"{comment} edit it in {table.declared_in}, then run `runner models`.\n")
+
+
+def _described(t: Declared, staging: str, groups: str) -> list[dict]:
+    """The four models of a table, said in words, and the tests of its kept rows."""
+    live = f"{t.source}.{t.table}"
+    return [
+        {"name": staging, "description": f"The live {live}, as dbt reads it: every column "
+                                         "unchanged, as the swap needs."},
+        {"name": groups, "description": f"The natural keys of {live}: per key, the row the "
+                                        "keep rule keeps and how many rows share the key."},
+        {"name": t.table,
+         "description": f"The rows of {live} the keep rule keeps, one per natural key: what "
+                        "`runner swap` puts in its place.",
+         "data_tests": [{"dedup.dedup_natural_key_unique": {
+             "name": f"dedup_natural_key_unique_{t.table}"}}, {"dedup.dedup_reconciles": {
+             "name": f"dedup_reconciles_{t.table}",
+             "arguments": {"source_rows": f"ref('{staging}')",
+                           "key_groups": f"ref('{groups}')"}}}]},
+        {"name": f"removed_{t.table}",
+         "description": f"The rows of {live} the kept rows leave out; after the swap they live "
+                        "on in the original table, kept in the archive schema."},
+    ]
 
 
 def model_files(tables: list[Declared]) -> dict[str, str]:
@@ -163,22 +191,14 @@ def model_files(tables: list[Declared]) -> dict[str, str]:
                 f"{sql_header}{{{{ dedup.dedup_kept_rows('{staging}', '{groups}') }}}}\n",
             f"models/removed/removed_{t.table}.sql":
                 f"{sql_header}{{{{ dedup.dedup_removed_rows('{staging}', '{t.table}') }}}}\n",
-            f"models/deduplicated/_{t.table}__models.yml": _header(t, "#") + yaml.safe_dump({
-                "version": 2, "models": [{
-                    "name": t.table,
-                    "description": f"The rows of {t.source}.{t.table} the keep rule keeps, one "
-                                   "per natural key: what `runner swap` puts in its place.",
-                    "data_tests": ["dedup.dedup_natural_key_unique", {
-                        "dedup.dedup_reconciles": {
-                            "name": f"dedup_reconciles_{t.table}",
-                            "arguments": {"source_rows": f"ref('{staging}')",
-                                          "key_groups": f"ref('{groups}')"}}}]}]},
-                sort_keys=False),
+            f"models/deduplicated/_{t.table}__models.yml": _header(t, "#") + yaml.safe_dump(
+                {"version": 2, "models": _described(t, staging, groups)}, sort_keys=False),
         }
     if tables:
         listed = ",\n".join(f"    {json.dumps(f'int_{t.table}_grouped_by_key')}" for t in tables)
         files["models/audit/audit_duplicates.sql"] = (
-            f"-- {GENERATED} the meta.dedup of every declared table: run `runner models`.\n"
+            f"-- {GENERATED} the meta.dedup of every declared table:\n"
+            "-- declare one, then run `runner models`.\n"
             f"{{{{ dedup.dedup_audit([\n{listed},\n]) }}}}\n")
     return files
 

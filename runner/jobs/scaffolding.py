@@ -46,6 +46,10 @@ def add(project: Path, relation: Relation, spec: dict, source: str | None = None
     table = scaffold.dbt_name(name or relation.name)
     scaffold.checked_spec(f"{source}.{table}", spec)
     path = project / scaffold.source_file(source)
+    if path.is_file() and scaffold.written_by_hand(path.read_text()):
+        raise RunnerError(f"{scaffold.source_file(source)} has comments or anchors, which "
+                          "rewriting it would lose: add the table's entry there by hand, then "
+                          "run `runner models`")
     document = yaml.safe_load(path.read_text()) if path.is_file() else None
     document = scaffold.added(document, source, relation.schema,
                               scaffold.table_entry(table, relation.name, spec))

@@ -1,1 +1,0 @@
-{{ dedup_removed_rows('stg_breezeway__reservation_guests', 'reservation_guests') }}

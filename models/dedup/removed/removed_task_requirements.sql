@@ -1,1 +1,0 @@
-{{ dedup_removed_rows('stg_breezeway__task_requirements', 'task_requirements') }}
