@@ -34,7 +34,7 @@ from runner.statements.keys import KeyCounts, count_keys
 LOAD_TIME_TYPES = ("timestamp without time zone", "timestamp with time zone")
 SAMPLE_ROWS = 20_000
 MAX_COLUMNS = 3
-SHOWN = 5
+SHOWN = 3
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,8 @@ class _Grouped:
     """Rows with a NULL in the key."""
     copies: bool
     """Whether some rows without a NULL share a key: without, the key says nothing."""
+    copies_per_key: float
+    """Rows per key, among the rows without a NULL in it."""
     varying: set[str]
     """The columns that vary within the groups of rows without a NULL in the key."""
     null_varying: set[str]
@@ -101,34 +103,41 @@ def _same_within(conn: psycopg.Connection, key: tuple[str, ...], others: list[st
     row = conn.execute(candidates.groups_within(candidates.sample(), key, others)).fetchone()
     rows, null_rows, keys, null_keys = row[:4]
     pairs, null_pairs = row[4:4 + len(others)], row[4 + len(others):]
-    return _Grouped(null_rows, rows - null_rows > keys,
+    return _Grouped(null_rows, rows - null_rows > keys, (rows - null_rows) / max(keys, 1),
                     {c for c, n in zip(others, pairs, strict=True) if n != keys},
                     {c for c, n in zip(others, null_pairs, strict=True) if n != null_keys})
 
 
-def _telling_apart(conn: psycopg.Connection, key: tuple[str, ...], business: list[str],
-                   load_times: list[str]) -> str | None:
+def _telling_apart(conn: psycopg.Connection, key: tuple[str, ...], business: list[str]
+                   ) -> tuple[str, int] | None:
     """The column that, where the key has a NULL, groups those rows into copies alike but for
-    their load times."""
+    their load times; with how many groups it makes of them."""
     for extra in (c for c in business if c not in key):
         others = [c for c in business if c not in key and c != extra]
         groups, *triples = conn.execute(
             candidates.alike_within(candidates.sample(), key, extra, others)).fetchone()
         if all(n == groups for n in triples):
-            return extra
+            return extra, groups
     return None
 
 
 def _with_nulls(conn: psycopg.Connection, key: tuple[str, ...], business: list[str],
-                load_times: list[str], null_rows: int, null_varying: set[str]
-                ) -> list[tuple[str, tuple[str, ...]]]:
+                load_times: list[str], grouped: _Grouped) -> list[tuple[str, tuple[str, ...]]]:
     """The NULL policies the sample allows the key: (nulls, alternative_key) each. Rows with a
     NULL in it that are alike are one row (not_distinct); rows that differ are either each a
-    row of their own (distinct), or copies of the rows a further column tells apart."""
-    if not null_rows or not null_varying - set(load_times):
+    row of their own (distinct), or copies of the rows a further column tells apart. The
+    reading that comes first: copies, where they come about as often as the other rows'
+    copies do (re-sent with them, as the incident's guests without email were); else each a
+    row of its own, which never merges two."""
+    if not grouped.null_rows or not grouped.null_varying - set(load_times):
         return [("not_distinct", ())]
-    extra = _telling_apart(conn, key, business, load_times)
-    return [("distinct", ()), *([("not_distinct", (*key, extra))] if extra else [])]
+    found = _telling_apart(conn, key, business)
+    if found is None:
+        return [("distinct", ())]
+    extra, groups = found
+    copies = [("not_distinct", (*key, extra))]
+    as_often = grouped.null_rows / groups <= 2 * max(grouped.copies_per_key, 1.0)
+    return [*copies, ("distinct", ())] if as_often else [("distinct", ()), *copies]
 
 
 def _candidates(conn: psycopg.Connection, business: list[str], load_times: list[str],
@@ -144,8 +153,7 @@ def _candidates(conn: psycopg.Connection, business: list[str], load_times: list[
                 continue
             differ = tuple(c for c in load_times if c in grouped.varying | grouped.null_varying)
             missing = tuple(p for p in parents if p not in key)
-            for nulls, alternative in _with_nulls(conn, key, business, load_times,
-                                                   grouped.null_rows, grouped.null_varying):
+            for nulls, alternative in _with_nulls(conn, key, business, load_times, grouped):
                 found.append(Candidate(key, nulls, alternative, differ,
                                        sample_null_rows=grouped.null_rows))
                 if missing:
@@ -156,13 +164,14 @@ def _candidates(conn: psycopg.Connection, business: list[str], load_times: list[
     return found
 
 
-def _ranked(found: list[Candidate], parents: list[str]) -> list[Candidate]:
+def _ranked(found: list[Candidate], parents: list[str],
+            width: dict[str, float]) -> list[Candidate]:
     """Child rows are identified within their parent; then the fewest columns, the fewest
-    NULLs, an index already there."""
+    NULLs, an index already there, the narrowest key (an identifier, more than a text)."""
     def order(c: Candidate) -> tuple:
         scope = [k for k in c.natural_key if k in parents]
         return (not scope, len(c.natural_key) - len(scope), c.sample_null_rows, not c.indexed,
-                c.natural_key)
+                sum(width[k] for k in c.natural_key), c.natural_key)
     return sorted(found, key=order)
 
 
@@ -195,7 +204,9 @@ def suggest(conn: psycopg.Connection, relation: Relation, sample_rows: int = SAM
                        and any(i.key_columns == (s,) and i.unique for i in live.indexes)), None)
     keep = (KeepColumn(tiebreaker or business[0], True),)
     checked = []
-    for candidate in _ranked(found, parents)[:shown]:
+    width = dict(zip(business, conn.execute(
+        candidates.widths(candidates.sample(), business)).fetchone(), strict=True))
+    for candidate in _ranked(found, parents, width)[:shown]:
         spec = DedupSpec(candidate.natural_key, keep, candidate.nulls,
                          candidate.alternative_key)
         counts = KeyCounts(*conn.execute(count_keys(relation, spec)).fetchone())

@@ -65,6 +65,13 @@ def alike_within(source: sql.Composable, key: Sequence[str], extra: str,
                 _as_text([*key, extra, other]), null) for other in others), source)
 
 
+def widths(source: sql.Composable, columns: Sequence[str]) -> sql.Composed:
+    """Each column's average width in bytes, in order: a narrow key makes a small index."""
+    return sql.SQL("select {} from {}").format(sql.SQL(", ").join(
+        sql.SQL("coalesce(avg(pg_column_size({})), 0)::float8").format(sql.Identifier(c))
+        for c in columns), source)
+
+
 def sample() -> sql.Identifier:
     return sql.Identifier("pg_temp", SAMPLE)
 
