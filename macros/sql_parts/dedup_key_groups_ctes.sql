@@ -9,7 +9,7 @@
 {% macro default__dedup_key_groups_ctes(relation, spec, prefix) -%}
 {{ dedup._dedup_source_rows_cte(relation, spec, prefix) }},
 
-{% if spec.keep | length == 1 -%}
+{% if dedup._dedup_keep_is_an_aggregate(relation, spec) -%}
 {{ dedup._dedup_key_groups_by_aggregate(spec, prefix) }}
 {%- else -%}
 {#- A lexicographic keep rule needs an order: number the narrow rows of each group in it, and
@@ -45,7 +45,7 @@
 {% macro postgres__dedup_key_groups_ctes(relation, spec, prefix) -%}
 {{ dedup._dedup_source_rows_cte(relation, spec, prefix) }},
 
-{% if spec.keep | length == 1 -%}
+{% if dedup._dedup_keep_is_an_aggregate(relation, spec) -%}
 {{ dedup._dedup_key_groups_by_aggregate(spec, prefix) }}
 {%- else -%}
 {#- A lexicographic keep rule needs an order: DISTINCT ON takes each group's first row in it,
@@ -114,6 +114,24 @@
         {%- do keep_order.append(adapter.quote(entry.column) ~ " " ~ entry.order) -%}
     {%- endfor -%}
     {{ return(keep_order) }}
+{% endmacro %}
+
+{% macro _dedup_keep_is_an_aggregate(relation, spec) %}
+    {#- Whether the keep rule is the tie-breaker alone, of a type max() and min() take: not a
+        uuid, for one, which has no max(); such a rule is then kept in order, as one of
+        several columns is. -#}
+    {%- if spec.keep | length != 1 -%}{{ return(false) }}{%- endif -%}
+    {%- if not execute -%}{{ return(true) }}{%- endif -%}
+    {%- set ordered = ["smallint", "integer", "bigint", "numeric", "real", "double precision",
+                       "text", "character varying", "character", "date", "time", "timestamp",
+                       "interval", "money", "inet", "oid"] -%}
+    {%- for column in adapter.get_columns_in_relation(relation) -%}
+        {%- if column.name == spec.tiebreaker -%}
+            {%- set type = column.data_type | lower -%}
+            {{ return(ordered | select("in", type) | list | length > 0) }}
+        {%- endif -%}
+    {%- endfor -%}
+    {{ return(false) }}
 {% endmacro %}
 
 {% macro _dedup_key_groups_by_aggregate(spec, prefix) -%}
