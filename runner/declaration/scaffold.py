@@ -47,22 +47,25 @@ def dbt_name(name: str) -> str:
 
 def project_files(name: str, package: Path) -> dict[str, str]:
     """What `runner init` writes: a dbt project wired to the package, its profile read from
-    libpq's variables, and the folder configuration the runner reads its models by."""
+    libpq's variables, and the folder configuration the runner reads its models by. The
+    profile, the memory settings and the key groups' hooks are the package's own."""
+    own = yaml.safe_load((package / "dbt_project.yml").read_text())
+    memory = {k: v for k, v in own["vars"].items() if k.startswith("dedup_")}
     project = {
-        "name": name, "version": "1.0.0", "config-version": 2, "profile": "dedup",
+        "name": name, "version": "1.0.0", "config-version": 2, "profile": own["profile"],
         "flags": {"send_anonymous_usage_stats": False},
         # Memory for the key groups' one aggregate per table, and for its sort where the keep
-        # rule has several columns (the package's dbt_project.yml says why these).
-        "vars": {"dedup_work_mem": "16MB", "dedup_sort_work_mem": "512MB"},
+        # rule has several columns: the package's dbt_project.yml says why these.
+        "vars": memory,
         "models": {
+            # The package's own demo models, sources and snapshot stay off.
             "dedup": {"+enabled": False},
             name: {
                 "+materialized": "table",
                 "staging": {"+materialized": "view", "+schema": "staging"},
                 "intermediate": {
                     "+schema": "work", "+tags": ["key_groups"],
-                    "+pre-hook": ["set local work_mem = '{{ dedup.dedup_key_groups_work_mem() }}'",
-                                  "set local parallel_tuple_cost = 0", "set local jit = off"]},
+                    "+pre-hook": own["models"]["dedup"]["intermediate"]["+pre-hook"]},
                 "deduplicated": {"+tags": ["deduplicated"]},
                 "removed": {"+materialized": "view", "+tags": ["removed"]},
                 "audit": {"+schema": "audit"},
@@ -71,23 +74,12 @@ def project_files(name: str, package: Path) -> dict[str, str]:
         "sources": {"dedup": {"+enabled": False}},
         "snapshots": {"dedup": {"+enabled": False}},
     }
-    profile = {"dedup": {"target": "default", "outputs": {"default": {
-        "type": "postgres",
-        "host": "{{ env_var('PGHOST', '127.0.0.1') }}",
-        "port": "{{ env_var('PGPORT', '5432') | as_number }}",
-        "user": "{{ env_var('PGUSER', 'postgres') }}",
-        "password": "{{ env_var('PGPASSWORD', '') }}",
-        "dbname": "{{ env_var('PGDATABASE', 'postgres') }}",
-        "sslmode": "{{ env_var('PGSSLMODE', 'prefer') }}",
-        "schema": "{{ env_var('DEDUP_SCHEMA', 'dedup') }}",
-        "threads": 2, "connect_timeout": 10}}}}
     return {
         "dbt_project.yml": "# Written by `runner init`; the models are `runner models`'.\n"
                            + yaml.safe_dump(project, sort_keys=False),
         "packages.yml": yaml.safe_dump({"packages": [{"local": str(package)}]},
                                        sort_keys=False),
-        "profiles.yml": "# The database from libpq's variables, as the runner's own commands "
-                        "read it.\n" + yaml.safe_dump(profile, sort_keys=False),
+        "profiles.yml": (package / "profiles.yml").read_text(),
         ".gitignore": "target/\ndbt_packages/\nlogs/\n.runner/\npackage-lock.yml\n",
         **{f"models/{folder}/.gitkeep": "" for folder in PROJECT_FOLDERS},
     }
