@@ -23,10 +23,10 @@ from runner.declaration.dbt import DbtFlags, log_file, outcome, run_dbt
 from runner.declaration.project import bundled_project, copy_bundled_project
 from runner.errors import CHECKS_FAILED, RunnerError, from_database
 from runner.execution import locking
-from runner.facts import audit, report, suggest, upsert, verify
+from runner.facts import audit, preview, report, suggest, upsert, verify
 from runner.jobs import capturing, cleanup, rollback, scaffolding, swap
-from runner.present import audit_view, report_view, suggest_view
-from runner.server import catalog, swap_log
+from runner.present import audit_view, preview_view, report_view, suggest_view
+from runner.server import captures, catalog, swap_log
 from runner.server.connection import (
     chosen_variables,
     configured_by,
@@ -397,22 +397,45 @@ def swap_command(project_dir: Path, target_path: Path | None, select: tuple[str,
 @project_dir_option
 @connection_options
 @target_path_option
+@dbt_flags_options
 @select_option
 @exclude_option
 @lock_timeout_option
 @lock_wait_option
 @_fails_cleanly
 @_reports
-def plan_command(project_dir: Path, target_path: Path | None, select: tuple[str, ...],
-                 exclude: tuple[str, ...], lock_timeout: timedelta, lock_wait: timedelta) -> None:
-    """What `runner swap` would do: what it locks and for how long, then every statement."""
+def plan_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFlags,
+                 select: tuple[str, ...], exclude: tuple[str, ...], lock_timeout: timedelta,
+                 lock_wait: timedelta) -> None:
+    """What `runner swap` would do: what it locks and for how long, then every statement.
+    Before `runner capture` and `dbt build`, what it would do to each table, from the catalog,
+    the YAML and one scan of each (without a manifest this runs `dbt parse`)."""
     options = swap.SwapOptions(
         target_dir=_target_dir(project_dir, target_path), select=list(select) or None,
         exclude=list(exclude),
         lock_timeout_ms=_ms(lock_timeout), lock_wait_s=lock_wait.total_seconds(),
     )
     with database(project_dir):
-        _swap(options, dry_run=True)
+        targets = _configured_targets(project_dir, options.target_dir, select, dbt_flags,
+                                      exclude)
+        missing = _not_yet(options, targets)
+        if missing is None:
+            _swap(options, dry_run=True)
+            return
+        with connect() as conn:
+            click.echo("\n".join(preview_view.lines(preview.preview(conn, targets), missing,
+                                                    size_text)))
+
+
+def _not_yet(options: swap.SwapOptions, targets: list[artifacts.DedupTarget]) -> str | None:
+    """What the swap still waits for, in words: a capture, a build; None when neither."""
+    with connect() as conn:
+        captured = {r.capture.live for r in captures.registered_captures(
+            conn, options.archive_schema) if r.trigger is not None}
+    waiting = [*(["`runner capture`"] if any(t.live not in captured for t in targets)
+                 else []),
+               *(["`dbt build`"] if not artifacts.built(options.target_dir, targets) else [])]
+    return f"before {' and '.join(waiting)}" if waiting else None
 
 
 @cli.command(name="capture")

@@ -272,6 +272,16 @@ def select_targets(targets: list[DedupTarget], names: list[str] | None,
     return kept
 
 
+def built(target_dir: Path, targets: list[DedupTarget]) -> bool:
+    """Whether the latest dbt run in `target_dir` built every target's deduplicated model (and
+    passed or failed, which check_build says)."""
+    path = target_dir / "run_results.json"
+    if not path.is_file():
+        return False
+    ran = {result["unique_id"] for result in json.loads(path.read_text()).get("results", [])}
+    return all(target.model_id in ran for target in targets)
+
+
 def check_build(target_dir: Path, targets: list[DedupTarget]) -> None:
     """Refuse unless the latest dbt run built each target and passed every test that guards it.
 
