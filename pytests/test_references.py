@@ -412,6 +412,11 @@ def test_capture_stop_removes_the_capture_of_the_references_too(fresh: Database)
     with_likes(fresh)
     with fresh.connect() as conn:
         assert _reference_triggers(conn) == ["dedup_references__photo_likes_photo_fkey"]
+    status = fresh.runner("capture", "--status", "--format", "json")
+    assert status.exit_code == 0, status.output
+    (photos,) = [row for row in json.loads(status.stdout)
+                 if row["table"] == "breezeway.task_photos"]
+    assert photos["references"] == "public.photo_likes.photo_likes_photo_fkey"
     stopped = fresh.runner("capture", "--stop", "--select", "task_photos")
     assert stopped.exit_code == 0, stopped.output
     with fresh.connect() as conn:

@@ -89,6 +89,9 @@ class CaptureStatus:
     changes: int | None
     """Changes waiting in its log; None when the log is gone."""
     log_bytes: int | None
+    references: tuple[str, ...] = ()
+    """The foreign keys that point at the table whose written values are captured with it, for
+    the swap to re-point them."""
 
     @property
     def state(self) -> str:
@@ -111,7 +114,7 @@ class CaptureStatus:
         return {"table": str(r.capture.live), "phase": since,
                 "started": swap_log.when(r.started_at), "state": self.state,
                 "changes": self.changes, "log_bytes": self.log_bytes,
-                "log": str(r.capture.log)}
+                "log": str(r.capture.log), "references": ", ".join(self.references) or None}
 
 
 def status(conn: psycopg.Connection, archive_schema: str) -> list[CaptureStatus]:
@@ -126,9 +129,13 @@ def status(conn: psycopg.Connection, archive_schema: str) -> list[CaptureStatus]
                 "select count(*), pg_total_relation_size({}::regclass) from {}").format(
                     sql.Literal(sql.Identifier(log.schema, log.name).as_string()),
                     sql.Identifier(log.schema, log.name))).fetchone()
+        references = tuple(
+            c.reference.shown for c in _reference_captures_in_place(
+                conn, registered.capture.live, archive_schema)
+        ) if registered.live_exists else ()
         found.append(CaptureStatus(registered,
                                    swaps.get(registered.capture.since_swap_of), changes,
-                                   log_bytes))
+                                   log_bytes, references))
     return found
 
 
@@ -143,9 +150,10 @@ def _chosen(found: list[Registered], names: list[str] | None,
         f"captured: {', '.join(str(r.capture.live) for r in known)}")
 
 
-def _reference_captures_left(conn: psycopg.Connection, table: Relation,
+def _reference_captures_in_place(conn: psycopg.Connection, table: Relation,
                              archive_schema: str) -> list[repoint.ReferenceCapture]:
-    """The captures of foreign keys that point at `table`, which a swap that gave up left."""
+    """The captures of the foreign keys that point at `table` that are in place: with its own
+    capture, or left by a swap that gave up."""
     return [c for c in (repoint.ReferenceCapture.of(reference, archive_schema)
                         for reference in catalog.read_live_table(conn, table).references)
             if catalog.exists(conn, c.log)]
@@ -167,7 +175,7 @@ def stop(conn: psycopg.Connection, names: list[str] | None,
             # A swap that was killed after building its index on the key left it behind, and
             # one that gave up left the captures of the foreign keys that point at the table.
             statements.append(sql.SQL("drop index if exists {}").format(lookup_index(table)))
-            statements += [statement for left in _reference_captures_left(
+            statements += [statement for left in _reference_captures_in_place(
                 conn, table, options.archive_schema) for statement in repoint.capture_remove(left)]
         statements += capture.remove(registered.capture, table)
     statements += capture.drop_if_unused(options.archive_schema)
