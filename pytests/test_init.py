@@ -5,6 +5,7 @@ when the generated files drift from the declaration."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import yaml
@@ -25,6 +26,8 @@ def test_init_add_build_swap_and_verify_a_table_of_ones_own(shop: Database,  # n
     assert yaml.safe_load((project / "packages.yml").read_text()) == {
         "packages": [{"local": str(bundled_project())}]}
     assert yaml.safe_load((project / "dbt_project.yml").read_text())["name"] == "mine"
+    # As a fresh clone of it has them: not installed. The runner installs them when it needs.
+    shutil.rmtree(project / "dbt_packages")
     added = shop.runner(*ADD, "--project-dir", str(project))
     assert added.exit_code == 0, added.output
     declared = yaml.safe_load((project / "models/staging/shop/_shop__sources.yml").read_text())

@@ -74,10 +74,22 @@ def _node_finished(event: Any) -> None:
                  node=node.unique_id, status=result.status, seconds=round(seconds, 3))
 
 
+def _packages_missing(project_dir: Path) -> bool:
+    """Whether the project names packages that `dbt deps` has not installed: a fresh clone of
+    a project made by `runner init` has none."""
+    return ((project_dir / "packages.yml").is_file()
+            and not (project_dir / "dbt_packages").is_dir())
+
+
 def run_dbt(args: list[str], project_dir: Path, *, target_dir: Path | None = None,
             flags: DbtFlags = DbtFlags(), quiet: bool = False):
     """`dbt ARGS`, with the user's dbt flags, refusing to go on when it fails; its result.
-    Quiet, it says the nodes it finishes as the runner's progress."""
+    Quiet, it says the nodes it finishes as the runner's progress. Packages the project names
+    and has not installed are installed first, as `dbt deps` does."""
+    if args[:1] != ["deps"] and _packages_missing(project_dir):
+        progress.say("dbt", "dbt deps: the project's packages are not installed yet")
+        run_dbt(["deps"], project_dir, flags=DbtFlags(profiles_dir=flags.profiles_dir),
+                quiet=True)
     result = invoke([*args, *flags.args()], project_dir, target_dir=target_dir,
                     profiles_dir=flags.profiles_dir, quiet=quiet,
                     callbacks=[_node_finished] if quiet else ())
