@@ -224,9 +224,9 @@ def _refuse_unsafe(entry: LogEntry, live: LiveTable, archive: LiveTable) -> None
         raise RunnerError(f"the columns of {entry.live} changed since the swap, so its rows no "
                           f"longer fit the original table {archive.relation}: roll it back by "
                           "hand, or leave it out with --select")
-    repointed = {(r.reference.table, r.reference.constraint) for r in entry.repointed}
+    repointed = {r.reference.named_by for r in entry.repointed}
     added_since = [r.shown for r in live.references
-                   if (r.table, r.constraint) not in repointed]
+                   if r.named_by not in repointed]
     if added_since:
         raise RunnerError(f"foreign keys now point at {entry.live} ({', '.join(added_since)}) "
                           "that the swap did not re-point, and would keep pointing at the "
@@ -266,9 +266,8 @@ def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered:
     ]
     plan.locked, revalidated = _foreign_keys_back(entry, archive_id)
     plan.validate = validate_steps(entry.live, revalidated)
-    plan.repointed = tuple(r for r in entry.repointed
-                           if any((r.reference.table, r.reference.constraint)
-                                  == (now.table, now.constraint) for now in live.references))
+    pointing_now = {reference.named_by for reference in live.references}
+    plan.repointed = tuple(r for r in entry.repointed if r.reference.named_by in pointing_now)
     for r in plan.repointed:
         if r.reference.validated:
             plan.validate += validate_steps(r.reference.table, [r.reference.constraint])

@@ -69,6 +69,11 @@ class Reference:
     """Whether the referencing table is partitioned: before PostgreSQL 18 its foreign key
     cannot be added NOT VALID."""
 
+    @property
+    def named_by(self) -> tuple[Relation, str]:
+        """What names the foreign key from one run to the next: its table and its name."""
+        return self.table, self.constraint
+
 
 @dataclass(frozen=True)
 class MaterializedView:

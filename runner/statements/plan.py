@@ -690,13 +690,13 @@ def left_to_validate(live: LiveTable, latest: swap_log.LogEntry | None) -> list[
         return []
     validated_before = {key.name for key in latest.archive_foreign_keys
                         if not_valid(key.definition)[1]}
-    repointed_before = {(r.reference.table, r.reference.constraint) for r in latest.repointed
+    repointed_before = {r.reference.named_by for r in latest.repointed
                         if r.reference.validated}
     return [*validate_steps(live.relation, [
         name for name, definition, _ in live.foreign_keys
         if name in validated_before and not not_valid(definition)[1]]),
             *(step for reference in live.references
-              if (reference.table, reference.constraint) in repointed_before
+              if reference.named_by in repointed_before
               and not reference.validated
               for step in validate_steps(reference.table, [reference.constraint]))]
 
