@@ -27,6 +27,8 @@ from runner.server.embedded import EmbeddedPostgres
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 TEST_SCALE = 0.003
+SCREENSHOTS = PROJECT_DIR / "screenshots"
+"""Where the tests that look at a page leave what they saw, for people to look at too."""
 
 
 DESCRIBE = """
@@ -169,6 +171,15 @@ def said(result: Result) -> list[str]:
     reports on stderr as indented lines."""
     return [line for line in result.output.splitlines()
             if line.strip() and not line.startswith("  ")]
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's Chromium, headless: this machine's, or fetched at test time."""
+    import browser
+
+    SCREENSHOTS.mkdir(exist_ok=True)
+    return browser.chromium()
 
 
 @pytest.fixture(scope="session")

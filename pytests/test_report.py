@@ -3,7 +3,9 @@ HTML page, and what it says before a swap, after a rollback and after a cleanup.
 
 from __future__ import annotations
 
+import html as html_module
 import json
+import math
 import re
 import shutil
 import time
@@ -12,9 +14,10 @@ from datetime import datetime, timezone
 from html.parser import HTMLParser
 from pathlib import Path
 
+import browser
 import psycopg
 import pytest
-from conftest import TEST_SCALE, Database, _create_database
+from conftest import SCREENSHOTS, TEST_SCALE, Database, _create_database
 from psycopg import sql
 from test_other_project import OTHER_PROJECT, run_other_dbt
 from test_other_project import shop as shop  # imported, its fixture is this module's too
@@ -28,6 +31,9 @@ from runner.units import size_text
 
 CELL = re.compile(r"(?<!\\)\|")
 FREED = re.compile(r"Total space freed: (.+?) \(([\d,]+) bytes\)")
+TO_FREE = re.compile(r"Space runner cleanup will free: (.+?) \(([\d,]+) bytes\), which the "
+                     r"originals kept in dedup_archive take until then; the tables then take "
+                     r"(.+?) where they took (.+?), ([\d.]+)% less")
 ONE_PARENT = re.compile(r"^\d+\. breezeway\.(\w+) of one breezeway\.(\w+) \(\w+ = (\d+): "
                         r"the most rows\)$")
 JOINED = re.compile(r"^\d+\. breezeway\.(\w+) joined with breezeway\.(\w+)$")
@@ -74,6 +80,14 @@ def number(cell: str) -> int:
     return int(cell.split(" ")[0].replace(",", ""))
 
 
+def archives_size(database: Database) -> int:
+    """What the originals the swaps kept take on disk now."""
+    with database.connect() as conn:
+        return conn.execute(
+            "select sum(pg_total_relation_size(format('dedup_archive.%I', archive_table)))"
+            " from dedup_archive.swap_log where rolled_back_at is null").fetchone()[0]
+
+
 def swap_log_bytes(database: Database) -> dict[str, tuple[int, int]]:
     with database.connect() as conn:
         return {table: (before, after) for table, before, after in conn.execute(
@@ -98,7 +112,7 @@ def test_one_row_per_swapped_table_with_rows_and_sizes_before_and_after(
             assert number(row["Removed"]) == expected[table].duplicates
             size_before, size_after = logged[table]
             assert size_before > size_after
-            assert (row["Size before"], row["Size after"], row["Freed"]) == (
+            assert (row["Size before"], row["Size after"], row["Smaller by"]) == (
                 size_text(size_before), size_text(size_after),
                 size_text(size_before - size_after))
             now = conn.execute("select pg_total_relation_size(%s::regclass)",
@@ -108,10 +122,14 @@ def test_one_row_per_swapped_table_with_rows_and_sizes_before_and_after(
     total = rows["Total"]
     assert number(total["Rows before"]) == sum(expected[t].total for t in SWAPPED)
     assert number(total["Rows after"]) == sum(expected[t].unique for t in SWAPPED)
-    freed = FREED.search(markdown)
-    assert freed, markdown
-    assert number(freed.group(2)) == sum(b - a for b, a in logged.values())
-    assert total["Freed"] == freed.group(1) == size_text(number(freed.group(2)))
+    assert total["Smaller by"] == size_text(sum(b - a for b, a in logged.values()))
+    # Nothing is freed before runner cleanup: the originals still take their space.
+    assert FREED.search(markdown) is None
+    to_free = TO_FREE.search(markdown)
+    assert to_free, markdown
+    assert number(to_free.group(2)) == archives_size(swapped) > 0
+    assert to_free.group(1) == size_text(number(to_free.group(2)))
+    assert (to_free.group(3), to_free.group(4)) == (total["Size after"], total["Size before"])
     assert "Not run (--no-queries): sizes only." in markdown
 
 
@@ -194,6 +212,7 @@ class Page(HTMLParser):
         """(tag, attributes, enclosing svg ids)"""
         self.svg: list[str] = []
         self.text: list[str] = []
+        self.svg_text: list[tuple[tuple[str, ...], str, str]] = []
 
     def handle_starttag(self, tag, attrs):
         attributes = dict(attrs)
@@ -213,6 +232,14 @@ class Page(HTMLParser):
 
     def handle_data(self, data):
         self.text.append(data)
+        if self.open and self.open[-1] == "text":
+            attributes, within = self.tags[-1][1], self.tags[-1][2]
+            self.svg_text.append((within, attributes.get("class", ""), data))
+
+    def labels(self, svg_id: str, kind: str) -> list[str]:
+        """The texts of one class in a chart: its ticks, its labels."""
+        return [data for within, kind_of, data in self.svg_text
+                if svg_id in within and kind_of == kind]
 
     def bars(self, svg_id: str, side: str) -> list[float]:
         return [float(a["width"]) for tag, a, within in self.tags
@@ -254,6 +281,41 @@ def test_html_page_is_self_contained_with_a_bar_per_table_and_side(
         assert f"breezeway.{table}" in text
 
 
+# Once the page has laid itself out at the window's width: what sticks out to the right (a
+# statement may scroll inside its own box), and which table cells cut their text off.
+MEASURE = """
+const width = document.documentElement.clientWidth;
+const outside = [...document.body.querySelectorAll("*")]
+  .filter(e => !e.parentElement.closest("pre"))
+  .filter(e => e.getBoundingClientRect().right > width + 0.5)
+  .map(e => e.tagName + " " + e.textContent.trim().slice(0, 80));
+const clipped = [...document.querySelectorAll("th, td")]
+  .filter(e => e.scrollWidth > e.clientWidth + 0.5).map(e => e.textContent);
+document.body.dataset.measured = JSON.stringify({
+  width, scrollWidth: document.documentElement.scrollWidth, outside, clipped,
+  tables: document.querySelectorAll("table").length});
+"""
+
+
+def measured_in(chromium, page: Path) -> dict:
+    dom = chromium.dom(browser.with_script(page, MEASURE, "measured.html").as_uri(), width=1280)
+    return json.loads(html_module.unescape(re.search(r'data-measured="([^"]*)"', dom).group(1)))
+
+
+def test_the_page_fits_a_1280_pixel_window(swapped: Database, chromium, tmp_path: Path) -> None:
+    real = tmp_path / "report.html"
+    reported(swapped, "--html", str(real), "--runs", "1")
+    # The longest names PostgreSQL allows, with nowhere to break a line.
+    longest = tmp_path / "longest.html"
+    longest.write_text(report_view.to_html(synthetic_report("n" * 63)), encoding="utf-8")
+    for page, tables in ((real, 3), (longest, 3)):
+        found = measured_in(chromium, page)
+        assert found["width"] == 1280
+        assert (found["scrollWidth"], found["outside"], found["clipped"]) == (1280, [], []), page
+        assert found["tables"] == tables
+    chromium.screenshot(real.as_uri(), SCREENSHOTS / "report.png", height=2400)
+
+
 def synthetic_report(name: str) -> report.Report:
     """A report by hand, for what the database would make awkward: any name at all."""
     live = Relation("s", name)
@@ -290,16 +352,29 @@ def test_every_name_is_escaped_in_html_and_markdown() -> None:
     assert "<b>" not in prose and "<b>" in markdown
     (row, total) = md_table(markdown, "Tables")
     assert row["Table"] == f"s.{name}" and total["Table"] == "Total"
-    assert row["Freed"] == size_text(81920 - 8192) == "72.0 kB"
+    assert row["Smaller by"] == size_text(81920 - 8192) == "72.0 kB"
+    assert ("Space runner cleanup will free: 80.0 kB (81,920 bytes), which the originals kept "
+            "in dedup_archive take until then; the tables then take 8.0 kB where they took "
+            "80.0 kB, 90.00% less.") in markdown
     (query, timed_out) = md_table(markdown, "Example queries")
     assert query["Query"] == f"1. s.{name} of one {name} (x = 1)"
     assert query["Improvement"] == "25.0x faster"
     # Past the statement_timeout "before" is a lower bound, drawn as long as the timeout.
     assert (timed_out["Before"], timed_out["Improvement"], timed_out["Rows before"]) == (
         "over 30 s", "over 60,000x faster", "")
-    # Each query on its own scale: its longer bar spans the chart.
-    assert html.bars("query-times", "before") == [560, 560]
-    assert html.bars("query-times", "after") == [560 * 0.5 / 12.5, 1]
+    # One logarithmic scale for all the queries, from the mark below the fastest (0.5 ms) to
+    # the first at or above the slowest (the 30 s timeout), drawn on 640 pixels; likewise the
+    # sizes, from 1 kB below 8 kB to 100 kB.
+    assert html.labels("query-times", "tick") == [
+        "0.1 ms", "1 ms", "10 ms", "100 ms", "1 s", "10 s", "100 s"]
+    per_decade = 640 / 6
+    assert html.bars("query-times", "before") == pytest.approx(
+        [per_decade * math.log10(12.5 / 0.1), per_decade * math.log10(30_000 / 0.1)], abs=0.05)
+    assert html.bars("query-times", "after") == pytest.approx(
+        [per_decade * math.log10(0.5 / 0.1)] * 2, abs=0.05)
+    assert html.labels("sizes", "tick") == ["1 kB", "10 kB", "100 kB"]
+    assert html.bars("sizes", "before") + html.bars("sizes", "after") == pytest.approx(
+        [320 * math.log10(80), 320 * math.log10(8)], abs=0.05)
     assert [a["class"] for tag, a, _ in html.tags if tag == "rect"][-2:] == [
         "bar before timed-out", "bar after"]
     # The statement's own backticks cannot close its code block.
@@ -342,8 +417,7 @@ def test_a_rolled_back_swap_is_not_reported_as_current(fresh: Database) -> None:
     assert tables == {f"breezeway.{t}" for t in SWAPPED if t != "property_photos"} | {"Total"}
     assert re.search(r"- breezeway\.property_photos: its swap at .+ was rolled back at .+, "
                      r"so the table is not reported\.", markdown), markdown
-    freed = FREED.search(markdown)
-    assert number(freed.group(2)) == sum(b - a for b, a in swap_log_bytes(fresh).values())
+    assert number(TO_FREE.search(markdown).group(2)) == archives_size(fresh)
     selected = fresh.runner("report", "--select", "property_photos")
     assert selected.exit_code == 4
     assert selected.output == ("Error: no current swap of property_photos in "
@@ -375,6 +449,7 @@ def test_after_cleanup_sizes_only_and_the_queries_before_is_gone(fresh: Database
     assert md_table(markdown, "Example queries") == []
     assert "None to run: see the notes." in markdown
     assert number(FREED.search(markdown).group(2)) == sum(b - a for b, a in logged.values())
+    assert TO_FREE.search(markdown) is None
 
 
 def test_quoted_names_and_a_table_without_foreign_keys(shop: Database) -> None:

@@ -126,7 +126,14 @@ class Report:
 
     @property
     def freed(self) -> int:
+        """How much smaller the tables are than before: the disk has it back once runner
+        cleanup drops the originals."""
         return sum(t.freed for t in self.tables)
+
+    @property
+    def kept_bytes(self) -> int:
+        """What the originals still in the archive schema take now: what runner cleanup frees."""
+        return sum(t.archive_bytes_now or 0 for t in self.tables)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -55,7 +56,7 @@ def _kept_in(table: TableReport) -> str:
 def _table_rows(report: Report) -> tuple[list[str], list[list[str]], list[str]]:
     """Headers, one row per table and the total row, as text, for Markdown and HTML alike."""
     headers = ["Table", "Swapped", "Rows before", "Rows after", "Removed", "Size before",
-               "Size after", "Freed", "Size now", "Original kept in"]
+               "Size after", "Smaller by", "Size now", "Original kept in"]
     rows = [[str(t.live), when(t.swapped_at), f"{t.rows_before:,}", f"{t.rows_after:,}",
              f"{t.removed:,} ({_percent(t.removed, t.rows_before)})", size_text(t.bytes_before),
              size_text(t.bytes_after), size_text(t.freed),
@@ -84,17 +85,25 @@ def _query_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
-def _freed_sentence(report: Report) -> str:
-    return (f"{size_text(report.freed)} ({report.freed:,} bytes), "
-            f"{_percent(report.freed, report.bytes_before)} of the "
-            f"{size_text(report.bytes_before)} before")
+def space_sentence(report: Report) -> str:
+    """The space the swaps give back, said as freed only once runner cleanup freed it: until
+    then the originals kept in the archive schema hold it, and more."""
+    if not report.kept_bytes:
+        return (f"Total space freed: {size_text(report.freed)} ({report.freed:,} bytes), "
+                f"{_percent(report.freed, report.bytes_before)} of the "
+                f"{size_text(report.bytes_before)} before")
+    return (f"Space runner cleanup will free: {size_text(report.kept_bytes)} "
+            f"({report.kept_bytes:,} bytes), which the originals kept in "
+            f"{report.archive_schema} take until then; the tables then take "
+            f"{size_text(report.bytes_after)} where they took {size_text(report.bytes_before)}, "
+            f"{_percent(report.freed, report.bytes_before)} less")
 
 
 SIZES_EXPLAINED = (
     "Rows and sizes before and after are what runner swap recorded at the swap; \"size now\" "
     "is the live table's today. A size is the table with its indexes and TOAST "
-    "(pg_total_relation_size). Space freed is the sum over the tables of size before minus "
-    "size after: the disk gets it back when runner cleanup drops the originals.")
+    "(pg_total_relation_size). \"Smaller by\" is size before minus size after: the disk "
+    "gets it back when runner cleanup drops the originals, and not before.")
 
 
 def _queries_explained(report: Report) -> str:
@@ -158,7 +167,7 @@ def to_markdown(report: Report) -> str:
         f"{_md(SWAP_LOG)}.", "",
         "## Tables", "",
         *_md_table(headers, rows, total=total), "",
-        f"**Total space freed: {_md(_freed_sentence(report))}.**", "",
+        f"**{_md(space_sentence(report))}.**", "",
         _md(SIZES_EXPLAINED), "",
         "## Example queries", "",
     ]
@@ -210,14 +219,14 @@ def to_json(report: Report) -> str:
 
 _CSS = """
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1b1f24;
-       max-width: 64rem; margin: 2rem auto; padding: 0 1rem; }
+       max-width: 76rem; margin: 2rem auto; padding: 0 1rem; }
 h1 { font-size: 1.6rem; } h2 { font-size: 1.25rem; margin-top: 2rem; }
 table { border-collapse: collapse; margin: 1rem 0; font-variant-numeric: tabular-nums; }
 th, td { border-bottom: 1px solid #d0d7de; padding: .3rem .6rem; text-align: left;
-         vertical-align: top; }
+         vertical-align: top; overflow-wrap: anywhere; }
 th.n, td.n { text-align: right; white-space: nowrap; }
 tr.total td { font-weight: 600; border-top: 2px solid #1b1f24; }
-.freed { font-size: 1.3rem; }
+.freed { font-size: 1.2rem; font-weight: 600; }
 .muted { color: #57606a; }
 .legend span { display: inline-block; width: .9rem; height: .9rem; margin: 0 .3rem 0 1rem;
                vertical-align: middle; }
@@ -227,6 +236,8 @@ tr.total td { font-weight: 600; border-top: 2px solid #1b1f24; }
 svg.chart { max-width: 100%; height: auto; }
 svg.chart text { font: 12px system-ui, sans-serif; fill: #1b1f24; }
 svg.chart text.label { font-weight: 600; }
+svg.chart text.tick { fill: #57606a; text-anchor: middle; }
+svg.chart line.tick { stroke: #d0d7de; }
 pre { background: #f6f8fa; padding: .6rem .8rem; overflow-x: auto; }
 """
 
@@ -234,8 +245,10 @@ _CHART_WIDTH = 800
 _LABEL_CHARACTERS = 100
 """About the width of the chart at 12 px; the bars' tooltips hold the whole label."""
 _BAR_X = 60
-_BAR_SPACE = 560
+_BAR_SPACE = 640
 _BAR_HEIGHT = 14
+_SHORTEST_BAR = 2.0
+"""A value at the bottom of the scale is still a bar one can see."""
 
 
 @dataclass(frozen=True)
@@ -247,25 +260,60 @@ class _Bar:
     timed_out: bool = False
 
 
+@dataclass(frozen=True)
+class LogScale:
+    """One logarithmic scale for every bar of a chart: bars compare across groups, and a value
+    a thousand times smaller than another is still a bar, not a line."""
+
+    ticks: tuple[tuple[float, str], ...]
+    """The marked values, ascending, with their labels; the first and last bound the scale."""
+
+    @classmethod
+    def spanning(cls, values: list[float], marks: list[tuple[float, str]]) -> LogScale:
+        """From the mark below the smallest value to the first mark at or above the largest,
+        so that the smallest bar has a length of its own."""
+        shown = [v for v in values if v > 0] or [marks[0][0]]
+        low = max((i for i, (mark, _) in enumerate(marks) if mark < min(shown)), default=0)
+        high = min((i for i, (mark, _) in enumerate(marks) if mark >= max(shown)),
+                   default=len(marks) - 1)
+        return cls(tuple(marks[low:max(high, low + 1) + 1]))
+
+    def position(self, value: float) -> float:
+        """Where the value lies from the scale's start, in pixels, within the chart."""
+        low, high = math.log10(self.ticks[0][0]), math.log10(self.ticks[-1][0])
+        share = (math.log10(value) - low) / (high - low)
+        return _BAR_SPACE * min(1.0, max(0.0, share))
+
+    def length(self, value: float) -> float:
+        return max(_SHORTEST_BAR, self.position(value)) if value > 0 else 0.0
+
+
+SIZE_MARKS = [(m * 1024 ** power, f"{m} {unit}")
+              for power, unit in enumerate(("B", "kB", "MB", "GB", "TB")) for m in (1, 10, 100)]
+TIME_MARKS = [(10.0 ** power, elapsed_text(10.0 ** power)) for power in range(-4, 8)]
+
+
 def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
 def bar_chart(chart_id: str, title: str, groups: list[tuple[str, list[_Bar]]],
-              scale_per_group: bool = False) -> str:
-    """Horizontal bars, each group under its label, every value written; on one linear scale,
-    or each group on its own, so that its longest bar spans the chart."""
-    overall = max((bar.value for _, bars in groups for bar in bars), default=0) or 1
-    parts, y = [], 0
+              marks: list[tuple[float, str]]) -> str:
+    """Horizontal bars, each group under its label, every value written, all on one
+    logarithmic scale whose marks run down the chart."""
+    scale = LogScale.spanning([bar.value for _, bars in groups for bar in bars], marks)
+    parts, y = [], 16
+    tick_x = [(_BAR_X + scale.position(value), label) for value, label in scale.ticks]
+    parts += [f'<text class="tick" x="{x:.1f}" y="{y}">{_e(label)}</text>' for x, label in tick_x]
+    y += 4
     for label, bars in groups:
-        largest = (max(bar.value for bar in bars) or 1) if scale_per_group else overall
         y += 16
         shown = (label if len(label) <= _LABEL_CHARACTERS
                  else label[:_LABEL_CHARACTERS - 1] + "\N{HORIZONTAL ELLIPSIS}")
         parts.append(f'<text class="label" x="0" y="{y}">{_e(shown)}</text>')
         y += 4
         for bar in bars:
-            width = max(1.0, _BAR_SPACE * bar.value / largest) if bar.value > 0 else 0
+            width = scale.length(bar.value)
             classes = f"bar {bar.side}{' timed-out' if bar.timed_out else ''}"
             middle = y + _BAR_HEIGHT - 3
             parts += [
@@ -278,18 +326,23 @@ def bar_chart(chart_id: str, title: str, groups: list[tuple[str, list[_Bar]]],
             ]
             y += _BAR_HEIGHT + 3
         y += 8
+    grid = "".join(f'<line class="tick" x1="{x:.1f}" y1="20" x2="{x:.1f}" y2="{y}"/>'
+                   for x, _ in tick_x)
     return (f'<svg id="{_e(chart_id)}" class="chart" width="{_CHART_WIDTH}" height="{y}" '
             f'viewBox="0 0 {_CHART_WIDTH} {y}" role="img" aria-label="{_e(title)}">'
-            f"<title>{_e(title)}</title>{''.join(parts)}</svg>")
+            f"<title>{_e(title)}</title>{grid}{''.join(parts)}</svg>")
 
 
-def _html_table(headers: list[str], rows: list[list[str]],
-                total: list[str] | None = None) -> str:
+def _html_table(headers: list[str], rows: list[list[str]], total: list[str] | None = None,
+                columns: list[str] | None = None) -> str:
+    """The table, or only the named columns of it."""
+    shown = [i for i, header in enumerate(headers) if columns is None or header in columns]
+
     def cells(row: list[str], tag: str) -> str:
         numeric = ' class="n"'
         return "".join(
-            f"<{tag}{'' if header in _TEXT_COLUMNS else numeric}>{_e(cell)}</{tag}>"
-            for header, cell in zip(headers, row, strict=True))
+            f"<{tag}{'' if headers[i] in _TEXT_COLUMNS else numeric}>{_e(row[i])}</{tag}>"
+            for i in shown)
 
     body = "".join(f"<tr>{cells(row, 'td')}</tr>" for row in rows)
     if total:
@@ -297,11 +350,19 @@ def _html_table(headers: list[str], rows: list[list[str]],
     return f"<table><thead><tr>{cells(headers, 'th')}</tr></thead><tbody>{body}</tbody></table>"
 
 
+_CHANGED_COLUMNS = ["Table", "Rows before", "Rows after", "Removed", "Size before", "Size after",
+                    "Smaller by"]
+_KEPT_COLUMNS = ["Table", "Swapped", "Size now", "Original kept in"]
+"""The page shows the tables' columns as two tables, what changed and where the originals are,
+so that each fits a 1280-pixel screen."""
+
+
 def _size_chart(report: Report) -> str:
-    return bar_chart("sizes", "Size before and after the swap, per table", [
+    return bar_chart("sizes", "Size before and after the swap, per table, on one logarithmic "
+                     "scale", [
         (str(t.live), [_Bar("before", t.bytes_before, size_text(t.bytes_before)),
                        _Bar("after", t.bytes_after, size_text(t.bytes_after))])
-        for t in report.tables])
+        for t in report.tables], SIZE_MARKS)
 
 
 def _query_chart(report: Report) -> str:
@@ -311,13 +372,11 @@ def _query_chart(report: Report) -> str:
                         timed_out=True)
         return _Bar(side, timing.milliseconds, elapsed_text(timing.milliseconds))
 
-    # Times differ by orders of magnitude between queries: each on its own scale shows its
-    # speed-up, and every bar says its time.
     return bar_chart(
-        "query-times", "Example queries: median execution time before and after, each query "
-        "on its own scale", [
+        "query-times", "Example queries: median execution time before and after, on one "
+        "logarithmic scale", [
             (f"{number}. {q.title}", [bar("before", q.before), bar("after", q.after)])
-            for number, q in enumerate(report.queries, 1)], scale_per_group=True)
+            for number, q in enumerate(report.queries, 1)], TIME_MARKS)
 
 
 def to_html(report: Report) -> str:
@@ -331,10 +390,11 @@ def to_html(report: Report) -> str:
         f"<h1>{_e(_title(report))}</h1>",
         f'<p class="muted">Generated {_e(when(report.generated_at))} from '
         f"{_e(Relation(report.archive_schema, SWAP_LOG))}.</p>",
-        f'<p class="freed">Total space freed: <strong>{_e(_freed_sentence(report))}</strong>'
-        ".</p>",
+        f'<p class="freed">{_e(space_sentence(report))}.</p>',
         "<h2>Tables</h2>", legend, _size_chart(report),
-        _html_table(headers, rows, total), f'<p class="muted">{_e(SIZES_EXPLAINED)}</p>',
+        _html_table(headers, rows, total, _CHANGED_COLUMNS),
+        _html_table(headers, rows, columns=_KEPT_COLUMNS),
+        f'<p class="muted">{_e(SIZES_EXPLAINED)}</p>',
         "<h2>Example queries</h2>",
     ]
     if not report.queries_run:

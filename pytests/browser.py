@@ -1,0 +1,137 @@
+"""Debian's Chromium, headless, for the tests that look at a page as a person would: the
+machine's own `chromium` where it has one, else Debian's chromium package and the libraries this
+machine lacks, fetched at test time with `apt-get download` (no root needed) and unpacked once
+into a cache outside the clone ($RUNNER_TEST_BROWSER_CACHE, or ~/.cache/runner-tests/chromium),
+for the next runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE = Path(os.environ.get("RUNNER_TEST_BROWSER_CACHE",
+                            Path.home() / ".cache" / "runner-tests" / "chromium"))
+PACKAGE = "chromium"
+APT_TIMEOUT_S = 600
+RUN_TIMEOUT_S = 120
+# Headless on a machine with no display, no GPU and no network but loopback: nothing that
+# would reach out at start, and no sandbox, which needs privileges a root test run lacks.
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--hide-scrollbars")
+
+
+class Unobtainable(Exception):
+    """No Chromium could be had: what was tried and what it said."""
+
+
+@dataclass(frozen=True)
+class Browser:
+    executable: Path
+    library_path: str
+    """LD_LIBRARY_PATH for the libraries unpacked beside it; empty for the machine's own."""
+
+    def run(self, url: str, *options: str, width: int = 1280, height: int = 800) -> str:
+        """Chromium's output for one page at that window size: --dump-dom prints the page as
+        its scripts left it."""
+        profile = tempfile.mkdtemp(prefix="chromium-profile-")
+        env = {**os.environ, "LD_LIBRARY_PATH": self.library_path} if self.library_path \
+            else None
+        try:
+            done = subprocess.run(
+                [str(self.executable), *FLAGS, f"--user-data-dir={profile}",
+                 f"--window-size={width},{height}", *options, url],
+                capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env)
+        finally:
+            shutil.rmtree(profile, ignore_errors=True)
+        if done.returncode != 0:
+            raise AssertionError(f"chromium exited {done.returncode} on {url}: "
+                                 f"{done.stderr.strip()[-2000:]}")
+        return done.stdout
+
+    def dom(self, url: str, *, width: int = 1280, wait_ms: int = 0) -> str:
+        """The page's DOM once it loaded (and, for pages that render later, once `wait_ms` of
+        its own time passed)."""
+        budget = (f"--virtual-time-budget={wait_ms}",) if wait_ms else ()
+        return self.run(url, *budget, "--dump-dom", width=width)
+
+    def screenshot(self, url: str, path: Path, *, width: int = 1280, height: int = 800,
+                   wait_ms: int = 0) -> Path:
+        budget = (f"--virtual-time-budget={wait_ms}",) if wait_ms else ()
+        self.run(url, *budget, f"--screenshot={path}", width=width, height=height)
+        if not path.is_file() or path.stat().st_size == 0:
+            raise AssertionError(f"chromium wrote no screenshot of {url} to {path}")
+        return path
+
+
+def with_script(page: Path, script: str, name: str) -> Path:
+    """A copy of the page named `name`, beside it so that what it loads by relative path still
+    loads, that also runs `script`: what a person would do on the page, or a measurement."""
+    text = page.read_text(encoding="utf-8")
+    at = text.lower().rindex("</body>")
+    copy = page.with_name(name)
+    copy.write_text(f"{text[:at]}<script>{script}</script>{text[at:]}", encoding="utf-8")
+    return copy
+
+
+def chromium() -> Browser:
+    """This machine's Chromium, or Debian's unpacked in the cache (fetched now if need be)."""
+    own = shutil.which(PACKAGE)
+    if own:
+        return Browser(Path(own), "")
+    home = CACHE / "unpacked"
+    if not home.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="unpacking-", dir=CACHE))
+        try:
+            _unpack_debian_packages(staging)
+            staging.rename(home)
+        except FileExistsError:
+            shutil.rmtree(staging)
+        except BaseException:
+            shutil.rmtree(staging)
+            raise
+    executable = home / "usr" / "lib" / "chromium" / "chromium"
+    if not executable.is_file():
+        raise Unobtainable(f"{home} holds no usr/lib/chromium/chromium: remove it to fetch it "
+                           "again")
+    libraries = sorted({str(p.parent) for p in home.glob("usr/lib/**/*.so*")})
+    return Browser(executable, ":".join(libraries))
+
+
+def _missing_packages() -> list[str]:
+    """The packages apt would install for chromium on this machine: itself and what it lacks."""
+    said = _apt(["apt-get", "install", "--simulate", "--no-install-recommends", PACKAGE],
+                Path.cwd())
+    names = re.findall(r"^Inst (\S+)", said, flags=re.MULTILINE)
+    if PACKAGE not in names:
+        raise Unobtainable(f"apt-get knows no package {PACKAGE} to install (its package lists "
+                           "may be missing: `apt-get update` as root fetches them):\n" + said)
+    return names
+
+
+def _unpack_debian_packages(into: Path) -> None:
+    packages = _missing_packages()
+    downloads = into / "debs"
+    downloads.mkdir()
+    _apt(["apt-get", "download", *packages], downloads)
+    for deb in sorted(downloads.glob("*.deb")):
+        _apt(["dpkg-deb", "--extract", str(deb), str(into)], downloads)
+    shutil.rmtree(downloads)
+
+
+def _apt(command: list[str], cwd: Path) -> str:
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
+                              timeout=APT_TIMEOUT_S, env={**os.environ, "LC_ALL": "C"})
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise Unobtainable(f"`{' '.join(command)}` failed: {error}") from error
+    if done.returncode != 0:
+        raise Unobtainable(f"`{' '.join(command)}` exited {done.returncode}: "
+                           f"{(done.stderr or done.stdout).strip()[-1000:]}")
+    return done.stdout
