@@ -119,3 +119,35 @@ def test_the_demo_projects_models_are_what_its_declarations_make() -> None:
 
     checked = CliRunner().invoke(cli, ["models", "--check", "--project-dir", str(PROJECT_DIR)])
     assert checked.exit_code == 0, checked.output
+
+
+def test_models_describe_the_columns_as_the_source_entry_does(tmp_path: Path) -> None:
+    """dbt docs shows a column's description on every model that keeps the column, written
+    once under the source table; the project's front page is its own overview."""
+    from click.testing import CliRunner
+
+    from runner.cli import cli
+
+    project = tmp_path / "mine"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["init", str(project)]).exit_code == 0
+    assert (project / "models/overview.md").read_text().startswith("{% docs __overview__ %}\n")
+    assert runner.invoke(cli, [*ADD, "--project-dir", str(project)]).exit_code == 0
+    sources = project / "models/staging/shop/_shop__sources.yml"
+    declared = yaml.safe_load(sources.read_text())
+    columns = [{"name": "Order ID", "description": "The order: \"ORD-\" and a number.\n",
+                "quote": True},
+               {"name": "line_no", "description": "Its place in the order."},
+               {"name": "uid"}]
+    declared["sources"][0]["tables"][0]["columns"] = columns
+    sources.write_text(yaml.safe_dump(declared, sort_keys=False))
+    assert runner.invoke(cli, ["models", "--check", "--project-dir", str(project)]).exit_code == 1
+    assert runner.invoke(cli, ["models", "--project-dir", str(project)]).exit_code == 0
+    models = yaml.safe_load((project / "models/deduplicated/_order_lines__models.yml").read_text())
+    described = [{"name": "Order ID", "description": 'The order: "ORD-" and a number.',
+                  "quote": True},
+                 {"name": "line_no", "description": "Its place in the order."}]
+    by_name = {model["name"]: model for model in models["models"]}
+    for model in ("stg_shop__order_lines", "order_lines", "removed_order_lines"):
+        assert by_name[model]["columns"] == described, model
+    assert "columns" not in by_name["int_order_lines_grouped_by_key"]

@@ -34,6 +34,9 @@ class Declared:
     """Its dbt name, which the models are named after."""
     declared_in: str
     """The YAML file, relative to the project."""
+    columns: tuple[dict, ...] = ()
+    """The columns the source entry describes (name, description, quote), which the models
+    that keep every column carry into dbt docs, as dbt-codegen carries upstream descriptions."""
 
 
 def dbt_name(name: str) -> str:
@@ -81,8 +84,27 @@ def project_files(name: str, package: Path) -> dict[str, str]:
                                        sort_keys=False),
         "profiles.yml": (package / "profiles.yml").read_text(),
         ".gitignore": "target/\ndbt_packages/\nlogs/\n.runner/\npackage-lock.yml\n",
+        "models/overview.md": _overview(name),
         **{f"models/{folder}/.gitkeep": "" for folder in PROJECT_FOLDERS},
     }
+
+
+def _overview(name: str) -> str:
+    """The front page of the project's `dbt docs`, for its owners to make their own."""
+    return (
+        "{% docs __overview__ %}\n"
+        f"# {name}: duplicate rows removed, every original kept\n\n"
+        "Each table to deduplicate is a source table with `meta.dedup` (its natural key, its "
+        "keep rule, what a NULL in its key means), declared with `runner add` or by hand. "
+        "`runner models` generates the rest from that entry: per table a staging view, its "
+        "key groups (`int_<table>_grouped_by_key`), the kept rows (`<table>`, which "
+        "`runner swap` puts in the live table's place) and the removed rows "
+        "(`removed_<table>`), and `audit_duplicates` over them all.\n\n"
+        "The tests of each table are on its kept rows' *Referenced By* tab: "
+        "`dedup_natural_key_unique_<table>` and `dedup_reconciles_<table>`; its source carries "
+        "`dedup_tiebreaker_unique`. Describe a table's columns under its source entry, and "
+        "`runner models` gives the models that keep every column the same descriptions.\n"
+        "{% enddocs %}\n")
 
 
 def source_file(source: str) -> str:
@@ -132,8 +154,15 @@ def declared(project: Path) -> list[Declared]:
                 meta = (table.get("config") or {}).get("meta") or table.get("meta") or {}
                 if "dedup" in meta:
                     found.append(Declared(source["name"], table["name"],
-                                          str(path.relative_to(project))))
+                                          str(path.relative_to(project)),
+                                          _described_columns(table)))
     return found
+
+
+def _described_columns(table: dict) -> tuple[dict, ...]:
+    return tuple({"name": column["name"], "description": column["description"].strip(),
+                  **({"quote": column["quote"]} if "quote" in column else {})}
+                 for column in table.get("columns") or [] if column.get("description"))
 
 
 def _header(table: Declared, comment: str) -> str:
@@ -142,16 +171,21 @@ def _header(table: Declared, comment: str) -> str:
 
 
 def _described(t: Declared, staging: str, groups: str) -> list[dict]:
-    """The four models of a table, said in words, and the tests of its kept rows."""
+    """The four models of a table, said in words, and the tests of its kept rows. The three
+    that keep the table's columns describe them as its source entry does."""
     live = f"{t.source}.{t.table}"
+    def columns() -> dict:
+        # A list of its own per model: one shared list would be written as a YAML anchor.
+        return {"columns": [dict(c) for c in t.columns]} if t.columns else {}
+
     return [
         {"name": staging, "description": f"The live {live}, as dbt reads it: every column "
-                                         "unchanged, as the swap needs."},
+                                         "unchanged, as the swap needs.", **columns()},
         {"name": groups, "description": f"The natural keys of {live}: per key, the row the "
                                         "keep rule keeps and how many rows share the key."},
         {"name": t.table,
          "description": f"The rows of {live} the keep rule keeps, one per natural key: what "
-                        "`runner swap` puts in its place.",
+                        "`runner swap` puts in its place.", **columns(),
          "data_tests": [{"dedup.dedup_natural_key_unique": {
              "name": f"dedup_natural_key_unique_{t.table}"}}, {"dedup.dedup_reconciles": {
              "name": f"dedup_reconciles_{t.table}",
@@ -159,7 +193,7 @@ def _described(t: Declared, staging: str, groups: str) -> list[dict]:
                            "key_groups": f"ref('{groups}')"}}}]},
         {"name": f"removed_{t.table}",
          "description": f"The rows of {live} the kept rows leave out; after the swap they live "
-                        "on in the original table, kept in the archive schema."},
+                        "on in the original table, kept in the archive schema.", **columns()},
     ]
 
 
