@@ -104,25 +104,25 @@ def chromium() -> Browser:
     return Browser(executable, ":".join(libraries))
 
 
-def _missing_packages() -> list[str]:
-    """The packages apt would install for chromium on this machine: itself and what it lacks."""
-    said = _apt(["apt-get", "install", "--simulate", "--no-install-recommends", PACKAGE],
-                Path.cwd())
-    names = re.findall(r"^Inst (\S+)", said, flags=re.MULTILINE)
-    if PACKAGE not in names:
-        raise Unobtainable(f"apt-get knows no package {PACKAGE} to install (its package lists "
-                           "may be missing: `apt-get update` as root fetches them):\n" + said)
-    return names
-
-
 def _unpack_debian_packages(into: Path) -> None:
-    packages = _missing_packages()
-    downloads = into / "debs"
-    downloads.mkdir()
-    _apt(["apt-get", "download", *packages], downloads)
-    for deb in sorted(downloads.glob("*.deb")):
-        _apt(["dpkg-deb", "--extract", str(deb), str(into)], downloads)
-    shutil.rmtree(downloads)
+    """Chromium and the packages this machine lacks for it, unpacked under `into`. apt reads
+    package lists of its own, fetched now into `into`, so that neither root nor the machine's
+    lists (absent on a new machine, until `apt-get update`) are needed."""
+    state = into / "apt"
+    for folder in ("lists/partial", "cache/archives/partial", "debs"):
+        (state / folder).mkdir(parents=True)
+    options = ["-o", f"Dir::State::Lists={state / 'lists'}", "-o", f"Dir::Cache={state / 'cache'}",
+               "-o", "Debug::NoLocking=1"]
+    _apt(["apt-get", "update", *options], state)
+    said = _apt(["apt-get", "install", "--simulate", "--no-install-recommends", *options,
+                 PACKAGE], state)
+    packages = re.findall(r"^Inst (\S+)", said, flags=re.MULTILINE)
+    if PACKAGE not in packages:
+        raise Unobtainable(f"apt-get would not install {PACKAGE}:\n{said}")
+    _apt(["apt-get", "download", *options, *packages], state / "debs")
+    for deb in sorted((state / "debs").glob("*.deb")):
+        _apt(["dpkg-deb", "--extract", str(deb), str(into)], state)
+    shutil.rmtree(state)
 
 
 def _apt(command: list[str], cwd: Path) -> str:
