@@ -5,8 +5,15 @@ declares, the guests' alternative key among them, from the data alone, and count
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
-from conftest import Database, said
+import psycopg
+import pytest
+import yaml
+from conftest import PROJECT_DIR, Database, _create_database, said
+from psycopg import sql
+
+from runner import demo
 
 
 def suggested(database: Database, table: str) -> dict:
@@ -39,6 +46,40 @@ def test_the_seeds_keys_are_found_and_counted_as_the_audit_counts_them(built: Da
         # A true key: its copies differ only in the time of their load.
         assert candidate["groups_that_differ"] == 0
         assert candidate["differ_between_copies"] == ["last_sync_time"]
+
+
+# Large enough that no column is unique by chance, as sort_order (k % 80) is among the few
+# dozen photos of the suite's scale.
+REALISTIC_SCALE = 0.02
+
+
+@pytest.fixture(scope="module")
+def realistic(server, built: Database) -> Iterator[Database]:
+    name = "suggest_realistic"
+    _create_database(server, name)
+    database = Database({**built.env, "PGDATABASE": name}, built.target_dir)
+    with database.connect() as conn:
+        demo.generate(conn, REALISTIC_SCALE)
+    yield database
+    with psycopg.connect(autocommit=True, **server.conninfo) as conn:
+        conn.execute(sql.SQL("drop database {} with (force)").format(sql.Identifier(name)))
+
+
+def test_the_first_candidate_of_every_child_table_is_the_key_its_yaml_declares(
+        realistic: Database) -> None:
+    declared = yaml.safe_load((PROJECT_DIR / "models/staging/breezeway/"
+                               "_breezeway__sources.yml").read_text())
+    specs = {table["name"]: table["config"]["meta"]["dedup"]
+             for source in declared["sources"] for table in source["tables"]
+             if "dedup" in (table.get("config") or {}).get("meta", {})}
+    assert len(specs) == len(demo.CHILD_TABLES)
+    for table, spec in specs.items():
+        (first, *_) = suggested(realistic, f"breezeway.{table}")["candidates"]
+        assert (first["natural_key"], first["alternative_key"]) == (
+            spec["natural_key"], spec.get("alternative_key")), table
+    # task_tags has no duplicates to show its key: its unique constraint holds it.
+    (tags, *_) = suggested(realistic, "breezeway.task_tags")["candidates"]
+    assert tags["enforced"] and tags["duplicate_rows"] == 0
 
 
 def test_the_request_id_of_the_events_is_found_with_its_timestamp_set_aside(

@@ -147,7 +147,9 @@ _CHILD_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("photo_id", "text", "(571000000 + k)::text"),
         ("url", "text", "'https://photos.example.com/p/' || k || '/original.jpg'"),
         ("thumbnail_url", "text", "'https://photos.example.com/p/' || k || '/thumb.jpg'"),
-        ("caption", "text", "'Photo ' || k"),
+        # Captions repeat, as people write them: the room, not the photo.
+        ("caption", "text", "(array['Living room', 'Kitchen', 'Bedroom', 'Bathroom', 'Patio',"
+                            " 'View'])[(k % 6 + 1)::int]"),
         ("sort_order", "integer", "(k % 80)::integer"),
         # The API's EXIF blob: makes a row ~900 bytes, as wide as the incident's rows.
         ("exif", "text", "repeat(md5(k::text), 24)"),
@@ -168,8 +170,16 @@ _CHILD_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
             "case when k % {reservations} % 5 = 0 then null"
             " else 'guest' || k || '@example.com' end",
         ),
-        ("guest_name", "text", "'Guest ' || k"),
-        ("phone", "text", "'+1-555-' || lpad((k % 10000)::text, 4, '0')"),
+        # As in a real booking: one phone for the whole party, and now and then two guests
+        # of one reservation with the same name (keys k and k + 2 * reservations), told
+        # apart by their emails. The guests without email have names of their own.
+        (
+            "guest_name",
+            "text",
+            "'Guest ' || case when k % {reservations} % 5 = 0 then k"
+            " else k % (2 * {reservations}) end",
+        ),
+        ("phone", "text", "'+1-555-' || lpad((k % {reservations} % 10000)::text, 4, '0')"),
         ("last_sync_time", "timestamptz not null default now()", _SYNC_TIME),
     ],
     "task_assignments": [

@@ -11,7 +11,9 @@ that, so they are set aside first, from the catalog. Then, on a sample of the ro
      rows each a row of their own (nulls: distinct), and, where a further column groups them
      into copies, with it as an alternative key (the incident's guests without email);
   3. a candidate that leaves out a column by which the table references its parent is offered
-     with it too: child rows are identified within their parent.
+     with it too: child rows are identified within their parent;
+  4. a unique index on business columns is a key the table already holds: no two rows share
+     it, so no sample shows it, and it comes first.
 The best candidates are then counted exactly on the whole table, as `runner audit` would count
 them, with the key groups whose rows still differ. Reads only.
 """
@@ -48,6 +50,8 @@ class Candidate:
     """Whether it is a smaller candidate with the columns that reference the parent added."""
     indexed: bool = False
     """Whether an index of the table is on exactly these columns."""
+    enforced: bool = False
+    """Whether a unique index of the table holds it already."""
     sample_null_rows: int = 0
 
 
@@ -164,14 +168,26 @@ def _candidates(conn: psycopg.Connection, business: list[str], load_times: list[
     return found
 
 
+def _enforced(live: catalog.LiveTable, business: list[str]) -> list[Candidate]:
+    """The keys the table's unique indexes hold on business columns alone."""
+    not_null = {c.name for c in live.columns if c.not_null}
+    return [Candidate(index.key_columns,
+                      "not_distinct" if index.nulls_not_distinct
+                      or set(index.key_columns) <= not_null else "distinct",
+                      indexed=True, enforced=True)
+            for index in live.indexes if index.unique and index.valid and not index.partial
+            and all(column in business for column in index.key_columns)]
+
+
 def _ranked(found: list[Candidate], parents: list[str],
             width: dict[str, float]) -> list[Candidate]:
-    """Child rows are identified within their parent; then the fewest columns, the fewest
-    NULLs, an index already there, the narrowest key (an identifier, more than a text)."""
+    """A key a unique index holds first; then child rows are identified within their parent;
+    then the fewest columns, the fewest NULLs, an index already there, the narrowest key (an
+    identifier, more than a text)."""
     def order(c: Candidate) -> tuple:
         scope = [k for k in c.natural_key if k in parents]
-        return (not scope, len(c.natural_key) - len(scope), c.sample_null_rows, not c.indexed,
-                sum(width[k] for k in c.natural_key), c.natural_key)
+        return (not c.enforced, not scope, len(c.natural_key) - len(scope), c.sample_null_rows,
+                not c.indexed, sum(width[k] for k in c.natural_key), c.natural_key)
     return sorted(found, key=order)
 
 
@@ -196,9 +212,13 @@ def suggest(conn: psycopg.Connection, relation: Relation, sample_rows: int = SAM
         conn.execute(statement)
     sampled = conn.execute(f"select count(*) from pg_temp.{candidates.SAMPLE}").fetchone()[0]
     indexed = {index.key_columns for index in live.indexes if index.valid and not index.partial}
-    found = [dataclasses.replace(c, indexed=tuple(sorted(c.natural_key)) in {
-                 tuple(sorted(k)) for k in indexed})
-             for c in _candidates(conn, business, load_times, parents, max_columns)]
+    enforced = _enforced(live, business)
+    held = {frozenset(c.natural_key) for c in enforced}
+    found = [*enforced, *(
+        dataclasses.replace(c, indexed=tuple(sorted(c.natural_key)) in {
+            tuple(sorted(k)) for k in indexed})
+        for c in _candidates(conn, business, load_times, parents, max_columns)
+        if frozenset(c.natural_key) not in held)]
     not_null = {c.name for c in live.columns if c.not_null}
     tiebreaker = next((s for s in surrogates if s in not_null
                        and any(i.key_columns == (s,) and i.unique for i in live.indexes)), None)

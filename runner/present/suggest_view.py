@@ -22,6 +22,7 @@ def rows(suggestion: Suggestion) -> list[dict]:
         "groups_that_differ": c.differing_groups,
         "differ_between_copies": list(c.candidate.differ_between_copies),
         "indexed": c.candidate.indexed,
+        "enforced": c.candidate.enforced,
     } for rank, c in enumerate(suggestion.checked, 1)]
 
 
@@ -38,7 +39,7 @@ def as_text_rows(suggestion: Suggestion) -> list[dict]:
         "NULL keys": c.counts.null_key_rows,
         "differing": c.differing_groups,
         "differ between copies": ", ".join(c.candidate.differ_between_copies),
-        "indexed": "yes" if c.candidate.indexed else "",
+        "indexed": "unique" if c.candidate.enforced else "yes" if c.candidate.indexed else "",
     } for rank, c in enumerate(suggestion.checked, 1)]
 
 
