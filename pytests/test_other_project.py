@@ -99,6 +99,42 @@ def test_a_null_key_fails_the_build_when_nulls_are_forbidden(shop: Database) -> 
     assert "has status fail in the latest dbt build" in refused.output
 
 
+def test_few_duplicates_are_proven_by_one_join_that_still_catches_a_differing_row(
+        shop: Database) -> None:
+    """Where most rows are kept, the swap proves them all against the live table in one join
+    instead of a probe each: the same proof, which still refuses a kept row that differs."""
+    project = ("--project-dir", str(OTHER_PROJECT))
+    with shop.connect() as conn:
+        # 1,995 orders of one line, loaded once: 45 of 2,055 rows are duplicates.
+        conn.execute("""insert into "Shop"."Order Lines"
+                     select md5('once-' || o)::uuid, 'ORD-' || o, 1, timestamptz '2025-01-01',
+                            'loaded once'
+                     from generate_series(6, 2000) as o""")
+    assert run_other_dbt(shop, "parse").success
+    assert shop.runner("capture", *project).exit_code == 0
+    assert run_other_dbt(shop, "build").success
+    dry_run = shop.runner("swap", "--dry-run", *project)
+    assert dry_run.exit_code == 0, dry_run.output
+    proof = next(line for line in dry_run.output.splitlines()
+                 if line.startswith("-- then must be true: "))
+    assert ' left join "Shop"."Order Lines" as l on l."uid" = s."uid"' in proof
+    with shop.connect() as conn:
+        edited = conn.execute("""update dedup."Order Lines" set note = 'edited'
+                              where "Order ID" = 'ORD-1500' returning uid""").fetchone()[0]
+    refused = shop.runner("swap", *project)
+    assert refused.exit_code == 4
+    assert "(rows_differing_from_live=1)" in refused.output
+    with shop.connect() as conn:
+        conn.execute("""update dedup."Order Lines" set note = 'loaded once' where uid = %s""",
+                     (edited,))
+        expected = {row[0] for row in conn.execute(EXPECTED_KEPT)}
+    swapped = shop.runner("swap", *project)
+    assert swapped.exit_code == 0, swapped.output
+    with shop.connect() as conn:
+        live = {row[0] for row in conn.execute('select uid from "Shop"."Order Lines"')}
+    assert len(live) == 2010 and live == expected
+
+
 def project_with_nulls(policy: str, tmp_path: Path) -> Path:
     """A copy of the other project whose order lines declare another NULL policy."""
     project = tmp_path / "project"

@@ -268,16 +268,21 @@ def same_as(original: str, new: str, columns: tuple[Column, ...], filled: dict[s
             all_filled: bool = True) -> sql.Composed:
     """Row `new` (the deduplicated table's) is row `original`, up to the uuids a swap
     backfilled into NULL key columns (`filled`, column to type); `all_filled`: and `new` has
-    no NULL left in them, as a swap leaves none."""
+    no NULL left in them, as a swap leaves none. Rows are compared by their stored bytes
+    (`*=`, as REFRESH MATERIALIZED VIEW CONCURRENTLY compares them): it holds for every type,
+    with or without an equality operator, is no weaker than comparing their text, and spares
+    turning both rows into text (2.4 s where text took 5.7, warm, for 2 million rows). Each
+    side is cast to record: between two ROW() constructors an operator would compare column by
+    column, and no column type has `*=`."""
     if not filled:
-        return sql.SQL("row({}.*)::text = row({}.*)::text").format(
+        return sql.SQL("row({}.*)::record *= row({}.*)::record").format(
             sql.SQL(original), sql.SQL(new))
     as_kept = sql.SQL(", ").join(
         (sql.SQL("coalesce({o}.{c}, {n}.{c})") if c.name in filled
          else sql.SQL("{o}.{c}")).format(o=sql.SQL(original), n=sql.SQL(new),
                                          c=sql.Identifier(c.name))
         for c in columns)
-    same = sql.SQL("row({})::text = row({}.*)::text").format(as_kept, sql.SQL(new))
+    same = sql.SQL("row({})::record *= row({}.*)::record").format(as_kept, sql.SQL(new))
     if not all_filled:
         return same
     no_null_left = sql.SQL(" and ").join(
@@ -532,9 +537,11 @@ def _apply(t: _Tables) -> list[sql.Composed]:
 
 def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation,
            columns: tuple[Column, ...], overriding: bool = False, snapshot: str | None = None,
-           batch_rows: int = BATCH_ROWS) -> Replay:
+           batch_rows: int = BATCH_ROWS, most_rows_kept: bool = False) -> Replay:
     """`snapshot` is the one dbt's build read the live table in (None: count every logged
-    change as unseen). The new table's rows are counted in COUNTS as the replay changes them."""
+    change as unseen). The new table's rows are counted in COUNTS as the replay changes them.
+    `most_rows_kept`: the new table holds most of the live table's rows (few duplicates), so
+    proving them all reads the live table once instead of probing it once per kept row."""
     t = _Tables(spec, live, shadow, log, columns, overriding, snapshot)
     tb, shadow_id = t.tiebreaker, _id(shadow)
     touched = sql.SQL(
@@ -577,8 +584,25 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation,
         ).format(touched_rows=touched_rows, matches_live=matches_live, tb=tb, waiting=waiting),
         pending=sql.SQL("select count(*) from {}").format(_id(log)),
         anything_pending=sql.SQL("select exists (select from {})").format(_id(log)),
-        all_rows_match=sql.SQL(
+        all_rows_match=_all_rows_match(t, matches_live, waiting, most_rows_kept),
+    )
+
+
+def _all_rows_match(t: _Tables, matches_live: sql.Composable, waiting: sql.Composable,
+                    most_rows_kept: bool) -> sql.Composed:
+    """Every kept row is its live row, unless a change waiting in the log explains it. Where
+    few rows are kept, one index probe each; where most are, one join with the live table,
+    which the planner hashes and scans once (in parallel where it can): with 1% duplicates in
+    2 million rows, 6.3 s where the probes took 10.2 s from a cold cache (bench/proof.py)."""
+    tb = t.tiebreaker
+    if not most_rows_kept:
+        return sql.SQL(
             "select count(*) = 0, count(*) as rows_differing_from_live from {new} as s"
             " where not {matches_live} and s.{tb} not in ({waiting})"
-        ).format(new=shadow_id, tb=tb, matches_live=matches_live, waiting=waiting),
-    )
+        ).format(new=_id(t.shadow), tb=tb, matches_live=matches_live, waiting=waiting)
+    return sql.SQL(
+        "select count(*) = 0, count(*) as rows_differing_from_live from {new} as s"
+        " left join {live} as l on l.{tb} = s.{tb}"
+        " where (l.{tb} is null or not {same}) and s.{tb} not in ({waiting})"
+    ).format(new=_id(t.shadow), live=_id(t.live), tb=tb,
+             same=same_as("l", "s", t.columns, t.filled), waiting=waiting)

@@ -485,7 +485,8 @@ def _swap(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: date
         shadow=shadow, capture=captured,
         replay=capture.replay(target.spec, live.relation, shadow, captured.log, live.columns,
                               overriding=bool(live.identity_sequences),
-                              snapshot=counts.snapshot),
+                              snapshot=counts.snapshot,
+                              most_rows_kept=2 * counts.keys >= counts.rows),
     )
     identity_prepare, identity_free, identity_take = _identity_steps(live, shadow, archive)
     index_prepare, index_free, index_take = _index_steps(live, shadow, archive)
