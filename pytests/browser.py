@@ -14,20 +14,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import fetched
+from fetched import Unobtainable
+
 CACHE = Path(os.environ.get("RUNNER_TEST_BROWSER_CACHE",
                             Path.home() / ".cache" / "runner-tests" / "chromium"))
 PACKAGE = "chromium"
-APT_TIMEOUT_S = 600
 RUN_TIMEOUT_S = 120
 # Headless on a machine with no display, no GPU and no network but loopback: nothing that
 # would reach out at start, and no sandbox, which needs privileges a root test run lacks.
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--hide-scrollbars")
-
-
-class Unobtainable(Exception):
-    """No Chromium could be had: what was tried and what it said."""
 
 
 @dataclass(frozen=True)
@@ -84,18 +82,7 @@ def chromium() -> Browser:
     own = shutil.which(PACKAGE)
     if own:
         return Browser(Path(own), "")
-    home = CACHE / "unpacked"
-    if not home.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix="unpacking-", dir=CACHE))
-        try:
-            _unpack_debian_packages(staging)
-            staging.rename(home)
-        except FileExistsError:
-            shutil.rmtree(staging)
-        except BaseException:
-            shutil.rmtree(staging)
-            raise
+    home = fetched.cached(CACHE / "unpacked", _unpack_debian_packages)
     executable = home / "usr" / "lib" / "chromium" / "chromium"
     if not executable.is_file():
         raise Unobtainable(f"{home} holds no usr/lib/chromium/chromium: remove it to fetch it "
@@ -113,25 +100,15 @@ def _unpack_debian_packages(into: Path) -> None:
         (state / folder).mkdir(parents=True)
     options = ["-o", f"Dir::State::Lists={state / 'lists'}", "-o", f"Dir::Cache={state / 'cache'}",
                "-o", "Debug::NoLocking=1"]
-    _apt(["apt-get", "update", *options], state)
-    said = _apt(["apt-get", "install", "--simulate", "--no-install-recommends", *options,
-                 PACKAGE], state)
+    # apt's words in English, which the lines read below are in.
+    english = {"LC_ALL": "C"}
+    fetched.run(["apt-get", "update", *options], state, english)
+    said = fetched.run(["apt-get", "install", "--simulate", "--no-install-recommends",
+                        *options, PACKAGE], state, english)
     packages = re.findall(r"^Inst (\S+)", said, flags=re.MULTILINE)
     if PACKAGE not in packages:
         raise Unobtainable(f"apt-get would not install {PACKAGE}:\n{said}")
-    _apt(["apt-get", "download", *options, *packages], state / "debs")
+    fetched.run(["apt-get", "download", *options, *packages], state / "debs")
     for deb in sorted((state / "debs").glob("*.deb")):
-        _apt(["dpkg-deb", "--extract", str(deb), str(into)], state)
+        fetched.run(["dpkg-deb", "--extract", str(deb), str(into)], state)
     shutil.rmtree(state)
-
-
-def _apt(command: list[str], cwd: Path) -> str:
-    try:
-        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
-                              timeout=APT_TIMEOUT_S, env={**os.environ, "LC_ALL": "C"})
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise Unobtainable(f"`{' '.join(command)}` failed: {error}") from error
-    if done.returncode != 0:
-        raise Unobtainable(f"`{' '.join(command)}` exited {done.returncode}: "
-                           f"{(done.stderr or done.stdout).strip()[-1000:]}")
-    return done.stdout

