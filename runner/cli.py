@@ -773,9 +773,10 @@ def upsert_sql_command(table: str, touch: tuple[str, ...], placeholders: str,
 def report_command(project_dir: Path, select: tuple[str, ...], archive_schema: str,
                    html_file: Path | None, output_format: str, no_queries: bool, runs: int,
                    query_timeout: timedelta) -> None:
-    """What the swaps did: rows and size before and after per table, the space freed, and
-    example queries timed with EXPLAIN (ANALYZE, BUFFERS) on the original and the deduplicated
-    table, read-only. Markdown on stdout, or --html FILE, or --format json."""
+    """What the swaps did: rows and size before and after per table, the space runner
+    cleanup frees (or freed), and example queries timed with EXPLAIN (ANALYZE, BUFFERS) on
+    the original and the deduplicated table, read-only. Markdown on stdout, or --html FILE,
+    or --format json."""
     options = report.ReportOptions(
         archive_schema=archive_schema, select=list(select) or None, queries=not no_queries,
         runs=runs, timeout_ms=_ms(query_timeout))
