@@ -168,9 +168,9 @@ def _candidates(conn: psycopg.Connection, business: list[str], load_times: list[
     return found
 
 
-def _enforced(live: catalog.LiveTable, business: list[str]) -> list[Candidate]:
+def _enforced(live: catalog.LiveTable, business: list[str], not_null: set[str]
+              ) -> list[Candidate]:
     """The keys the table's unique indexes hold on business columns alone."""
-    not_null = {c.name for c in live.columns if c.not_null}
     return [Candidate(index.key_columns,
                       "not_distinct" if index.nulls_not_distinct
                       or set(index.key_columns) <= not_null else "distinct",
@@ -212,14 +212,14 @@ def suggest(conn: psycopg.Connection, relation: Relation, sample_rows: int = SAM
         conn.execute(statement)
     sampled = conn.execute(f"select count(*) from pg_temp.{candidates.SAMPLE}").fetchone()[0]
     indexed = {index.key_columns for index in live.indexes if index.valid and not index.partial}
-    enforced = _enforced(live, business)
+    not_null = {c.name for c in live.columns if c.not_null}
+    enforced = _enforced(live, business, not_null)
     held = {frozenset(c.natural_key) for c in enforced}
     found = [*enforced, *(
         dataclasses.replace(c, indexed=tuple(sorted(c.natural_key)) in {
             tuple(sorted(k)) for k in indexed})
         for c in _candidates(conn, business, load_times, parents, max_columns)
         if frozenset(c.natural_key) not in held)]
-    not_null = {c.name for c in live.columns if c.not_null}
     tiebreaker = next((s for s in surrogates if s in not_null
                        and any(i.key_columns == (s,) and i.unique for i in live.indexes)), None)
     keep = (KeepColumn(tiebreaker or business[0], True),)
