@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ class _Settings:
 
 
 _settings = _Settings()
+_writing = threading.Lock()
+"""dbt calls back from the threads that run its nodes: one line at a time, whole."""
 
 
 @contextmanager
@@ -57,4 +60,8 @@ def say(event: str, message: str, level: int = NORMAL, **fields: object) -> None
                            "event": event, "message": message, **fields}, default=str)
     else:
         line = f"  {message}"
-    print(line, file=sys.stderr, flush=True)
+    # One write of the line with its newline: print() writes them apart, and another thread's
+    # line could come between.
+    with _writing:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
