@@ -34,16 +34,19 @@ class Browser:
     library_path: str
     """LD_LIBRARY_PATH for the libraries unpacked beside it; empty for the machine's own."""
 
-    def run(self, url: str, *options: str, width: int = 1280, height: int = 800) -> str:
-        """Chromium's output for one page at that window size: --dump-dom prints the page as
-        its scripts left it."""
+    def run(self, url: str, *options: str, width: int = 1280, height: int = 800,
+            wait_ms: int = 0) -> str:
+        """Chromium's output for one page at that window size, once it loaded (and, for pages
+        that render later, once `wait_ms` of the page's own time passed): --dump-dom prints
+        the page as its scripts left it."""
+        budget = [f"--virtual-time-budget={wait_ms}"] if wait_ms else []
         profile = tempfile.mkdtemp(prefix="chromium-profile-")
         env = {**os.environ, "LD_LIBRARY_PATH": self.library_path} if self.library_path \
             else None
         try:
             done = subprocess.run(
                 [str(self.executable), *FLAGS, f"--user-data-dir={profile}",
-                 f"--window-size={width},{height}", *options, url],
+                 f"--window-size={width},{height}", *budget, *options, url],
                 capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env)
         finally:
             shutil.rmtree(profile, ignore_errors=True)
@@ -53,15 +56,11 @@ class Browser:
         return done.stdout
 
     def dom(self, url: str, *, width: int = 1280, wait_ms: int = 0) -> str:
-        """The page's DOM once it loaded (and, for pages that render later, once `wait_ms` of
-        its own time passed)."""
-        budget = (f"--virtual-time-budget={wait_ms}",) if wait_ms else ()
-        return self.run(url, *budget, "--dump-dom", width=width)
+        return self.run(url, "--dump-dom", width=width, wait_ms=wait_ms)
 
     def screenshot(self, url: str, path: Path, *, width: int = 1280, height: int = 800,
                    wait_ms: int = 0) -> Path:
-        budget = (f"--virtual-time-budget={wait_ms}",) if wait_ms else ()
-        self.run(url, *budget, f"--screenshot={path}", width=width, height=height)
+        self.run(url, f"--screenshot={path}", width=width, height=height, wait_ms=wait_ms)
         if not path.is_file() or path.stat().st_size == 0:
             raise AssertionError(f"chromium wrote no screenshot of {url} to {path}")
         return path

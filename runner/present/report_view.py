@@ -85,7 +85,7 @@ def _query_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
-def space_sentence(report: Report) -> str:
+def _space_sentence(report: Report) -> str:
     """The space the swaps give back, said as freed only once runner cleanup freed it: until
     then the originals kept in the archive schema hold it, and more."""
     if not report.kept_bytes:
@@ -167,7 +167,7 @@ def to_markdown(report: Report) -> str:
         f"{_md(SWAP_LOG)}.", "",
         "## Tables", "",
         *_md_table(headers, rows, total=total), "",
-        f"**{_md(space_sentence(report))}.**", "",
+        f"**{_md(_space_sentence(report))}.**", "",
         _md(SIZES_EXPLAINED), "",
         "## Example queries", "",
     ]
@@ -390,7 +390,7 @@ def to_html(report: Report) -> str:
         f"<h1>{_e(_title(report))}</h1>",
         f'<p class="muted">Generated {_e(when(report.generated_at))} from '
         f"{_e(Relation(report.archive_schema, SWAP_LOG))}.</p>",
-        f'<p class="freed">{_e(space_sentence(report))}.</p>',
+        f'<p class="freed">{_e(_space_sentence(report))}.</p>',
         "<h2>Tables</h2>", legend, _size_chart(report),
         _html_table(headers, rows, total, _CHANGED_COLUMNS),
         _html_table(headers, rows, columns=_KEPT_COLUMNS),

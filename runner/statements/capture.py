@@ -550,8 +550,9 @@ def replay(spec: DedupSpec, live: Relation, shadow: Relation, log: Relation,
              new_tb=field("b.new_row", spec.tiebreaker))
     # Whether the new table's row `s` is its live row, found by the tie-breaker's unique index.
     # A scalar subquery, so one index probe per new row: as a join, the planner may hash the
-    # whole live table, each row cast to text (a second for a 700K-row table, far more for the
-    # tables this is for) where the new table has a few thousand rows.
+    # whole live table (a second for a 700K-row table, far more for the tables this is for)
+    # where the new table has a few thousand rows. Where most rows are kept, the proof of them
+    # all is that join instead (_all_rows_match).
     matches_live = sql.SQL(
         "coalesce((select {same} from {live} as l where l.{tb} = s.{tb}), false)"
     ).format(same=same_as("l", "s", columns, t.filled), live=_id(live), tb=tb)
