@@ -100,19 +100,20 @@ def test_a_null_key_fails_the_build_when_nulls_are_forbidden(shop: Database) -> 
 
 
 def test_few_duplicates_are_proven_by_one_join_that_still_catches_a_differing_row(
-        shop: Database) -> None:
+        shop: Database, tmp_path: Path) -> None:
     """Where most rows are kept, the swap proves them all against the live table in one join
     instead of a probe each: the same proof, which still refuses a kept row that differs."""
-    project = ("--project-dir", str(OTHER_PROJECT))
+    swapping = project_with_nulls("forbidden", tmp_path, "strategy: swap")
+    project = ("--project-dir", str(swapping))
     with shop.connect() as conn:
         # 1,995 orders of one line, loaded once: 45 of 2,055 rows are duplicates.
         conn.execute("""insert into "Shop"."Order Lines"
                      select md5('once-' || o)::uuid, 'ORD-' || o, 1, timestamptz '2025-01-01',
                             'loaded once'
                      from generate_series(6, 2000) as o""")
-    assert run_other_dbt(shop, "parse").success
+    assert run_dbt_in(swapping, shop, "deps").success
     assert shop.runner("capture", *project).exit_code == 0
-    assert run_other_dbt(shop, "build").success
+    assert run_dbt_in(swapping, shop, "build").success
     dry_run = shop.runner("swap", "--dry-run", *project)
     assert dry_run.exit_code == 0, dry_run.output
     proof = next(line for line in dry_run.output.splitlines()
@@ -135,13 +136,16 @@ def test_few_duplicates_are_proven_by_one_join_that_still_catches_a_differing_ro
     assert len(live) == 2010 and live == expected
 
 
-def project_with_nulls(policy: str, tmp_path: Path) -> Path:
-    """A copy of the other project whose order lines declare another NULL policy."""
+def project_with_nulls(policy: str, tmp_path: Path, more: str = "") -> Path:
+    """A copy of the other project whose order lines declare another NULL policy, and `more`
+    meta.dedup lines."""
     project = tmp_path / "project"
     shutil.copytree(OTHER_PROJECT, project, ignore=shutil.ignore_patterns("dbt_packages"))
     (project / "packages.yml").write_text(f"packages:\n  - local: {PROJECT_DIR}\n")
     sources = project / "models" / "staging" / "_shop__sources.yml"
-    sources.write_text(sources.read_text().replace("nulls: forbidden", f"nulls: {policy}"))
+    sources.write_text(sources.read_text().replace(
+        "nulls: forbidden", f"nulls: {policy}" + "".join(f"\n              {line}"
+                                                         for line in more.splitlines())))
     return project
 
 

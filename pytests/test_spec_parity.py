@@ -40,6 +40,11 @@ MISTAKES = {
         "dedup": {"natural_key": ["a"], "keep": KEEP, "references": "cascade"}},
     "a reference policy that is a list": {
         "dedup": {"natural_key": ["a"], "keep": KEEP, "references": ["refuse"]}},
+    "an unknown strategy": {
+        "dedup": {"natural_key": ["a"], "keep": KEEP, "strategy": "rebuild"}},
+    "in place with NULLs backfilled": {
+        "dedup": {"natural_key": ["a"], "keep": KEEP, "nulls": "backfill",
+                  "strategy": "in_place"}},
 }
 
 

@@ -14,6 +14,10 @@
               # re-pointed at the kept row of its key (repoint, the default), or the swap
               # refuses the table (refuse)
               references: repoint
+              # optional: swap (a new table of the kept rows takes the live table's place),
+              # in_place (the removed rows are archived and deleted from the live table), or
+              # auto (the default), which `runner swap` decides from the duplicates' share
+              strategy: auto
 
     Every model, test and the runner read it from there. These macros find it from any model
     downstream of the source, and stop compilation with a message naming what is wrong.
@@ -31,9 +35,9 @@
     {%- if spec is not mapping -%}
         {{ exceptions.raise_compiler_error(where ~ " has no meta.dedup: declare natural_key, keep and nulls under config.meta.dedup") }}
     {%- endif -%}
-    {%- set unknown = spec.keys() | reject("in", ["natural_key", "keep", "nulls", "alternative_key", "references"]) | sort | list -%}
+    {%- set unknown = spec.keys() | reject("in", ["natural_key", "keep", "nulls", "alternative_key", "references", "strategy"]) | sort | list -%}
     {%- if unknown -%}
-        {{ exceptions.raise_compiler_error(where ~ ": unknown meta.dedup keys " ~ tojson(unknown) ~ "; expected natural_key, keep, nulls, alternative_key, references") }}
+        {{ exceptions.raise_compiler_error(where ~ ": unknown meta.dedup keys " ~ tojson(unknown) ~ "; expected natural_key, keep, nulls, alternative_key, references, strategy") }}
     {%- endif -%}
     {%- set natural_key = spec.get("natural_key") -%}
     {%- if natural_key is string or natural_key is mapping or natural_key is not iterable
@@ -69,6 +73,13 @@
     {%- if references not in ["repoint", "refuse"] -%}
         {{ exceptions.raise_compiler_error(where ~ ": references must be one of repoint, refuse, got " ~ tojson(references)) }}
     {%- endif -%}
+    {%- set strategy = spec.get("strategy", "auto") -%}
+    {%- if strategy not in ["auto", "swap", "in_place"] -%}
+        {{ exceptions.raise_compiler_error(where ~ ": strategy must be one of auto, swap, in_place, got " ~ tojson(strategy)) }}
+    {%- endif -%}
+    {%- if strategy == "in_place" and nulls == "backfill" -%}
+        {{ exceptions.raise_compiler_error(where ~ ": strategy in_place keeps rows as they are, and nulls: backfill changes them: set strategy to swap or auto") }}
+    {%- endif -%}
     {{ return({
         "source": source_node.source_name ~ "." ~ source_node.name,
         "natural_key": natural_key,
@@ -78,5 +89,6 @@
         "alternative_key": alternative_key | unique | list,
         "told_apart_by": alternative_key | reject("in", natural_key) | unique | list,
         "references": references,
+        "strategy": strategy,
     }) }}
 {% endmacro %}

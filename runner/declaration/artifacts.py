@@ -25,6 +25,7 @@ VERSION_MACRO = "macro.dedup.dedup_version"
 GUARD_TAG = "dedup_guard"
 NULL_POLICIES = ("not_distinct", "distinct", "forbidden", "backfill")
 REFERENCE_POLICIES = ("repoint", "refuse")
+STRATEGIES = ("auto", "swap", "in_place")
 PASSING = {"success", "pass"}
 
 
@@ -56,6 +57,9 @@ class DedupSpec:
     references: str = "repoint"
     """What a swap does with rows of other tables that point at a removed duplicate: re-point
     them at the kept row of the same key, or refuse to swap the table."""
+    strategy: str = "auto"
+    """How the duplicates leave the live table: a swap for a new table of the kept rows, in
+    place (the removed rows archived and deleted), or whichever `runner swap` finds cheaper."""
 
     @property
     def tiebreaker(self) -> str:
@@ -98,10 +102,11 @@ def parse_spec(source_label: str, meta: dict) -> DedupSpec:
     if not isinstance(spec, dict):
         raise RunnerError(f"{where} has no meta.dedup: declare natural_key, keep and nulls under "
                           "config.meta.dedup")
-    unknown = sorted(set(spec) - {"natural_key", "keep", "nulls", "alternative_key", "references"})
+    unknown = sorted(set(spec) - {"natural_key", "keep", "nulls", "alternative_key", "references",
+                                  "strategy"})
     if unknown:
         raise RunnerError(f"{where}: unknown meta.dedup keys {json.dumps(unknown)}; expected "
-                          "natural_key, keep, nulls, alternative_key, references")
+                          "natural_key, keep, nulls, alternative_key, references, strategy")
     natural_key = spec.get("natural_key")
     if not isinstance(natural_key, list) or not natural_key or not all(
             isinstance(column, str) and column for column in natural_key):
@@ -127,7 +132,15 @@ def parse_spec(source_label: str, meta: dict) -> DedupSpec:
     if references not in REFERENCE_POLICIES:
         raise RunnerError(f"{where}: references must be one of {', '.join(REFERENCE_POLICIES)}, "
                           f"got {json.dumps(references)}")
-    return DedupSpec(tuple(natural_key), tuple(keep_columns), nulls, alternative_key, references)
+    strategy = spec.get("strategy", "auto")
+    if strategy not in STRATEGIES:
+        raise RunnerError(f"{where}: strategy must be one of {', '.join(STRATEGIES)}, "
+                          f"got {json.dumps(strategy)}")
+    if strategy == "in_place" and nulls == "backfill":
+        raise RunnerError(f"{where}: strategy in_place keeps rows as they are, and nulls: "
+                          "backfill changes them: set strategy to swap or auto")
+    return DedupSpec(tuple(natural_key), tuple(keep_columns), nulls, alternative_key, references,
+                     strategy)
 
 
 def _alternative_key(where: str, spec: dict, natural_key: list[str],

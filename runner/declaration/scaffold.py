@@ -37,6 +37,8 @@ class Declared:
     columns: tuple[dict, ...] = ()
     """The columns the source entry describes (name, description, quote), which the models
     that keep every column carry into dbt docs, as dbt-codegen carries upstream descriptions."""
+    strategy: str = "auto"
+    """meta.dedup's strategy: an in-place table's kept rows are a view, never a copy."""
 
 
 def dbt_name(name: str) -> str:
@@ -155,7 +157,8 @@ def declared(project: Path) -> list[Declared]:
                 if "dedup" in meta:
                     found.append(Declared(source["name"], table["name"],
                                           str(path.relative_to(project)),
-                                          _described_columns(table)))
+                                          _described_columns(table),
+                                          meta["dedup"].get("strategy", "auto")))
     return found
 
 
@@ -197,6 +200,14 @@ def _described(t: Declared, staging: str, groups: str) -> list[dict]:
     ]
 
 
+def _kept_rows_config(table: Declared) -> str:
+    """In place, the live table keeps its kept rows where they are: the model that names them
+    is a view, for the tests to read, and the build copies nothing."""
+    if table.strategy != "in_place":
+        return ""
+    return "{{ config(materialized='view') }}\n"
+
+
 def model_files(tables: list[Declared]) -> dict[str, str]:
     """Every file the declared tables need, by path relative to the project."""
     names = [t.table for t in tables]
@@ -214,7 +225,8 @@ def model_files(tables: list[Declared]) -> dict[str, str]:
             f"models/intermediate/{groups}.sql":
                 f"{sql_header}{{{{ dedup.dedup_key_groups('{staging}') }}}}\n",
             f"models/deduplicated/{t.table}.sql":
-                f"{sql_header}{{{{ dedup.dedup_kept_rows('{staging}', '{groups}') }}}}\n",
+                f"{sql_header}{_kept_rows_config(t)}"
+                f"{{{{ dedup.dedup_kept_rows('{staging}', '{groups}') }}}}\n",
             f"models/removed/removed_{t.table}.sql":
                 f"{sql_header}{{{{ dedup.dedup_removed_rows('{staging}', '{t.table}') }}}}\n",
             f"models/deduplicated/_{t.table}__models.yml": _header(t, "#") + yaml.safe_dump(

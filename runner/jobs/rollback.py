@@ -201,6 +201,21 @@ def plan_constraint(entry: LogEntry, live: LiveTable, archive_schema: str) -> Ta
     ])
 
 
+def plan_in_place(entry: LogEntry, live: LiveTable, archive_schema: str) -> TableRollback:
+    """The table was never replaced: its constraint goes, and the rows the run removed come
+    back from the archive with their own values, identity columns included. They are kept
+    there too, until `runner cleanup` drops the archive."""
+    columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in live.columns if not c.generated)
+    plan = plan_constraint(entry, live, archive_schema)
+    plan.cutover[-1:-1] = [Step(
+        f"the rows the run removed go back into {entry.live}",
+        sql.SQL("insert into {live} ({columns}){overriding} select {columns} from {archive}")
+        .format(live=_id(entry.live), columns=columns, archive=_id(entry.archive),
+                overriding=sql.SQL(" overriding system value" if live.identity_sequences
+                                   else "")))]
+    return plan
+
+
 def check_capture(entry: LogEntry, registered: Registered | None) -> None:
     """The capture since the swap is whole: else a rollback would lose the writes it missed."""
     where = (f"cannot roll back {entry.live}: nothing was changed; the original rows stay in "
@@ -463,6 +478,10 @@ def make_plans(conn: psycopg.Connection, options: RollbackOptions,
             raise RunnerError(f"cannot roll back {entry.live}: its archive {entry.archive} is "
                               "missing (dropped by hand?); nothing was changed; restore it or "
                               "leave the table out with --select")
+        if entry.action == "in_place":
+            plans.append(plan_in_place(entry, catalog.read_live_table(conn, entry.live),
+                                       options.archive_schema))
+            continue
         registered = captures.get(entry.live)
         check_capture(entry, registered)
         plans.append(plan_table(entry, catalog.read_live_table(conn, entry.live),
@@ -669,6 +688,11 @@ def report(result: RollbackResult) -> list[str]:
         if plan.finishing:
             lines.append(f"{entry.live}: rolled back already; the foreign keys a stopped run "
                          f"left unchecked were checked now ({len(plan.validate)}).")
+            continue
+        if entry.action == "in_place":
+            lines.append(f"{entry.live}: dropped the constraint {entry.constraint_name}, and put "
+                         f"back the {entry.rows_before - entry.rows_after:,} rows removed in "
+                         f"place, which {entry.archive} keeps too.")
             continue
         if plan.rolled_back is None:
             lines.append(f"{entry.live}: dropped the constraint {entry.constraint_name}.")

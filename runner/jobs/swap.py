@@ -139,7 +139,7 @@ def make_plans(conn: psycopg.Connection, options: SwapOptions,
             references_captured=frozenset(
                 r.constraint for r in live.references if captures.reference_captured(
                     conn, repoint.ReferenceCapture.of(r, options.archive_schema))))
-        if plan.action == "swap":
+        if plan.action in ("swap", "in_place"):
             _check_capture_before_build(conn, plan, registered.xid)
         if plan.action == "nothing":
             plan.validate = left_to_validate(live, latest.get(target.live))
@@ -193,6 +193,7 @@ def _lock_summary(plans: list[TablePlan], options: SwapOptions) -> list[str]:
     tables = ", ".join(str(p.target.live) for p in active)
     lines = [
         f"-- swap: {sum(p.action == 'swap' for p in active)} table(s) replaced, "
+        f"{sum(p.action == 'in_place' for p in active)} deduplicated in place, "
         f"{sum(p.action == 'constraint' for p in active)} only constrained",
         f"-- locks ACCESS EXCLUSIVE on {tables} at once; each try waits at most "
         f"{options.lock_timeout_ms} ms, so no session queues behind the runner for longer, and "
@@ -215,7 +216,11 @@ def _lock_summary(plans: list[TablePlan], options: SwapOptions) -> list[str]:
         if plan.concurrent:
             lines.append(f"-- {plan.target.live}: its unique index is built CONCURRENTLY, "
                          "which never blocks writers")
-        if any(step.statement.as_string().startswith("create") for step in plan.lookup):
+        if plan.in_place:
+            lines.append(f"-- {plan.target.live}: deduplicated in place before the lock, a "
+                         "batch of keys per transaction; under the lock its guard goes and its "
+                         "index becomes the constraint")
+        elif any(step.statement.as_string().startswith("create") for step in plan.lookup):
             lines.append(f"-- {plan.target.live}: an index on its natural key is built "
                          "CONCURRENTLY first, so that a delete or re-key of the last moments is "
                          "replayed under the lock; the swap drops it there")
@@ -269,7 +274,9 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
     for plan in plans:
         lines += _repoint_summary(conn, plan)
     for plan in plans:
-        for steps in (plan.concurrent, plan.lookup):
+        if plan.in_place:
+            lines += _in_place_lines(conn, plan, options)
+        for steps in (plan.concurrent, [] if plan.in_place else plan.lookup):
             for step in _concurrent_steps(steps, options) if steps else []:
                 lines += executor.explained(conn, step)
     before, locking_steps, under_lock = _phases(plans, options)
@@ -407,9 +414,11 @@ def _drop_built(conn: psycopg.Connection, indexes: list[sql.Identifier],
 
 
 def _build_concurrently(conn: psycopg.Connection, steps: list[Step],
-                        indexes: list[sql.Identifier], what: str, options: SwapOptions) -> None:
+                        indexes: list[sql.Identifier], what: str, options: SwapOptions,
+                        rerun: str | None = None) -> None:
     """An index built without blocking writers. One that meets duplicates or waits too long
-    fails, and leaves itself INVALID: dropped again, so that nothing is changed."""
+    fails, and leaves itself INVALID: dropped again, so that nothing is changed. `rerun`: what
+    to do about duplicates written meanwhile, if not a new build."""
     bounded = _concurrent_steps(steps, options)
     try:
         run_steps(conn, bounded)
@@ -417,8 +426,9 @@ def _build_concurrently(conn: psycopg.Connection, steps: list[Step],
         run_steps(conn, [bounded[-1]])
         _drop_built(conn, indexes, options)
         raise RunnerError(f"{what} cannot be built: rows that share a natural key were written "
-                          "since dbt read the table; nothing was changed: run `dbt build` "
-                          "again, then `runner swap`") from error
+                          "since dbt read the table; "
+                          + (rerun or "nothing was changed: run `dbt build` again, then "
+                             "`runner swap`")) from error
     except psycopg.errors.LockNotAvailable as error:
         waited_for = catalog.oldest_transactions(conn)
         run_steps(conn, [bounded[-1]])
@@ -476,6 +486,80 @@ def _gave_up_before(options: SwapOptions, step: Step) -> Callable[[int, Exceptio
         f"could not get a lock for \"{step.why}\" within {options.lock_wait_s:g} s, "
         f"nothing was changed; {error.diag.message_primary}: retry when the session "
         "holding it finishes, or raise --lock-wait")
+
+
+def _guard_steps(plan: TablePlan, options: SwapOptions) -> list[Step]:
+    """One transaction: the archive, and the guard that resolves each key the ETL writes."""
+    work = plan.in_place
+    return [Step("wait at most this long for the table's lock, then try again",
+                 lock_timeout(options.lock_timeout_ms)),
+            *archive_schema_steps(options.archive_schema),
+            Step("where the removed rows go, every column as it was", work.archive_table()),
+            Step("the guard: after a row lands, its key's rows the keep rule does not keep go "
+                 "to the archive", work.guard_function()),
+            *(Step("on the live table, which needs a moment's SHARE ROW EXCLUSIVE", statement)
+              for statement in work.guard_trigger())]
+
+
+def _collect_steps(plan: TablePlan) -> list[Step]:
+    return [Step("the keys to visit: dbt's duplicated keys and the keys written since the "
+                 "build, numbered in batches", statement)
+            for statement in plan.in_place.collect_keys(plan.target.key_groups,
+                                                        plan.capture.log, plan.counts.snapshot)]
+
+
+def _remove_steps(plan: TablePlan, options: SwapOptions) -> list[Step]:
+    """One transaction per batch of keys."""
+    return [Step("wait at most this long for a row's lock, then try the batch again",
+                 lock_timeout(options.lock_timeout_ms)),
+            *(Step("the batch's rows that a live row of their key beats move to the archive",
+                   statement) for statement in plan.in_place.remove_batch())]
+
+
+def _in_place_lines(conn: psycopg.Connection, plan: TablePlan,
+                    options: SwapOptions) -> list[str]:
+    """The in-place steps before the unique index, as --dry-run prints them."""
+    def each(steps: list[Step]) -> list[str]:
+        return [line for step in steps for line in executor.explained(conn, step)]
+
+    return [f"-- {plan.target.live}: in place, because {plan.why}",
+            *(each(_concurrent_steps(plan.lookup, options)) if plan.lookup else []),
+            "begin;", *each(_guard_steps(plan, options)), "commit;",
+            "begin;", *each(_collect_steps(plan)), "commit;",
+            "-- for each batch = 0, 1, ... while the keys to visit have one:",
+            "begin;", *each(_remove_steps(plan, options)), "commit;"]
+
+
+def _remove_in_place(conn: psycopg.Connection, plan: TablePlan, options: SwapOptions,
+                     step_done: Callable[[str], None]) -> None:
+    """The in-place steps before the unique index (runner.statements.in_place): each commits on
+    its own, and a run stopped anywhere between them is finished by the next."""
+    work, live = plan.in_place, plan.target.live
+    if plan.lookup:
+        _build_concurrently(conn, plan.lookup, [lookup_index(live)],
+                            f"the index on the natural key of {live}", options)
+        step_done(f"lookup index of {live}")
+    locking.retry_until(
+        conn, lambda: run_steps(conn, _guard_steps(plan, options)), wait_s=options.lock_wait_s,
+        gave_up=locking.could_not_lock(conn, [live], options.lock_timeout_ms,
+                                       options.lock_wait_s, " for the guard's trigger"))
+    step_done(f"guard of {live}")
+    with conn.transaction():
+        run_steps(conn, _collect_steps(plan))
+    batches = conn.execute(work.batches()).fetchone()[0]
+    step_done(f"keys of {live}")
+    for batch in range(batches):
+        def attempt(batch: int = batch) -> None:
+            for step in _remove_steps(plan, options):
+                conn.execute(step.statement, {"batch": batch})
+        locking.retry_until(
+            conn, attempt, wait_s=options.lock_wait_s,
+            gave_up=lambda tries, error: (
+                f"could not remove the duplicates of {live} in {tries} tries over "
+                f"{options.lock_wait_s:g} s: writers kept their rows locked "
+                f"({error.diag.message_primary}); what was removed is in {work.archive} and "
+                "the guard keeps the keys written meanwhile: run `runner swap` again"))
+        step_done(f"batch {batch + 1} of {batches} of {live}")
 
 
 @contextlib.contextmanager
@@ -571,11 +655,17 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
 
     with locking.one_runner(conn):
         for plan in active:
+            if plan.in_place:
+                _remove_in_place(conn, plan, options, step_done)
+        for plan in active:
             if plan.concurrent:
-                _build_concurrently(conn, plan.concurrent, plan.built_concurrently,
-                                    f"the unique index of {plan.target.live}", options)
+                _build_concurrently(
+                    conn, plan.concurrent, plan.built_concurrently,
+                    f"the unique index of {plan.target.live}", options,
+                    rerun="the guard archives them as they land: run `runner swap` again"
+                    if plan.in_place else None)
                 step_done(f"concurrent index of {plan.target.live}")
-        with _lookup_indexes(conn, active, options, step_done):
+        with _lookup_indexes(conn, [p for p in active if not p.in_place], options, step_done):
             result = executor.cut_over(conn, executor.CutOver(
                 command="swap", before=before,
                 prepare=[(f"replay before the lock of {plan.target.live}",

@@ -124,9 +124,11 @@ def entry(*, archive_schema: str, live: Relation, action: str, archive: Relation
           tiebreaker: str, backfilled: list[str], foreign_keys: list[ArchivedForeignKey],
           triggers: list[ArchivedTrigger],
           sequences_not_owned: list[tuple[str, str | None]],
-          repointed: list[Repointed] | None = None) -> sql.Composed:
+          repointed: list[Repointed] | None = None,
+          bytes_before: sql.Composable | None = None) -> sql.Composed:
     """The row a swap writes, under its lock, after its renames: the sizes are those of the
-    relations as they are at commit."""
+    relations as they are at commit (before: the archive's, which is the original table,
+    unless `bytes_before` says otherwise)."""
     def size(relation: Relation) -> sql.Composed:
         return sql.SQL("pg_total_relation_size({}::regclass)").format(
             sql.Literal(sql.Identifier(relation.schema, relation.name).as_string()))
@@ -143,7 +145,7 @@ def entry(*, archive_schema: str, live: Relation, action: str, archive: Relation
         schema=sql.Literal(live.schema), table=sql.Literal(live.name),
         action=sql.Literal(action), archive=sql.Literal(archive.name if archive else None),
         constraint=sql.Literal(constraint), rows_before=rows_before, rows_after=rows_after,
-        bytes_before=size(archive or live), bytes_after=size(live),
+        bytes_before=bytes_before or size(archive or live), bytes_after=size(live),
         tiebreaker=sql.Literal(tiebreaker), backfilled=sql.Literal(backfilled),
         foreign_keys=sql.Literal(json.dumps([[k.name, k.definition] for k in foreign_keys])),
         triggers=sql.Literal(json.dumps([[t.name, t.enabled] for t in triggers])),

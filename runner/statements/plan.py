@@ -33,8 +33,12 @@ from runner.errors import RunnerError
 from runner.server import swap_log
 from runner.server.catalog import ColumnGrant, Grant, Index, LiveTable, View
 from runner.statements import capture, repoint
+from runner.statements.in_place import GUARD_TRIGGER, InPlace
 from runner.statements.keys import NULLS_NOT_DISTINCT_VERSION, KeyShape, null_key_shapes
 
+# The share of a table's rows that are duplicates up to which `strategy: auto` removes them in
+# place rather than swap in a new table of the kept rows: measured with bench/strategies.py.
+IN_PLACE_UP_TO = 0.25
 # The first version that adds a partitioned table's foreign key NOT VALID.
 PARTITIONED_NOT_VALID_VERSION = 180000
 PRIVILEGES = {
@@ -68,7 +72,8 @@ class BuildCounts:
 class TablePlan:
     target: DedupTarget
     action: str
-    """swap, constraint (no duplicates, only the constraint is missing), or nothing."""
+    """swap, in_place, constraint (no duplicates, only the constraint is missing), or
+    nothing."""
     counts: BuildCounts
     archive: Relation | None = None
     constraint: str = ""
@@ -101,6 +106,11 @@ class TablePlan:
     """In the transaction, under ACCESS EXCLUSIVE on the live table."""
     validate: list[Step] = field(default_factory=list)
     """After the commit, each in a transaction of its own that blocks no writer."""
+    in_place: InPlace | None = None
+    """For action in_place: the guard, the keys to visit and the archive, which the steps
+    before the unique index's build work with."""
+    why: str = ""
+    """Why the table gets its strategy."""
 
 
 def _grant(grant: Grant | ColumnGrant, table: sql.Composable, relation: Relation) -> Step:
@@ -410,17 +420,113 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
         return TablePlan(target, "nothing", counts, capture=captured,
                          cutover=_end_capture(captured))
     refuse_unsupported(live)
-    if counts.duplicates == 0:
+    interrupted = any(trigger.name == GUARD_TRIGGER for trigger in live.triggers)
+    if counts.duplicates == 0 and not interrupted:
         return _constraint_only(target, live, counts, archive_schema, captured, server_version)
-    refuse_references(target.spec, live, swapped, references_captured, server_version)
+    strategy, why = choose_strategy(target.spec, counts, live, interrupted)
+    if strategy == "swap":
+        refuse_references(target.spec, live, swapped, references_captured, server_version)
     if captured is None:
         raise RunnerError(f"{live.relation} has no change capture: run `runner capture`, then "
                           "`dbt build`, then `runner swap`, so that no write between the build "
                           "and the swap is lost")
-    planned = _swap(target, live, counts, stamp, archive_schema, captured, server_version)
-    planned.concurrent += _drop_pending(live.relation, [index.name for index in leftover])
-    _plan_lookup(planned, live, lookup_left, rows_moved)
+    if strategy == "in_place":
+        planned = _in_place(target, live, counts, stamp, archive_schema, captured,
+                            server_version, lookup_left)
+    else:
+        planned = _swap(target, live, counts, stamp, archive_schema, captured, server_version)
+        planned.concurrent += _drop_pending(live.relation, [index.name for index in leftover])
+        _plan_lookup(planned, live, lookup_left, rows_moved)
+    planned.why = why
     return planned
+
+
+def choose_strategy(spec: DedupSpec, counts: BuildCounts, live: LiveTable,
+                    interrupted: bool) -> tuple[str, str]:
+    """swap or in_place for a table with duplicates, and why, as `runner plan` says it.
+    `interrupted`: an in-place run stopped before its cut-over, which only in place finishes."""
+    if interrupted:
+        if spec.strategy == "swap":
+            raise RunnerError(f"an in-place run on {live.relation} stopped before it finished "
+                              f"(its trigger {GUARD_TRIGGER} is on the table), and its meta.dedup "
+                              "now says strategy: swap; set strategy: in_place or auto, run "
+                              "`runner swap` to finish it, then swap if you still want to")
+        return "in_place", "an in-place run stopped before it finished: this one finishes it"
+    if spec.strategy == "in_place":
+        refuse_in_place(live)
+        return "in_place", "its meta.dedup says strategy: in_place"
+    if spec.strategy == "swap":
+        return "swap", "its meta.dedup says strategy: swap"
+    if spec.nulls == "backfill":
+        return "swap", "nulls: backfill gives kept rows new keys, which only a swap does"
+    if live.references:
+        return "swap", (f"foreign keys point at it ({', '.join(live.referenced_by)}), whose rows "
+                        "only a swap re-points")
+    share = counts.duplicates / counts.rows
+    if share <= IN_PLACE_UP_TO:
+        return "in_place", (f"{share:.1%} of its rows are duplicates, at most "
+                            f"{IN_PLACE_UP_TO:.0%}: removing them costs less than copying the "
+                            "rest")
+    return "swap", (f"{share:.1%} of its rows are duplicates, more than {IN_PLACE_UP_TO:.0%}: "
+                    "copying the kept rows costs less than removing the rest")
+
+
+def refuse_in_place(live: LiveTable) -> None:
+    if live.references:
+        raise RunnerError(f"runner swap does not yet deduplicate {live.relation} in place: "
+                          f"foreign keys point at it ({', '.join(live.referenced_by)}), and a "
+                          "delete of a row they point at would fail or cascade; set strategy: "
+                          "swap, which re-points them, or auto")
+
+
+def _in_place(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: datetime,
+              archive_schema: str, captured: capture.Capture, server_version: int,
+              lookup_left: Index | None) -> TablePlan:
+    """The removed rows leave the live table for an archive, and the table gets its constraint
+    as one without duplicates does: runner.statements.in_place says how."""
+    work = InPlace.of(live, target.spec, archive_schema)
+    archive = Relation(archive_schema, archive_name(live.relation.name, stamp))
+    plan = _constraint_only(target, live, counts, archive_schema, captured, server_version)
+    live_id = sql.Identifier(live.relation.schema, live.relation.name)
+    rows_after = sql.SQL("{} + {}").format(sql.Literal(counts.rows),
+                                           _unseen_rows(captured.log, counts.snapshot))
+    plan.action, plan.archive, plan.in_place = "in_place", archive, work
+    if live.key_lookup_index(target.spec) is None and not (lookup_left and lookup_left.valid):
+        plan.lookup = [
+            *_drop_pending(live.relation, [lookup_left.name] if lookup_left else []),
+            Step("an index on the natural key, for the guard to find a key's rows as each "
+                 "lands, built without blocking writers",
+                 sql.SQL("create index concurrently {} on {} ({})").format(
+                     sql.Identifier(_lookup_name(live.relation)), live_id,
+                     sql.SQL(", ").join(sql.Identifier(k) for k in target.spec.natural_key)))]
+    plan.prepare = [Step(f"{live.relation}: {why}", check, check=True)
+                    for why, check in zip(("no archived row is live still",
+                                           "every archived row lost to a live row of its key"),
+                                          work.archive_proven(captured.log), strict=True)]
+    plan.cutover = [
+        *(Step("the guard goes: the constraint keeps the key from now on", statement)
+          for statement in work.undo_guard()),
+        plan.cutover[0],
+        *_null_key_indexes_taken(target.spec, live, server_version),
+        Step("the run's own index on the natural key goes: the constraint's serves",
+             sql.SQL("drop index if exists {}").format(lookup_index(live.relation))),
+        Step("the removed rows are kept under a name that says what they are and when",
+             sql.SQL("alter table {} rename to {}").format(
+                 sql.Identifier(work.archive.schema, work.archive.name),
+                 sql.Identifier(archive.name))),
+        Step(f"record the deduplication of {live.relation} in place, with its rows at commit",
+             swap_log.entry(
+                 archive_schema=archive_schema, live=live.relation, action="in_place",
+                 archive=archive, constraint=plan.constraint,
+                 rows_before=sql.SQL("{} + (select count(*) from {})").format(
+                     rows_after, sql.Identifier(archive.schema, archive.name)),
+                 rows_after=rows_after, tiebreaker=target.spec.tiebreaker, backfilled=[],
+                 foreign_keys=[], triggers=[], sequences_not_owned=_sequences_not_owned(live),
+                 bytes_before=sql.SQL("pg_total_relation_size({}::regclass)").format(
+                     sql.Literal(live_id.as_string())))),
+        *_end_capture(captured),
+    ]
+    return plan
 
 
 def _lookup_name(table: Relation) -> str:

@@ -1,0 +1,200 @@
+"""Deduplication in place, as statements built from facts alone: the table is never replaced.
+
+For a table with few duplicates, copying every kept row into a new table costs far more than
+removing the few others. In place, in named steps, each safe to stop and to run again:
+
+  guard    a trigger on the live table (its key found by an index on the natural key, built
+           first without blocking writers) resolves each key the ETL writes under the keep
+           rule as the row lands, serialised per key by an advisory lock: a re-sent copy that
+           loses goes to the archive at once, and one that wins sends the older copies there;
+  keys     the keys to visit: those dbt's key groups found with more than one row, and those
+           the change capture saw written since (before the guard was in place);
+  remove   a batch of keys at a time, in a transaction of its own, every row beaten by
+           another live row of its key moves to the archive: `DELETE ... RETURNING` feeding
+           `INSERT`, one statement, so a row is in exactly one of them at every commit;
+  index    the natural key's unique index, built CONCURRENTLY;
+  cut-over under a short lock: the index becomes the constraint, the guard goes, the archive
+           takes its dated name and swap_log records it all.
+
+A stop anywhere leaves every row in the live table or in the archive, and the guard keeping
+the keys it sees; the next `runner swap` goes on from there (deleting only rows a live row
+beats, it never removes one twice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from runner.declaration.artifacts import DedupSpec, Relation
+from runner.declaration.names import pg_name
+from runner.server.catalog import LiveTable
+from runner.statements.capture import columns_of, fields_of
+from runner.statements.keys import (
+    KeyShape,
+    beats,
+    key_shapes,
+    key_terms,
+    nulls_exactly,
+    shape_matches,
+)
+
+GUARD_TRIGGER = "dedup_in_place_guard"
+BATCH_KEYS = 2_000
+"""Keys per transaction of the remove step: a few thousand rows deleted and archived, some
+tens of milliseconds of row locks."""
+
+
+def _id(relation: Relation) -> sql.Identifier:
+    return sql.Identifier(relation.schema, relation.name)
+
+
+@dataclass(frozen=True)
+class InPlace:
+    """Where an in-place run of one table keeps what it works with, by name, so that the next
+    run finds what a stopped one left."""
+
+    live: Relation
+    spec: DedupSpec
+    shapes: tuple[KeyShape, ...]
+    archive: Relation
+    """Where the removed rows go while the run works: dated at the cut-over."""
+    keys: Relation
+    """The keys the remove step visits, numbered in batches."""
+    guard: Relation
+    """The guard trigger's function."""
+
+    @classmethod
+    def of(cls, live: LiveTable, spec: DedupSpec, archive_schema: str) -> InPlace:
+        name = live.relation.name
+        return cls(live.relation, spec,
+                   tuple(key_shapes(spec, {c.name for c in live.columns if c.not_null})),
+                   Relation(archive_schema, pg_name(name, "removing")),
+                   Relation(archive_schema, pg_name(name, "keys_to_visit")),
+                   Relation(archive_schema, pg_name(live.relation.schema, name, "guard")))
+
+    def _remove_losers(self, shape: KeyShape, key_of: str, where: sql.Composable
+                       ) -> sql.Composed:
+        """Every live row of a key of `shape` (the key read from `key_of`) that another live
+        row of the same key beats, moved to the archive in one statement. The beating row is
+        share-locked, so the ETL cannot delete it before the commit: no key loses its last
+        row to a run that saw two."""
+        live, key = _id(self.live), columns_of(key_of)
+        return sql.SQL(
+            "with removed as (delete from {live} as l{using} where {where} and {nulls} and"
+            " {l_matches} and exists (select from {live} as w where {w_matches} and {beats}"
+            " for key share of w) returning l.*) insert into {archive} select * from removed"
+        ).format(
+            live=live, archive=_id(self.archive),
+            using=sql.SQL("") if key_of == "new" else sql.SQL(" using {} as {}").format(
+                _id(self.keys), sql.Identifier(key_of)),
+            where=where, nulls=nulls_exactly(key, shape),
+            l_matches=shape_matches(self.spec, columns_of("l"), key, shape),
+            w_matches=shape_matches(self.spec, columns_of("w"), key, shape),
+            beats=beats(self.spec.keep, columns_of("w"), columns_of("l")))
+
+    def archive_table(self) -> sql.Composed:
+        # The live table's columns alone, generated ones as plain values: the rows as they
+        # were, nothing that could fire, constrain or number anything.
+        return sql.SQL("create table if not exists {} (like {})").format(
+            _id(self.archive), _id(self.live))
+
+    def guard_function(self) -> sql.Composed:
+        """The trigger function: after a row of the live table is inserted, or its key
+        changed, the key's rows the keep rule does not keep move to the archive."""
+        branches = [sql.SQL("if {} then {}; end if;").format(
+            nulls_exactly(columns_of("new"), shape),
+            self._remove_losers(shape, "new", sql.SQL("true"))) for shape in self.shapes]
+        key = sql.SQL(", ").join(key_terms(self.spec, columns_of("new")))
+        body = sql.SQL(
+            # Per key, one writer at a time: the second sees the first's row once it commits.
+            "begin perform pg_advisory_xact_lock(hashtextextended(row({key})::text,"
+            " tg_relid::bigint)); {branches} return null; end"
+        ).format(key=key, branches=sql.SQL(" ").join(branches))
+        # SECURITY DEFINER: the ETL's role needs no right in the archive schema; the fixed
+        # search_path keeps it from running anything a writer's path could offer.
+        return sql.SQL(
+            "create or replace function {}() returns trigger language plpgsql security definer"
+            " set search_path = pg_catalog, pg_temp as {}"
+        ).format(_id(self.guard), sql.Literal(body.as_string()))
+
+    def guard_trigger(self) -> list[sql.Composed]:
+        live = _id(self.live)
+        return [
+            sql.SQL("drop trigger if exists {} on {}").format(sql.Identifier(GUARD_TRIGGER), live),
+            sql.SQL("create trigger {} after insert or update of {} on {} for each row"
+                    " execute function {}()").format(
+                sql.Identifier(GUARD_TRIGGER),
+                sql.SQL(", ").join(sql.Identifier(c) for c in self.spec.key_columns), live,
+                _id(self.guard)),
+        ]
+
+    def collect_keys(self, key_groups: Relation, log: Relation,
+                     snapshot: str | None) -> list[sql.Composed]:
+        """The keys to visit, numbered in batches: the key groups' duplicated keys, and every
+        key the capture logged an insert or update of since the build."""
+        names = self.spec.key_columns
+        grouped = [*(sql.Identifier(c) for c in self.spec.natural_key),
+                   *(sql.SQL("dedup_alternative_{}").format(sql.SQL(str(n)))
+                     for n in range(1, len(self.spec.told_apart_by) + 1))]
+        unseen = sql.SQL("") if snapshot is None else sql.SQL(
+            " and not pg_visible_in_snapshot(xid, {}::pg_snapshot)").format(sql.Literal(snapshot))
+        keys = _id(self.keys)
+        return [
+            sql.SQL("drop table if exists {}").format(keys),
+            sql.SQL(
+                "create unlogged table {keys} as select (row_number() over () - 1) / {per_batch}"
+                " as dedup_batch, k.* from (select {grouped} from {groups} where dedup_rows > 1"
+                " union select {logged} from {log} where op in ('I', 'U'){unseen}) as k ({names})"
+            ).format(
+                keys=keys, per_batch=sql.Literal(BATCH_KEYS),
+                grouped=sql.SQL(", ").join(grouped), groups=_id(key_groups),
+                logged=sql.SQL(", ").join(key_terms(self.spec, fields_of("new_row"))),
+                log=_id(log), unseen=unseen,
+                names=sql.SQL(", ").join(sql.Identifier(c) for c in names)),
+            sql.SQL("create index on {} (dedup_batch)").format(keys),
+            sql.SQL("analyze {}").format(keys),
+        ]
+
+    def batches(self) -> sql.Composed:
+        return sql.SQL("select coalesce(max(dedup_batch) + 1, 0) from {}").format(_id(self.keys))
+
+    def remove_batch(self) -> list[sql.Composed]:
+        """One batch of keys, `%(batch)s`, one statement per shape of key."""
+        return [self._remove_losers(shape, "k", sql.SQL("k.dedup_batch = {}").format(
+            sql.Placeholder("batch"))) for shape in self.shapes]
+
+    def archive_proven(self, log: Relation) -> list[sql.Composed]:
+        """Checks before the cut-over, each true or the run stops: no archived row is live
+        still; and every archived row has a live row of its key that beats it, unless the ETL
+        itself deleted or changed a row of that key since (the capture logged the change of a
+        row the archive does not hold)."""
+        archive, live = _id(self.archive), _id(self.live)
+        tiebreaker = sql.Identifier(self.spec.tiebreaker)
+        in_both = sql.SQL(
+            "select count(*) = 0, count(*) || ' archived rows are live still' from {archive}"
+            " as a where exists (select from {live} as l where l.{t} = a.{t})").format(
+                archive=archive, live=live, t=tiebreaker)
+        unexplained = [sql.SQL(
+            "select count(*) from {archive} as l where {nulls} and not exists (select from"
+            " {live} as w where {w_matches} and {beats}) and not exists (select from {log} as c"
+            " where c.op in ('D', 'U') and {c_matches} and not exists (select from {archive}"
+            " as a where a.{t} = (c.old_row).{t}))").format(
+                archive=archive, live=live, log=_id(log), t=tiebreaker,
+                nulls=nulls_exactly(columns_of("l"), shape),
+                w_matches=shape_matches(self.spec, columns_of("w"), columns_of("l"), shape),
+                c_matches=shape_matches(self.spec, fields_of("c.old_row"), columns_of("l"),
+                                        shape),
+                beats=beats(self.spec.keep, columns_of("w"), columns_of("l")))
+            for shape in self.shapes]
+        return [in_both, sql.SQL(
+            "select n = 0, n || ' archived rows have no live row of their key that beats them'"
+            " from (select {} as n) as counted").format(
+                sql.SQL(" + ").join(sql.SQL("({})").format(s) for s in unexplained))]
+
+    def undo_guard(self) -> list[sql.Composed]:
+        return [sql.SQL("drop trigger if exists {} on {}").format(
+                    sql.Identifier(GUARD_TRIGGER), _id(self.live)),
+                sql.SQL("drop function if exists {}()").format(_id(self.guard)),
+                sql.SQL("drop table if exists {}").format(_id(self.keys))]
