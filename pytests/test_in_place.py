@@ -4,14 +4,27 @@ puts back exactly the rows it removed."""
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 from collections import Counter
 
 import psycopg
 import pytest
-from conftest import Database
-from test_other_project import EXPECTED_KEPT, run_other_dbt, shop  # noqa: F401
+from conftest import Database, _create_database
+from psycopg import sql
+from test_concurrency import ETL_ROLE, wait_for_writes, write_like_the_etl
+from test_crash import _kill_after
+from test_other_project import (  # noqa: F401
+    EXPECTED_KEPT,
+    project_with_nulls,
+    run_dbt_in,
+    run_other_dbt,
+    shop,
+)
 
-from runner.jobs import rollback, swap
+from runner.errors import ConnectionLost
+from runner.jobs import swap
+from runner.statements import in_place
 
 PROJECT = ("--project-dir", str(__import__("test_other_project").OTHER_PROJECT))
 LINES = '"Shop"."Order Lines"'
@@ -27,6 +40,8 @@ def _rows(conn: psycopg.Connection, table: str = LINES) -> Counter:
 
 
 def _archive(conn: psycopg.Connection) -> str | None:
+    if not conn.execute("select to_regclass('dedup_archive.swap_log')").fetchone()[0]:
+        return None
     row = conn.execute("select format('%I.%I', 'dedup_archive', archive_table)"
                        " from dedup_archive.swap_log order by swapped_at desc limit 1").fetchone()
     return row[0] if row else None
@@ -99,3 +114,193 @@ def test_few_duplicates_leave_in_place_and_a_rollback_puts_back_exactly_those(
         assert _rows(conn) == before
         conn.execute(f"""insert into {LINES} values
                      (gen_random_uuid(), 'ORD-7', 1, now(), 'sent again')""")
+
+
+def _database_like(server, template: Database, name: str) -> Database:
+    _create_database(server, name, template=template.name)
+    return Database({**template.env, "PGDATABASE": name}, template.target_dir)
+
+
+def _drop(server, database: Database) -> None:
+    with psycopg.connect(autocommit=True, **server.conninfo) as admin:
+        admin.execute(sql.SQL("drop database {} with (force)").format(
+            sql.Identifier(database.name)))
+
+
+def _everything(conn: psycopg.Connection) -> Counter:
+    """Every row the live table and the in-place run's archive hold, finished or not."""
+    archive = _archive(conn) or (
+        'dedup_archive."Order Lines__removing"'
+        if conn.execute("select to_regclass('dedup_archive.\"Order Lines__removing\"')"
+                        ).fetchone()[0] else None)
+    return _rows(conn) + (_rows(conn, archive) if archive else Counter())
+
+
+def test_a_kill_after_any_step_loses_nothing_and_a_rerun_finishes(
+        server, few: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Four keys a batch: the 15 duplicated keys take four.
+    monkeypatch.setattr(in_place, "BATCH_KEYS", 4)
+    with few.connect() as conn:
+        before = _rows(conn)
+        expected = _rows(conn, f"(select * from {LINES} where uid in ({EXPECTED_KEPT}))")
+    labels: list[str] = []
+    counting = _database_like(server, few, "in_place_count")
+    try:
+        _swap(counting, after_step=labels.append)
+    finally:
+        _drop(server, counting)
+    assert [label for label in labels if label.startswith("batch")] == [
+        f"batch {n} of 4 of Shop.Order Lines" for n in range(1, 5)]
+    assert {"lookup index of Shop.Order Lines", "guard of Shop.Order Lines",
+            "concurrent index of Shop.Order Lines", "lock", "commit"} <= set(labels)
+    for number, label in enumerate(labels):
+        database = _database_like(server, few, f"in_place_kill_{number}")
+        try:
+            options = _options(database)
+            with (pytest.raises((ConnectionLost, psycopg.OperationalError)),
+                  database.connect() as conn):
+                conn.execute("set application_name = 'runner-under-test'")
+                swap.execute(conn, swap.make_plans(conn, options), options,
+                             after_step=_kill_after(database, number + 1))
+            with database.connect() as conn:
+                assert _everything(conn) == before, f"killed after {label!r}"
+            _swap(database)
+            with database.connect() as conn:
+                assert _rows(conn) == expected, f"rerun after a kill after {label!r}"
+                assert _rows(conn) + _rows(conn, _archive(conn)) == before
+                assert _leftovers(conn) == []
+        finally:
+            _drop(server, database)
+
+
+def test_an_invalid_unique_index_left_behind_is_dropped_and_built_again(few: Database) -> None:
+    with few.connect() as conn:
+        # What a build that met duplicates leaves: an INVALID index under the pending name.
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(f"""create unique index concurrently "Order Lines__natural_key_new"
+                         on {LINES} ("Order ID", line_no)""")
+        assert conn.execute("""select not indisvalid from pg_index
+                            where indexrelid = '"Shop"."Order Lines__natural_key_new"'::regclass
+                            """).fetchone()[0]
+    planned = few.runner("swap", "--dry-run", *PROJECT)
+    assert ('drop index concurrently if exists "Shop"."Order Lines__natural_key_new"'
+            in planned.output)
+    swapped = few.runner("swap", *PROJECT)
+    assert swapped.exit_code == 0, swapped.output
+    with few.connect() as conn:
+        assert conn.execute(f"""select indexrelid::regclass::text, indisvalid from pg_index
+                            where indrelid = '{LINES}'::regclass and indisunique
+                            and not indisprimary""").fetchall() == [
+            ('"Shop"."Order Lines__natural_key"', True)]
+
+
+def test_a_table_others_reference_is_refused_in_place_and_swapped_by_auto(
+        few: Database, tmp_path) -> None:
+    with few.connect() as conn:
+        conn.execute(f"""create table "Shop".notes (id int primary key,
+                     line uuid references {LINES} (uid))""")
+        conn.execute('create index on "Shop".notes (line)')
+    assert few.runner("capture", *PROJECT).exit_code == 0
+    assert run_other_dbt(few, "build").success
+    planned = few.runner("swap", "--dry-run", *PROJECT)
+    assert planned.exit_code == 0, planned.output
+    assert "-- Shop.Order Lines: in place" not in planned.output
+    assert "1 table(s) replaced, 0 deduplicated in place" in planned.output
+
+    in_place_project = project_with_nulls("forbidden", tmp_path, "strategy: in_place")
+    assert run_dbt_in(in_place_project, few, "deps").success
+    assert run_dbt_in(in_place_project, few, "build").success
+    refused = few.runner("swap", "--project-dir", str(in_place_project))
+    assert refused.exit_code == 4
+    assert ("runner swap does not yet deduplicate Shop.Order Lines in place: foreign keys "
+            "point at it" in refused.output)
+    with few.connect() as conn:
+        assert _leftovers(conn) == []
+
+
+def _declare_in_place(target_dir, table: str) -> None:
+    """The built project's manifest as if the table's meta.dedup said strategy: in_place."""
+    manifest_path = target_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for node in manifest["sources"].values():
+        if node["name"] == table:
+            for meta in (node["meta"], node["config"]["meta"]):
+                meta["dedup"]["strategy"] = "in_place"
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def test_a_concurrent_writer_loses_nothing_and_leaves_no_duplicates_in_place(
+        server, pg_env, tmp_path) -> None:
+    """The ETL of test_concurrency, as a role that does not own the table, writes through
+    every step of an in-place run of the demo's photos: its re-sent copies, new rows,
+    updates, re-keys and deletes."""
+    _create_database(server, "concurrent_in_place", template="demo_source")
+    database = Database({**pg_env, "PGDATABASE": "concurrent_in_place"}, tmp_path / "target")
+    with database.connect() as conn:
+        conn.execute(f"create role {ETL_ROLE} login")
+        conn.execute(f"grant usage on schema breezeway to {ETL_ROLE}")
+        conn.execute(f"grant select, insert, update, delete on breezeway.property_photos,"
+                     f" breezeway.properties to {ETL_ROLE}")
+        conn.execute(f"grant usage on all sequences in schema breezeway to {ETL_ROLE}")
+    stop, written = multiprocessing.Event(), multiprocessing.Value("i", 0)
+    results = tmp_path / "writer.json"
+    writer = multiprocessing.Process(target=write_like_the_etl, args=(
+        {"host": pg_env["PGHOST"], "port": pg_env["PGPORT"], "user": ETL_ROLE,
+         "dbname": "concurrent_in_place"}, stop, written, results))
+    writer.start()
+    steps: list[str] = []
+    try:
+        wait_for_writes(written, 10)
+        assert database.runner("capture").exit_code == 0
+        wait_for_writes(written, 10)
+        assert database.dbt("build", "--select", "source:breezeway.property_photos+",
+                            "--exclude", "audit_duplicates", "tag:dedup_guard").success
+        _declare_in_place(database.target_dir, "property_photos")
+
+        def write_meanwhile(label: str) -> None:
+            # After each step before the lock: under it the writer waits, as it should.
+            steps.append(label)
+            if label.endswith(" of breezeway.property_photos"):
+                wait_for_writes(written, 5)
+
+        options = swap.SwapOptions(target_dir=database.target_dir, select=["property_photos"])
+        with database.connect() as conn:
+            plans = swap.make_plans(conn, options)
+            assert [plan.action for plan in plans] == ["in_place"]
+            swap.execute(conn, plans, options, after_step=write_meanwhile)
+        wait_for_writes(written, 10)
+    finally:
+        stop.set()
+        writer.join(30)
+    assert writer.exitcode == 0
+    assert "guard of breezeway.property_photos" in steps
+    fate = json.loads(results.read_text())
+    deleted = set(fate["deleted"])
+    assert deleted and fate["updated"] and fate["rekeyed"], "the writer did all it does"
+    with database.connect() as conn:
+        archive = sql.Identifier("dedup_archive", conn.execute(
+            "select archive_table from dedup_archive.swap_log").fetchone()[0])
+        everywhere = Counter(row[0] for row in conn.execute(sql.SQL(
+            "select id from {} union all select id from breezeway.property_photos"
+        ).format(archive)))
+        # Nothing lost, nothing twice: every row the writer inserted and did not delete is
+        # live or archived, once.
+        assert {row_id for row_id, _ in fate["inserted"]} - deleted <= set(everywhere)
+        assert set(everywhere.values()) == {1}
+        live = {photo: (row_id, url) for row_id, photo, url in conn.execute(
+            "select id, photo_id, url from breezeway.property_photos")}
+        assert conn.execute("select count(*) = count(distinct (property_pk, photo_id))"
+                            " from breezeway.property_photos").fetchone()[0]
+        assert {photo: live[photo][0] for photo in fate["live"]} == fate["live"]
+        assert {photo: live[photo][1] for photo in fate["updated"]} == fate["updated"]
+        assert not {photo for row_id, photo in fate["inserted"] if row_id in deleted} & set(live)
+        assert not set(fate["rekeyed"]) & set(live)
+        # Each key keeps the latest of its rows, live or archived.
+        wrong = conn.execute(sql.SQL(
+            "select count(*) from breezeway.property_photos as l join {} as a"
+            " using (property_pk, photo_id) where a.id > l.id").format(archive)).fetchone()[0]
+        assert wrong == 0
+        assert _leftovers(conn) == []
+    with psycopg.connect(autocommit=True, **server.conninfo) as admin:
+        admin.execute("drop database concurrent_in_place with (force)")
+        admin.execute(f"drop role {ETL_ROLE}")
