@@ -105,8 +105,13 @@ def test_few_duplicates_leave_in_place_and_a_rollback_puts_back_exactly_those(
                          (gen_random_uuid(), 'ORD-7', 1, now(), 'sent again')""")
     assert after == expected and sum(after.values()) == 1010
     assert after + removed == before
-    verified = few.runner("verify", *PROJECT)
+    verified = few.runner("verify", "--format", "json", *PROJECT)
     assert verified.exit_code == 0, verified.output
+    assert (f"{archive.replace(chr(34), '')} holds the 45 rows removed in place, which a "
+            "rollback puts back") in verified.output
+    reported = few.runner("report", *PROJECT)
+    assert reported.exit_code == 0, reported.output
+    assert "deduplicated in place" in reported.output
 
     rolled = few.runner("rollback", *PROJECT)
     assert rolled.exit_code == 0, rolled.output
@@ -114,6 +119,10 @@ def test_few_duplicates_leave_in_place_and_a_rollback_puts_back_exactly_those(
         assert _rows(conn) == before
         conn.execute(f"""insert into {LINES} values
                      (gen_random_uuid(), 'ORD-7', 1, now(), 'sent again')""")
+    cleaned = few.runner("cleanup", "--older-than", "0s", *PROJECT)
+    assert cleaned.exit_code == 0, cleaned.output
+    with few.connect() as conn:
+        assert conn.execute("select to_regclass(%s)", (archive,)).fetchone()[0] is None
 
 
 def _database_like(server, template: Database, name: str) -> Database:

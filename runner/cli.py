@@ -923,6 +923,9 @@ def init_command(directory: Path, name: str | None) -> None:
 @click.option("--references", type=click.Choice(artifacts.REFERENCE_POLICIES),
               help="What the swap does with rows of other tables that point at a removed "
                    "duplicate [default: repoint].")
+@click.option("--strategy", type=click.Choice(artifacts.STRATEGIES),
+              help="swap in a new table of the kept rows, remove the duplicates in place, or "
+                   "let runner swap decide from their share [default: auto].")
 @click.option("--source", help="The dbt source to declare it under [default: its schema].")
 @click.option("--name", help="Its dbt name, which its models are named after [default: its "
                              "own, lowercase].")
@@ -930,8 +933,8 @@ def init_command(directory: Path, name: str | None) -> None:
 @_fails_cleanly
 @_reports
 def add_command(table: str, key: str, keep: str, nulls: str | None,
-                alternative_key: str | None, references: str | None, source: str | None,
-                name: str | None, project_dir: Path) -> None:
+                alternative_key: str | None, references: str | None, strategy: str | None,
+                source: str | None, name: str | None, project_dir: Path) -> None:
     """Declare TABLE (schema.table) under its source with its meta.dedup, in the project's
     models/staging/<source>/_<source>__sources.yml, then write the models and tests it needs
     (`runner models`). Reads no database: `runner build` then captures and builds it."""
@@ -942,6 +945,8 @@ def add_command(table: str, key: str, keep: str, nulls: str | None,
         spec["alternative_key"] = _columns(alternative_key)
     if references:
         spec["references"] = references
+    if strategy:
+        spec["strategy"] = strategy
     result = scaffolding.add(project_dir, _relation(table), spec, source, name)
     click.echo(f"Declared {table} in {result.declared_in}; wrote "
                f"{', '.join(result.written) or 'nothing else'}.")

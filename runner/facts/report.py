@@ -286,6 +286,9 @@ def _example_queries(conn: psycopg.Connection, table: TableReport, options: Repo
 
 
 def _no_queries_because(table: TableReport) -> str | None:
+    if table.action == "in_place":
+        return (f"{table.live}: deduplicated in place, so the table before is not kept to compare "
+                "with (only the rows removed are).")
     if table.action != "swap":
         return (f"{table.live}: the swap only added its natural key's constraint (it had no "
                 "duplicates), so there is no original to compare with.")

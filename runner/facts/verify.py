@@ -265,7 +265,7 @@ def check_archive(conn: psycopg.Connection, swap: LogEntry | None,
                   capture: Registered | None) -> tuple[bool, str]:
     """The original kept by the swap in effect constrains, fires and publishes nothing, and
     whether a rollback can still carry the writes since the swap over to it."""
-    if swap is None or swap.action != "swap":
+    if swap is None or swap.action not in ("swap", "in_place"):
         return True, "no archive: no swap that replaced the table is in effect"
     if swap.cleaned_at is not None:
         return True, (f"{swap.archive} was dropped by runner cleanup at "
@@ -273,6 +273,9 @@ def check_archive(conn: psycopg.Connection, swap: LogEntry | None,
     if not catalog.exists(conn, swap.archive):
         return False, (f"{swap.archive} is missing, and with it the original rows: it was "
                        "dropped by hand; restore it from a backup if you need them")
+    if swap.action == "in_place":
+        return True, (f"{swap.archive} holds the {swap.rows_before - swap.rows_after:,} rows "
+                      "removed in place, which a rollback puts back")
     archive = catalog.read_live_table(conn, swap.archive)
     problems = []
     if archive.foreign_keys:

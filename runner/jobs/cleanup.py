@@ -45,6 +45,9 @@ def kept_by(entry: LogEntry) -> list[Relation]:
     """What a swap left in the archive schema; after a rollback its archive is the live table
     again, and what is kept instead is the deduplicated table. With either go the records of
     the rows it re-pointed."""
+    if entry.action == "in_place" and entry.archive:
+        # The rows the run removed; after a rollback, copies of rows live again.
+        return [entry.archive]
     if entry.action != "swap" or not entry.archive:
         return []
     records = [Relation(entry.archive_schema, r.record) for r in entry.repointed]
@@ -58,7 +61,8 @@ def kept_by(entry: LogEntry) -> list[Relation]:
 def plan_cleanup(conn: psycopg.Connection, archive_schema: str,
                  older_than: timedelta) -> list[CleanupItem]:
     """Every swap older than the age whose leftovers were not cleaned up yet."""
-    entries = swap_log.read(conn, archive_schema, " where action = 'swap' and cleaned_at is null"
+    entries = swap_log.read(conn, archive_schema,
+                            " where action in ('swap', 'in_place') and cleaned_at is null"
                             " and swapped_at < now() - %s::interval", (older_than,))
     captures = {r.capture.since_swap_of: r for r in registered_captures(conn, archive_schema)
                 if r.capture.since_swap_of}

@@ -53,8 +53,8 @@ def add(project: Path, relation: Relation, spec: dict, source: str | None = None
     document = yaml.safe_load(path.read_text()) if path.is_file() else None
     document = scaffold.added(document, source, relation.schema,
                               scaffold.table_entry(table, relation.name, spec))
-    models = _expected(project, extra=scaffold.Declared(source, table,
-                                                         scaffold.source_file(source)))
+    models = _expected(project, extra=scaffold.Declared(
+        source, table, scaffold.source_file(source), strategy=spec.get("strategy", "auto")))
     _write(project, {scaffold.source_file(source): yaml.safe_dump(document, sort_keys=False)})
     return Added(scaffold.source_file(source), write_models(project, models))
 
