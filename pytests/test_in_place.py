@@ -313,3 +313,33 @@ def test_a_concurrent_writer_loses_nothing_and_leaves_no_duplicates_in_place(
     with psycopg.connect(autocommit=True, **server.conninfo) as admin:
         admin.execute("drop database concurrent_in_place with (force)")
         admin.execute(f"drop role {ETL_ROLE}")
+
+
+def test_declared_in_place_the_build_copies_no_kept_row(shop: Database,  # noqa: F811
+                                                         tmp_path) -> None:
+    """`runner add --strategy in_place`: the kept-rows model is a view, the tests read it,
+    and the swap is in place whatever the duplicates' share (75% here)."""
+    project = tmp_path / "mine"
+    assert shop.runner("init", str(project)).exit_code == 0
+    added = shop.runner("add", "Shop.Order Lines", "--key", "Order ID,line_no",
+                        "--keep", "updated_at:desc,uid:desc", "--nulls", "forbidden",
+                        "--strategy", "in_place", "--project-dir", str(project))
+    assert added.exit_code == 0, added.output
+    assert (project / "models/deduplicated/order_lines.sql").read_text().splitlines()[2] == (
+        "{{ config(materialized='view') }}")
+    with shop.connect() as conn:
+        before = _rows(conn)
+        expected = _rows(conn, f"(select * from {LINES} where uid in ({EXPECTED_KEPT}))")
+    built = shop.runner("build", "--project-dir", str(project))
+    assert built.exit_code == 0, built.output
+    with shop.connect() as conn:
+        assert conn.execute("select relkind from pg_class where oid = 'dedup.order_lines'"
+                            "::regclass").fetchone()[0] == "v"
+    planned = shop.runner("swap", "--dry-run", "--project-dir", str(project))
+    assert ("-- Shop.Order Lines: in place, because its meta.dedup says strategy: in_place"
+            in planned.output)
+    swapped = shop.runner("swap", "--project-dir", str(project))
+    assert swapped.exit_code == 0, swapped.output
+    with shop.connect() as conn:
+        assert _rows(conn) == expected and sum(expected.values()) == 15
+        assert _rows(conn) + _rows(conn, _archive(conn)) == before

@@ -1,0 +1,243 @@
+"""Swap against in place against auto, on identical copies of one table, in one run:
+
+    python bench/strategies.py                                  # 2 million rows, 1% and 99.7%
+    python bench/strategies.py --rows 4000000 --share 0.01 --share 0.25 --share 0.5
+
+For each share of duplicate rows, a table of that many rows (an id, a key, a 256-byte text and a
+load time; a key's copies loaded later, the latest kept) in a project of its own made with
+`runner init` and `runner add`; then on a fresh copy of it each, from a cold cache where the
+machine allows it (root on the embedded server), else warm and marked so:
+  floor     one sequential scan of the table;
+  swap      `runner capture`, `dbt build`, `runner swap` with strategy: swap;
+  in_place  the same with strategy: in_place;
+  auto      the same with strategy: auto, which chooses one of them.
+During each job a writer in a process of its own re-sends copies of rows with INSERT ... ON
+CONFLICT DO NOTHING, as the ETL did; its p99 and worst write are printed. Also: the database's
+growth at its peak (sampled every 50 ms) and after the job, the WAL the server wrote, and how
+long the cut-over held the table's lock. Prints ratios to the faster strategy and to the floor,
+and writes JSON to bench/results/. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psycopg
+import yaml
+from psycopg import sql
+from run import RESULTS_DIR, Server, connect_to, timed
+
+from runner.jobs import swap
+from runner.server.connection import connect
+
+SOURCE = "bench_strategies_source"
+COPY = "bench_strategies"
+STRATEGIES = ("swap", "in_place", "auto")
+
+
+def load(rows: int, share: float) -> int:
+    """The source database with public.items; returns its unique keys."""
+    keys = max(1, round(rows * (1 - share)))
+    with connect_to("postgres") as admin:
+        for name in (COPY, SOURCE):
+            admin.execute(sql.SQL("drop database if exists {} with (force)").format(
+                sql.Identifier(name)))
+        admin.execute(sql.SQL("create database {}").format(sql.Identifier(SOURCE)))
+    with connect_to(SOURCE) as conn:
+        conn.execute("create table public.items (id bigserial primary key, k bigint not null,"
+                     " payload text not null, loaded_at timestamptz not null)")
+        # Row i holds key i mod keys, loaded by run i div keys: the copies come later.
+        conn.execute("insert into public.items (k, payload, loaded_at)"
+                     " select i %% %(keys)s, repeat(md5((i %% %(keys)s)::text), 8),"
+                     " timestamptz '2025-01-01' + (i / %(keys)s) * interval '1 hour'"
+                     " from generate_series(0, %(last)s) as i", {"keys": keys, "last": rows - 1})
+        conn.execute("vacuum analyze public.items")
+    return keys
+
+
+def make_project(directory: Path) -> None:
+    runner = [sys.executable, "-m", "runner"]
+    subprocess.run([*runner, "init", str(directory), "--quiet"], check=True)
+    subprocess.run([*runner, "add", "public.items", "--key", "k", "--keep", "id",
+                    "--project-dir", str(directory), "--quiet"], check=True)
+
+
+def declare(project: Path, strategy: str) -> None:
+    """The table's meta.dedup says `strategy`; its models follow (`runner models`)."""
+    path = next((project / "models").rglob("_public__sources.yml"))
+    document = yaml.safe_load(path.read_text())
+    document["sources"][0]["tables"][0]["config"]["meta"]["dedup"]["strategy"] = strategy
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "runner", "models", "--project-dir", str(project),
+                    "--quiet"], check=True)
+
+
+def floor_scan() -> float:
+    with connect_to(COPY) as conn:
+        conn.execute("set enable_indexscan = off")
+        conn.execute("set enable_bitmapscan = off")
+        return timed(lambda: conn.execute("select count(*) from public.items").fetchone())
+
+
+def resend_copies(conninfo: dict, stop, results: str) -> None:
+    """Copies of existing rows, ~500 a second; writes [start, seconds] of each to results."""
+    writes = []
+    with psycopg.connect(autocommit=True, **conninfo) as conn:
+        n = 0
+        while not stop.is_set():
+            started = time.monotonic()
+            conn.execute("insert into public.items (k, payload, loaded_at) select k, payload,"
+                         " now() from public.items where id = %s on conflict do nothing",
+                         (n % 1000 + 1,))
+            writes.append([started, time.monotonic() - started])
+            n += 1
+            time.sleep(0.002)
+    Path(results).write_text(json.dumps(writes))
+
+
+class PeakSize:
+    """The database's size, sampled every 50 ms while the block runs."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        with connect_to(COPY) as conn:
+            while not self._stop.is_set():
+                size = conn.execute("select pg_database_size(current_database())").fetchone()[0]
+                self.peak = max(self.peak, size)
+                time.sleep(0.05)
+
+    def __enter__(self) -> PeakSize:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def database_size() -> int:
+    with connect_to(COPY) as conn:
+        return conn.execute("select pg_database_size(current_database())").fetchone()[0]
+
+
+def wal_bytes() -> int:
+    with connect_to(COPY) as conn:
+        return int(conn.execute("select wal_bytes from pg_stat_wal").fetchone()[0])
+
+
+def job(server: Server, project: Path, strategy: str) -> dict:
+    """Capture, build and swap on a fresh copy, with the writer writing throughout."""
+    with connect_to("postgres") as admin:
+        admin.execute(sql.SQL("drop database if exists {} with (force)").format(
+            sql.Identifier(COPY)))
+        admin.execute(sql.SQL("create database {} template {}").format(
+            sql.Identifier(COPY), sql.Identifier(SOURCE)))
+    os.environ["PGDATABASE"] = COPY
+    declare(project, strategy)
+    target = project / "target"
+    server.empty_caches()
+    before, wal_before = database_size(), wal_bytes()
+    stop, results = multiprocessing.Event(), project / "writer.json"
+    conninfo = {"host": os.environ["PGHOST"], "port": os.environ["PGPORT"],
+                "user": os.environ.get("PGUSER", "postgres"), "dbname": COPY}
+    writer = multiprocessing.Process(target=resend_copies, args=(conninfo, stop, str(results)))
+    writer.start()
+    try:
+        with PeakSize() as peak:
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "runner", "capture", "--project-dir",
+                            str(project), "--quiet"], check=True)
+            subprocess.run([sys.executable, "-m", "runner.declaration.dbt", str(project),
+                            str(target), "build"], check=True, stdout=subprocess.DEVNULL)
+            options = swap.SwapOptions(target_dir=target)
+            with connect() as conn:
+                plans = swap.make_plans(conn, options)
+                result = swap.execute(conn, plans, options)
+            seconds = time.perf_counter() - started
+    finally:
+        stop.set()
+        writer.join()
+    latencies = sorted(s for _, s in json.loads(results.read_text()))
+    return {"seconds": seconds, "chose": plans[0].action, "why": plans[0].why,
+            "peak_growth": peak.peak - before, "growth_after": database_size() - before,
+            "wal": wal_bytes() - wal_before, "lock_ms": result.lock_ms,
+            "writer_p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
+            "writer_worst_ms": latencies[-1] * 1000, "writes": len(latencies)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--share", type=float, action="append", dest="shares",
+                        help="share of duplicate rows (repeatable) [default: 0.01 and 0.997]")
+    parser.add_argument("--strategy", action="append", dest="strategies", choices=STRATEGIES,
+                        help="only these (repeatable) [default: all three]")
+    args = parser.parse_args()
+    shares = args.shares or [0.01, 0.997]
+    strategies = args.strategies or list(STRATEGIES)
+    server = Server()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-strategies-"))
+    project = workdir / "project"
+    measured = []
+    try:
+        make_project(project)
+        for share in shares:
+            keys = load(args.rows, share)
+            for strategy in strategies:
+                with connect_to("postgres") as admin:
+                    admin.execute(sql.SQL("drop database if exists {} with (force)").format(
+                        sql.Identifier(COPY)))
+                    admin.execute(sql.SQL("create database {} template {}").format(
+                        sql.Identifier(COPY), sql.Identifier(SOURCE)))
+                server.empty_caches()
+                floor = floor_scan()
+                measured.append({"rows": args.rows, "share": share, "keys": keys,
+                                 "strategy": strategy, "floor": floor,
+                                 **job(server, project, strategy)})
+                print(json.dumps(measured[-1]), flush=True)
+    finally:
+        with connect_to("postgres") as admin:
+            for name in (COPY, SOURCE):
+                admin.execute(sql.SQL("drop database if exists {} with (force)").format(
+                    sql.Identifier(name)))
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    cache = "cold" if server.cold else "WARM (not root or not embedded: caches not emptied)"
+    print(f"\n{args.rows:,} rows, {cache} cache")
+    print(f"{'share':>7} {'strategy':<9}{'chose':<9}{'seconds':>8}{'x floor':>8}{'x best':>7}"
+          f"{'peak MB':>8}{'after MB':>9}{'WAL MB':>8}{'lock ms':>8}{'p99 ms':>7}{'worst':>7}")
+    for share in shares:
+        rows = [m for m in measured if m["share"] == share]
+        best = min(m["seconds"] for m in rows if m["strategy"] != "auto")
+        for m in rows:
+            print(f"{share:>7.1%} {m['strategy']:<9}{m['chose']:<9}{m['seconds']:>8.1f}"
+                  f"{m['seconds'] / m['floor']:>8.1f}{m['seconds'] / best:>7.2f}"
+                  f"{m['peak_growth'] / 1e6:>8.0f}{m['growth_after'] / 1e6:>9.0f}"
+                  f"{m['wal'] / 1e6:>8.0f}{m['lock_ms']:>8.0f}{m['writer_p99_ms']:>7.1f}"
+                  f"{m['writer_worst_ms']:>7.0f}")
+        print(f"{'':>8}floor {rows[0]['floor']:.2f} s (one sequential scan)")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    when = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = RESULTS_DIR / f"strategies-{when}.json"
+    out.write_text(json.dumps({"cold_cache": server.cold, "measured": measured}, indent=2))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
