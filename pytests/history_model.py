@@ -52,6 +52,8 @@ class Shape:
     extras: frozenset[str] = frozenset()
     """view, grant, trigger, parent."""
     alternative_key: tuple[str, ...] = ()
+    strategy: str = "swap"
+    """meta.dedup's strategy: swap, in_place, or auto."""
 
     def __repr__(self) -> str:
         return f"<shape {self.name}>"
@@ -166,9 +168,10 @@ class SwapRecord:
     """One swap of the table and what it left."""
 
     kind: str
-    """swap (the table replaced) or constraint (only the constraint added)."""
+    """swap (the table replaced), in_place (its duplicates removed) or constraint (only the
+    constraint added)."""
     archive: dict = field(default_factory=dict)
-    """The original, as it must be in the archive schema."""
+    """The original, as it must be in the archive schema; in place, the rows removed."""
     restored: dict = field(default_factory=dict)
     """What a rollback must give back: the original with every later write."""
     rolled_back: bool = False
@@ -272,7 +275,15 @@ class Model:
             return "refused" if duplicates(self.shape, self.live) else "constraint"
         if self.capture is None or self.capture > self.build:
             return "refused"
-        return "swap"
+        return self.strategy()
+
+    def strategy(self) -> str:
+        """swap or in_place, as `runner swap` chooses for a table with duplicates: `auto`
+        removes them in place where at most a quarter of the built rows are duplicates."""
+        if self.shape.strategy != "auto":
+            return self.shape.strategy
+        share = duplicates(self.shape, self.built_rows) / len(self.built_rows)
+        return "in_place" if self.shape.nulls != "backfill" and share <= 0.25 else "swap"
 
     def swapped(self, outcome: str) -> None:
         self.tick()
@@ -287,6 +298,12 @@ class Model:
                                          restored=copy.deepcopy(archive)))
             self.live = keep_rule(self.shape, self.live)
             self.capture = None
+        elif outcome == "in_place":
+            kept = keep_rule(self.shape, self.live)
+            self.swaps.append(SwapRecord("in_place", archive={
+                tb: row for tb, row in self.live.items() if tb not in kept}, capture=False))
+            self.live = kept
+            self.capture = None
 
     def rollback_outcome(self) -> str:
         current = self.current
@@ -294,12 +311,18 @@ class Model:
             return "refused"
         if current.kind == "constraint":
             return "constraint"
+        if current.kind == "in_place":
+            return "refused" if current.cleaned else "in_place"
         return "restore" if current.capture and not current.cleaned else "refused"
 
     def rolled_back(self, outcome: str) -> None:
         self.tick()
         current = self.current
         if outcome == "constraint":
+            current.rolled_back = True
+        elif outcome == "in_place":
+            # The removed rows come back, and stay in the archive until cleanup.
+            self.live = {**self.live, **copy.deepcopy(current.archive)}
             current.rolled_back = True
         elif outcome == "restore":
             current.rolled_back_copy = self.live
@@ -322,7 +345,7 @@ class Model:
     def cleaned_up(self) -> None:
         self.tick()
         for record in self.swaps:
-            if record.kind == "swap" and not record.cleaned:
+            if record.kind in ("swap", "in_place") and not record.cleaned:
                 record.cleaned = True
                 record.capture = False
                 record.archive = {}
@@ -332,9 +355,10 @@ class Model:
         """What the archive schema must hold, swap by swap, in the order of the swaps."""
         kept = []
         for record in self.swaps:
-            if record.kind != "swap" or record.cleaned:
+            if record.kind not in ("swap", "in_place") or record.cleaned:
                 continue
-            kept.append(record.rolled_back_copy if record.rolled_back else record.archive)
+            kept.append(record.rolled_back_copy if record.rolled_back and record.kind == "swap"
+                        else record.archive)
         return kept
 
     def fresh_key(self, column: Column):

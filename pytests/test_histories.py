@@ -51,7 +51,7 @@ from psycopg import sql
 
 from runner.declaration import dbt
 from runner.declaration.artifacts import load_targets, select_targets
-from runner.declaration.names import constraint_name, null_key_index_names
+from runner.declaration.names import constraint_name, null_key_index_names, pg_name
 from runner.errors import RunnerError
 from runner.execution import locking
 from runner.jobs import capturing, cleanup, rollback, swap
@@ -440,8 +440,12 @@ class Histories(RuleBasedStateMachine):
         if result == "killed":
             self.seen[f"{command} killed ({kill})"] += 1
             # Wholly before (but for the indexes a swap builds outside any transaction, which
-            # the next run uses or drops): check it, then run it again.
-            self.database_is_the_model(built_indexes_allowed=True)
+            # the next run uses or drops): check it, then run it again. In place, each batch
+            # commits: every row is live or archived, once.
+            if outcome == "in_place":
+                self.every_row_live_or_removed()
+            else:
+                self.database_is_the_model(built_indexes_allowed=True)
             outcome = model.swap_outcome() if command == "swap" else model.rollback_outcome()
             result = self._run(command, None, 0, 0, 0, data)
         assert result == outcome, f"runner {command}: {result}, the model says {outcome}"
@@ -536,16 +540,29 @@ class Histories(RuleBasedStateMachine):
                 assert " WHERE " in catalog["indexes"].pop(partial), partial
         assert catalog == expected_catalog
 
+    def every_row_live_or_removed(self) -> None:
+        """What an in-place run stopped before its commit leaves: each row the model holds is
+        in the live table or in the run's archive, and in only one."""
+        shape = self.model.shape
+        with self.h.connect() as conn:
+            live = histories.read(conn, shape, histories.table_id(shape))
+            removing = sql.Identifier("dedup_archive", pg_name(shape.table, "removing"))
+            removed = histories.read(conn, shape, removing) if conn.execute(
+                "select to_regclass(%s)", (removing.as_string(),)).fetchone()[0] else {}
+        assert not set(live) & set(removed), "rows both live and removed"
+        everywhere = {**live, **removed}
+        assert same_table(self.model.live, everywhere), difference(self.model.live, everywhere)
+
     def _kept(self, conn: psycopg.Connection) -> list[sql.Identifier]:
         exists = conn.execute("select to_regclass('dedup_archive.swap_log')").fetchone()[0]
         if exists is None:
             return []
         rows = conn.execute(
-            "select archive_table, rolled_back_table, rolled_back_at is not null"
-            " from dedup_archive.swap_log where action = 'swap' and cleaned_at is null"
-            " order by swapped_at").fetchall()
-        return [sql.Identifier("dedup_archive", copy if rolled_back else archive)
-                for archive, copy, rolled_back in rows]
+            "select archive_table, rolled_back_table, rolled_back_at is not null and action ="
+            " 'swap' from dedup_archive.swap_log where action in ('swap', 'in_place')"
+            " and cleaned_at is null order by swapped_at").fetchall()
+        return [sql.Identifier("dedup_archive", copy if set_aside else archive)
+                for archive, copy, set_aside in rows]
 
     def _inert(self, conn: psycopg.Connection, relation: sql.Identifier) -> None:
         name = relation.as_string()
