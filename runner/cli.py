@@ -272,11 +272,18 @@ def _print_summary(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -
             f"{rows_before - rows_after:,}", size_text(before), size_text(after),
         )
     console.print(table)
-    archives = [str(p.archive) for p in result.plans if p.archive]
+    archives = [str(p.archive) for p in result.plans if p.archive and p.action == "swap"]
+    removed = [str(p.archive) for p in result.plans if p.action == "in_place"]
+    if archives or removed:
+        click.echo(f"Live tables locked for {result.lock_ms:.0f} ms.")
     if archives:
-        click.echo(f"Live tables locked for {result.lock_ms:.0f} ms. Every original row is "
-                   f"kept in {', '.join(archives)}; writes from now on are captured, for a "
-                   "rollback, until `runner cleanup` or `runner capture --stop`.")
+        click.echo(f"Every original row is kept in {', '.join(archives)}; writes from now on "
+                   "are captured, for a rollback, until `runner cleanup` or `runner capture "
+                   "--stop`.")
+    if removed:
+        click.echo(f"Deduplicated in place: the rows removed are kept in {', '.join(removed)}, "
+                   "for a rollback, until `runner cleanup`; the table's files keep their size "
+                   "until VACUUM FULL, later inserts reuse the room.")
     for r, rows in result.repointed.items():
         click.echo(f"Re-pointed {rows:,} rows of {r.reference.table} (foreign key "
                    f"{r.reference.constraint}) at the kept rows of {r.live}; where each pointed "
@@ -289,7 +296,8 @@ def _sizes(conn, result: swap.SwapResult) -> dict[str, tuple[int, int]]:
     sizes = {}
     for plan in result.plans:
         after = catalog.relation_size(conn, plan.target.live)
-        before = catalog.relation_size(conn, plan.archive) if plan.archive else after
+        before = (catalog.relation_size(conn, plan.archive)
+                  if plan.archive and plan.action == "swap" else after)
         sizes[plan.target.live.name] = (before, after)
     return sizes
 
@@ -347,7 +355,7 @@ def _as_data(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> dict
         "notes": result.notes,
         "tables": [
             {
-                "table": str(plan.target.live), "action": plan.action,
+                "table": str(plan.target.live), "action": plan.action, "why": plan.why,
                 "rows_before": _rows(result, plan)[0], "rows_after": _rows(result, plan)[1],
                 "removed": _rows(result, plan)[0] - _rows(result, plan)[1],
                 "bytes_before": sizes[plan.target.live.name][0],

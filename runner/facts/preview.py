@@ -19,7 +19,13 @@ from runner.errors import RunnerError
 from runner.facts import audit
 from runner.server import catalog
 from runner.server.references import ReferenceCount
-from runner.statements.plan import refuse_references, refuse_unsupported
+from runner.statements.in_place import GUARD_TRIGGER
+from runner.statements.plan import (
+    BuildCounts,
+    choose_strategy,
+    refuse_references,
+    refuse_unsupported,
+)
 
 
 @dataclass(frozen=True)
@@ -29,13 +35,15 @@ class Preview:
     scan_seconds: float
     """How long the audit's scan of it took: the build's key groups read as much."""
     action: str
-    """swap, constraint or nothing, as the swap would choose from these numbers."""
+    """swap, in_place, constraint or nothing, as the swap would choose from these numbers."""
     locked: tuple[Relation, ...]
     """What the cut-over holds under ACCESS EXCLUSIVE."""
     held_for_writes: tuple[Relation, ...]
     """The parents of its foreign keys, under SHARE ROW EXCLUSIVE for the same moments."""
     refused: str | None
     """What the swap would refuse it with, as it would say it."""
+    why: str = ""
+    """Why it would be swapped or deduplicated in place."""
 
     @property
     def references(self) -> tuple[ReferenceCount, ...]:
@@ -56,11 +64,16 @@ def preview(conn: psycopg.Connection, targets: list[DedupTarget]) -> list[Previe
         started = time.perf_counter()
         (audited,) = audit.audit(conn, [target])
         scan_seconds = time.perf_counter() - started
-        action = _action(audited)
+        action, why = _action(audited), ""
         refused = None
         try:
             if action != "nothing":
                 refuse_unsupported(live)
+            if action == "swap":
+                action, why = choose_strategy(
+                    target.spec, BuildCounts(audited.counts.total_rows,
+                                             audited.counts.unique_rows), live,
+                    interrupted=any(t.name == GUARD_TRIGGER for t in live.triggers))
             if action == "swap":
                 # Captured or not, `runner capture` captures every reference it needs.
                 refuse_references(target.spec, live, swapped,
@@ -74,5 +87,5 @@ def preview(conn: psycopg.Connection, targets: list[DedupTarget]) -> list[Previe
             locked=(target.live, *repointed) if action != "nothing" else (),
             held_for_writes=tuple(dict.fromkeys(p for _, _, p in live.foreign_keys))
             if action == "swap" else (),
-            refused=refused))
+            refused=refused, why=why))
     return found

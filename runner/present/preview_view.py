@@ -28,8 +28,17 @@ def lines(previews: list[Preview], missing: str, size: Callable[[int], str]) -> 
                      f"--   locks ACCESS EXCLUSIVE on {live} for the milliseconds it takes "
                      "to make the index the constraint"]
             continue
+        if p.action == "in_place":
+            said += [f"{head}: in place, because {p.why}; the removed rows are kept in the "
+                     "archive schema, the table is not replaced",
+                     f"--   dbt build reads the key columns in one scan, as the audit's took "
+                     f"{p.scan_seconds:.1f} s; then the removed rows are deleted a batch of keys "
+                     "at a time, and the unique index is built CONCURRENTLY",
+                     f"--   the cut-over locks ACCESS EXCLUSIVE on {live} for the milliseconds "
+                     "it takes to make the index the constraint"]
+            continue
         said += [
-            f"{head}: swap; every original row is kept, in the archive schema",
+            f"{head}: swap, because {p.why}; every original row is kept, in the archive schema",
             f"--   dbt build writes the new table, {counts.unique_rows:,} rows (about "
             f"{size(p.audited.bytes_after)} of its {size(p.audited.bytes)}), after its key "
             f"groups read the key columns in one scan, as the audit's took {p.scan_seconds:.1f} s",
