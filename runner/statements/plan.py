@@ -349,34 +349,51 @@ def _unseen_rows(log: Relation, snapshot: str | None) -> sql.Composed:
     ).format(sql.Identifier(log.schema, log.name), seen)
 
 
+def _unique_index_concurrently(target: DedupTarget, live: LiveTable, server_version: int
+                               ) -> tuple[list[Step], list[sql.Identifier]]:
+    """The natural key's unique index (and partial ones for its NULLs) built on the live table
+    without blocking writers, and the indexes that builds, which a failed build leaves
+    INVALID; a leftover of an interrupted run is dropped first."""
+    live_id = sql.Identifier(live.relation.schema, live.relation.name)
+    pending_index = pg_name(live.relation.name, "natural_key_new")
+    built = [pending_index,
+             *_null_key_names(target.spec, live, server_version, pending=True)]
+    return [
+        *_drop_pending(live.relation, built),
+        Step("build the unique index without blocking writers",
+             _unique_index(target.spec, live, pending_index, live_id, server_version,
+                           concurrently=True)),
+        *_null_key_indexes(target.spec, live, server_version, live_id, concurrently=True),
+    ], [sql.Identifier(live.relation.schema, n) for n in built]
+
+
+def _index_becomes_constraint(target: DedupTarget, live: LiveTable,
+                              server_version: int) -> list[Step]:
+    live_id = sql.Identifier(live.relation.schema, live.relation.name)
+    return [
+        Step("the index becomes the natural key's constraint",
+             sql.SQL("alter table {} add constraint {} unique using index {}").format(
+                 live_id, sql.Identifier(constraint_name(live.relation.name)),
+                 sql.Identifier(pg_name(live.relation.name, "natural_key_new")))),
+        *_null_key_indexes_taken(target.spec, live, server_version),
+    ]
+
+
 def _constraint_only(target: DedupTarget, live: LiveTable, counts: BuildCounts,
                      archive_schema: str, captured: capture.Capture | None,
                      server_version: int) -> TablePlan:
     """No duplicates, but nothing enforces the key: build its index concurrently, then make it
     the constraint; the table is never replaced."""
-    live_id = sql.Identifier(live.relation.schema, live.relation.name)
     name = constraint_name(live.relation.name)
-    pending_index = pg_name(live.relation.name, "natural_key_new")
     rows = sql.SQL("{} + {}").format(sql.Literal(counts.rows),
                                      _unseen_rows(captured.log, counts.snapshot)
                                      ) if captured else sql.Literal(counts.rows)
-    built = [pending_index,
-             *_null_key_names(target.spec, live, server_version, pending=True)]
+    concurrent, built = _unique_index_concurrently(target, live, server_version)
     return TablePlan(
         target, "constraint", counts, constraint=name, capture=captured,
-        built_concurrently=[sql.Identifier(live.relation.schema, n) for n in built],
-        concurrent=[
-            *_drop_pending(live.relation, built),
-            Step("build the unique index without blocking writers",
-                 _unique_index(target.spec, live, pending_index, live_id, server_version,
-                               concurrently=True)),
-            *_null_key_indexes(target.spec, live, server_version, live_id, concurrently=True),
-        ],
+        built_concurrently=built, concurrent=concurrent,
         cutover=[
-            Step("the index becomes the natural key's constraint",
-                 sql.SQL("alter table {} add constraint {} unique using index {}").format(
-                     live_id, sql.Identifier(name), sql.Identifier(pending_index))),
-            *_null_key_indexes_taken(target.spec, live, server_version),
+            *_index_becomes_constraint(target, live, server_version),
             Step(f"record the swap of {live.relation}, with its rows at commit", swap_log.entry(
                 archive_schema=archive_schema, live=live.relation, action="constraint",
                 archive=None, constraint=name, rows_before=rows, rows_after=rows,
@@ -482,15 +499,17 @@ def refuse_in_place(live: LiveTable) -> None:
 def _in_place(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: datetime,
               archive_schema: str, captured: capture.Capture, server_version: int,
               lookup_left: Index | None) -> TablePlan:
-    """The removed rows leave the live table for an archive, and the table gets its constraint
-    as one without duplicates does: runner.statements.in_place says how."""
+    """The removed rows leave the live table for an archive (runner.statements.in_place), then
+    the table gets its constraint as one without duplicates does; it is never replaced."""
     work = InPlace.of(live, target.spec, archive_schema)
     archive = Relation(archive_schema, archive_name(live.relation.name, stamp))
-    plan = _constraint_only(target, live, counts, archive_schema, captured, server_version)
     live_id = sql.Identifier(live.relation.schema, live.relation.name)
     rows_after = sql.SQL("{} + {}").format(sql.Literal(counts.rows),
                                            _unseen_rows(captured.log, counts.snapshot))
-    plan.action, plan.archive, plan.in_place = "in_place", archive, work
+    concurrent, built = _unique_index_concurrently(target, live, server_version)
+    plan = TablePlan(target, "in_place", counts, archive=archive,
+                     constraint=constraint_name(live.relation.name), capture=captured,
+                     concurrent=concurrent, built_concurrently=built, in_place=work)
     if live.key_lookup_index(target.spec) is None and not (lookup_left and lookup_left.valid):
         plan.lookup = [
             *_drop_pending(live.relation, [lookup_left.name] if lookup_left else []),
@@ -506,8 +525,7 @@ def _in_place(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: 
     plan.cutover = [
         *(Step("the guard goes: the constraint keeps the key from now on", statement)
           for statement in work.undo_guard()),
-        plan.cutover[0],
-        *_null_key_indexes_taken(target.spec, live, server_version),
+        *_index_becomes_constraint(target, live, server_version),
         Step("the run's own index on the natural key goes: the constraint's serves",
              sql.SQL("drop index if exists {}").format(lookup_index(live.relation))),
         Step("the removed rows are kept under a name that says what they are and when",
