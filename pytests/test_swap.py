@@ -676,7 +676,7 @@ def test_plan_says_what_it_locks_and_for_how_long(fresh: Database) -> None:
     result = fresh.runner("plan", "--select", "task_photos", "--lock-timeout", "80ms")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0] == "-- swap: 1 table(s) replaced, 0 only constrained"
+    assert lines[0] == "-- swap: 1 table(s) replaced, 0 deduplicated in place, 0 only constrained"
     assert lines[1].startswith("-- locks ACCESS EXCLUSIVE on breezeway.task_photos at once;"
                                " each try waits at most 80 ms")
     assert "none of which reads a whole table" in lines[2]
