@@ -70,7 +70,8 @@ def project_files(name: str, package: Path) -> dict[str, str]:
                 "staging": {"+materialized": "view", "+schema": "staging"},
                 "intermediate": {
                     "+schema": "work", "+tags": ["key_groups"],
-                    "+pre-hook": own["models"]["dedup"]["intermediate"]["+pre-hook"]},
+                    "+pre-hook": own["models"]["dedup"]["intermediate"]["+pre-hook"],
+                    "+post-hook": own["models"]["dedup"]["intermediate"]["+post-hook"]},
                 "deduplicated": {"+tags": ["deduplicated"]},
                 "removed": {"+materialized": "view", "+tags": ["removed"]},
                 "audit": {"+schema": "audit"},
