@@ -8,7 +8,8 @@ load time; a key's copies loaded later, the latest kept) in a project of its own
 `runner init` and `runner add`; then on a fresh copy of it each, from a cold cache where the
 machine allows it (root on the embedded server), else warm and marked so:
   floor     one sequential scan of the table;
-  swap      `runner capture`, `dbt build`, `runner swap` with strategy: swap;
+  swap      `runner capture`, `dbt build`, `runner swap` with strategy: swap (build and swap
+            also timed on their own);
   in_place  the same with strategy: in_place;
   auto      the same with strategy: auto, which chooses one of them.
 During each job a writer in a process of its own re-sends copies of rows with INSERT ... ON
@@ -159,21 +160,24 @@ def job(server: Server, project: Path, strategy: str) -> dict:
     writer.start()
     try:
         with PeakSize() as peak:
-            started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "runner", "capture", "--project-dir",
-                            str(project), "--quiet"], check=True)
-            subprocess.run([sys.executable, "-m", "runner.declaration.dbt", str(project),
-                            str(target), "build"], check=True, stdout=subprocess.DEVNULL)
+            capture = timed(lambda: subprocess.run(
+                [sys.executable, "-m", "runner", "capture", "--project-dir", str(project),
+                 "--quiet"], check=True))
+            build = timed(lambda: subprocess.run(
+                [sys.executable, "-m", "runner.declaration.dbt", str(project), str(target),
+                 "build"], check=True, stdout=subprocess.DEVNULL))
             options = swap.SwapOptions(target_dir=target)
+            started = time.perf_counter()
             with connect() as conn:
                 plans = swap.make_plans(conn, options)
                 result = swap.execute(conn, plans, options)
-            seconds = time.perf_counter() - started
+            swapped = time.perf_counter() - started
     finally:
         stop.set()
         writer.join()
     latencies = sorted(s for _, s in json.loads(results.read_text()))
-    return {"seconds": seconds, "chose": plans[0].action, "why": plans[0].why,
+    return {"seconds": capture + build + swapped, "capture": capture, "build": build,
+            "swap": swapped, "chose": plans[0].action, "why": plans[0].why,
             "peak_growth": peak.peak - before, "growth_after": database_size() - before,
             "wal": wal_bytes() - wal_before, "lock_ms": result.lock_ms,
             "writer_p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
@@ -221,13 +225,15 @@ def main() -> None:
     cache = "cold" if server.cold else "WARM (not root or not embedded: caches not emptied)"
     print(f"\n{args.rows:,} rows, {cache} cache")
     print(f"{'share':>7} {'strategy':<9}{'chose':<9}{'seconds':>8}{'x floor':>8}{'x best':>7}"
-          f"{'peak MB':>8}{'after MB':>9}{'WAL MB':>8}{'lock ms':>8}{'p99 ms':>7}{'worst':>7}")
+          f"{'build':>6}{'swap':>6}{'peak MB':>8}{'after MB':>9}{'WAL MB':>8}{'lock ms':>8}"
+          f"{'p99 ms':>7}{'worst':>7}")
     for share in shares:
         rows = [m for m in measured if m["share"] == share]
         best = min(m["seconds"] for m in rows if m["strategy"] != "auto")
         for m in rows:
             print(f"{share:>7.1%} {m['strategy']:<9}{m['chose']:<9}{m['seconds']:>8.1f}"
                   f"{m['seconds'] / m['floor']:>8.1f}{m['seconds'] / best:>7.2f}"
+                  f"{m['build']:>6.1f}{m['swap']:>6.1f}"
                   f"{m['peak_growth'] / 1e6:>8.0f}{m['growth_after'] / 1e6:>9.0f}"
                   f"{m['wal'] / 1e6:>8.0f}{m['lock_ms']:>8.0f}{m['writer_p99_ms']:>7.1f}"
                   f"{m['writer_worst_ms']:>7.0f}")

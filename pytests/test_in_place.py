@@ -147,8 +147,8 @@ def _everything(conn: psycopg.Connection) -> Counter:
 
 def test_a_kill_after_any_step_loses_nothing_and_a_rerun_finishes(
         server, few: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Four keys a batch: the 15 duplicated keys take four.
-    monkeypatch.setattr(in_place, "BATCH_KEYS", 4)
+    # Sixteen rows a batch: the 15 duplicated keys of four rows each take four.
+    monkeypatch.setattr(in_place, "BATCH_ROWS", 16)
     with few.connect() as conn:
         before = _rows(conn)
         expected = _rows(conn, f"(select * from {LINES} where uid in ({EXPECTED_KEPT}))")

@@ -41,9 +41,10 @@ from runner.statements.keys import (
 )
 
 GUARD_TRIGGER = "dedup_in_place_guard"
-BATCH_KEYS = 2_000
-"""Keys per transaction of the remove step: a few thousand rows deleted and archived, some
-tens of milliseconds of row locks."""
+BATCH_ROWS = 20_000
+"""Rows per transaction of the remove step, as the key groups count them: each batch holds
+whole keys, up to this many of their rows together, so that its time, its row locks and its
+WAL stay bounded whether a key has two rows or thousands."""
 
 
 def _id(relation: Relation) -> sql.Identifier:
@@ -143,12 +144,16 @@ class InPlace:
         keys = _id(self.keys)
         return [
             sql.SQL("drop table if exists {}").format(keys),
+            # A key's batch: where its first row falls in a running count of the rows.
             sql.SQL(
-                "create unlogged table {keys} as select (row_number() over () - 1) / {per_batch}"
-                " as dedup_batch, k.* from (select {grouped} from {groups} where dedup_rows > 1"
-                " union select {logged} from {log} where op in ('I', 'U'){unseen}) as k ({names})"
+                "create unlogged table {keys} as select div(sum(dedup_rows) over (rows between"
+                " unbounded preceding and current row) - dedup_rows, {per_batch})::bigint"
+                " as dedup_batch, {names} from (select {names}, max(dedup_rows) as dedup_rows"
+                " from (select {grouped}, dedup_rows from {groups} where dedup_rows > 1"
+                " union all select {logged}, 1 from {log} where op in ('I', 'U'){unseen})"
+                " as k ({names}, dedup_rows) group by {names}) as k"
             ).format(
-                keys=keys, per_batch=sql.Literal(BATCH_KEYS),
+                keys=keys, per_batch=sql.Literal(BATCH_ROWS),
                 grouped=sql.SQL(", ").join(grouped), groups=_id(key_groups),
                 logged=sql.SQL(", ").join(key_terms(self.spec, fields_of("new_row"))),
                 log=_id(log), unseen=unseen,
