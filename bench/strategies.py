@@ -8,10 +8,11 @@ load time; a key's copies loaded later, the latest kept) in a project of its own
 `runner init` and `runner add`; then on a fresh copy of it each, from a cold cache where the
 machine allows it (root on the embedded server), else warm and marked so:
   floor     one sequential scan of the table;
-  swap      `runner capture`, `dbt build`, `runner swap` with strategy: swap (build and swap
-            also timed on their own);
+  swap      `runner build` (capture, then dbt build) and `runner swap` with strategy: swap,
+            each also timed on its own;
   in_place  the same with strategy: in_place;
-  auto      the same with strategy: auto, which chooses one of them.
+  auto      the same with strategy: auto: `runner build` chooses from the audit's count, and
+            the swap follows.
 During each job a writer in a process of its own re-sends copies of rows with INSERT ... ON
 CONFLICT DO NOTHING, as the ETL did; its p99 and worst write are printed. Also: the database's
 growth at its peak (sampled every 50 ms) and after the job, the WAL the server wrote, and how
@@ -142,7 +143,7 @@ def wal_bytes() -> int:
 
 
 def job(server: Server, project: Path, strategy: str) -> dict:
-    """Capture, build and swap on a fresh copy, with the writer writing throughout."""
+    """Build and swap on a fresh copy, with the writer writing throughout."""
     with connect_to("postgres") as admin:
         admin.execute(sql.SQL("drop database if exists {} with (force)").format(
             sql.Identifier(COPY)))
@@ -160,12 +161,9 @@ def job(server: Server, project: Path, strategy: str) -> dict:
     writer.start()
     try:
         with PeakSize() as peak:
-            capture = timed(lambda: subprocess.run(
-                [sys.executable, "-m", "runner", "capture", "--project-dir", str(project),
-                 "--quiet"], check=True))
             build = timed(lambda: subprocess.run(
-                [sys.executable, "-m", "runner.declaration.dbt", str(project), str(target),
-                 "build"], check=True, stdout=subprocess.DEVNULL))
+                [sys.executable, "-m", "runner", "build", "--project-dir", str(project),
+                 "--quiet"], check=True, stdout=subprocess.DEVNULL))
             options = swap.SwapOptions(target_dir=target)
             started = time.perf_counter()
             with connect() as conn:
@@ -176,7 +174,7 @@ def job(server: Server, project: Path, strategy: str) -> dict:
         stop.set()
         writer.join()
     latencies = sorted(s for _, s in json.loads(results.read_text()))
-    return {"seconds": capture + build + swapped, "capture": capture, "build": build,
+    return {"seconds": build + swapped, "build": build,
             "swap": swapped, "chose": plans[0].action, "why": plans[0].why,
             "peak_growth": peak.peak - before, "growth_after": database_size() - before,
             "wal": wal_bytes() - wal_before, "lock_ms": result.lock_ms,

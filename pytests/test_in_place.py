@@ -227,7 +227,7 @@ def test_a_table_others_reference_is_refused_in_place_and_swapped_by_auto(
         assert _leftovers(conn) == []
 
 
-def _declare_in_place(target_dir, table: str) -> None:
+def declare_in_place(target_dir, table: str) -> None:
     """The built project's manifest as if the table's meta.dedup said strategy: in_place."""
     manifest_path = target_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -264,7 +264,7 @@ def test_a_concurrent_writer_loses_nothing_and_leaves_no_duplicates_in_place(
         wait_for_writes(written, 10)
         assert database.dbt("build", "--select", "source:breezeway.property_photos+",
                             "--exclude", "audit_duplicates", "tag:dedup_guard").success
-        _declare_in_place(database.target_dir, "property_photos")
+        declare_in_place(database.target_dir, "property_photos")
 
         def write_meanwhile(label: str) -> None:
             # After each step before the lock: under it the writer waits, as it should.
@@ -342,4 +342,34 @@ def test_declared_in_place_the_build_copies_no_kept_row(shop: Database,  # noqa:
     assert swapped.exit_code == 0, swapped.output
     with shop.connect() as conn:
         assert _rows(conn) == expected and sum(expected.values()) == 15
+        assert _rows(conn) + _rows(conn, _archive(conn)) == before
+
+
+def test_runner_build_builds_a_view_where_auto_will_choose_in_place(shop: Database,  # noqa: F811
+                                                                     tmp_path) -> None:
+    """Under `auto`, `runner build` counts the duplicates first: 4.3% here, so the kept rows
+    are a view, never copied, and the swap follows the build's choice."""
+    with shop.connect() as conn:
+        conn.execute(LOADED_ONCE)
+        before = _rows(conn)
+        expected = _rows(conn, f"(select * from {LINES} where uid in ({EXPECTED_KEPT}))")
+    project = tmp_path / "mine"
+    assert shop.runner("init", str(project)).exit_code == 0
+    added = shop.runner("add", "Shop.Order Lines", "--key", "Order ID,line_no",
+                        "--keep", "updated_at:desc,uid:desc", "--nulls", "forbidden",
+                        "--project-dir", str(project))
+    assert added.exit_code == 0, added.output
+    built = shop.runner("build", "--project-dir", str(project))
+    assert built.exit_code == 0, built.output
+    assert "shop.order_lines: few duplicates, deduplicated in place" in built.output
+    with shop.connect() as conn:
+        assert conn.execute("select relkind from pg_class where oid = 'dedup.order_lines'"
+                            "::regclass").fetchone()[0] == "v"
+    planned = shop.runner("swap", "--dry-run", "--project-dir", str(project))
+    assert ("-- Shop.Order Lines: in place, because runner build chose it, and built the kept "
+            "rows as a view, not a copy") in planned.output
+    swapped = shop.runner("swap", "--project-dir", str(project))
+    assert swapped.exit_code == 0, swapped.output
+    with shop.connect() as conn:
+        assert _rows(conn) == expected
         assert _rows(conn) + _rows(conn, _archive(conn)) == before

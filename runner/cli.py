@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from runner import demo, progress
-from runner.declaration import artifacts
+from runner.declaration import artifacts, scaffold
 from runner.declaration.dbt import DbtFlags, log_file, outcome, run_dbt
 from runner.declaration.project import bundled_project, copy_bundled_project
 from runner.errors import CHECKS_FAILED, RunnerError, from_database
@@ -540,11 +540,25 @@ def build_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFla
                                            list(select) or None, list(exclude))
         with connect() as conn:
             _say_started(capturing.start(conn, targets, options))
+            in_place = _in_place_by_auto(conn, targets)
         chosen = (["--select", *(f"source:{t.source}+" for t in targets),
                    "--exclude", f"tag:{artifacts.GUARD_TAG}"] if select or exclude else [])
-        run_dbt(["build", *chosen], project_dir, target_dir=target_dir, flags=dbt_flags)
+        run_dbt(["build", *chosen, "--vars", json.dumps({scaffold.IN_PLACE_VAR: in_place})],
+                project_dir, target_dir=target_dir, flags=dbt_flags)
     click.echo("Built; now run `runner swap --dry-run` to read what the swap will do, then "
                "`runner swap`.")
+
+
+def _in_place_by_auto(conn, targets: list[artifacts.DedupTarget]) -> list[str]:
+    """The tables under `strategy: auto` that the swap would deduplicate in place, by the
+    audit's count of them now: their kept rows are built as a view, not copied."""
+    auto = [t for t in targets if t.spec.strategy == "auto"]
+    chosen = [p.target.source for p in preview.preview(conn, auto)
+              if p.action == "in_place" and not p.refused]
+    for source in chosen:
+        progress.say("build", f"{source}: few duplicates, deduplicated in place: its kept rows "
+                              "are a view, not a copy")
+    return chosen
 
 
 def _say_stopped(state: capturing.CaptureStatus) -> None:

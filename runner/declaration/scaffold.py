@@ -201,12 +201,20 @@ def _described(t: Declared, staging: str, groups: str) -> list[dict]:
     ]
 
 
+IN_PLACE_VAR = "dedup_in_place"
+"""The dbt var in which `runner build` names the tables it chose to deduplicate in place."""
+
+
 def _kept_rows_config(table: Declared) -> str:
     """In place, the live table keeps its kept rows where they are: the model that names them
-    is a view, for the tests to read, and the build copies nothing."""
-    if table.strategy != "in_place":
-        return ""
-    return "{{ config(materialized='view') }}\n"
+    is a view, for the tests to read, and the build copies nothing. Under `auto`, a view too
+    where `runner build` chose in place from the table's numbers."""
+    if table.strategy == "in_place":
+        return "{{ config(materialized='view') }}\n"
+    if table.strategy == "auto":
+        return (f"{{{{ config(materialized='view' if '{table.source}.{table.table}' in "
+                f"var('{IN_PLACE_VAR}', []) else 'table') }}}}\n")
+    return ""
 
 
 def model_files(tables: list[Declared]) -> dict[str, str]:

@@ -138,7 +138,8 @@ def make_plans(conn: psycopg.Connection, options: SwapOptions,
                 target.spec, registered.capture.log)).fetchone()[0], swapped=swapped,
             references_captured=frozenset(
                 r.constraint for r in live.references if captures.reference_captured(
-                    conn, repoint.ReferenceCapture.of(r, options.archive_schema))))
+                    conn, repoint.ReferenceCapture.of(r, options.archive_schema))),
+            kept_rows_copied=not catalog.is_view(conn, target.deduplicated))
         if plan.action in ("swap", "in_place"):
             _check_capture_before_build(conn, plan, registered.xid)
         if plan.action == "nothing":

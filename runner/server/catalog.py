@@ -564,6 +564,13 @@ def read_live_table(conn: psycopg.Connection, relation: Relation) -> LiveTable:
     )
 
 
+def is_view(conn: psycopg.Connection, relation: Relation) -> bool:
+    return conn.execute(
+        "select exists (select from pg_class as c join pg_namespace as n"
+        " on n.oid = c.relnamespace where n.nspname = %s and c.relname = %s and c.relkind = 'v')",
+        (relation.schema, relation.name)).fetchone()[0]
+
+
 def relation_columns(conn: psycopg.Connection, relation: Relation) -> list[tuple[str, str]]:
     """(name, type) of a table's columns in order; empty when it does not exist."""
     return conn.execute(

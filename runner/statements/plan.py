@@ -416,12 +416,13 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
                swapped_since_build: bool = False,
                server_version: int = NULLS_NOT_DISTINCT_VERSION,
                rows_moved: bool = False, swapped: frozenset[Relation] = frozenset(),
-               references_captured: frozenset[str] = frozenset()) -> TablePlan:
+               references_captured: frozenset[str] = frozenset(),
+               kept_rows_copied: bool = True) -> TablePlan:
     """The plan for one table. `captured`: its change capture from before the build, if in
     place; `swapped_since_build`: a swap the build did not see replaced the table already;
     `rows_moved`: the capture saw the ETL delete or re-key rows; `swapped`: the tables the
     run replaces; `references_captured`: the foreign keys pointing at it whose writes are
-    captured."""
+    captured; `kept_rows_copied`: the build wrote its kept rows as a table, not a view."""
     pending = {pg_name(live.relation.name, "natural_key_new"),
                *null_key_index_names(live.relation.name, pending=True)}
     lookup = _lookup_name(live.relation)
@@ -440,7 +441,7 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
     interrupted = any(trigger.name == GUARD_TRIGGER for trigger in live.triggers)
     if counts.duplicates == 0 and not interrupted:
         return _constraint_only(target, live, counts, archive_schema, captured, server_version)
-    strategy, why = choose_strategy(target.spec, counts, live, interrupted)
+    strategy, why = choose_strategy(target.spec, counts, live, interrupted, kept_rows_copied)
     if strategy == "swap":
         refuse_references(target.spec, live, swapped, references_captured, server_version)
     if captured is None:
@@ -459,9 +460,10 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
 
 
 def choose_strategy(spec: DedupSpec, counts: BuildCounts, live: LiveTable,
-                    interrupted: bool) -> tuple[str, str]:
+                    interrupted: bool, kept_rows_copied: bool = True) -> tuple[str, str]:
     """swap or in_place for a table with duplicates, and why, as `runner plan` says it.
-    `interrupted`: an in-place run stopped before its cut-over, which only in place finishes."""
+    `interrupted`: an in-place run stopped before its cut-over, which only in place finishes;
+    `kept_rows_copied`: the build wrote the kept rows as a table, which a swap needs."""
     if interrupted:
         if spec.strategy == "swap":
             raise RunnerError(f"an in-place run on {live.relation} stopped before it finished "
@@ -472,6 +474,10 @@ def choose_strategy(spec: DedupSpec, counts: BuildCounts, live: LiveTable,
     if spec.strategy == "in_place":
         refuse_in_place(live)
         return "in_place", "its meta.dedup says strategy: in_place"
+    if not kept_rows_copied:
+        refuse_in_place(live)
+        return "in_place", ("runner build chose it, and built the kept rows as a view, not a "
+                            "copy")
     if spec.strategy == "swap":
         return "swap", "its meta.dedup says strategy: swap"
     if spec.nulls == "backfill":
