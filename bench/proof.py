@@ -23,6 +23,7 @@ import json
 import time
 from datetime import datetime, timezone
 
+import items
 from psycopg import sql
 from run import RESULTS_DIR, Server, connect_to
 
@@ -40,20 +41,13 @@ SPEC = DedupSpec(("k",), (KeepColumn("id", True),), "not_distinct", ())
 
 def load(rows: int, share: float) -> tuple[int, int]:
     """The live table, its kept rows and a change capture; returns (rows, kept rows)."""
-    keys = max(1, round(rows * (1 - share)))
     with connect() as admin:
         admin.autocommit = True
         admin.execute(sql.SQL("drop database if exists {} with (force)").format(
             sql.Identifier(DATABASE)))
         admin.execute(sql.SQL("create database {}").format(sql.Identifier(DATABASE)))
     with connect_to(DATABASE) as conn:
-        conn.execute("create table public.items (id bigserial primary key, k bigint not null,"
-                     " payload text not null, loaded_at timestamptz not null)")
-        # Row i holds key i mod keys, loaded by run i div keys: the copies come later.
-        conn.execute("insert into public.items (k, payload, loaded_at)"
-                     " select i %% %(keys)s, repeat(md5((i %% %(keys)s)::text), 8),"
-                     " timestamptz '2025-01-01' + (i / %(keys)s) * interval '1 hour'"
-                     " from generate_series(0, %(last)s) as i", {"keys": keys, "last": rows - 1})
+        items.create(conn, rows, share)
         conn.execute("create table public.items_kept as select distinct on (k) * from"
                      " public.items order by k, id desc")
         conn.execute("create unique index on public.items_kept (id)")

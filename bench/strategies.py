@@ -35,6 +35,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import items
 import psycopg
 import yaml
 from psycopg import sql
@@ -50,20 +51,13 @@ STRATEGIES = ("swap", "in_place", "auto")
 
 def load(rows: int, share: float) -> int:
     """The source database with public.items; returns its unique keys."""
-    keys = max(1, round(rows * (1 - share)))
     with connect_to("postgres") as admin:
         for name in (COPY, SOURCE):
             admin.execute(sql.SQL("drop database if exists {} with (force)").format(
                 sql.Identifier(name)))
         admin.execute(sql.SQL("create database {}").format(sql.Identifier(SOURCE)))
     with connect_to(SOURCE) as conn:
-        conn.execute("create table public.items (id bigserial primary key, k bigint not null,"
-                     " payload text not null, loaded_at timestamptz not null)")
-        # Row i holds key i mod keys, loaded by run i div keys: the copies come later.
-        conn.execute("insert into public.items (k, payload, loaded_at)"
-                     " select i %% %(keys)s, repeat(md5((i %% %(keys)s)::text), 8),"
-                     " timestamptz '2025-01-01' + (i / %(keys)s) * interval '1 hour'"
-                     " from generate_series(0, %(last)s) as i", {"keys": keys, "last": rows - 1})
+        keys = items.create(conn, rows, share)
         conn.execute("vacuum analyze public.items")
     return keys
 

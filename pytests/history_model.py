@@ -14,6 +14,8 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
+from runner.statements.plan import IN_PLACE_UP_TO
+
 CLOCK_START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
@@ -279,11 +281,11 @@ class Model:
 
     def strategy(self) -> str:
         """swap or in_place, as `runner swap` chooses for a table with duplicates: `auto`
-        removes them in place where at most a quarter of the built rows are duplicates."""
+        removes them in place where at most IN_PLACE_UP_TO of the built rows are duplicates."""
         if self.shape.strategy != "auto":
             return self.shape.strategy
         share = duplicates(self.shape, self.built_rows) / len(self.built_rows)
-        return "in_place" if self.shape.nulls != "backfill" and share <= 0.25 else "swap"
+        return "in_place" if self.shape.nulls != "backfill" and share <= IN_PLACE_UP_TO else "swap"
 
     def swapped(self, outcome: str) -> None:
         self.tick()

@@ -91,10 +91,11 @@ def wait_for_writes(written, count: int) -> None:
         time.sleep(0.01)
 
 
-def test_a_concurrent_writer_loses_nothing_and_leaves_no_duplicates(server, pg_env,
-                                                                    tmp_path) -> None:
-    _create_database(server, "concurrent", template="demo_source")
-    database = Database({**pg_env, "PGDATABASE": "concurrent"}, tmp_path / "target")
+def start_the_etl(server, pg_env, name: str, tmp_path: Path):
+    """A copy of the demo named `name`, its ETL role, and the ETL writing to it in a process
+    of its own: the database, the writer, its stop event, its count and its results file."""
+    _create_database(server, name, template="demo_source")
+    database = Database({**pg_env, "PGDATABASE": name}, tmp_path / "target")
     with database.connect() as conn:
         conn.execute(f"create role {ETL_ROLE} login")
         conn.execute(f"grant usage on schema breezeway to {ETL_ROLE}")
@@ -105,17 +106,29 @@ def test_a_concurrent_writer_loses_nothing_and_leaves_no_duplicates(server, pg_e
     written = multiprocessing.Value("i", 0)
     results = tmp_path / "writer.json"
     conninfo = {"host": pg_env["PGHOST"], "port": pg_env["PGPORT"], "user": ETL_ROLE,
-                "dbname": "concurrent"}
+                "dbname": name}
     writer = multiprocessing.Process(target=write_like_the_etl,
                                      args=(conninfo, stop, written, results))
     writer.start()
+    return database, writer, stop, written, results
+
+
+def capture_and_build_while_writing(database: Database, written) -> None:
+    """`runner capture`, then dbt build of the photos, the writer writing before each."""
+    wait_for_writes(written, 10)
+    assert database.runner("capture").exit_code == 0
+    wait_for_writes(written, 10)
+    assert database.dbt("build", "--select", "source:breezeway.property_photos+",
+                        "--exclude", "audit_duplicates", "tag:dedup_guard").success
+
+
+def test_a_concurrent_writer_loses_nothing_and_leaves_no_duplicates(server, pg_env,
+                                                                    tmp_path) -> None:
+    database, writer, stop, written, results = start_the_etl(server, pg_env, "concurrent",
+                                                             tmp_path)
     waited_for_the_lock = []
     try:
-        wait_for_writes(written, 10)
-        assert database.runner("capture").exit_code == 0
-        wait_for_writes(written, 10)
-        assert database.dbt("build", "--select", "source:breezeway.property_photos+",
-                            "--exclude", "audit_duplicates", "tag:dedup_guard").success
+        capture_and_build_while_writing(database, written)
         # Someone holds the table as the swap begins: it must wait, retry, and let the writer
         # through between tries; the hold ends once the writer got through.
         holder = database.connect()

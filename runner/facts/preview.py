@@ -17,9 +17,8 @@ import psycopg
 from runner.declaration.artifacts import DedupTarget, Relation
 from runner.errors import RunnerError
 from runner.facts import audit
-from runner.server import catalog
+from runner.server import catalog, in_place_runs, swap_log
 from runner.server.references import ReferenceCount
-from runner.statements.in_place import GUARD_TRIGGER
 from runner.statements.plan import (
     BuildCounts,
     choose_strategy,
@@ -73,7 +72,8 @@ def preview(conn: psycopg.Connection, targets: list[DedupTarget]) -> list[Previe
                 action, why = choose_strategy(
                     target.spec, BuildCounts(audited.counts.total_rows,
                                              audited.counts.unique_rows), live,
-                    interrupted=any(t.name == GUARD_TRIGGER for t in live.triggers))
+                    interrupted=in_place_runs.started(conn, live, target.spec,
+                                                      swap_log.DEFAULT_ARCHIVE_SCHEMA))
             if action == "swap":
                 # Captured or not, `runner capture` captures every reference it needs.
                 refuse_references(target.spec, live, swapped,

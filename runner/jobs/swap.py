@@ -27,7 +27,7 @@ from runner.errors import ConnectionLost, RunnerError
 from runner.execution import executor, locking
 from runner.execution.executor import ASYNC_COMMIT, NO_JIT, run_batched, run_steps
 from runner.execution.locking import lock_timeout
-from runner.server import captures, catalog, privileges, references, swap_log
+from runner.server import captures, catalog, in_place_runs, privileges, references, swap_log
 from runner.statements import capture, repoint
 from runner.statements.plan import (
     BuildCounts,
@@ -139,7 +139,9 @@ def make_plans(conn: psycopg.Connection, options: SwapOptions,
             references_captured=frozenset(
                 r.constraint for r in live.references if captures.reference_captured(
                     conn, repoint.ReferenceCapture.of(r, options.archive_schema))),
-            kept_rows_copied=not catalog.is_view(conn, target.deduplicated))
+            kept_rows_copied=not catalog.is_view(conn, target.deduplicated),
+            in_place_started=in_place_runs.started(conn, live, target.spec,
+                                                   options.archive_schema))
         if plan.action in ("swap", "in_place"):
             _check_capture_before_build(conn, plan, registered.xid)
         if plan.action == "nothing":
@@ -280,6 +282,9 @@ def render(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOption
         for steps in (plan.concurrent, [] if plan.in_place else plan.lookup):
             for step in _concurrent_steps(steps, options) if steps else []:
                 lines += executor.explained(conn, step)
+        if plan.in_place:
+            lines += ["begin;", *(line for step in _guard_dropped(plan, options)
+                                  for line in executor.explained(conn, step)), "commit;"]
     before, locking_steps, under_lock = _phases(plans, options)
     replaying = [plan for plan in plans if plan.replay]
     lines += executor.script(
@@ -517,6 +522,23 @@ def _remove_steps(plan: TablePlan, options: SwapOptions) -> list[Step]:
                    statement) for statement in plan.in_place.remove_batch())]
 
 
+def _guard_dropped(plan: TablePlan, options: SwapOptions) -> list[Step]:
+    """Once the unique index is valid it keeps the key, and the guard goes, before the lock:
+    from then on the archive holds what it will hold, and is counted outside the lock."""
+    return [Step("wait at most this long for the table's lock, then try again",
+                 lock_timeout(options.lock_timeout_ms)),
+            *(Step("the unique index keeps the key from now on: the guard goes", statement)
+              for statement in plan.in_place.undo_guard())]
+
+
+def _drop_guard(conn: psycopg.Connection, plan: TablePlan, options: SwapOptions) -> None:
+    locking.retry_until(
+        conn, lambda: run_steps(conn, _guard_dropped(plan, options)),
+        wait_s=options.lock_wait_s,
+        gave_up=locking.could_not_lock(conn, [plan.target.live], options.lock_timeout_ms,
+                                       options.lock_wait_s, " to drop the guard's trigger"))
+
+
 def _in_place_lines(conn: psycopg.Connection, plan: TablePlan,
                     options: SwapOptions) -> list[str]:
     """The in-place steps before the unique index, as --dry-run prints them."""
@@ -666,6 +688,9 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
                     rerun="the guard archives them as they land: run `runner swap` again"
                     if plan.in_place else None)
                 step_done(f"concurrent index of {plan.target.live}")
+            if plan.in_place:
+                _drop_guard(conn, plan, options)
+                step_done(f"guard dropped of {plan.target.live}")
         with _lookup_indexes(conn, [p for p in active if not p.in_place], options, step_done):
             result = executor.cut_over(conn, executor.CutOver(
                 command="swap", before=before,

@@ -206,7 +206,8 @@ def registered(archive_schema: str) -> sql.Composed:
 def counts_table() -> sql.Composed:
     return sql.SQL(
         "create temp table {} (live text primary key, unseen_rows bigint not null default 0,"
-        " kept_rows bigint not null default 0) on commit drop"
+        " kept_rows bigint not null default 0, removed_rows bigint not null default 0)"
+        " on commit drop"
     ).format(sql.Identifier(COUNTS))
 
 

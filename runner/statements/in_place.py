@@ -30,7 +30,7 @@ from psycopg import sql
 from runner.declaration.artifacts import DedupSpec, Relation
 from runner.declaration.names import pg_name
 from runner.server.catalog import LiveTable
-from runner.statements.capture import columns_of, fields_of
+from runner.statements.capture import COUNTS, columns_of, counts_key, fields_of
 from runner.statements.keys import (
     KeyShape,
     beats,
@@ -197,6 +197,19 @@ class InPlace:
             "select n = 0, n || ' archived rows have no live row of their key that beats them'"
             " from (select {} as n) as counted").format(
                 sql.SQL(" + ").join(sql.SQL("({})").format(s) for s in unexplained))]
+
+    def count_removed(self) -> sql.Composed:
+        """Before the lock, with the guard gone and the archive final: the rows it holds.
+        (The capture's log is counted under the lock: its change ids are not in commit order,
+        so no part of it read before could be told apart from what came after.)"""
+        return sql.SQL(
+            "insert into pg_temp.{counts} (live, removed_rows) select {key}, count(*)"
+            " from {archive}").format(counts=sql.Identifier(COUNTS), key=counts_key(self.live),
+                 archive=_id(self.archive))
+
+    def removed_rows(self) -> sql.Composed:
+        return sql.SQL("(select removed_rows from pg_temp.{} where live = {})").format(
+            sql.Identifier(COUNTS), counts_key(self.live))
 
     def undo_guard(self) -> list[sql.Composed]:
         return [sql.SQL("drop trigger if exists {} on {}").format(
