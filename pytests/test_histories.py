@@ -546,7 +546,8 @@ class Histories(RuleBasedStateMachine):
         shape = self.model.shape
         with self.h.connect() as conn:
             live = histories.read(conn, shape, histories.table_id(shape))
-            removing = sql.Identifier("dedup_archive", pg_name(shape.table, "removing"))
+            removing = sql.Identifier("dedup_archive",
+                                      pg_name(histories.SCHEMA, shape.table, "removing"))
             removed = histories.read(conn, shape, removing) if conn.execute(
                 "select to_regclass(%s)", (removing.as_string(),)).fetchone()[0] else {}
         assert not set(live) & set(removed), "rows both live and removed"

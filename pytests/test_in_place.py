@@ -143,8 +143,8 @@ def _drop(server, database: Database) -> None:
 def _everything(conn: psycopg.Connection) -> Counter:
     """Every row the live table and the in-place run's archive hold, finished or not."""
     archive = _archive(conn) or (
-        'dedup_archive."Order Lines__removing"'
-        if conn.execute("select to_regclass('dedup_archive.\"Order Lines__removing\"')"
+        'dedup_archive."Shop__Order Lines__removing"'
+        if conn.execute("select to_regclass('dedup_archive.\"Shop__Order Lines__removing\"')"
                         ).fetchone()[0] else None)
     return _rows(conn) + (_rows(conn, archive) if archive else Counter())
 

@@ -8,17 +8,18 @@ removing the few others. In place, in named steps, each safe to stop and to run 
            rule as the row lands, serialised per key by an advisory lock: a re-sent copy that
            loses goes to the archive at once, and one that wins sends the older copies there;
   keys     the keys to visit: those dbt's key groups found with more than one row, and those
-           the change capture saw written since (before the guard was in place);
-  remove   a batch of keys at a time, in a transaction of its own, every row beaten by
-           another live row of its key moves to the archive: `DELETE ... RETURNING` feeding
-           `INSERT`, one statement, so a row is in exactly one of them at every commit;
-  index    the natural key's unique index, built CONCURRENTLY;
-  cut-over under a short lock: the index becomes the constraint, the guard goes, the archive
-           takes its dated name and swap_log records it all.
+           the change capture saw written since (before the guard was in place), in batches
+           of whole keys;
+  remove   a batch at a time, in a transaction of its own, every row beaten by another live
+           row of its key moves to the archive: `DELETE ... RETURNING` feeding `INSERT`, one
+           statement, so a row is in exactly one of them at every commit;
+  index    the natural key's unique index, built CONCURRENTLY; once valid it keeps the key,
+           and the guard goes;
+  cut-over under a short lock: the index becomes the constraint, the archive takes its dated
+           name and swap_log records it all.
 
-A stop anywhere leaves every row in the live table or in the archive, and the guard keeping
-the keys it sees; the next `runner swap` goes on from there (deleting only rows a live row
-beats, it never removes one twice).
+A stop anywhere leaves every row in the live table or in the archive; the next `runner swap`
+goes on from there (deleting only rows a live row beats, it never removes one twice).
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ class InPlace:
         name = live.relation.name
         return cls(live.relation, spec,
                    tuple(key_shapes(spec, {c.name for c in live.columns if c.not_null})),
-                   Relation(archive_schema, pg_name(name, "removing")),
-                   Relation(archive_schema, pg_name(name, "keys_to_visit")),
+                   Relation(archive_schema, pg_name(live.relation.schema, name, "removing")),
+                   Relation(archive_schema, pg_name(live.relation.schema, name,
+                                                    "keys_to_visit")),
                    Relation(archive_schema, pg_name(live.relation.schema, name, "guard")))
 
     def _remove_losers(self, shape: KeyShape, key_of: str, where: sql.Composable
