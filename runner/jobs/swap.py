@@ -221,8 +221,8 @@ def _lock_summary(plans: list[TablePlan], options: SwapOptions) -> list[str]:
                          "which never blocks writers")
         if plan.in_place:
             lines.append(f"-- {plan.target.live}: deduplicated in place before the lock, a "
-                         "batch of keys per transaction; under the lock its guard goes and its "
-                         "index becomes the constraint")
+                         "batch of keys per transaction, and its guard dropped once its unique "
+                         "index is valid; under the lock the index becomes the constraint")
         elif any(step.statement.as_string().startswith("create") for step in plan.lookup):
             lines.append(f"-- {plan.target.live}: an index on its natural key is built "
                          "CONCURRENTLY first, so that a delete or re-key of the last moments is "
