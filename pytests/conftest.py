@@ -90,12 +90,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                           "fixed few.")
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
-    """Which PostgreSQL versions the run tried, and what became of each."""
-    import versions
+SAID = "said"
+"""A user property of a test's report: a line for the end of the run, [topic, line]. A test
+records it on its item, so that it reaches the run's summary from whichever worker ran it;
+of a topic's lines the last recorded is shown."""
+_said: dict[str, str] = {}
 
-    for major, outcome in sorted(versions.OUTCOMES.items()):
-        terminalreporter.write_line(f"PostgreSQL {major}: {outcome}")
+
+def say_at_the_end(item: pytest.Item, topic: str, line: str) -> None:
+    item.user_properties.append((SAID, [topic, line]))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for name, value in report.user_properties:
+        if name == SAID:
+            _said[value[0]] = value[1]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """What the tests had to say of the whole run: which PostgreSQL versions it tried and what
+    became of each, what the histories did."""
+    for topic in sorted(_said):
+        terminalreporter.write_line(_said[topic])
 
 
 def run_dbt(args: list[str], env: dict[str, str], target_dir: Path, callbacks=()):

@@ -3,6 +3,7 @@ and a browser: unpacked once into a cache outside the clone, for the next runs."
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -25,12 +26,16 @@ def cached(home: Path, fetch: Callable[[Path], None]) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f"{home.name}-", dir=home.parent))
         try:
             fetch(staging)
-            staging.rename(home)
-        except FileExistsError:
-            shutil.rmtree(staging)
         except BaseException:
             shutil.rmtree(staging)
             raise
+        try:
+            staging.rename(home)
+        except OSError as error:
+            shutil.rmtree(staging)
+            # Another run filled it first: a rename onto a folder that is not empty fails.
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
     return home
 
 

@@ -35,7 +35,7 @@ from typing import ClassVar
 import histories
 import psycopg
 import pytest
-from conftest import PROJECT_DIR, description
+from conftest import PROJECT_DIR, description, say_at_the_end
 from history_model import Model, difference, key_of, same_table
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -605,9 +605,8 @@ def test_histories(harness: Harness, request: pytest.FixtureRequest,
             derandomize=not soak, deadline=None, database=None, print_blob=True,
             suppress_health_check=list(HealthCheck)))
     finally:
-        with capsys.disabled():
-            print(f"\nhistories in {time.monotonic() - started:.0f} s: "
-                  f"{summary(Histories.seen)}")
+        say_at_the_end(request.node, "histories", f"histories in "
+                       f"{time.monotonic() - started:.0f} s: {summary(Histories.seen)}")
 
 
 def test_the_model_keeps_what_the_keep_rule_says() -> None:

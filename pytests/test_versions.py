@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import versions
-from conftest import TEST_SCALE, Database, description
+from conftest import TEST_SCALE, Database, description, say_at_the_end
 from psycopg import sql
 from test_in_place import declare_in_place
 from test_references import EXACTLY, LIKES, PARTITIONED_VIEWS, VIEWED_KEYS, liked_keys
@@ -36,13 +36,14 @@ def server(request: pytest.FixtureRequest) -> Iterator[EmbeddedPostgres]:
     try:
         bindir = versions.bindir(major)
     except versions.Unobtainable as error:
-        versions.OUTCOMES[major] = f"not obtained ({error})"
+        say_at_the_end(request.node, f"postgresql {major:02}",
+                       f"PostgreSQL {major}: not obtained ({error})")
         pytest.fail(f"PostgreSQL {major} could not be obtained: {error}")
     # Not pytest's tmp_path: that is 0700, and as root the server runs as nobody.
     base = Path(tempfile.mkdtemp(prefix=f"runner-tests-pg{major}-"))
     base.chmod(0o755)
     with EmbeddedPostgres(base / "pg", dbname="postgres", bindir=bindir) as postgres:
-        versions.OUTCOMES[major] = "failed"
+        say_at_the_end(request.node, f"postgresql {major:02}", f"PostgreSQL {major}: failed")
         yield postgres
     shutil.rmtree(base, ignore_errors=True)
 
@@ -94,8 +95,8 @@ def _constraint_only_and_back(database: Database, table: str, original: dict) ->
         assert description(conn, f"breezeway.{table}") == original
 
 
-def test_the_demo_is_captured_built_swapped_verified_and_rolled_back(server: EmbeddedPostgres,
-                                                                     tmp_path: Path) -> None:
+def test_the_demo_is_captured_built_swapped_verified_and_rolled_back(
+        server: EmbeddedPostgres, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     with psycopg.connect(autocommit=True, **server.conninfo) as conn:
         version = conn.info.server_version
         conn.execute("create database demo")
@@ -165,5 +166,6 @@ def test_the_demo_is_captured_built_swapped_verified_and_rolled_back(server: Emb
         assert _references(conn, version) == references_before
         said = conn.execute("show server_version").fetchone()[0].split()[0]
     _constraint_only_and_back(database, "reservation_guests", before["reservation_guests"])
-    versions.OUTCOMES[version // 10000] = (
-        f"{said} passed ({partial_indexes} partial unique indexes for keys with a NULL)")
+    say_at_the_end(request.node, f"postgresql {version // 10000:02}",
+                   f"PostgreSQL {version // 10000}: {said} passed ({partial_indexes} partial "
+                   "unique indexes for keys with a NULL)")

@@ -38,9 +38,6 @@ PYPI_TAGS = ["--python-version", "3.12", "--platform", "manylinux_2_17_x86_64"]
 SAFE_EXTRACT = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
 
 
-OUTCOMES: dict[int, str] = {}
-"""Per major version the tests asked for: what became of it, for the run's summary."""
-
 
 def major_of(bindir: Path) -> int:
     said = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True,
