@@ -45,6 +45,11 @@ MISTAKES = {
     "in place with NULLs backfilled": {
         "dedup": {"natural_key": ["a"], "keep": KEEP, "nulls": "backfill",
                   "strategy": "in_place"}},
+    "a keep rule that is a word other than any": {"dedup": {"natural_key": ["a"],
+                                                            "keep": "latest"}},
+    "any copy, swapped": {"dedup": {"natural_key": ["a"], "keep": "any", "strategy": "swap"}},
+    "any copy, with NULLs backfilled": {
+        "dedup": {"natural_key": ["a"], "keep": "any", "nulls": "backfill"}},
 }
 
 

@@ -908,8 +908,11 @@ def _columns(text: str) -> list[str]:
     return [column.strip() for column in text.split(",") if column.strip()]
 
 
-def _keep_rule(text: str) -> list[dict[str, str]]:
-    """`updated_at:desc,uid:desc` as meta.dedup's keep; a column alone is descending."""
+def _keep_rule(text: str) -> list[dict[str, str]] | str:
+    """`updated_at:desc,uid:desc` as meta.dedup's keep; a column alone is descending; `any`
+    as it is."""
+    if text.strip() == artifacts.ANY_COPY:
+        return artifacts.ANY_COPY
     rule = []
     for part in _columns(text):
         column, _, order = part.rpartition(":") if ":" in part else (part, "", "desc")
@@ -937,7 +940,8 @@ def init_command(directory: Path, name: str | None) -> None:
 @click.option("--key", "key", required=True, help="The natural key's columns, comma-separated.")
 @click.option("--keep", "keep", required=True,
               help="The keep rule, comma-separated COLUMN[:asc|desc] (desc if left out), its "
-                   "last column a unique NOT NULL tie-breaker: id, or updated_at:desc,uid:desc.")
+                   "last column a unique NOT NULL tie-breaker: id, or updated_at:desc,uid:desc; "
+                   "or any, where a key's copies are equal in every column.")
 @click.option("--nulls", type=click.Choice(artifacts.NULL_POLICIES),
               help="What a NULL in the key means [default: not_distinct].")
 @click.option("--alternative-key", help="Where the key has a NULL, the rows' key instead: the "

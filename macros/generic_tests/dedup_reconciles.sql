@@ -19,6 +19,9 @@
 
 {% macro default__test_dedup_reconciles(model, source_rows, key_groups) %}
     {%- set spec = dedup.dedup_spec_for_relation(model) if execute else {"tiebreaker": "parsing"} -%}
+    {%- if spec.any_copy -%}
+        {{ return(dedup._dedup_copies_reconcile(model, dedup.dedup_rows_read(source_rows, spec), key_groups, spec)) }}
+    {%- endif -%}
     {%- set tiebreaker = adapter.quote(spec.tiebreaker) %}
 
 with kept_rows as (
@@ -96,4 +99,61 @@ select * from counts
 where kept_rows <> distinct_kept_rows
     or kept_rows_not_chosen <> 0
     or chosen_rows_lost <> 0
+{%- endmacro %}
+
+
+{% macro _dedup_copies_reconcile(model, source_rows, key_groups, spec) %}
+    {#- keep: any: kept rows are found by their key, since a copy's ctid is the source table's
+        alone. Every kept row's key has a group, and every group whose chosen copy is still in
+        the source under its key has a kept row. -#}
+{%- set alternative_terms = dedup.dedup_alternative_terms(spec) %}
+
+with kept_rows as (
+
+    select
+        {{ dedup.dedup_columns(spec.natural_key) }}
+        {%- for term in alternative_terms %},
+        {{ term }} as dedup_alternative_{{ loop.index }}
+        {%- endfor %}
+    from {{ model }}
+
+),
+
+not_chosen as (
+
+    select count(*) as kept_rows_not_chosen
+    from kept_rows
+    where not exists (
+        {{ dedup.dedup_exists_select() }} from {{ key_groups }} as key_groups
+        where {{ dedup.dedup_same_key(spec.natural_key, "key_groups", "kept_rows") }}
+            {%- for term in alternative_terms %}
+            and key_groups.dedup_alternative_{{ loop.index }} is not distinct from kept_rows.dedup_alternative_{{ loop.index }}
+            {%- endfor %}
+    )
+
+),
+
+vanished as (
+
+    select count(*) as chosen_rows_lost
+    from {{ key_groups }} as key_groups
+    where exists (
+        {{ dedup.dedup_exists_select() }} from {{ source_rows }} as source_rows
+        where source_rows.ctid = key_groups.dedup_kept
+            and {{ dedup.dedup_same_group(spec, "key_groups", "source_rows") }}
+    )
+    and not exists (
+        {{ dedup.dedup_exists_select() }} from kept_rows
+        where {{ dedup.dedup_same_key(spec.natural_key, "key_groups", "kept_rows") }}
+            {%- for term in alternative_terms %}
+            and key_groups.dedup_alternative_{{ loop.index }} is not distinct from kept_rows.dedup_alternative_{{ loop.index }}
+            {%- endfor %}
+    )
+
+)
+
+select *
+from not_chosen
+cross join vanished
+where kept_rows_not_chosen <> 0 or chosen_rows_lost <> 0
 {%- endmacro %}

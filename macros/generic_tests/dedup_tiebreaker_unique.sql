@@ -1,6 +1,8 @@
 {#
     The keep rule must name one row per key, so it ends in a column that is unique and NOT NULL;
     otherwise ties would make the surviving row a matter of chance. Fails with a row saying why.
+    Under keep: any there is no such column, and a chance survivor is right only where a key's
+    copies are equal in every column: it fails on each key whose copies differ.
 #}
 {% test dedup_tiebreaker_unique(model) %}
     {{ return(adapter.dispatch("test_dedup_tiebreaker_unique", "dedup")(model)) }}
@@ -8,6 +10,7 @@
 
 {% macro default__test_dedup_tiebreaker_unique(model) %}
     {%- set spec = dedup.dedup_spec_for_relation(model) if execute else {"tiebreaker": "parsing"} -%}
+    {%- if spec.any_copy -%}{{ return(dedup._dedup_copies_differ(model, spec)) }}{%- endif -%}
     {%- set tiebreaker = adapter.quote(spec.tiebreaker) %}
     {#- Without a catalog to ask, look at the data. #}
 select {{ tiebreaker }} as tiebreaker, count(*) as rows_with_value
@@ -20,6 +23,7 @@ having count(*) > 1 or {{ tiebreaker }} is null
     {#- PostgreSQL can answer from the catalog: a single-column unique index and NOT NULL
         guarantee it for every row, now and later, without scanning a large table. #}
     {%- set spec = dedup.dedup_spec_for_relation(model) if execute else {"tiebreaker": "parsing"} %}
+    {%- if spec.any_copy -%}{{ return(dedup._dedup_copies_differ(model, spec)) }}{%- endif %}
 
 with tiebreaker_column as (
 
@@ -63,4 +67,30 @@ problems as (
 )
 
 select * from problems
+{%- endmacro %}
+
+
+{% macro _dedup_copies_differ(model, spec) %}
+    {#- The keys whose copies are not all equal in every column, compared as text, so that a
+        column of a type without equality counts too (row(copies.*): a column could be named
+        copies). Unless NULLs are equal, a row with a NULL in its natural key is a key of its
+        own and has no copies. -#}
+    {%- set alternative_terms = dedup.dedup_alternative_terms(spec, "copies") -%}
+    {%- set keys = [dedup.dedup_columns(spec.natural_key, "copies")] + alternative_terms -%}
+    {%- set nulls = [] -%}
+    {%- for column in spec.natural_key -%}
+        {%- do nulls.append("copies." ~ adapter.quote(column) ~ " is null") -%}
+    {%- endfor %}
+
+select
+    {{ keys | join(",\n    ") }},
+    count(*) as copies,
+    count(distinct cast(row(copies.*) as text)) as different_copies,
+    'keep: any, and copies of this key differ: end keep in a unique tie-breaker instead' as problem
+from {{ model }} as copies
+{%- if spec.nulls != "not_distinct" %}
+where not ({{ nulls | join(" or ") }})
+{%- endif %}
+group by {{ keys | join(", ") }}
+having count(distinct cast(row(copies.*) as text)) > 1
 {%- endmacro %}

@@ -13,15 +13,11 @@
     {%- set groups = ref(key_groups) -%}
     {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
     {%- set spec = dedup.dedup_spec_for_model(upstream) -%}
+    {%- set relation = dedup.dedup_rows_read(relation, spec) -%}
     {%- set tiebreaker = adapter.quote(spec.tiebreaker) %}
-
-with source_rows as (
-
-    select * from {{ relation }}
-
-),
-
-kept_ids as (
+{#- The source is read under its own name, not through a CTE, so that its system column ctid,
+    the tie-breaker of keep: any, is there to read. #}
+with kept_ids as (
 
     select dedup_kept from {{ groups }}
 
@@ -41,7 +37,7 @@ kept_rows as (
     {%- else %}
     select source_rows.*
     {%- endif %}
-    from source_rows
+    from {{ relation }} as source_rows
     {#- A table fetches its kept rows by their tie-breakers; a view (in place, where most rows
         are kept) is read whole by the tests, and a hash join with the key groups over one
         scan of the source reads it fastest. #}

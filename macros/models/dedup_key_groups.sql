@@ -16,7 +16,8 @@
     {%- set relation = ref(upstream) -%}
     {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif %}
 
-with {{ dedup.dedup_key_groups_ctes(relation, dedup.dedup_spec_for_model(upstream)) }}
+{%- set spec = dedup.dedup_spec_for_model(upstream) %}
+with {{ dedup.dedup_key_groups_ctes(dedup.dedup_rows_read(relation, spec), spec) }}
 
 select
     *
@@ -29,7 +30,8 @@ from key_groups
     {%- set relation = ref(upstream) -%}
     {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif %}
 
-with {{ dedup.dedup_key_groups_ctes(relation, dedup.dedup_spec_for_model(upstream)) }}
+{%- set spec = dedup.dedup_spec_for_model(upstream) %}
+with {{ dedup.dedup_key_groups_ctes(dedup.dedup_rows_read(relation, spec), spec) }}
 
 select
     *,

@@ -8,6 +8,9 @@
     {%- set kept_relation = ref(kept) -%}
     {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
     {%- set spec = dedup.dedup_spec_for_model(upstream) -%}
+    {%- if spec.any_copy -%}
+        {{ return(dedup._dedup_removed_copies(dedup.dedup_rows_read(relation, spec), spec)) }}
+    {%- endif -%}
     {%- set tiebreaker = adapter.quote(spec.tiebreaker) %}
 {#- The anti-join is on the tie-breaker, unique and NOT NULL, never on the nullable natural key:
     NOT EXISTS on a key with NULLs would silently keep every NULL-key row. #}
@@ -35,4 +38,31 @@ removed_rows as (
 )
 
 select * from removed_rows
+{%- endmacro %}
+
+
+{% macro _dedup_removed_copies(relation, spec) %}
+    {#- keep: any: a key's copies are equal, so the removed ones are every copy but the first
+        in the table's order, the one the key groups chose. -#}
+    {%- set partition = [dedup.dedup_columns(spec.natural_key)] + dedup.dedup_alternative_terms(spec) -%}
+    {%- if spec.nulls != "not_distinct" -%}
+        {%- do partition.append("case when " ~ dedup.dedup_any_null(spec.natural_key) ~ " then ctid end") -%}
+    {%- endif -%}
+    {%- set columns = [] -%}
+    {%- for column in adapter.get_columns_in_relation(relation) -%}
+        {%- do columns.append(adapter.quote(column.name)) -%}
+    {%- endfor %}
+with numbered_copies as (
+
+    select
+        *,
+        row_number() over (partition by {{ partition | join(", ") }} order by ctid) as dedup_copy
+    from {{ relation }}
+
+)
+
+select
+    {{ columns | join(",\n    ") }}
+from numbered_copies
+where dedup_copy > 1
 {%- endmacro %}

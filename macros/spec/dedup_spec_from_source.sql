@@ -6,6 +6,8 @@
             dedup:
               natural_key: [property_pk, photo_id]
               keep: [{column: id, order: desc}]   # last entry: a unique, NOT NULL tie-breaker
+              # or keep: any, where a key's copies are equal in every column (a link table
+              # without a unique column): any copy stays, deduplicated in place
               nulls: not_distinct                # or distinct, forbidden, backfill
               # optional: where the natural key has a NULL, the rows' key instead (NULLs
               # equal), e.g. [reservation_pk, guest_email, guest_name] for guests without email
@@ -46,8 +48,12 @@
         {{ exceptions.raise_compiler_error(where ~ ": natural_key must be a non-empty list of column names, got " ~ tojson(natural_key)) }}
     {%- endif -%}
     {%- set keep = spec.get("keep") -%}
+    {%- set any_copy = keep == "any" -%}
+    {%- if any_copy -%}
+        {%- set keep = [{"column": "ctid", "order": "asc"}] -%}
+    {%- endif -%}
     {%- if keep is string or keep is mapping or keep is not iterable or keep | length == 0 -%}
-        {{ exceptions.raise_compiler_error(where ~ ": keep must be a non-empty list of {column, order} ending in a unique tie-breaker, got " ~ tojson(keep)) }}
+        {{ exceptions.raise_compiler_error(where ~ ": keep must be a non-empty list of {column, order} ending in a unique tie-breaker, or any where a key's copies are equal in every column, got " ~ tojson(keep)) }}
     {%- endif -%}
     {%- for entry in keep -%}
         {%- if entry is not mapping or entry.get("column") is not string or entry.get("order") not in ["asc", "desc"] -%}
@@ -80,6 +86,12 @@
     {%- if strategy == "in_place" and nulls == "backfill" -%}
         {{ exceptions.raise_compiler_error(where ~ ": strategy in_place keeps rows as they are, and nulls: backfill changes them: set strategy to swap or auto") }}
     {%- endif -%}
+    {%- if any_copy and strategy == "swap" -%}
+        {{ exceptions.raise_compiler_error(where ~ ": keep: any tells equal copies apart by their place in the table, which only in place keeps: set strategy to in_place or auto") }}
+    {%- endif -%}
+    {%- if any_copy and nulls == "backfill" -%}
+        {{ exceptions.raise_compiler_error(where ~ ": keep: any deduplicates in place, which keeps rows as they are, and nulls: backfill changes them: set nulls to another policy") }}
+    {%- endif -%}
     {{ return({
         "source": source_node.source_name ~ "." ~ source_node.name,
         "natural_key": natural_key,
@@ -90,5 +102,8 @@
         "told_apart_by": alternative_key | reject("in", natural_key) | unique | list,
         "references": references,
         "strategy": strategy,
+        "any_copy": any_copy,
+        "table": {"database": source_node.get("database"), "schema": source_node.get("schema"),
+                  "identifier": source_node.get("identifier")},
     }) }}
 {% endmacro %}

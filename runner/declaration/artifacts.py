@@ -26,6 +26,10 @@ GUARD_TAG = "dedup_guard"
 NULL_POLICIES = ("not_distinct", "distinct", "forbidden", "backfill")
 REFERENCE_POLICIES = ("repoint", "refuse")
 STRATEGIES = ("auto", "swap", "in_place")
+ANY_COPY = "any"
+"""meta.dedup's keep for a table whose copies of a key are equal in every column: any one may
+stay. They differ only in their place in the table, ctid, which breaks their ties and which
+only in place keeps."""
 PASSING = {"success", "pass"}
 
 
@@ -60,10 +64,19 @@ class DedupSpec:
     strategy: str = "auto"
     """How the duplicates leave the live table: a swap for a new table of the kept rows, in
     place (the removed rows archived and deleted), or whichever `runner swap` finds cheaper."""
+    any_copy: bool = False
+    """keep: any: a key's copies are equal in every column, ctid tells them apart, and a copy
+    leaves only for one equal to it."""
 
     @property
     def tiebreaker(self) -> str:
         return self.keep[-1].column
+
+    @property
+    def keep_columns(self) -> tuple[str, ...]:
+        """The table's columns the keep rule reads: none under keep: any, whose ctid is a
+        system column."""
+        return () if self.any_copy else tuple(entry.column for entry in self.keep)
 
     @property
     def told_apart_by(self) -> tuple[str, ...]:
@@ -113,9 +126,13 @@ def parse_spec(source_label: str, meta: dict) -> DedupSpec:
         raise RunnerError(f"{where}: natural_key must be a non-empty list of column names, got "
                           f"{json.dumps(natural_key)}")
     keep = spec.get("keep")
+    any_copy = keep == ANY_COPY
+    if any_copy:
+        keep = [{"column": "ctid", "order": "asc"}]
     if not isinstance(keep, list) or not keep:
         raise RunnerError(f"{where}: keep must be a non-empty list of {{column, order}} ending in "
-                          f"a unique tie-breaker, got {json.dumps(keep)}")
+                          f"a unique tie-breaker, or any where a key's copies are equal in every "
+                          f"column, got {json.dumps(keep)}")
     keep_columns = []
     for entry in keep:
         if (not isinstance(entry, dict) or not isinstance(entry.get("column"), str)
@@ -139,8 +156,14 @@ def parse_spec(source_label: str, meta: dict) -> DedupSpec:
     if strategy == "in_place" and nulls == "backfill":
         raise RunnerError(f"{where}: strategy in_place keeps rows as they are, and nulls: "
                           "backfill changes them: set strategy to swap or auto")
+    if any_copy and strategy == "swap":
+        raise RunnerError(f"{where}: keep: any tells equal copies apart by their place in the "
+                          "table, which only in place keeps: set strategy to in_place or auto")
+    if any_copy and nulls == "backfill":
+        raise RunnerError(f"{where}: keep: any deduplicates in place, which keeps rows as they "
+                          "are, and nulls: backfill changes them: set nulls to another policy")
     return DedupSpec(tuple(natural_key), tuple(keep_columns), nulls, alternative_key, references,
-                     strategy)
+                     strategy, any_copy)
 
 
 def _alternative_key(where: str, spec: dict, natural_key: list[str],

@@ -419,6 +419,14 @@ def _drop_built(conn: psycopg.Connection, indexes: list[sql.Identifier],
         return "its index is left, for the next run to use or drop"
 
 
+def _in_place_rerun(spec: artifacts.DedupSpec) -> str:
+    """What to do when in place meets rows of one key that the unique index refuses."""
+    if spec.any_copy:
+        return ("keep: any removes only copies equal to the one it keeps, and these differ: "
+                "delete the wrong ones, then run `runner swap` again")
+    return "the guard archives them as they land: run `runner swap` again"
+
+
 def _build_concurrently(conn: psycopg.Connection, steps: list[Step],
                         indexes: list[sql.Identifier], what: str, options: SwapOptions,
                         rerun: str | None = None) -> None:
@@ -431,8 +439,9 @@ def _build_concurrently(conn: psycopg.Connection, steps: list[Step],
     except psycopg.errors.UniqueViolation as error:
         run_steps(conn, [bounded[-1]])
         _drop_built(conn, indexes, options)
+        detail = (error.diag.message_detail or "").rstrip(".")
         raise RunnerError(f"{what} cannot be built: rows that share a natural key were written "
-                          "since dbt read the table; "
+                          f"since dbt read the table ({detail or 'no detail given'}); "
                           + (rerun or "nothing was changed: run `dbt build` again, then "
                              "`runner swap`")) from error
     except psycopg.errors.LockNotAvailable as error:
@@ -685,8 +694,7 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
                 _build_concurrently(
                     conn, plan.concurrent, plan.built_concurrently,
                     f"the unique index of {plan.target.live}", options,
-                    rerun="the guard archives them as they land: run `runner swap` again"
-                    if plan.in_place else None)
+                    rerun=_in_place_rerun(plan.target.spec) if plan.in_place else None)
                 step_done(f"concurrent index of {plan.target.live}")
             if plan.in_place:
                 _drop_guard(conn, plan, options)

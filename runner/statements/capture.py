@@ -375,7 +375,7 @@ def _moves_rows(spec: DedupSpec, change: str) -> sql.Composed:
     after which only the live rows of its key can say which of them to keep."""
     def key_and_keep(row: str) -> sql.Composed:
         return sql.SQL(", ").join([*key_terms(spec, fields_of(row)),
-                                   *(field(row, e.column) for e in spec.keep)])
+                                   *(field(row, c) for c in spec.keep_columns)])
     return sql.SQL("({change}.op = 'D' or {change}.op = 'U' and row({old}) is distinct from"
                    " row({new}))").format(
         change=sql.SQL(change), old=key_and_keep(f"{change}.old_row"),

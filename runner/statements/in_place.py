@@ -86,9 +86,9 @@ class InPlace:
         live, key = _id(self.live), columns_of(key_of)
         return sql.SQL(
             "with removed as (delete from {live} as l{using} where {where} and {nulls} and"
-            " {l_matches} and exists (select from {live} as w where {w_matches} and {beats}"
+            " {l_matches} and exists (select from {live} as w where {w_matches} and {beats}{equal}"
             " for key share of w) returning l.*) insert into {archive} select * from removed"
-        ).format(
+        ).format(equal=self._equal_copies("w", "l"),
             live=live, archive=_id(self.archive),
             using=sql.SQL("") if key_of == "new" else sql.SQL(" using {} as {}").format(
                 _id(self.keys), sql.Identifier(key_of)),
@@ -96,6 +96,16 @@ class InPlace:
             l_matches=shape_matches(self.spec, columns_of("l"), key, shape),
             w_matches=shape_matches(self.spec, columns_of("w"), key, shape),
             beats=beats(self.spec.keep, columns_of("w"), columns_of("l")))
+
+    def _equal_copies(self, kept: str, removed: str) -> sql.Composable:
+        """Under keep: any, a copy leaves only for one equal to it in every column (as text, as
+        dbt's test compares them): one the ETL wrote differently stays, and the unique index
+        then refuses to be built."""
+        if not self.spec.any_copy:
+            return sql.SQL("")
+        # row(x.*), not x: a column named as the alias would be read instead of the row.
+        return sql.SQL(" and row({}.*)::text = row({}.*)::text").format(
+            sql.Identifier(kept), sql.Identifier(removed))
 
     def archive_table(self) -> sql.Composed:
         # The live table's columns alone, generated ones as plain values: the rows as they
@@ -172,11 +182,14 @@ class InPlace:
         return [self._remove_losers(shape, "k", sql.SQL("k.dedup_batch = {}").format(
             sql.Placeholder("batch"))) for shape in self.shapes]
 
-    def archive_proven(self, log: Relation) -> list[sql.Composed]:
+    def archive_proven(self, log: Relation) -> list[tuple[str, sql.Composed]]:
         """Checks before the cut-over, each true or the run stops: no archived row is live
         still; and every archived row has a live row of its key that beats it, unless the ETL
         itself deleted or changed a row of that key since (the capture logged the change of a
         row the archive does not hold)."""
+        if self.spec.any_copy:
+            return [("every archived copy is equal to a live row of its key",
+                     self._copies_proven(log))]
         archive, live = _id(self.archive), _id(self.live)
         tiebreaker = sql.Identifier(self.spec.tiebreaker)
         in_both = sql.SQL(
@@ -195,10 +208,32 @@ class InPlace:
                                         shape),
                 beats=beats(self.spec.keep, columns_of("w"), columns_of("l")))
             for shape in self.shapes]
-        return [in_both, sql.SQL(
-            "select n = 0, n || ' archived rows have no live row of their key that beats them'"
+        return [("no archived row is live still", in_both),
+                ("every archived row lost to a live row of its key", sql.SQL(
+                    "select n = 0, n || ' archived rows have no live row of their key that beats"
+                    " them' from (select {} as n) as counted").format(
+                        sql.SQL(" + ").join(sql.SQL("({})").format(s) for s in unexplained)))]
+
+    def _copies_proven(self, log: Relation) -> sql.Composed:
+        """keep: any's check before the cut-over: every archived copy is equal to a live row of
+        its key, unless the ETL itself deleted or changed a row of that key since. (A copy
+        equal to a live row is live still in every way that tells: no other check applies.)"""
+        archive, live = _id(self.archive), _id(self.live)
+        unexplained = [sql.SQL(
+            "select count(*) from {archive} as l where {nulls} and not exists (select from"
+            " {live} as w where {w_matches}{equal}) and not exists (select from {log} as c"
+            " where c.op in ('D', 'U') and {c_matches})").format(
+                archive=archive, live=live, log=_id(log),
+                nulls=nulls_exactly(columns_of("l"), shape),
+                w_matches=shape_matches(self.spec, columns_of("w"), columns_of("l"), shape),
+                equal=self._equal_copies("w", "l"),
+                c_matches=shape_matches(self.spec, fields_of("c.old_row"), columns_of("l"),
+                                        shape))
+            for shape in self.shapes]
+        return sql.SQL(
+            "select n = 0, n || ' archived copies have no live row of their key equal to them'"
             " from (select {} as n) as counted").format(
-                sql.SQL(" + ").join(sql.SQL("({})").format(s) for s in unexplained))]
+                sql.SQL(" + ").join(sql.SQL("({})").format(s) for s in unexplained))
 
     def count_removed(self) -> sql.Composed:
         """Before the lock, with the guard gone and the archive final: the rows it holds.
