@@ -249,3 +249,17 @@ def test_a_kill_after_any_step_loses_no_copy_and_a_rerun_finishes(
                 assert _live_and_archived(conn) == before
         finally:
             _drop(server, copy)
+
+
+def test_suggest_keys_finds_the_pair_and_says_keep_any(links) -> None:
+    database, _ = links
+    result = database.runner("suggest-keys", "Film Links.film actor")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-6:] == [
+        "  config:",
+        "    meta:",
+        "      dedup:",
+        '        natural_key: ["actor_id", "film_id"]',
+        "        keep: any   # no column breaks ties, and copies are equal in every column",
+        "or declared in a project of yours (runner init): runner add 'Film Links.film actor' "
+        "--key actor_id,film_id --keep any"]

@@ -65,6 +65,9 @@ class Checked:
     differing_groups: int
     """Key groups whose rows differ in a business column: none for a true key."""
     differing_example: str | None
+    copies_equal: bool | None = None
+    """Where no column can break ties: whether every key's copies are equal in every column,
+    as keep: any needs."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,14 @@ def _ranked(found: list[Candidate], parents: list[str],
     return sorted(found, key=order)
 
 
+def _copies_equal(conn: psycopg.Connection, relation: Relation, spec: DedupSpec,
+                  live: catalog.LiveTable) -> bool:
+    """Whether every key's copies are equal in every column, load times and ids included."""
+    rest = [c.name for c in live.columns if c.name not in spec.key_columns]
+    return not rest or conn.execute(
+        candidates.differing_groups(relation, spec, rest)).fetchone()[0] == 0
+
+
 def suggest(conn: psycopg.Connection, relation: Relation, sample_rows: int = SAMPLE_ROWS,
             max_columns: int = MAX_COLUMNS, shown: int = SHOWN) -> Suggestion:
     if not catalog.exists(conn, relation):
@@ -233,6 +244,8 @@ def suggest(conn: psycopg.Connection, relation: Relation, sample_rows: int = SAM
         others = [c for c in business if c not in spec.key_columns]
         differing, example = conn.execute(
             candidates.differing_groups(relation, spec, others)).fetchone()
-        checked.append(Checked(candidate, spec, counts, differing, example))
+        checked.append(Checked(candidate, spec, counts, differing, example,
+                               None if tiebreaker else _copies_equal(conn, relation, spec,
+                                                                     live)))
     return Suggestion(relation, tuple(surrogates), tuple(load_times), sampled, checked,
                       tiebreaker)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 
+from runner.declaration.artifacts import ANY_COPY
 from runner.facts.suggest import Checked, Suggestion
 
 
@@ -50,6 +51,9 @@ def meta_dedup(checked: Checked, tiebreaker: str | None) -> list[str]:
              f"      natural_key: {json.dumps(list(spec.natural_key))}"]
     if tiebreaker:
         lines.append(f'      keep: [{{column: {tiebreaker}, order: desc}}]   # the latest copy')
+    elif checked.copies_equal:
+        lines.append("      keep: any   # no column breaks ties, and copies are equal in every "
+                     "column")
     else:
         lines.append("      keep: [...]   # no unique NOT NULL column to end it with: add one")
     if spec.nulls != "not_distinct":
@@ -69,13 +73,15 @@ def summary(suggestion: Suggestion) -> list[str]:
 
 
 def add_line(suggestion: Suggestion, checked: Checked) -> str | None:
-    """The `runner add` that declares the candidate, where a tie-breaker ends its keep rule."""
-    if not suggestion.tiebreaker:
+    """The `runner add` that declares the candidate, where a tie-breaker ends its keep rule or
+    its copies are equal in every column."""
+    keep = suggestion.tiebreaker or (ANY_COPY if checked.copies_equal else None)
+    if not keep:
         return None
     spec = checked.spec
     parts = ["runner", "add", shlex.quote(str(suggestion.relation)),
              "--key", shlex.quote(",".join(spec.natural_key)),
-             "--keep", shlex.quote(suggestion.tiebreaker)]
+             "--keep", shlex.quote(keep)]
     if spec.nulls != "not_distinct":
         parts += ["--nulls", spec.nulls]
     if spec.alternative_key:
