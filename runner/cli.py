@@ -553,12 +553,11 @@ def _in_place_by_auto(conn, targets: list[artifacts.DedupTarget]) -> list[str]:
     """The tables under `strategy: auto` that the swap would deduplicate in place, by the
     audit's count of them now: their kept rows are built as a view, not copied."""
     auto = [t for t in targets if t.spec.strategy == "auto"]
-    chosen = [p.target.source for p in preview.preview(conn, auto)
-              if p.action == "in_place" and not p.refused]
-    for source in chosen:
-        progress.say("build", f"{source}: few duplicates, deduplicated in place: its kept rows "
-                              "are a view, not a copy")
-    return chosen
+    chosen = [p for p in preview.preview(conn, auto) if p.action == "in_place" and not p.refused]
+    for planned in chosen:
+        progress.say("build", f"{planned.target.source}: deduplicated in place, because "
+                              f"{planned.why}: its kept rows are a view, not a copy")
+    return [planned.target.source for planned in chosen]
 
 
 def _say_stopped(state: capturing.CaptureStatus) -> None:

@@ -51,6 +51,15 @@ unique_indexes as (
 
 ),
 
+partitioned as (
+
+    select
+    from pg_catalog.pg_class
+    where oid = to_regclass(format('%I.%I', {{ dedup.dedup_string_literal(model.schema) }}, {{ dedup.dedup_string_literal(model.identifier) }}))
+        and (relkind = 'p' or relispartition)
+
+),
+
 problems as (
 
     select 'keep order ends in {{ spec.tiebreaker | replace("'", "''") }}, which is not a column' as problem
@@ -63,6 +72,20 @@ problems as (
     select 'keep order ends in {{ spec.tiebreaker | replace("'", "''") }}, which has no single-column unique index' as problem
     where exists (select from tiebreaker_column)
         and not exists (select from unique_indexes)
+        and not exists (select from partitioned)
+    union all
+    {#- A partitioned table can have no unique index on one column that is not its partition
+        key, and its partitions seldom have one of their own: their rows are looked at instead
+        (a scan, which only partitioned tables and partitions get). #}
+    select 'keep order ends in {{ spec.tiebreaker | replace("'", "''") }}, whose values repeat or are NULL' as problem
+    from (
+        select {{ adapter.quote(spec.tiebreaker) }}
+        from {{ model }}
+        group by {{ adapter.quote(spec.tiebreaker) }}
+        having count(*) > 1 or {{ adapter.quote(spec.tiebreaker) }} is null
+        limit 1
+    ) as repeated
+    where exists (select from partitioned)
 
 )
 

@@ -11,7 +11,7 @@ from facts import LIVE, NATURAL_KEY, PARENT, PRIMARY_KEY, TARGET, column, table,
 
 from runner.declaration.artifacts import Relation
 from runner.errors import RunnerError
-from runner.server.catalog import Grant, Index, MaterializedView
+from runner.server.catalog import Grant, Index, LiveTable, MaterializedView, Partition
 from runner.statements import capture, plan
 
 STAMP = datetime(2026, 12, 1, 8, 30, tzinfo=timezone.utc)
@@ -142,7 +142,7 @@ def test_a_table_with_duplicates_and_no_capture_is_refused_with_what_to_run() ->
 
 
 @pytest.mark.parametrize(("changes", "reason"), [
-    ({"kind": "p"}, "it is not a plain table (partitioned or foreign)"),
+    ({"kind": "f"}, "it is not a plain table (partitioned or foreign)"),
     ({"parents": ("Shop.lines",)}, "it inherits from Shop.lines"),
     ({"children": ("Shop.old_lines",)}, "tables inherit from it (Shop.old_lines)"),
 ])
@@ -337,3 +337,59 @@ def test_a_materialized_view_that_reads_the_table_is_created_again_under_the_loc
         'CREATE UNIQUE INDEX "line totals_order" ON "Shop"."line totals" USING btree (order_id)',
     ]
     assert planned.materialized_views == (view.relation,)
+
+
+def _partitioned(key: tuple[str | None, ...] = ("order_id",)) -> LiveTable:
+    """The order lines partitioned by order, one partition hashed again, two levels deep."""
+    def below(name: str, parent: str, level: int, leaf: bool = True) -> Partition:
+        return Partition(Relation("Shop", name), Relation("Shop", parent), level, leaf)
+
+    return table(kind="p", partition_key=key, partitions=(
+        below("lines 1", "order lines", 1), below("lines 2", "order lines", 1, leaf=False),
+        below("lines 2a", "lines 2", 2), below("lines 2b", "lines 2", 2)))
+
+
+def test_a_partitioned_table_is_deduplicated_in_place_each_partition_indexed_on_its_own(
+        ) -> None:
+    planned = _plan(_partitioned(), kept_rows_copied=True)
+    assert (planned.action, planned.why) == (
+        "in_place", "it is partitioned, which only in place keeps as it is")
+    assert [s for s in _statements(planned.lookup) if s.startswith("create")] == [
+        f'create index concurrently "{leaf}__natural_key_lookup" on "Shop"."{leaf}"'
+        ' ("order_id", "sku")' for leaf in ("lines 1", "lines 2a", "lines 2b")]
+    assert [s for s in _statements(planned.concurrent) if s.startswith("create")] == [
+        f'create unique index concurrently "{leaf}__natural_key_new" on "Shop"."{leaf}"'
+        ' ("order_id", "sku")' for leaf in ("lines 1", "lines 2a", "lines 2b")]
+    cutover = _statements(planned.cutover)
+    # Each partition's index becomes its constraint, then the parent's takes them in.
+    constraints = [s for s in cutover if " add constraint " in s]
+    assert constraints == [
+        *(f'alter table "Shop"."{leaf}" add constraint "{leaf}__natural_key" unique using index'
+          f' "{leaf}__natural_key_new"' for leaf in ("lines 1", "lines 2a", "lines 2b")),
+        'alter table "Shop"."order lines" add constraint "order lines__natural_key" unique'
+        ' ("order_id", "sku")']
+    assert [s for s in cutover if "natural_key_lookup" in s] == [
+        f'drop index if exists "Shop"."{leaf}__natural_key_lookup"'
+        for leaf in ("lines 1", "lines 2a", "lines 2b")]
+
+
+@pytest.mark.parametrize(("live", "spec", "refusal"), [
+    (_partitioned(("order_id", "placed_on")), {},
+     "Shop.order lines is partitioned by (order_id, placed_on), and PostgreSQL's unique "
+     "constraint on a partitioned table must hold every column it is partitioned by: add "
+     "placed_on to natural_key, or declare each partition as a table of its own"),
+    (_partitioned((None,)), {},
+     "Shop.order lines is partitioned by an expression, which no unique constraint can hold: "
+     "declare each partition as a table of its own instead"),
+    (_partitioned(), {"strategy": "swap"},
+     "Shop.order lines: it is partitioned, and a swap would put a plain table in its place; "
+     "set strategy: in_place or auto, which deduplicate it where it is"),
+    (table(is_partition=True, parents=("Shop.lines",)), {"strategy": "swap"},
+     "Shop.order lines: it is a partition of Shop.lines, and a swap would put a plain table in "
+     "its place; set strategy: in_place or auto, which deduplicate it where it is"),
+])
+def test_what_a_partitioned_table_cannot_have_is_refused(live, spec, refusal) -> None:
+    target = dataclasses.replace(TARGET, spec=dataclasses.replace(TARGET.spec, **spec))
+    with pytest.raises(RunnerError) as refused:
+        plan.plan_table(target, live, DUPLICATES, STAMP, "dedup_archive", CAPTURED)
+    assert str(refused.value) == refusal

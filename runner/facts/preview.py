@@ -66,14 +66,14 @@ def preview(conn: psycopg.Connection, targets: list[DedupTarget]) -> list[Previe
         action, why = _action(audited), ""
         refused = None
         try:
-            if action != "nothing":
-                refuse_unsupported(live)
             if action == "swap":
                 action, why = choose_strategy(
                     target.spec, BuildCounts(audited.counts.total_rows,
                                              audited.counts.unique_rows), live,
                     interrupted=in_place_runs.started(conn, live, target.spec,
                                                       swap_log.DEFAULT_ARCHIVE_SCHEMA))
+            if action != "nothing":
+                refuse_unsupported(live, in_place=action != "swap")
             if action == "swap":
                 # Captured or not, `runner capture` captures every reference it needs.
                 refuse_references(target.spec, live, swapped,

@@ -24,7 +24,12 @@ from runner.execution.locking import LockOptions
 from runner.server import catalog, privileges, swap_log
 from runner.server.captures import Registered, reference_captured, registered_captures
 from runner.statements import capture, repoint
-from runner.statements.plan import check_spec_columns, lookup_index, refuse_unsupported
+from runner.statements.plan import (
+    check_spec_columns,
+    lookup_index,
+    refuse_partitioned,
+    refuse_unsupported,
+)
 
 # What shows, after a lost connection, whether a capture was started or stopped.
 STATUS = "`runner capture --status`"
@@ -47,7 +52,9 @@ def start(conn: psycopg.Connection, targets: list[DedupTarget], options: LockOpt
         lives[target.live] = catalog.read_live_table(conn, target.live)
         check_spec_columns(target, lives[target.live])
         if lives[target.live].enforcing_index(target.spec) is None:
-            refuse_unsupported(lives[target.live])
+            refuse_partitioned(target.spec, lives[target.live], conn.info.server_version)
+            # Before the build no strategy is chosen yet: only what none handles stops it.
+            refuse_unsupported(lives[target.live], in_place=target.spec.strategy != "swap")
     in_place = {r.capture.live: r for r in registered_captures(conn, options.archive_schema)
                 if r.trigger is not None and r.log_exists}
     to_start = [t.live for t in targets if t.live not in in_place]

@@ -568,7 +568,7 @@ def _remove_in_place(conn: psycopg.Connection, plan: TablePlan, options: SwapOpt
     its own, and a run stopped anywhere between them is finished by the next."""
     work, live = plan.in_place, plan.target.live
     if plan.lookup:
-        _build_concurrently(conn, plan.lookup, [lookup_index(live)],
+        _build_concurrently(conn, plan.lookup, plan.lookup_built or [lookup_index(live)],
                             f"the index on the natural key of {live}", options)
         step_done(f"lookup index of {live}")
     locking.retry_until(

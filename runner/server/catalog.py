@@ -159,6 +159,17 @@ class NumberingSequence:
 
 
 @dataclass(frozen=True)
+class Partition:
+    """A table below a partitioned one, at any level."""
+
+    relation: Relation
+    parent: Relation
+    level: int
+    leaf: bool
+    """A table with rows; else partitioned again."""
+
+
+@dataclass(frozen=True)
 class LiveTable:
     relation: Relation
     owner: str
@@ -196,6 +207,19 @@ class LiveTable:
     refreshed_through_views: tuple[Relation, ...] = ()
     """Populated materialized views that read it through views only: they keep reading it once
     the views are created again, and are refreshed to show what it holds then."""
+    partitions: tuple[Partition, ...] = ()
+    """Of a partitioned table, every table below it, level by level."""
+    partition_key: tuple[str | None, ...] = ()
+    """Of a partitioned table, the columns of its partition key and of each partitioned table
+    below it (None for an expression)."""
+
+    @property
+    def partitioned(self) -> bool:
+        return self.kind == "p"
+
+    @property
+    def leaves(self) -> tuple[Partition, ...]:
+        return tuple(p for p in self.partitions if p.leaf)
 
     @property
     def referenced_by(self) -> tuple[str, ...]:
@@ -263,6 +287,26 @@ select c.oid, c.relkind, pg_get_userbyid(c.relowner), obj_description(c.oid, 'pg
 from pg_class as c
 join pg_namespace as n on n.oid = c.relnamespace
 where n.nspname = %s and c.relname = %s
+"""
+
+_PARTITIONS = """
+select n.nspname, c.relname, pn.nspname, p.relname, t.level, t.isleaf
+from pg_partition_tree(%s) as t
+join pg_class as c on c.oid = t.relid
+join pg_namespace as n on n.oid = c.relnamespace
+join pg_class as p on p.oid = t.parentrelid
+join pg_namespace as pn on pn.oid = p.relnamespace
+where t.level > 0
+order by t.level, n.nspname, c.relname
+"""
+
+_PARTITION_KEY = """
+select distinct a.attname
+from pg_partition_tree(%s) as t
+join pg_partitioned_table as pt on pt.partrelid = t.relid
+cross join unnest(pt.partattrs::int2[]) as k (attnum)
+left join pg_attribute as a on a.attrelid = t.relid and a.attnum = k.attnum
+order by 1
 """
 
 _COLUMNS = """
@@ -561,6 +605,12 @@ def read_live_table(conn: psycopg.Connection, relation: Relation) -> LiveTable:
                         for r in conn.execute(_NUMBERING_SEQUENCES, {"table": oid})),
         refreshed_through_views=tuple(
             Relation(*r) for r in conn.execute(_MATERIALIZED_VIEWS_THROUGH_VIEWS, {"table": oid})),
+        partitions=tuple(
+            Partition(Relation(schema, name), Relation(parent_schema, parent), level, leaf)
+            for schema, name, parent_schema, parent, level, leaf in conn.execute(
+                _PARTITIONS, (oid,))) if kind == "p" else (),
+        partition_key=tuple(r[0] for r in conn.execute(_PARTITION_KEY, (oid,)))
+        if kind == "p" else (),
     )
 
 

@@ -100,6 +100,9 @@ class TablePlan:
     lookup: list[Step] = field(default_factory=list)
     """Run before the transaction, outside it: the index on the live table's natural key that
     lets a replay under the lock find a key's live rows, built for the swap alone."""
+    lookup_built: list[sql.Identifier] = field(default_factory=list)
+    """The indexes `lookup` builds, where not the one lookup_index names: a partitioned
+    table's, one per partition."""
     rescan_under_lock: bool = False
     """Whether the live table has such an index, so that a replay under the lock may rescan a
     key whose kept row the ETL deleted or re-keyed instead of giving the lock back."""
@@ -183,16 +186,18 @@ def _nullable_key(spec: DedupSpec, live: LiveTable) -> list[str]:
     return [column for column in spec.natural_key if column not in not_null]
 
 
-def refuse_unsupported(live: LiveTable) -> None:
-    """What this version cannot carry over to the new table: stop before changing anything."""
+def refuse_unsupported(live: LiveTable, in_place: bool = False) -> None:
+    """What this version cannot carry over to a new table, or (`in_place`) deduplicate where
+    it is: stop before changing anything. In place the table stays the one it is, partitions
+    and materialized views around it included."""
     name = str(live.relation)
     problems = []
-    if live.kind != "r":
+    if live.kind not in ("r", "p") or (live.partitioned and not in_place):
         problems.append("it is not a plain table (partitioned or foreign)")
-    if live.is_partition:
+    if live.is_partition and not in_place:
         problems.append(f"it is a partition of {', '.join(live.parents)}, which a swap would "
                         "take it out of")
-    elif live.parents:
+    elif live.parents and not live.is_partition:
         problems.append(f"it inherits from {', '.join(live.parents)}")
     if live.children and live.kind == "r":
         problems.append(f"tables inherit from it ({', '.join(live.children)})")
@@ -201,7 +206,8 @@ def refuse_unsupported(live: LiveTable) -> None:
     if referencing_itself:
         # Its rows point at each other: the kept rows would point at the archive's.
         problems.append(f"it references itself ({', '.join(referencing_itself)})")
-    problems += materialized_views_read(live)
+    if not in_place:
+        problems += materialized_views_read(live)
     if problems:
         raise RunnerError(f"runner swap cannot yet carry {name} over: {'; '.join(problems)}; "
                           "deduplicate it by hand or leave it out with --select")
@@ -279,20 +285,23 @@ def check_spec_columns(target: DedupTarget, live: LiveTable) -> None:
                               "YAML, or the table")
 
 
-def _unique_index(spec: DedupSpec, live: LiveTable, name: str, table: sql.Composable,
-                  server_version: int, concurrently: bool = False) -> sql.Composed:
+def _nulls_not_distinct(spec: DedupSpec, live: LiveTable, server_version: int) -> bool:
     # With every key column NOT NULL, NULLS NOT DISTINCT changes nothing: leaving it out
     # keeps the statement valid before PostgreSQL 15, where partial_key_shapes does its work. Under
     # an alternative key a NULL in the natural key is for its partial indexes to hold.
-    nulls_not_distinct = (spec.nulls == "not_distinct" and not spec.alternative_key
-                          and _nullable_key(spec, live)
-                          and server_version >= NULLS_NOT_DISTINCT_VERSION)
+    return bool(spec.nulls == "not_distinct" and not spec.alternative_key
+                and _nullable_key(spec, live) and server_version >= NULLS_NOT_DISTINCT_VERSION)
+
+
+def _unique_index(spec: DedupSpec, live: LiveTable, name: str, table: sql.Composable,
+                  server_version: int, concurrently: bool = False) -> sql.Composed:
     return sql.SQL("create unique index {concurrently}{name} on {table} ({keys}){nulls}").format(
         concurrently=sql.SQL("concurrently " if concurrently else ""),
         name=sql.Identifier(name),
         table=table,
         keys=sql.SQL(", ").join(sql.Identifier(c) for c in spec.natural_key),
-        nulls=sql.SQL(" nulls not distinct" if nulls_not_distinct else ""),
+        nulls=sql.SQL(" nulls not distinct" if _nulls_not_distinct(spec, live, server_version)
+                      else ""),
     )
 
 
@@ -357,6 +366,8 @@ def _unique_index_concurrently(target: DedupTarget, live: LiveTable, server_vers
     """The natural key's unique index (and partial ones for its NULLs) built on the live table
     without blocking writers, and the indexes that builds, which a failed build leaves
     INVALID; a leftover of an interrupted run is dropped first."""
+    if live.partitioned:
+        return _leaf_unique_indexes(target, live, server_version)
     live_id = sql.Identifier(live.relation.schema, live.relation.name)
     pending_index = pg_name(live.relation.name, "natural_key_new")
     built = [pending_index,
@@ -370,8 +381,86 @@ def _unique_index_concurrently(target: DedupTarget, live: LiveTable, server_vers
     ], [sql.Identifier(live.relation.schema, n) for n in built]
 
 
+def _partitioning(live: LiveTable) -> str:
+    return ("it is partitioned" if live.partitioned
+            else f"it is a partition of {', '.join(live.parents)}")
+
+
+def refuse_partitioned(spec: DedupSpec, live: LiveTable, server_version: int) -> None:
+    """What keeps a partitioned table or a partition from being deduplicated: a swap, which
+    would replace it with a plain table; a natural key that no unique constraint on a
+    partitioned table can hold."""
+    if not (live.partitioned or live.is_partition):
+        return
+    if spec.strategy == "swap":
+        raise RunnerError(f"{live.relation}: {_partitioning(live)}, and a swap would put a plain "
+                          "table in its place; set strategy: in_place or auto, which deduplicate "
+                          "it where it is")
+    if not live.partitioned:
+        return
+    where = f"{live.relation} is partitioned"
+    if None in live.partition_key:
+        raise RunnerError(f"{where} by an expression, which no unique constraint can hold: "
+                          "declare each partition as a table of its own instead")
+    missing = [c for c in live.partition_key if c not in spec.natural_key]
+    if missing:
+        raise RunnerError(f"{where} by ({', '.join(live.partition_key)}), and PostgreSQL's "
+                          "unique constraint on a partitioned table must hold every column it "
+                          f"is partitioned by: add {', '.join(missing)} to natural_key, or "
+                          "declare each partition as a table of its own")
+    if null_key_shapes(spec, {c.name for c in live.columns if c.not_null}, server_version):
+        raise RunnerError(f"{where}, and its keys with a NULL would need partial unique indexes "
+                          "(alternative_key, or nulls: not_distinct before PostgreSQL 15), which "
+                          "runner swap does not yet build on partitions: declare each partition "
+                          "as a table of its own, or make the key's columns NOT NULL")
+
+
+def _leaf_unique_indexes(target: DedupTarget, live: LiveTable, server_version: int
+                         ) -> tuple[list[Step], list[sql.Identifier]]:
+    """A partitioned table's: each partition with rows gets the natural key's unique index,
+    built without blocking writers, as a table of its own would; at the cut-over they become
+    the partitions' constraints, which the partitioned table's constraint then takes in."""
+    steps, built = [], []
+    for leaf in live.leaves:
+        name = pg_name(leaf.relation.name, "natural_key_new")
+        built.append(sql.Identifier(leaf.relation.schema, name))
+        steps += [*_drop_pending(leaf.relation, [name]), Step(
+            f"build the unique index of partition {leaf.relation} without blocking writers",
+            _unique_index(target.spec, live, name, sql.Identifier(*_parts(leaf.relation)),
+                          server_version, concurrently=True))]
+    return steps, built
+
+
+def _parts(relation: Relation) -> tuple[str, str]:
+    return relation.schema, relation.name
+
+
+def _partition_constraints(target: DedupTarget, live: LiveTable,
+                           server_version: int) -> list[Step]:
+    """Each partition's index becomes its constraint; then the partitioned table's constraint,
+    added, takes theirs in as its own (and, through them, those of the levels between) without
+    building an index."""
+    key = sql.SQL(", ").join(sql.Identifier(c) for c in target.spec.natural_key)
+    nulls = sql.SQL(" nulls not distinct" if _nulls_not_distinct(target.spec, live,
+                                                                 server_version) else "")
+    return [
+        *(Step(f"the index of partition {leaf.relation} becomes its constraint",
+               sql.SQL("alter table {} add constraint {} unique using index {}").format(
+                   sql.Identifier(*_parts(leaf.relation)),
+                   sql.Identifier(constraint_name(leaf.relation.name)),
+                   sql.Identifier(pg_name(leaf.relation.name, "natural_key_new"))))
+          for leaf in live.leaves),
+        Step("the natural key's constraint, made of the partitions' own",
+             sql.SQL("alter table {} add constraint {} unique{} ({})").format(
+                 sql.Identifier(*_parts(live.relation)),
+                 sql.Identifier(constraint_name(live.relation.name)), nulls, key)),
+    ]
+
+
 def _index_becomes_constraint(target: DedupTarget, live: LiveTable,
                               server_version: int) -> list[Step]:
+    if live.partitioned:
+        return _partition_constraints(target, live, server_version)
     live_id = sql.Identifier(live.relation.schema, live.relation.name)
     return [
         Step("the index becomes the natural key's constraint",
@@ -441,11 +530,14 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
             counts.duplicates == 0 or swapped_since_build):
         return TablePlan(target, "nothing", counts, capture=captured,
                          cutover=_end_capture(captured))
-    refuse_unsupported(live)
+    refuse_partitioned(target.spec, live, server_version)
     if counts.duplicates == 0 and not in_place_started:
+        # The table is never replaced: only what no strategy handles stops it.
+        refuse_unsupported(live, in_place=True)
         return _constraint_only(target, live, counts, archive_schema, captured, server_version)
     strategy, why = choose_strategy(target.spec, counts, live, in_place_started,
                                     kept_rows_copied)
+    refuse_unsupported(live, in_place=strategy == "in_place")
     if strategy == "swap":
         refuse_references(target.spec, live, swapped, references_captured, server_version)
     if captured is None:
@@ -475,6 +567,9 @@ def choose_strategy(spec: DedupSpec, counts: BuildCounts, live: LiveTable,
                               "now says strategy: swap; set strategy: in_place or auto, run "
                               "`runner swap` to finish it, then swap if you still want to")
         return "in_place", "an in-place run stopped before it finished: this one finishes it"
+    if live.partitioned or live.is_partition:
+        refuse_in_place(live)
+        return "in_place", f"{_partitioning(live)}, which only in place keeps as it is"
     if spec.any_copy:
         refuse_in_place(live)
         return "in_place", ("its meta.dedup says keep: any, whose equal copies only their place "
@@ -522,7 +617,12 @@ def _in_place(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: 
     plan = TablePlan(target, "in_place", counts, archive=archive,
                      constraint=constraint_name(live.relation.name), capture=captured,
                      concurrent=concurrent, built_concurrently=built, in_place=work)
-    if live.key_lookup_index(target.spec) is None and not (lookup_left and lookup_left.valid):
+    if live.key_lookup_index(target.spec) is not None:
+        pass
+    elif live.partitioned:
+        # A partitioned table's indexes cannot be built CONCURRENTLY: each partition's is.
+        plan.lookup, plan.lookup_built = _leaf_lookup_indexes(target.spec, live)
+    elif not (lookup_left and lookup_left.valid):
         plan.lookup = [
             *_drop_pending(live.relation, [lookup_left.name] if lookup_left else []),
             Step("an index on the natural key, for the guard to find a key's rows as each "
@@ -539,8 +639,9 @@ def _in_place(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: 
                                            _unseen_rows(captured.log, counts.snapshot))
     plan.cutover = [
         *_index_becomes_constraint(target, live, server_version),
-        Step("the run's own index on the natural key goes: the constraint's serves",
-             sql.SQL("drop index if exists {}").format(lookup_index(live.relation))),
+        *(Step("the run's own index on the natural key goes: the constraint's serves",
+               sql.SQL("drop index if exists {}").format(index))
+          for index in (plan.lookup_built or [lookup_index(live.relation)])),
         Step("the removed rows are kept under a name that says what they are and when",
              sql.SQL("alter table {} rename to {}").format(
                  sql.Identifier(work.archive.schema, work.archive.name),
@@ -557,6 +658,23 @@ def _in_place(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: 
         *_end_capture(captured),
     ]
     return plan
+
+
+def _leaf_lookup_indexes(spec: DedupSpec, live: LiveTable
+                         ) -> tuple[list[Step], list[sql.Identifier]]:
+    """The run's own index on the natural key in each partition with rows, built without
+    blocking writers (an interrupted run's is built again)."""
+    steps, built = [], []
+    for leaf in live.leaves:
+        built.append(lookup_index(leaf.relation))
+        steps += [*_drop_pending(leaf.relation, [_lookup_name(leaf.relation)]), Step(
+            f"an index on the natural key of partition {leaf.relation}, for the guard to find "
+            "a key's rows as each lands, built without blocking writers",
+            sql.SQL("create index concurrently {} on {} ({})").format(
+                sql.Identifier(_lookup_name(leaf.relation)),
+                sql.Identifier(*_parts(leaf.relation)),
+                sql.SQL(", ").join(sql.Identifier(k) for k in spec.natural_key)))]
+    return steps, built
 
 
 def _lookup_name(table: Relation) -> str:
