@@ -40,7 +40,7 @@ from generate_series(6, 1000) as o"""
 
 
 def _rows(conn: psycopg.Connection, table: str = LINES) -> Counter:
-    return Counter(conn.execute(f"select row(t.*)::text from {table} as t").fetchall())
+    return Counter(row for (row,) in conn.execute(f"select row(t.*)::text from {table} as t"))
 
 
 def _archive(conn: psycopg.Connection) -> str | None:
@@ -140,13 +140,46 @@ def _drop(server, database: Database) -> None:
             sql.Identifier(database.name)))
 
 
-def _everything(conn: psycopg.Connection) -> Counter:
-    """Every row the live table and the in-place run's archive hold, finished or not."""
-    archive = _archive(conn) or (
-        'dedup_archive."Shop__Order Lines__removing"'
-        if conn.execute("select to_regclass('dedup_archive.\"Shop__Order Lines__removing\"')"
-                        ).fetchone()[0] else None)
-    return _rows(conn) + (_rows(conn, archive) if archive else Counter())
+def live_and_archived(conn: psycopg.Connection, table: str) -> Counter:
+    """Every row of `table` and of every in-place archive, finished (in swap_log) or not."""
+    archives = [name for (name,) in conn.execute(
+        "select format('%I.%I', 'dedup_archive', relname) from pg_class"
+        " where relnamespace = 'dedup_archive'::regnamespace and relname like '%removing'")]
+    if conn.execute("select to_regclass('dedup_archive.swap_log')").fetchone()[0]:
+        archives += [name for (name,) in conn.execute(
+            "select format('%I.%I', 'dedup_archive', archive_table) from dedup_archive.swap_log")]
+    return sum((_rows(conn, archive) for archive in archives), _rows(conn, table))
+
+
+def kill_after_each_step_then_rerun(server, database: Database, options: swap.SwapOptions,
+                                    killed, rerun) -> list[str]:
+    """On a copy of `database` per step of its run: the run killed after that step, then
+    `killed(conn, label)`, a rerun, and `rerun(conn, label)`. Returns the steps."""
+    labels: list[str] = []
+    counting = _database_like(server, database, f"{database.name}_count")
+    try:
+        with counting.connect() as conn:
+            swap.execute(conn, swap.make_plans(conn, options), options,
+                         after_step=labels.append)
+    finally:
+        _drop(server, counting)
+    for number, label in enumerate(labels):
+        copy = _database_like(server, database, f"{database.name}_kill_{number}")
+        try:
+            with (pytest.raises((ConnectionLost, psycopg.OperationalError)),
+                  copy.connect() as conn):
+                conn.execute("set application_name = 'runner-under-test'")
+                swap.execute(conn, swap.make_plans(conn, options), options,
+                             after_step=_kill_after(copy, number + 1))
+            with copy.connect() as conn:
+                killed(conn, label)
+            with copy.connect() as conn:
+                swap.execute(conn, swap.make_plans(conn, options), options)
+            with copy.connect() as conn:
+                rerun(conn, label)
+        finally:
+            _drop(server, copy)
+    return labels
 
 
 def test_a_kill_after_any_step_loses_nothing_and_a_rerun_finishes(
@@ -156,34 +189,20 @@ def test_a_kill_after_any_step_loses_nothing_and_a_rerun_finishes(
     with few.connect() as conn:
         before = _rows(conn)
         expected = _rows(conn, f"(select * from {LINES} where uid in ({EXPECTED_KEPT}))")
-    labels: list[str] = []
-    counting = _database_like(server, few, "in_place_count")
-    try:
-        _swap(counting, after_step=labels.append)
-    finally:
-        _drop(server, counting)
+
+    def killed(conn: psycopg.Connection, label: str) -> None:
+        assert live_and_archived(conn, LINES) == before, f"killed after {label!r}"
+
+    def rerun(conn: psycopg.Connection, label: str) -> None:
+        assert _rows(conn) == expected, f"rerun after a kill after {label!r}"
+        assert _rows(conn) + _rows(conn, _archive(conn)) == before
+        assert _leftovers(conn) == []
+
+    labels = kill_after_each_step_then_rerun(server, few, _options(few), killed, rerun)
     assert [label for label in labels if label.startswith("batch")] == [
         f"batch {n} of 4 of Shop.Order Lines" for n in range(1, 5)]
     assert {"lookup index of Shop.Order Lines", "guard of Shop.Order Lines",
             "concurrent index of Shop.Order Lines", "lock", "commit"} <= set(labels)
-    for number, label in enumerate(labels):
-        database = _database_like(server, few, f"in_place_kill_{number}")
-        try:
-            options = _options(database)
-            with (pytest.raises((ConnectionLost, psycopg.OperationalError)),
-                  database.connect() as conn):
-                conn.execute("set application_name = 'runner-under-test'")
-                swap.execute(conn, swap.make_plans(conn, options), options,
-                             after_step=_kill_after(database, number + 1))
-            with database.connect() as conn:
-                assert _everything(conn) == before, f"killed after {label!r}"
-            _swap(database)
-            with database.connect() as conn:
-                assert _rows(conn) == expected, f"rerun after a kill after {label!r}"
-                assert _rows(conn) + _rows(conn, _archive(conn)) == before
-                assert _leftovers(conn) == []
-        finally:
-            _drop(server, database)
 
 
 def test_an_invalid_unique_index_left_behind_is_dropped_and_built_again(few: Database) -> None:

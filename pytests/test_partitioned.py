@@ -11,10 +11,8 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import Database, _create_database, said
-from test_crash import _kill_after
-from test_in_place import _database_like, _drop
+from test_in_place import kill_after_each_step_then_rerun, live_and_archived
 
-from runner.errors import ConnectionLost
 from runner.jobs import swap
 from runner.statements import in_place
 
@@ -218,43 +216,17 @@ def test_a_kill_after_any_step_of_a_partitioned_run_loses_nothing_and_a_rerun_fi
     assert built.exit_code == 0, built.output
     with database.connect() as conn:
         before, kept = _rows(conn), _rows(conn, f"({KEPT})")
-    options = swap.SwapOptions(target_dir=database.target_dir)
-    labels: list[str] = []
-    counting = _database_like(server, database, "parts_count")
-    try:
-        with counting.connect() as conn:
-            swap.execute(conn, swap.make_plans(conn, options), options,
-                         after_step=labels.append)
-    finally:
-        _drop(server, counting)
-    for number, label in enumerate(labels):
-        copy = _database_like(server, database, f"parts_kill_{number}")
-        try:
-            with (pytest.raises((ConnectionLost, psycopg.OperationalError)),
-                  copy.connect() as conn):
-                conn.execute("set application_name = 'runner-under-test'")
-                swap.execute(conn, swap.make_plans(conn, options), options,
-                             after_step=_kill_after(copy, number + 1))
-            with copy.connect() as conn:
-                assert _everything(conn) == before, f"killed after {label!r}"
-            with copy.connect() as conn:
-                swap.execute(conn, swap.make_plans(conn, options), options)
-            with copy.connect() as conn:
-                assert _rows(conn) == kept, f"rerun after {label!r}"
-                assert _everything(conn) == before
-        finally:
-            _drop(server, copy)
 
+    def killed(conn: psycopg.Connection, label: str) -> None:
+        assert live_and_archived(conn, VIEWS) == before, f"killed after {label!r}"
 
-def _everything(conn: psycopg.Connection) -> Counter:
-    """The live rows and those an in-place run archived, finished or not."""
-    archives = [name for (name,) in conn.execute(
-        "select format('%I.%I', 'dedup_archive', relname) from pg_class"
-        " where relnamespace = 'dedup_archive'::regnamespace and relname like '%removing'")]
-    if conn.execute("select to_regclass('dedup_archive.swap_log')").fetchone()[0]:
-        archives += [name for (name,) in conn.execute(
-            "select format('%I.%I', 'dedup_archive', archive_table) from dedup_archive.swap_log")]
-    return sum((_rows(conn, archive) for archive in archives), _rows(conn))
+    def rerun(conn: psycopg.Connection, label: str) -> None:
+        assert _rows(conn) == kept, f"rerun after {label!r}"
+        assert live_and_archived(conn, VIEWS) == before
+
+    labels = kill_after_each_step_then_rerun(
+        server, database, swap.SwapOptions(target_dir=database.target_dir), killed, rerun)
+    assert "lookup index of events.page_views" in labels
 
 
 def test_a_partition_declared_alone_is_deduplicated_in_place_and_stays_a_partition(

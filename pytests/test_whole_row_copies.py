@@ -13,10 +13,9 @@ import psycopg
 import pytest
 import yaml
 from conftest import Database, _create_database, said
-from test_crash import _kill_after
-from test_in_place import _database_like, _drop
+from test_in_place import kill_after_each_step_then_rerun, live_and_archived
 
-from runner.errors import ConnectionLost, RunnerError
+from runner.errors import RunnerError
 from runner.jobs import swap
 from runner.statements import in_place
 
@@ -203,17 +202,6 @@ def test_a_copy_the_etl_writes_meanwhile_is_removed_and_one_that_differs_stops_t
     assert live + removed == before_run + Counter({sent_again: 2})
 
 
-def _live_and_archived(conn: psycopg.Connection) -> Counter:
-    """Every row the live table and an in-place run's archive hold, finished or not."""
-    archives = [name for (name,) in conn.execute(
-        "select format('%I.%I', 'dedup_archive', relname) from pg_class"
-        " where relnamespace = 'dedup_archive'::regnamespace and relname like '%removing'")]
-    if conn.execute("select to_regclass('dedup_archive.swap_log')").fetchone()[0]:
-        archives += [name for (name,) in conn.execute(
-            "select format('%I.%I', 'dedup_archive', archive_table) from dedup_archive.swap_log")]
-    return sum((_rows(conn, archive) for archive in archives), _rows(conn))
-
-
 def test_a_kill_after_any_step_loses_no_copy_and_a_rerun_finishes(
         server, links, monkeypatch: pytest.MonkeyPatch) -> None:
     database, project = links
@@ -222,33 +210,17 @@ def test_a_kill_after_any_step_loses_no_copy_and_a_rerun_finishes(
     assert built.exit_code == 0, built.output
     with database.connect() as conn:
         before = _rows(conn)
-    options = swap.SwapOptions(target_dir=database.target_dir)
-    labels: list[str] = []
-    counting = _database_like(server, database, "links_count")
-    try:
-        with counting.connect() as conn:
-            swap.execute(conn, swap.make_plans(conn, options), options,
-                         after_step=labels.append)
-    finally:
-        _drop(server, counting)
+
+    def killed(conn: psycopg.Connection, label: str) -> None:
+        assert live_and_archived(conn, LINKS) == before, f"killed after {label!r}"
+
+    def rerun(conn: psycopg.Connection, label: str) -> None:
+        assert _rows(conn) == Counter(set(before)), f"rerun after {label!r}"
+        assert live_and_archived(conn, LINKS) == before
+
+    labels = kill_after_each_step_then_rerun(
+        server, database, swap.SwapOptions(target_dir=database.target_dir), killed, rerun)
     assert len([label for label in labels if label.startswith("batch")]) > 1
-    for number, label in enumerate(labels):
-        copy = _database_like(server, database, f"links_kill_{number}")
-        try:
-            with (pytest.raises((ConnectionLost, psycopg.OperationalError)),
-                  copy.connect() as conn):
-                conn.execute("set application_name = 'runner-under-test'")
-                swap.execute(conn, swap.make_plans(conn, options), options,
-                             after_step=_kill_after(copy, number + 1))
-            with copy.connect() as conn:
-                assert _live_and_archived(conn) == before, f"killed after {label!r}"
-            with copy.connect() as conn:
-                swap.execute(conn, swap.make_plans(conn, options), options)
-            with copy.connect() as conn:
-                assert _rows(conn) == Counter(set(before)), f"rerun after {label!r}"
-                assert _live_and_archived(conn) == before
-        finally:
-            _drop(server, copy)
 
 
 def test_suggest_keys_finds_the_pair_and_says_keep_any(links) -> None:
