@@ -162,6 +162,27 @@ class Database:
             yield conn.info.backend_pid
 
 
+@contextmanager
+def project_of_ones_own(server: EmbeddedPostgres, directory: Path, name: str, tables: str,
+                        declared: list[str]) -> Iterator[tuple[Database, Path]]:
+    """A database `name` holding `tables`, and in `directory` a project that `runner init`
+    made and `runner add` declared `declared` in; the database is dropped afterwards."""
+    _create_database(server, name)
+    database = Database({**server.environ(), "PGDATABASE": name}, directory / "target")
+    with database.connect() as conn:
+        conn.execute(tables)
+    project = directory / "project"
+    made = database.runner("init", str(project))
+    assert made.exit_code == 0, made.output
+    added = database.runner(*declared, "--project-dir", str(project))
+    assert added.exit_code == 0, added.output
+    try:
+        yield database, project
+    finally:
+        with psycopg.connect(autocommit=True, **server.conninfo) as admin:
+            admin.execute(sql.SQL("drop database {} with (force)").format(sql.Identifier(name)))
+
+
 class Stopped(Exception):
     """A runner stopped by a test at one of its steps, as a kill would stop it."""
 

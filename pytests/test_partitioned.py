@@ -6,11 +6,12 @@ natural key without the partition key, or `strategy: swap`, is refused in one li
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import Database, _create_database, said
+from conftest import Database, project_of_ones_own, said
 from test_in_place import kill_after_each_step_then_rerun, live_and_archived
 
 from runner.jobs import swap
@@ -73,20 +74,11 @@ def _oids(conn: psycopg.Connection) -> list:
 
 
 @pytest.fixture
-def views(server, tmp_path: Path, request) -> tuple[Database, Path]:
+def views(server, tmp_path: Path, request) -> Iterator[tuple[Database, Path]]:
     """A database with the partitioned table, and a project of its own that declares it."""
-    name = f"parts_{request.node.name[-24:].lower()}"
-    _create_database(server, name)
-    database = Database({**server.environ(), "PGDATABASE": name}, tmp_path / "target")
-    with database.connect() as conn:
-        conn.execute(TABLE)
-    project = tmp_path / "events"
-    assert database.runner("init", str(project)).exit_code == 0
-    added = database.runner(*ADD, "--project-dir", str(project))
-    assert added.exit_code == 0, added.output
-    yield database, project
-    with psycopg.connect(autocommit=True, **server.conninfo) as admin:
-        admin.execute(f'drop database "{name}" with (force)')
+    with project_of_ones_own(server, tmp_path, f"parts_{request.node.name[-24:].lower()}",
+                             TABLE, ADD) as made:
+        yield made
 
 
 def test_a_partitioned_table_is_deduplicated_in_place_and_constrained_at_every_level(

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 import yaml
-from conftest import Database, _create_database, said
+from conftest import Database, project_of_ones_own, said
 from test_in_place import kill_after_each_step_then_rerun, live_and_archived
 
 from runner.errors import RunnerError
@@ -45,20 +46,11 @@ def _rows(conn: psycopg.Connection, table: str = LINKS) -> Counter:
 
 
 @pytest.fixture
-def links(server, tmp_path: Path, request) -> tuple[Database, tuple[str, str]]:
+def links(server, tmp_path: Path, request) -> Iterator[tuple[Database, tuple[str, str]]]:
     """A database with the link table, and a project of its own that declares it."""
-    name = f"links_{request.node.name[-24:].lower()}"
-    _create_database(server, name)
-    database = Database({**server.environ(), "PGDATABASE": name}, tmp_path / "target")
-    with database.connect() as conn:
-        conn.execute(TABLE)
-    project = tmp_path / "links"
-    assert database.runner("init", str(project)).exit_code == 0
-    added = database.runner(*ADD, "--project-dir", str(project))
-    assert added.exit_code == 0, added.output
-    yield database, ("--project-dir", str(project))
-    with psycopg.connect(autocommit=True, **server.conninfo) as admin:
-        admin.execute(f'drop database "{name}" with (force)')
+    with project_of_ones_own(server, tmp_path, f"links_{request.node.name[-24:].lower()}",
+                             TABLE, ADD) as (database, project):
+        yield database, ("--project-dir", str(project))
 
 
 def test_equal_copies_leave_in_place_one_of_each_stays_and_a_rollback_puts_them_back(
