@@ -192,6 +192,11 @@ def test_a_kill_after_any_step_loses_nothing_and_a_rerun_finishes(
 
     def killed(conn: psycopg.Connection, label: str) -> None:
         assert live_and_archived(conn, LINES) == before, f"killed after {label!r}"
+        # Nothing but the run deleted rows: the capture's log holds none of its deletes.
+        logs = [name for (name,) in conn.execute(
+            "select format('%I.%I', 'dedup_archive', log_table) from dedup_archive.captures")]
+        assert [conn.execute(f"select count(*) from {log} where op = 'D'").fetchone()[0]
+                for log in logs] == [0] * len(logs), f"killed after {label!r}"
 
     def rerun(conn: psycopg.Connection, label: str) -> None:
         assert _rows(conn) == expected, f"rerun after a kill after {label!r}"

@@ -195,6 +195,10 @@ def test_copies_the_etl_sends_through_the_parent_meanwhile_leave_or_are_refused(
                     and (o.loaded_at, o.id) > (v.loaded_at, v.id)))""")))
         assert conn.execute(f"select count(*) from {VIEWS} as v join {archive} as a"
                             " using (id)").fetchone()[0] == 0
+        # The run's own deletes were left out of the capture's log; its counts are still
+        # those of the table: what was there and sent, and what is left.
+        assert conn.execute("select rows_before, rows_after from dedup_archive.swap_log"
+                            ).fetchone() == (6000 + sum(inserted), sum(_rows(conn).values()))
     # Every row there was and every one the ETL got in is live or archived, once.
     assert sum(inserted) > 0 and set(everything.values()) == {1}
     assert sum(everything.values()) == 6000 + sum(inserted)

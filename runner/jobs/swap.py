@@ -512,6 +512,8 @@ def _guard_steps(plan: TablePlan, options: SwapOptions) -> list[Step]:
             Step("where the removed rows go, every column as it was", work.archive_table()),
             Step("the guard: after a row lands, its key's rows the keep rule does not keep go "
                  "to the archive", work.guard_function()),
+            Step("the capture leaves the run's own deletes out of its log: they are counted from "
+                 "the archive", capture.trigger_function(plan.capture)),
             *(Step("on the live table, which needs a moment's SHARE ROW EXCLUSIVE", statement)
               for statement in work.guard_trigger())]
 

@@ -103,15 +103,33 @@ def registry_table(archive_schema: str) -> sql.Composed:
     ).format(sql.Identifier(archive_schema, REGISTRY))
 
 
+REMOVING_IN_PLACE = "dedup_runner.removing_in_place"
+"""A setting an in-place run turns on, for its own transaction, while it moves duplicates to
+its archive: the capture leaves those deletes out of its log, which then holds the ETL's writes
+alone, and the cut-over counts them from the archive instead of scanning one log row per removed
+row under the lock."""
+
+
+def trigger_function(capture: Capture) -> sql.Composed:
+    """The capture's trigger function: each row the ETL writes, as it was and as it is."""
+    body = sql.SQL(
+        "begin if tg_op = 'DELETE' and current_setting({removing}, true) = 'on' then"
+        " return null; end if; insert into {log} (op, old_row, new_row) values (left(tg_op, 1),"
+        " case when tg_op in ('UPDATE', 'DELETE') then old end,"
+        " case when tg_op in ('INSERT', 'UPDATE') then new end); return null; end"
+    ).format(log=_id(capture.log), removing=sql.Literal(REMOVING_IN_PLACE))
+    # SECURITY DEFINER: the ETL's role needs no right in the archive schema; the fixed
+    # search_path keeps the function from running anything a writer's path could offer.
+    return sql.SQL(
+        "create or replace function {}() returns trigger language plpgsql security definer"
+        " set search_path = pg_catalog, pg_temp as {}"
+    ).format(_id(capture.function), sql.Literal(body.as_string()))
+
+
 def install(capture: Capture) -> list[sql.Composed]:
     """Log table, trigger function, triggers and registry entry, in an existing archive schema
     with its registry. The triggers need a short SHARE ROW EXCLUSIVE on the table."""
     live, log = _id(capture.live), _id(capture.log)
-    body = sql.SQL(
-        "begin insert into {log} (op, old_row, new_row) values (left(tg_op, 1),"
-        " case when tg_op in ('UPDATE', 'DELETE') then old end,"
-        " case when tg_op in ('INSERT', 'UPDATE') then new end); return null; end"
-    ).format(log=log)
     return [
         # A log without its trigger is a leftover, incomplete by definition: start afresh.
         sql.SQL("drop table if exists {}").format(log),
@@ -121,12 +139,7 @@ def install(capture: Capture) -> list[sql.Composed]:
             " op \"char\" not null, xid xid8 not null default pg_current_xact_id(),"
             " old_row {live}, new_row {live})"
         ).format(log=log, live=live),
-        # SECURITY DEFINER: the ETL's role needs no right in the archive schema; the fixed
-        # search_path keeps the function from running anything a writer's path could offer.
-        sql.SQL(
-            "create or replace function {}() returns trigger language plpgsql security definer"
-            " set search_path = pg_catalog, pg_temp as {}"
-        ).format(_id(capture.function), sql.Literal(body.as_string())),
+        trigger_function(capture),
         *(sql.SQL("drop trigger if exists {} on {}").format(sql.Identifier(name), live)
           for name in TRIGGERS),
         sql.SQL(

@@ -31,7 +31,13 @@ from psycopg import sql
 from runner.declaration.artifacts import DedupSpec, Relation
 from runner.declaration.names import pg_name
 from runner.server.catalog import LiveTable
-from runner.statements.capture import COUNTS, columns_of, counts_key, fields_of
+from runner.statements.capture import (
+    COUNTS,
+    REMOVING_IN_PLACE,
+    columns_of,
+    counts_key,
+    fields_of,
+)
 from runner.statements.keys import (
     KeyShape,
     beats,
@@ -50,6 +56,12 @@ WAL stay bounded whether a key has two rows or thousands."""
 
 def _id(relation: Relation) -> sql.Identifier:
     return sql.Identifier(relation.schema, relation.name)
+
+
+def _removing(verb: str, state: str) -> sql.Composed:
+    """Turns REMOVING_IN_PLACE on or off until the transaction ends."""
+    return sql.SQL("{} set_config({}, {}, true)").format(
+        sql.SQL(verb), sql.Literal(REMOVING_IN_PLACE), sql.Literal(state))
 
 
 @dataclass(frozen=True)
@@ -116,9 +128,12 @@ class InPlace:
     def guard_function(self) -> sql.Composed:
         """The trigger function: after a row of the live table is inserted, or its key
         changed, the key's rows the keep rule does not keep move to the archive."""
-        branches = [sql.SQL("if {} then {}; end if;").format(
-            nulls_exactly(columns_of("new"), shape),
-            self._remove_losers(shape, "new", sql.SQL("true"))) for shape in self.shapes]
+        # The capture leaves these deletes out of its log (REMOVING_IN_PLACE), for them alone:
+        # the ETL's own writes in the same transaction are logged before and after.
+        branches = [sql.SQL("if {} then {}; {}; {}; end if;").format(
+            nulls_exactly(columns_of("new"), shape), _removing("perform", "on"),
+            self._remove_losers(shape, "new", sql.SQL("true")), _removing("perform", "off"))
+            for shape in self.shapes]
         key = sql.SQL(", ").join(key_terms(self.spec, columns_of("new")))
         body = sql.SQL(
             # Per key, one writer at a time: the second sees the first's row once it commits.
@@ -178,9 +193,11 @@ class InPlace:
         return sql.SQL("select coalesce(max(dedup_batch) + 1, 0) from {}").format(_id(self.keys))
 
     def remove_batch(self) -> list[sql.Composed]:
-        """One batch of keys, `%(batch)s`, one statement per shape of key."""
-        return [self._remove_losers(shape, "k", sql.SQL("k.dedup_batch = {}").format(
-            sql.Placeholder("batch"))) for shape in self.shapes]
+        """One batch of keys, `%(batch)s`, one statement per shape of key, its deletes left out
+        of the capture's log."""
+        return [_removing("select", "on"), *(
+            self._remove_losers(shape, "k", sql.SQL("k.dedup_batch = {}").format(
+                sql.Placeholder("batch"))) for shape in self.shapes)]
 
     def archive_proven(self, log: Relation) -> list[tuple[str, sql.Composed]]:
         """Checks before the cut-over, each true or the run stops: no archived row is live
@@ -238,7 +255,8 @@ class InPlace:
     def count_removed(self) -> sql.Composed:
         """Before the lock, with the guard gone and the archive final: the rows it holds.
         (The capture's log is counted under the lock: its change ids are not in commit order,
-        so no part of it read before could be told apart from what came after.)"""
+        so no part of it read before could be told apart from what came after. It holds the
+        ETL's writes alone, not the run's deletes, so that count stays small.)"""
         return sql.SQL(
             "insert into pg_temp.{counts} (live, removed_rows) select {key}, count(*)"
             " from {archive}").format(counts=sql.Identifier(COUNTS), key=counts_key(self.live),

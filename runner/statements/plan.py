@@ -635,8 +635,11 @@ def _in_place(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: 
           for why, check in work.archive_proven(captured.log)),
         Step("the rows removed, counted before the lock", work.count_removed()),
     ]
-    rows_after = sql.SQL("{} + {}").format(sql.Literal(counts.rows),
-                                           _unseen_rows(captured.log, counts.snapshot))
+    # The capture's log holds the ETL's writes since the build, not the run's own deletes
+    # (capture.REMOVING_IN_PLACE), which the archive counts.
+    rows_written = sql.SQL("{} + {}").format(sql.Literal(counts.rows),
+                                             _unseen_rows(captured.log, counts.snapshot))
+    rows_after = sql.SQL("{} - {}").format(rows_written, work.removed_rows())
     plan.cutover = [
         *_index_becomes_constraint(target, live, server_version),
         *(Step("the run's own index on the natural key goes: the constraint's serves",
@@ -650,7 +653,7 @@ def _in_place(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: 
              swap_log.entry(
                  archive_schema=archive_schema, live=live.relation, action="in_place",
                  archive=archive, constraint=plan.constraint,
-                 rows_before=sql.SQL("{} + {}").format(rows_after, work.removed_rows()),
+                 rows_before=rows_written,
                  rows_after=rows_after, tiebreaker=target.spec.tiebreaker, backfilled=[],
                  foreign_keys=[], triggers=[], sequences_not_owned=_sequences_not_owned(live),
                  bytes_before=sql.SQL("pg_total_relation_size({}::regclass)").format(
