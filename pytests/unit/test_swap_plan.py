@@ -341,12 +341,11 @@ def test_a_materialized_view_that_reads_the_table_is_created_again_under_the_loc
 
 def _partitioned(key: tuple[str | None, ...] = ("order_id",)) -> LiveTable:
     """The order lines partitioned by order, one partition hashed again, two levels deep."""
-    def below(name: str, parent: str, level: int, leaf: bool = True) -> Partition:
-        return Partition(Relation("Shop", name), Relation("Shop", parent), level, leaf)
+    def below(name: str, leaf: bool = True) -> Partition:
+        return Partition(Relation("Shop", name), leaf)
 
     return table(kind="p", partition_key=key, partitions=(
-        below("lines 1", "order lines", 1), below("lines 2", "order lines", 1, leaf=False),
-        below("lines 2a", "lines 2", 2), below("lines 2b", "lines 2", 2)))
+        below("lines 1"), below("lines 2", leaf=False), below("lines 2a"), below("lines 2b")))
 
 
 def test_a_partitioned_table_is_deduplicated_in_place_each_partition_indexed_on_its_own(

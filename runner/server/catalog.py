@@ -163,8 +163,6 @@ class Partition:
     """A table below a partitioned one, at any level."""
 
     relation: Relation
-    parent: Relation
-    level: int
     leaf: bool
     """A table with rows; else partitioned again."""
 
@@ -290,12 +288,10 @@ where n.nspname = %s and c.relname = %s
 """
 
 _PARTITIONS = """
-select n.nspname, c.relname, pn.nspname, p.relname, t.level, t.isleaf
+select n.nspname, c.relname, t.isleaf
 from pg_partition_tree(%s) as t
 join pg_class as c on c.oid = t.relid
 join pg_namespace as n on n.oid = c.relnamespace
-join pg_class as p on p.oid = t.parentrelid
-join pg_namespace as pn on pn.oid = p.relnamespace
 where t.level > 0
 order by t.level, n.nspname, c.relname
 """
@@ -605,10 +601,8 @@ def read_live_table(conn: psycopg.Connection, relation: Relation) -> LiveTable:
                         for r in conn.execute(_NUMBERING_SEQUENCES, {"table": oid})),
         refreshed_through_views=tuple(
             Relation(*r) for r in conn.execute(_MATERIALIZED_VIEWS_THROUGH_VIEWS, {"table": oid})),
-        partitions=tuple(
-            Partition(Relation(schema, name), Relation(parent_schema, parent), level, leaf)
-            for schema, name, parent_schema, parent, level, leaf in conn.execute(
-                _PARTITIONS, (oid,))) if kind == "p" else (),
+        partitions=tuple(Partition(Relation(schema, name), leaf) for schema, name, leaf
+                         in conn.execute(_PARTITIONS, (oid,))) if kind == "p" else (),
         partition_key=tuple(r[0] for r in conn.execute(_PARTITION_KEY, (oid,)))
         if kind == "p" else (),
     )

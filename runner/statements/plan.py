@@ -426,13 +426,13 @@ def _leaf_unique_indexes(target: DedupTarget, live: LiveTable, server_version: i
         built.append(sql.Identifier(leaf.relation.schema, name))
         steps += [*_drop_pending(leaf.relation, [name]), Step(
             f"build the unique index of partition {leaf.relation} without blocking writers",
-            _unique_index(target.spec, live, name, sql.Identifier(*_parts(leaf.relation)),
+            _unique_index(target.spec, live, name, _table(leaf.relation),
                           server_version, concurrently=True))]
     return steps, built
 
 
-def _parts(relation: Relation) -> tuple[str, str]:
-    return relation.schema, relation.name
+def _table(relation: Relation) -> sql.Identifier:
+    return sql.Identifier(relation.schema, relation.name)
 
 
 def _partition_constraints(target: DedupTarget, live: LiveTable,
@@ -446,13 +446,13 @@ def _partition_constraints(target: DedupTarget, live: LiveTable,
     return [
         *(Step(f"the index of partition {leaf.relation} becomes its constraint",
                sql.SQL("alter table {} add constraint {} unique using index {}").format(
-                   sql.Identifier(*_parts(leaf.relation)),
+                   _table(leaf.relation),
                    sql.Identifier(constraint_name(leaf.relation.name)),
                    sql.Identifier(pg_name(leaf.relation.name, "natural_key_new"))))
           for leaf in live.leaves),
         Step("the natural key's constraint, made of the partitions' own",
              sql.SQL("alter table {} add constraint {} unique{} ({})").format(
-                 sql.Identifier(*_parts(live.relation)),
+                 _table(live.relation),
                  sql.Identifier(constraint_name(live.relation.name)), nulls, key)),
     ]
 
@@ -617,12 +617,11 @@ def _in_place(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: 
     plan = TablePlan(target, "in_place", counts, archive=archive,
                      constraint=constraint_name(live.relation.name), capture=captured,
                      concurrent=concurrent, built_concurrently=built, in_place=work)
-    if live.key_lookup_index(target.spec) is not None:
-        pass
-    elif live.partitioned:
+    looked_up = live.key_lookup_index(target.spec) is not None
+    if live.partitioned and not looked_up:
         # A partitioned table's indexes cannot be built CONCURRENTLY: each partition's is.
         plan.lookup, plan.lookup_built = _leaf_lookup_indexes(target.spec, live)
-    elif not (lookup_left and lookup_left.valid):
+    elif not looked_up and not (lookup_left and lookup_left.valid):
         plan.lookup = [
             *_drop_pending(live.relation, [lookup_left.name] if lookup_left else []),
             Step("an index on the natural key, for the guard to find a key's rows as each "
@@ -675,7 +674,7 @@ def _leaf_lookup_indexes(spec: DedupSpec, live: LiveTable
             "a key's rows as each lands, built without blocking writers",
             sql.SQL("create index concurrently {} on {} ({})").format(
                 sql.Identifier(_lookup_name(leaf.relation)),
-                sql.Identifier(*_parts(leaf.relation)),
+                _table(leaf.relation),
                 sql.SQL(", ").join(sql.Identifier(k) for k in spec.natural_key)))]
     return steps, built
 
