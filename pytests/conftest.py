@@ -38,10 +38,11 @@ select jsonb_build_object(
                 from pg_attribute left join pg_attrdef as d on d.adrelid = attrelid
                     and d.adnum = attnum
                 where attrelid = c.oid and attnum > 0 and not attisdropped),
-    'indexes', (select jsonb_object_agg(i.relname, pg_get_indexdef(x.indexrelid))
+    'indexes', (select coalesce(jsonb_object_agg(i.relname, pg_get_indexdef(x.indexrelid)),
+                                '{}')
                 from pg_index as x join pg_class as i on i.oid = x.indexrelid
                 where x.indrelid = c.oid),
-    'constraints', (select jsonb_object_agg(conname, pg_get_constraintdef(oid))
+    'constraints', (select coalesce(jsonb_object_agg(conname, pg_get_constraintdef(oid)), '{}')
                     from pg_constraint where conrelid = c.oid),
     'grants', (select jsonb_agg(a::text order by a::text) from aclexplode(c.relacl) as a),
     'owner', pg_get_userbyid(c.relowner),

@@ -52,7 +52,7 @@ class Shape:
     """(column, descending), ending in the tie-breaker."""
     nulls: str
     extras: frozenset[str] = frozenset()
-    """view, grant, trigger, parent."""
+    """view, grant, trigger, parent, partitioned (by the hash of its key's first column)."""
     alternative_key: tuple[str, ...] = ()
     strategy: str = "swap"
     """meta.dedup's strategy: swap, in_place, or auto."""
@@ -284,6 +284,8 @@ class Model:
         removes them in place where at most IN_PLACE_UP_TO of the built rows are duplicates."""
         if self.shape.strategy != "auto":
             return self.shape.strategy
+        if "partitioned" in self.shape.extras:
+            return "in_place"
         share = duplicates(self.shape, self.built_rows) / len(self.built_rows)
         return "in_place" if self.shape.nulls != "backfill" and share <= IN_PLACE_UP_TO else "swap"
 

@@ -187,6 +187,7 @@ class Histories(RuleBasedStateMachine):
         histories start where the documented flow has its swap to do."""
         shape = next(s for s in histories.SHAPES if s.name == shape)
         self.seen["histories"] += 1
+        self.seen[f"histories of {shape.name}"] += 1
         if self.progress and self.seen["histories"] % 10 == 0:
             self.progress(f"{self.seen['histories']} histories: {summary(self.seen)}")
         self.h.fresh_database()
@@ -518,7 +519,11 @@ class Histories(RuleBasedStateMachine):
                 assert same_table(rows, found), f"kept table {number}: {difference(rows, found)}"
                 self._inert(conn, relation)
             self._captured_as_modelled(conn)
-            allowed = [*(f"{shape.table}__{suffix}" for suffix in BUILT_OUTSIDE_TRANSACTIONS),
+            # A partitioned table's are its partitions'.
+            tables = [shape.table] + ([f"{shape.table}_{remainder}" for remainder in (0, 1)]
+                                      if "partitioned" in shape.extras else [])
+            allowed = [*(f"{table}__{suffix}" for table in tables
+                         for suffix in BUILT_OUTSIDE_TRANSACTIONS),
                        *null_key_index_names(shape.table, pending=True)
                        ] if built_indexes_allowed else []
             leftovers = conn.execute(
