@@ -87,8 +87,8 @@ def description(conn: psycopg.Connection, table: str) -> dict:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", type=int, default=0, metavar="N",
-                     help="Run N random histories in test_histories.py instead of the suite's "
-                          "fixed few.")
+                     help="Run N random histories of each shape in test_histories.py instead "
+                          "of the suite's fixed few.")
 
 
 SAID = "said"
