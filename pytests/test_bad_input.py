@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from conftest import Database, said
+from test_in_place import declare_strategy
 
 # Every command that reads the configured tables; upsert-sql takes one of them.
 ON_TABLES = [["audit"], ["verify"], ["upsert-sql", "task_photos"], ["swap"], ["plan"],
@@ -97,12 +98,15 @@ def _a_tiebreaker_two_rows_share(db: Database) -> None:
     assert not db.dbt("build", "--select", "source:breezeway.task_photos+").success
 
 
-def _a_partition_configured_alone(db: Database) -> None:
+def _a_partition_to_swap(db: Database) -> None:
+    """A partition configured as a table of its own, which is deduplicated in place, declared
+    strategy: swap."""
     with db.connect() as conn:
         conn.execute("create table breezeway.all_task_photos (like breezeway.task_photos)"
                      " partition by range (id)")
         conn.execute("alter table breezeway.all_task_photos attach partition"
                      " breezeway.task_photos for values from (minvalue) to (maxvalue)")
+    declare_strategy(db.target_dir, "task_photos", "swap")
 
 
 @dataclass
@@ -144,10 +148,11 @@ CASES = [
          [["audit"], ["verify"], ["swap"], ["capture"]],
          "permission denied", env={"PGUSER": "bystander"}),
     Case("nothing swapped yet", None, [["report"], ["rollback"]], "swap"),
-    Case("a partition configured as a table of its own", _a_partition_configured_alone,
+    Case("a partition to swap", _a_partition_to_swap,
          [["capture", "--select", "task_photos"], ["swap", "--select", "task_photos"],
           ["plan", "--select", "task_photos"]],
-         "it is a partition of breezeway.all_task_photos, which a swap would take it out of"),
+         "it is a partition of breezeway.all_task_photos, and a swap would put a plain table in "
+         "its place"),
     Case("no capture to stop", None, [["capture", "--stop", "--archive-schema", "elsewhere"]],
          "no change capture to stop: elsewhere.captures records none"),
     Case("a lock that cannot be had", None,

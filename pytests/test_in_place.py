@@ -255,14 +255,14 @@ def test_a_table_others_reference_is_refused_in_place_and_swapped_by_auto(
         assert _leftovers(conn) == []
 
 
-def declare_in_place(target_dir, table: str) -> None:
-    """The built project's manifest as if the table's meta.dedup said strategy: in_place."""
+def declare_strategy(target_dir, table: str, strategy: str = "in_place") -> None:
+    """The built project's manifest as if the table's meta.dedup said this strategy."""
     manifest_path = target_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     for node in manifest["sources"].values():
         if node["name"] == table:
             for meta in (node["meta"], node["config"]["meta"]):
-                meta["dedup"]["strategy"] = "in_place"
+                meta["dedup"]["strategy"] = strategy
     manifest_path.write_text(json.dumps(manifest))
 
 
@@ -276,7 +276,7 @@ def test_a_concurrent_writer_loses_nothing_and_leaves_no_duplicates_in_place(
     steps: list[str] = []
     try:
         capture_and_build_while_writing(database, written)
-        declare_in_place(database.target_dir, "property_photos")
+        declare_strategy(database.target_dir, "property_photos")
 
         def write_meanwhile(label: str) -> None:
             # After each step before the lock: under it the writer waits, as it should.

@@ -19,7 +19,7 @@ import test_whole_row_copies
 import versions
 from conftest import TEST_SCALE, Database, description, say_at_the_end
 from psycopg import sql
-from test_in_place import declare_in_place
+from test_in_place import declare_strategy
 from test_references import EXACTLY, LIKES, PARTITIONED_VIEWS, VIEWED_KEYS, liked_keys
 
 from runner import demo
@@ -124,7 +124,7 @@ def test_the_demo_is_captured_built_swapped_verified_and_rolled_back(
     build = database.dbt("build")
     assert build.success, build.exception
     for table in IN_PLACE:
-        declare_in_place(database.target_dir, table)
+        declare_strategy(database.target_dir, table)
     with database.connect() as conn:
         before = {t: description(conn, f"breezeway.{t}") for t in SWAPPED}
         rows_before = {t: _ids(conn, t) for t in SWAPPED}

@@ -22,6 +22,7 @@ from runner.server.references import ReferenceCount
 from runner.statements.plan import (
     BuildCounts,
     choose_strategy,
+    refuse_partitioned,
     refuse_references,
     refuse_unsupported,
 )
@@ -66,6 +67,8 @@ def preview(conn: psycopg.Connection, targets: list[DedupTarget]) -> list[Previe
         action, why = _action(audited), ""
         refused = None
         try:
+            if action != "nothing":
+                refuse_partitioned(target.spec, live, conn.info.server_version)
             if action == "swap":
                 action, why = choose_strategy(
                     target.spec, BuildCounts(audited.counts.total_rows,
