@@ -105,30 +105,15 @@ where kept_rows <> distinct_kept_rows
 {% macro _dedup_copies_reconcile(model, source_rows, key_groups, spec) %}
     {#- keep: any: kept rows are found by their key, since a copy's ctid is the source table's
         alone. Every kept row's key has a group, and every group whose chosen copy is still in
-        the source under its key has a kept row. -#}
-{%- set alternative_terms = dedup.dedup_alternative_terms(spec) %}
+        the source under its key has a kept row. #}
 
-with kept_rows as (
-
-    select
-        {{ dedup.dedup_columns(spec.natural_key) }}
-        {%- for term in alternative_terms %},
-        {{ term }} as dedup_alternative_{{ loop.index }}
-        {%- endfor %}
-    from {{ model }}
-
-),
-
-not_chosen as (
+with not_chosen as (
 
     select count(*) as kept_rows_not_chosen
-    from kept_rows
+    from {{ model }} as kept_rows
     where not exists (
         {{ dedup.dedup_exists_select() }} from {{ key_groups }} as key_groups
-        where {{ dedup.dedup_same_key(spec.natural_key, "key_groups", "kept_rows") }}
-            {%- for term in alternative_terms %}
-            and key_groups.dedup_alternative_{{ loop.index }} is not distinct from kept_rows.dedup_alternative_{{ loop.index }}
-            {%- endfor %}
+        where {{ dedup.dedup_same_group(spec, "key_groups", "kept_rows") }}
     )
 
 ),
@@ -143,11 +128,8 @@ vanished as (
             and {{ dedup.dedup_same_group(spec, "key_groups", "source_rows") }}
     )
     and not exists (
-        {{ dedup.dedup_exists_select() }} from kept_rows
-        where {{ dedup.dedup_same_key(spec.natural_key, "key_groups", "kept_rows") }}
-            {%- for term in alternative_terms %}
-            and key_groups.dedup_alternative_{{ loop.index }} is not distinct from kept_rows.dedup_alternative_{{ loop.index }}
-            {%- endfor %}
+        {{ dedup.dedup_exists_select() }} from {{ model }} as kept_rows
+        where {{ dedup.dedup_same_group(spec, "key_groups", "kept_rows") }}
     )
 
 )

@@ -201,56 +201,49 @@ class InPlace:
 
     def archive_proven(self, log: Relation) -> list[tuple[str, sql.Composed]]:
         """Checks before the cut-over, each true or the run stops: no archived row is live
-        still; and every archived row has a live row of its key that beats it, unless the ETL
-        itself deleted or changed a row of that key since (the capture logged the change of a
-        row the archive does not hold)."""
+        still; and every archived row lost to a live row of its key, unless the ETL itself
+        deleted or changed a row of that key since. Under keep: any, a copy equal to a live row
+        is that row in every way that tells: the second check alone applies, with equal in
+        place of beats."""
         if self.spec.any_copy:
             return [("every archived copy is equal to a live row of its key",
-                     self._copies_proven(log))]
-        archive, live = _id(self.archive), _id(self.live)
+                     self._unexplained(log, "archived copies have no live row of their key "
+                                            "equal to them"))]
         tiebreaker = sql.Identifier(self.spec.tiebreaker)
         in_both = sql.SQL(
             "select count(*) = 0, count(*) || ' archived rows are live still' from {archive}"
             " as a where exists (select from {live} as l where l.{t} = a.{t})").format(
-                archive=archive, live=live, t=tiebreaker)
-        unexplained = [sql.SQL(
-            "select count(*) from {archive} as l where {nulls} and not exists (select from"
-            " {live} as w where {w_matches} and {beats}) and not exists (select from {log} as c"
-            " where c.op in ('D', 'U') and {c_matches} and not exists (select from {archive}"
-            " as a where a.{t} = (c.old_row).{t}))").format(
-                archive=archive, live=live, log=_id(log), t=tiebreaker,
-                nulls=nulls_exactly(columns_of("l"), shape),
-                w_matches=shape_matches(self.spec, columns_of("w"), columns_of("l"), shape),
-                c_matches=shape_matches(self.spec, fields_of("c.old_row"), columns_of("l"),
-                                        shape),
-                beats=beats(self.spec.keep, columns_of("w"), columns_of("l")))
-            for shape in self.shapes]
+                archive=_id(self.archive), live=_id(self.live), t=tiebreaker)
         return [("no archived row is live still", in_both),
-                ("every archived row lost to a live row of its key", sql.SQL(
-                    "select n = 0, n || ' archived rows have no live row of their key that beats"
-                    " them' from (select {} as n) as counted").format(
-                        sql.SQL(" + ").join(sql.SQL("({})").format(s) for s in unexplained)))]
+                ("every archived row lost to a live row of its key", self._unexplained(
+                    log, "archived rows have no live row of their key that beats them"))]
 
-    def _copies_proven(self, log: Relation) -> sql.Composed:
-        """keep: any's check before the cut-over: every archived copy is equal to a live row of
-        its key, unless the ETL itself deleted or changed a row of that key since. (A copy
-        equal to a live row is live still in every way that tells: no other check applies.)"""
+    def _unexplained(self, log: Relation, said: str) -> sql.Composed:
+        """True when every archived row has a live row of its key that wins over it (beats it;
+        under keep: any, equals it), or the capture logged the ETL deleting or changing a row
+        of that key (one the archive does not hold, where a tie-breaker tells rows apart)."""
         archive, live = _id(self.archive), _id(self.live)
-        unexplained = [sql.SQL(
+        if self.spec.any_copy:
+            wins, not_archived = self._equal_copies("w", "l"), sql.SQL("")
+        else:
+            t = sql.Identifier(self.spec.tiebreaker)
+            wins = sql.SQL(" and {}").format(beats(self.spec.keep, columns_of("w"),
+                                                   columns_of("l")))
+            not_archived = sql.SQL(" and not exists (select from {} as a where a.{} ="
+                                   " (c.old_row).{})").format(archive, t, t)
+        counts = [sql.SQL(
             "select count(*) from {archive} as l where {nulls} and not exists (select from"
-            " {live} as w where {w_matches}{equal}) and not exists (select from {log} as c"
-            " where c.op in ('D', 'U') and {c_matches})").format(
-                archive=archive, live=live, log=_id(log),
+            " {live} as w where {w_matches}{wins}) and not exists (select from {log} as c"
+            " where c.op in ('D', 'U') and {c_matches}{not_archived})").format(
+                archive=archive, live=live, log=_id(log), wins=wins, not_archived=not_archived,
                 nulls=nulls_exactly(columns_of("l"), shape),
                 w_matches=shape_matches(self.spec, columns_of("w"), columns_of("l"), shape),
-                equal=self._equal_copies("w", "l"),
                 c_matches=shape_matches(self.spec, fields_of("c.old_row"), columns_of("l"),
                                         shape))
             for shape in self.shapes]
-        return sql.SQL(
-            "select n = 0, n || ' archived copies have no live row of their key equal to them'"
-            " from (select {} as n) as counted").format(
-                sql.SQL(" + ").join(sql.SQL("({})").format(s) for s in unexplained))
+        return sql.SQL("select n = 0, n || {} from (select {} as n) as counted").format(
+            sql.Literal(f" {said}"), sql.SQL(" + ").join(sql.SQL("({})").format(c)
+                                                         for c in counts))
 
     def count_removed(self) -> sql.Composed:
         """Before the lock, with the guard gone and the archive final: the rows it holds.
