@@ -20,8 +20,6 @@ from test_concurrency import (
 from test_crash import _kill_after
 from test_other_project import (  # noqa: F401
     EXPECTED_KEPT,
-    project_with_nulls,
-    run_dbt_in,
     run_other_dbt,
     shop,
 )
@@ -231,27 +229,36 @@ def test_an_invalid_unique_index_left_behind_is_dropped_and_built_again(few: Dat
             ('"Shop"."Order Lines__natural_key"', True)]
 
 
-def test_a_table_others_reference_is_refused_in_place_and_swapped_by_auto(
-        few: Database, tmp_path) -> None:
+def test_a_table_others_reference_is_deduplicated_in_place_by_auto_its_key_untouched(
+        few: Database) -> None:
+    """auto goes by the share alone: a foreign key into the table is followed in place
+    (test_in_place_references has the whole story), and stays the one it was."""
     with few.connect() as conn:
         conn.execute(f"""create table "Shop".notes (id int primary key,
-                     line uuid references {LINES} (uid))""")
+                     line uuid references {LINES} (uid) on delete cascade)""")
         conn.execute('create index on "Shop".notes (line)')
+        conn.execute(f"""insert into "Shop".notes select row_number() over (), uid
+                     from {LINES} where "Order ID" in ('ORD-1', 'ORD-2')""")
+        key = conn.execute("select oid from pg_constraint where conname = 'notes_line_fkey'"
+                           ).fetchone()[0]
+        pointed = conn.execute(f"""select n.id, l."Order ID", l.line_no from "Shop".notes as n
+                               join {LINES} as l on l.uid = n.line order by n.id""").fetchall()
     assert few.runner("capture", *PROJECT).exit_code == 0
     assert run_other_dbt(few, "build").success
     planned = few.runner("swap", "--dry-run", *PROJECT)
     assert planned.exit_code == 0, planned.output
-    assert "-- Shop.Order Lines: in place" not in planned.output
-    assert "1 table(s) replaced, 0 deduplicated in place" in planned.output
-
-    in_place_project = project_with_nulls("forbidden", tmp_path, "strategy: in_place")
-    assert run_dbt_in(in_place_project, few, "deps").success
-    assert run_dbt_in(in_place_project, few, "build").success
-    refused = few.runner("swap", "--project-dir", str(in_place_project))
-    assert refused.exit_code == 4
-    assert ("runner swap does not yet deduplicate Shop.Order Lines in place: foreign keys "
-            "point at it" in refused.output)
+    assert ("-- Shop.Order Lines: in place, because 4.3% of its rows are duplicates, at most 15%"
+            in planned.output)
+    swapped = few.runner("swap", *PROJECT)
+    assert swapped.exit_code == 0, swapped.output
     with few.connect() as conn:
+        assert conn.execute("select oid from pg_constraint where conname = 'notes_line_fkey'"
+                            ).fetchone()[0] == key
+        assert conn.execute(f"""select n.id, l."Order ID", l.line_no from "Shop".notes as n
+                            join {LINES} as l on l.uid = n.line order by n.id""").fetchall() == (
+            pointed)
+        assert conn.execute(f"select count(*) from {LINES} where uid in (select line from"
+                            f' "Shop".notes) and uid not in ({EXPECTED_KEPT})').fetchone()[0] == 0
         assert _leftovers(conn) == []
 
 

@@ -80,30 +80,52 @@ REFUNDS = Reference("refunds_line_fkey", Relation("shop", "refunds"), ("line",),
                     'shop."order lines"(id)', True, ("id",), True)
 
 
-@pytest.mark.parametrize(("reference", "spec", "swapped", "says"), [
-    (REFUNDS, {"references": "refuse"}, set(),
+@pytest.mark.parametrize(("reference", "spec", "swapped", "in_place", "says"), [
+    (REFUNDS, {"references": "refuse"}, set(), False,
      "runner swap does not replace shop.order lines: foreign keys point at it "
      "(shop.refunds.refunds_line_fkey) and its meta.dedup says references: refuse; set "
      "references: repoint to move their rows to the kept rows, or leave it out with --exclude"),
-    (REFUNDS, {}, {Relation("shop", "refunds")},
+    (REFUNDS, {"references": "refuse"}, set(), True,
+     "runner swap does not deduplicate shop.order lines: foreign keys point at it "
+     "(shop.refunds.refunds_line_fkey) and its meta.dedup says references: refuse; set "
+     "references: repoint to move their rows to the kept rows, or leave it out with --exclude"),
+    (REFUNDS, {"any_copy": True}, set(), True,
+     "foreign keys point at shop.order lines (shop.refunds.refunds_line_fkey), so its rows "
+     "differ in the columns they point at, and keep: any removes only copies equal in every "
+     "column: declare keep with a tie-breaker instead"),
+    (REFUNDS, {}, {Relation("shop", "refunds")}, True,
      "shop.refunds is swapped in the same run as shop.order lines, whose rows its foreign key "
      "refunds_line_fkey re-points: swap shop.order lines first, then shop.refunds (--select)"),
-    (dataclasses.replace(REFUNDS, indexed=False), {}, set(),
+    (dataclasses.replace(REFUNDS, indexed=False), {}, set(), True,
      "shop.refunds.refunds_line_fkey points at shop.order lines, and no index of shop.refunds "
-     "starts with (line), without which each row re-pointed under the lock is a scan: create "
-     "one (create index concurrently on shop.refunds (line)), then run `runner swap` again"),
-    (dataclasses.replace(REFUNDS, row_key=()), {}, set(),
+     "starts with (line), without which finding the rows that point at each removed row is a "
+     "scan: create one (create index concurrently on shop.refunds (line)), then run `runner "
+     "swap` again"),
+    (dataclasses.replace(REFUNDS, row_key=()), {}, set(), False,
      "shop.refunds.refunds_line_fkey points at shop.order lines, and shop.refunds has no "
      "primary key, by which a rollback would put back the rows it re-points: add one, or set "
      "references: refuse for shop.order lines"),
 ])
 def test_references_that_cannot_be_re_pointed_are_refused_by_name(
-        reference: Reference, spec: dict, swapped: set, says: str) -> None:
+        reference: Reference, spec: dict, swapped: set, in_place: bool, says: str) -> None:
     with pytest.raises(RunnerError) as refused:
         plan.refuse_references(dataclasses.replace(TARGET.spec, **spec),
                                live_table(references=(reference,)), swapped,
-                               {"refunds_line_fkey"})
+                               {"refunds_line_fkey"}, in_place=in_place)
     assert str(refused.value) == says
+
+
+def test_in_place_needs_no_capture_of_the_references_nor_a_not_valid_key() -> None:
+    """In place the foreign keys stay as they are: nothing is added again NOT VALID, and no
+    written value is read from a capture."""
+    partitioned = dataclasses.replace(REFUNDS, partitioned=True)
+    plan.refuse_references(TARGET.spec, live_table(references=(partitioned,)), set(), set(),
+                           server_version=130000, in_place=True)
+    with pytest.raises(RunnerError, match="is partitioned, and before PostgreSQL 18"):
+        plan.refuse_references(TARGET.spec, live_table(references=(partitioned,)), set(),
+                               set(), server_version=130000)
+    with pytest.raises(RunnerError, match="are not captured"):
+        plan.refuse_references(TARGET.spec, live_table(references=(REFUNDS,)), set(), set())
 
 
 def test_a_table_with_duplicates_and_no_capture_is_refused() -> None:

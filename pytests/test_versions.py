@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import test_in_place_references
 import test_partitioned
 import test_whole_row_copies
 import versions
@@ -181,11 +182,13 @@ def test_the_demo_is_captured_built_swapped_verified_and_rolled_back(
                    "unique indexes for keys with a NULL)")
 
 
-def test_a_partitioned_table_and_whole_row_copies_in_place_and_back(
+def test_a_partitioned_table_whole_row_copies_and_a_referenced_table_in_place_and_back(
         server: EmbeddedPostgres, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """What in place reads and builds that versions could differ on (pg_partition_tree, a
-    parent's constraint taking in its partitions', ctid): a project of one's own declares
-    test_partitioned's table and test_whole_row_copies' link table."""
+    parent's constraint taking in its partitions', ctid, a referencing table's rows moved under
+    row locks and redirected by a BEFORE trigger): a project of one's own declares
+    test_partitioned's table, test_whole_row_copies' link table and the stays that
+    test_in_place_references' charges and notes point at."""
     with psycopg.connect(autocommit=True, **server.conninfo) as conn:
         conn.execute("create database mine")
     database = Database({**server.environ(), "PGDATABASE": "mine"}, tmp_path / "target")
@@ -194,14 +197,20 @@ def test_a_partitioned_table_and_whole_row_copies_in_place_and_back(
     with database.connect() as conn:
         conn.execute(test_partitioned.TABLE)
         conn.execute(test_whole_row_copies.TABLE)
+        conn.execute(test_in_place_references.TABLES)
+        pointed = test_in_place_references._pointed(conn)
+        referencing = {table: test_partitioned._rows(conn, table) for table in (
+            test_in_place_references.CHARGES, test_in_place_references.NOTES)}
     assert database.runner("init", str(project)).exit_code == 0
-    for declared in (test_partitioned.ADD, test_whole_row_copies.ADD):
+    for declared in (test_partitioned.ADD, test_whole_row_copies.ADD,
+                     test_in_place_references.ADD):
         added = database.runner(*declared, *in_project)
         assert added.exit_code == 0, added.output
-    tables = (test_partitioned.VIEWS, test_whole_row_copies.LINKS)
+    tables = (test_partitioned.VIEWS, test_whole_row_copies.LINKS, test_in_place_references.STAYS)
     with database.connect() as conn:
         before = {table: test_partitioned._rows(conn, table) for table in tables}
         kept = test_partitioned._rows(conn, f"({test_partitioned.KEPT})")
+        stays_kept = test_in_place_references._kept(conn)
         version = conn.info.server_version
     built = database.runner("build", *in_project)
     assert built.exit_code == 0, built.output
@@ -216,6 +225,9 @@ def test_a_partitioned_table_and_whole_row_copies_in_place_and_back(
         after = {table: test_partitioned._rows(conn, table) for table in tables}
         removed = {table: test_partitioned._rows(conn, archived[table]) for table in tables}
         assert len(test_partitioned._constraints(conn)) == 1 + 1 + len(test_partitioned.LEAVES)
+        assert test_in_place_references._pointed(conn) == pointed
+        assert {i for (i,) in conn.execute(
+            f"select id from {test_in_place_references.STAYS}")} == stays_kept
     assert after[test_partitioned.VIEWS] == kept
     assert after[test_whole_row_copies.LINKS] == Counter(set(before[test_whole_row_copies.LINKS]))
     assert {t: after[t] + removed[t] for t in tables} == before
@@ -225,7 +237,9 @@ def test_a_partitioned_table_and_whole_row_copies_in_place_and_back(
     assert rolled_back.exit_code == 0, rolled_back.output
     with database.connect() as conn:
         assert {table: test_partitioned._rows(conn, table) for table in tables} == before
+        assert {table: test_partitioned._rows(conn, table) for table in referencing} == (
+            referencing)
         assert test_partitioned._constraints(conn) == {}
     say_at_the_end(request.node, _topic(request.node, version // 10000),
-                   f"PostgreSQL {version // 10000}: a partitioned table and whole-row copies "
-                   "deduplicated in place and rolled back")
+                   f"PostgreSQL {version // 10000}: a partitioned table, whole-row copies and "
+                   "a referenced table deduplicated in place and rolled back")

@@ -364,8 +364,8 @@ def _as_data(result: swap.SwapResult, sizes: dict[str, tuple[int, int]]) -> dict
                 "constraint": plan.constraint or None,
                 "repointed": [
                     {"foreign_key": r.reference.constraint, "table": str(r.reference.table),
-                     "rows": result.repointed.get(r, 0), "record": str(r.record)}
-                    for r in plan.repointings],
+                     "rows": rows, "record": str(r.record)}
+                    for r, rows in result.repointed.items() if r.live == plan.target.live],
             }
             for plan in result.plans
         ],

@@ -51,9 +51,9 @@ IDENTIFY = Step("the transaction's id: a runner that loses its connection asks t
                 "it whether the change committed", sql.SQL("select pg_current_xact_id()"))
 
 
-def run_steps(conn: psycopg.Connection, steps: list[Step]) -> None:
+def run_steps(conn: psycopg.Connection, steps: list[Step], params: dict | None = None) -> None:
     for step in steps:
-        cursor = conn.execute(step.statement)
+        cursor = conn.execute(step.statement, params)
         if not step.check:
             continue
         row = cursor.fetchone()

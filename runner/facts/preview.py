@@ -77,11 +77,11 @@ def preview(conn: psycopg.Connection, targets: list[DedupTarget]) -> list[Previe
                                                       swap_log.DEFAULT_ARCHIVE_SCHEMA))
             if action != "nothing":
                 refuse_unsupported(live, in_place=action != "swap")
-            if action == "swap":
+            if action in ("swap", "in_place"):
                 # Captured or not, `runner capture` captures every reference it needs.
                 refuse_references(target.spec, live, swapped,
                                   {r.constraint for r in live.references},
-                                  conn.info.server_version)
+                                  conn.info.server_version, in_place=action == "in_place")
         except RunnerError as error:
             refused = str(error)
         repointed = tuple(r.table for r in live.references) if action == "swap" else ()

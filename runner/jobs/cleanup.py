@@ -45,12 +45,12 @@ def kept_by(entry: LogEntry) -> list[Relation]:
     """What a swap left in the archive schema; after a rollback its archive is the live table
     again, and what is kept instead is the deduplicated table. With either go the records of
     the rows it re-pointed."""
+    records = [Relation(entry.archive_schema, r.record) for r in entry.repointed]
     if entry.action == "in_place" and entry.archive:
         # The rows the run removed; after a rollback, copies of rows live again.
-        return [entry.archive]
+        return [entry.archive, *records]
     if entry.action != "swap" or not entry.archive:
         return []
-    records = [Relation(entry.archive_schema, r.record) for r in entry.repointed]
     if entry.rolled_back_at is None:
         return [entry.archive, *records]
     if entry.rolled_back_table:

@@ -204,15 +204,21 @@ def plan_constraint(entry: LogEntry, live: LiveTable, archive_schema: str) -> Ta
 def plan_in_place(entry: LogEntry, live: LiveTable, archive_schema: str) -> TableRollback:
     """The table was never replaced: its constraint goes, and the rows the run removed come
     back from the archive with their own values, identity columns included. They are kept
-    there too, until `runner cleanup` drops the archive."""
+    there too, until `runner cleanup` drops the archive. The rows of other tables the run
+    moved to kept rows, and nobody moved since, point where they did."""
     columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in live.columns if not c.generated)
     plan = plan_constraint(entry, live, archive_schema)
-    plan.cutover[-1:-1] = [Step(
-        f"the rows the run removed go back into {entry.live}",
-        sql.SQL("insert into {live} ({columns}){overriding} select {columns} from {archive}")
-        .format(live=_id(entry.live), columns=columns, archive=_id(entry.archive),
-                overriding=sql.SQL(" overriding system value" if live.identity_sequences
-                                   else "")))]
+    pointing_now = {reference.named_by for reference in live.references}
+    plan.repointed = tuple(r for r in entry.repointed if r.reference.named_by in pointing_now)
+    plan.cutover[-1:-1] = [
+        Step(f"the rows the run removed go back into {entry.live}",
+             sql.SQL("insert into {live} ({columns}){overriding} select {columns} from {archive}")
+             .format(live=_id(entry.live), columns=columns, archive=_id(entry.archive),
+                     overriding=sql.SQL(" overriding system value" if live.identity_sequences
+                                        else ""))),
+        *(Step(f"the rows of {r.reference.table} the run re-pointed point where they did "
+               "before it", repoint.put_back(r.reference, Relation(archive_schema, r.record)))
+          for r in plan.repointed)]
     return plan
 
 

@@ -29,6 +29,7 @@ from runner.execution.executor import ASYNC_COMMIT, NO_JIT, run_batched, run_ste
 from runner.execution.locking import lock_timeout
 from runner.server import captures, catalog, in_place_runs, privileges, references, swap_log
 from runner.statements import capture, repoint
+from runner.statements.in_place_repoint import InPlaceRepointing
 from runner.statements.plan import (
     BuildCounts,
     Step,
@@ -70,8 +71,8 @@ class SwapResult:
     """Per table, the rows of the original and of the new table at commit."""
     notes: list[str] = field(default_factory=list)
     """What the commit left to do by hand: foreign keys that could not be validated."""
-    repointed: dict[repoint.Repointing, int] = field(default_factory=dict)
-    """Per foreign key that points at a swapped table, the rows the swap moved."""
+    repointed: dict[repoint.Repointing | InPlaceRepointing, int] = field(default_factory=dict)
+    """Per foreign key that points at a deduplicated table, the rows the run moved."""
 
 
 def build_counts(conn: psycopg.Connection, target: artifacts.DedupTarget) -> BuildCounts:
@@ -473,6 +474,9 @@ def needs(plans: list[TablePlan], options: SwapOptions) -> list[privileges.Need]
             found += [privileges.act_as_owner(live)] if plan.validate else []
             continue
         found += [privileges.act_as_owner(live), privileges.archive_schema(options.archive_schema)]
+        if plan.action == "in_place":
+            found += [privileges.act_as_owner(r.reference.table)
+                      for r in plan.in_place.repointings]
         if plan.action == "swap":
             found += [privileges.create_in(live.schema), privileges.owner_creates_in(live),
                       privileges.read(plan.target.deduplicated),
@@ -515,7 +519,11 @@ def _guard_steps(plan: TablePlan, options: SwapOptions) -> list[Step]:
             Step("the capture leaves the run's own deletes out of its log: they are counted from "
                  "the archive", capture.trigger_function(plan.capture)),
             *(Step("on the live table, which needs a moment's SHARE ROW EXCLUSIVE", statement)
-              for statement in work.guard_trigger())]
+              for statement in work.guard_trigger()),
+            *(Step(f"{r.reference.shown} points at the table: where its moved rows are "
+                   "recorded, and a trigger that points a row the ETL writes at a removed row "
+                   "to the kept row of its key instead", statement)
+              for r in work.repointings for statement in r.setup())]
 
 
 def _collect_steps(plan: TablePlan) -> list[Step]:
@@ -529,8 +537,8 @@ def _remove_steps(plan: TablePlan, options: SwapOptions) -> list[Step]:
     """One transaction per batch of keys."""
     return [Step("wait at most this long for a row's lock, then try the batch again",
                  lock_timeout(options.lock_timeout_ms)),
-            *(Step("the batch's rows that a live row of their key beats move to the archive",
-                   statement) for statement in plan.in_place.remove_batch())]
+            *(Step(why, statement, check)
+              for why, statement, check in plan.in_place.remove_batch())]
 
 
 def _guard_dropped(plan: TablePlan, options: SwapOptions) -> list[Step]:
@@ -546,8 +554,14 @@ def _drop_guard(conn: psycopg.Connection, plan: TablePlan, options: SwapOptions)
     locking.retry_until(
         conn, lambda: run_steps(conn, _guard_dropped(plan, options)),
         wait_s=options.lock_wait_s,
-        gave_up=locking.could_not_lock(conn, [plan.target.live], options.lock_timeout_ms,
+        gave_up=locking.could_not_lock(conn, _guarded(plan), options.lock_timeout_ms,
                                        options.lock_wait_s, " to drop the guard's trigger"))
+
+
+def _guarded(plan: TablePlan) -> list[Relation]:
+    """The tables that get the in-place run's triggers: the live one, and those whose foreign
+    keys point at it."""
+    return [plan.target.live, *(r.reference.table for r in plan.in_place.repointings)]
 
 
 def _in_place_lines(conn: psycopg.Connection, plan: TablePlan,
@@ -575,7 +589,7 @@ def _remove_in_place(conn: psycopg.Connection, plan: TablePlan, options: SwapOpt
         step_done(f"lookup index of {live}")
     locking.retry_until(
         conn, lambda: run_steps(conn, _guard_steps(plan, options)), wait_s=options.lock_wait_s,
-        gave_up=locking.could_not_lock(conn, [live], options.lock_timeout_ms,
+        gave_up=locking.could_not_lock(conn, _guarded(plan), options.lock_timeout_ms,
                                        options.lock_wait_s, " for the guard's trigger"))
     step_done(f"guard of {live}")
     with conn.transaction():
@@ -584,8 +598,7 @@ def _remove_in_place(conn: psycopg.Connection, plan: TablePlan, options: SwapOpt
     step_done(f"keys of {live}")
     for batch in range(batches):
         def attempt(batch: int = batch) -> None:
-            for step in _remove_steps(plan, options):
-                conn.execute(step.statement, {"batch": batch})
+            run_steps(conn, _remove_steps(plan, options), {"batch": batch})
         locking.retry_until(
             conn, attempt, wait_s=options.lock_wait_s,
             gave_up=lambda tries, error: (
@@ -712,7 +725,9 @@ def execute(conn: psycopg.Connection, plans: list[TablePlan], options: SwapOptio
                 gave_up_before=lambda step: _gave_up_before(options, step),
                 validate=validate, lock_timeout_ms=options.lock_timeout_ms,
                 postpone=options.postpone), step_done)
-    moved = {r: conn.execute(repoint.moved_rows(r)).fetchone()[0]
-             for plan in active for r in plan.repointings}
+    repointed = [*(r for plan in active for r in plan.repointings),
+                 *(r.at(plan.archive) for plan in active if plan.in_place
+                   for r in plan.in_place.repointings)]
+    moved = {r: conn.execute(repoint.moved_rows(r.record)).fetchone()[0] for r in repointed}
     return SwapResult(plans, result.lock_ms, result.attempts, replayed, rows, result.notes,
                       moved)

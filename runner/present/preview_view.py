@@ -35,7 +35,7 @@ def lines(previews: list[Preview], missing: str, size: Callable[[int], str]) -> 
                      f"{p.scan_seconds:.1f} s; then the removed rows are deleted a batch of keys "
                      "at a time, and the unique index is built CONCURRENTLY",
                      f"--   the cut-over locks ACCESS EXCLUSIVE on {live} for the milliseconds "
-                     "it takes to make the index the constraint"]
+                     "it takes to make the index the constraint", *_repointed(p)]
             continue
         said += [
             f"{head}: swap, because {p.why}; every original row is kept, in the archive schema",
@@ -48,6 +48,10 @@ def lines(previews: list[Preview], missing: str, size: Callable[[int], str]) -> 
         if p.held_for_writes:
             said.append(f"--   and SHARE ROW EXCLUSIVE on {', '.join(map(str, p.held_for_writes))}"
                         ", whose writers wait the same moments")
-        said += [f"--   re-points {r.rows_pointing_at_duplicates:,} of the {r.rows:,} rows of "
-                 f"{r.table} (foreign key {r.constraint})" for r in p.references]
+        said += _repointed(p)
     return said
+
+
+def _repointed(p: Preview) -> list[str]:
+    return [f"--   re-points {r.rows_pointing_at_duplicates:,} of the {r.rows:,} rows of "
+            f"{r.table} (foreign key {r.constraint})" for r in p.references]

@@ -12,7 +12,9 @@ removing the few others. In place, in named steps, each safe to stop and to run 
            of whole keys;
   remove   a batch at a time, in a transaction of its own, every row beaten by another live
            row of its key moves to the archive: `DELETE ... RETURNING` feeding `INSERT`, one
-           statement, so a row is in exactly one of them at every commit;
+           statement, so a row is in exactly one of them at every commit; rows of other tables
+           that point at it move to the kept row of its key first, in the same transaction
+           (runner.statements.in_place_repoint);
   index    the natural key's unique index, built CONCURRENTLY; once valid it keeps the key,
            and the guard goes;
   cut-over under a short lock: the index becomes the constraint, the archive takes its dated
@@ -31,6 +33,7 @@ from psycopg import sql
 from runner.declaration.artifacts import DedupSpec, Relation
 from runner.declaration.names import pg_name
 from runner.server.catalog import LiveTable
+from runner.statements import repoint
 from runner.statements.capture import (
     COUNTS,
     REMOVING_IN_PLACE,
@@ -38,6 +41,7 @@ from runner.statements.capture import (
     counts_key,
     fields_of,
 )
+from runner.statements.in_place_repoint import InPlaceRepointing, KeysOf
 from runner.statements.keys import (
     KeyShape,
     beats,
@@ -78,36 +82,73 @@ class InPlace:
     """The keys the remove step visits, numbered in batches."""
     guard: Relation
     """The guard trigger's function."""
+    repointings: tuple[InPlaceRepointing, ...] = ()
+    """The foreign keys that point at the table, whose rows follow a removed row to the kept
+    row of its key (runner.statements.in_place_repoint)."""
 
     @classmethod
     def of(cls, live: LiveTable, spec: DedupSpec, archive_schema: str) -> InPlace:
         name = live.relation.name
-        return cls(live.relation, spec,
-                   tuple(key_shapes(spec, {c.name for c in live.columns if c.not_null})),
-                   Relation(archive_schema, pg_name(live.relation.schema, name, "removing")),
+        shapes = tuple(key_shapes(spec, {c.name for c in live.columns if c.not_null}))
+        archive = Relation(archive_schema, pg_name(live.relation.schema, name, "removing"))
+        return cls(live.relation, spec, shapes, archive,
                    Relation(archive_schema, pg_name(live.relation.schema, name,
                                                     "keys_to_visit")),
-                   Relation(archive_schema, pg_name(live.relation.schema, name, "guard")))
+                   Relation(archive_schema, pg_name(live.relation.schema, name, "guard")),
+                   tuple(InPlaceRepointing.of(reference, live.relation, spec, shapes, archive)
+                         for reference in live.references))
 
-    def _remove_losers(self, shape: KeyShape, key_of: str, where: sql.Composable
-                       ) -> sql.Composed:
-        """Every live row of a key of `shape` (the key read from `key_of`) that another live
-        row of the same key beats, moved to the archive in one statement. The beating row is
-        share-locked, so the ETL cannot delete it before the commit: no key loses its last
-        row to a run that saw two."""
-        live, key = _id(self.live), columns_of(key_of)
+    def _keys_of(self, key_of: str) -> KeysOf:
+        """The guard's new row, or the keys to visit of batch `%(batch)s`."""
+        if key_of == "new":
+            return KeysOf("new", sql.SQL(""), sql.SQL("true"))
+        return KeysOf(key_of, sql.SQL("{} as {}, ").format(_id(self.keys),
+                                                          sql.Identifier(key_of)),
+                      sql.SQL("{}.dedup_batch = {}").format(sql.Identifier(key_of),
+                                                            sql.Placeholder("batch")))
+
+    def _remove_losers(self, shape: KeyShape, keys: KeysOf) -> sql.Composed:
+        """Every live row of a key of `shape` (the key read from `keys`) that another live
+        row of the same key beats, moved to the archive in one statement; one a foreign key
+        still points at stays. The beating row is share-locked, so the ETL cannot delete it
+        before the commit: no key loses its last row to a run that saw two."""
+        live, key = _id(self.live), columns_of(keys.key_of)
         return sql.SQL(
             "with removed as (delete from {live} as l{using} where {where} and {nulls} and"
             " {l_matches} and exists (select from {live} as w where {w_matches} and {beats}{equal}"
-            " for key share of w) returning l.*) insert into {archive} select * from removed"
+            " for key share of w){unreferenced} returning l.*)"
+            " insert into {archive} select * from removed"
         ).format(equal=self._equal_copies("w", "l"),
             live=live, archive=_id(self.archive),
-            using=sql.SQL("") if key_of == "new" else sql.SQL(" using {} as {}").format(
-                _id(self.keys), sql.Identifier(key_of)),
-            where=where, nulls=nulls_exactly(key, shape),
+            using=sql.SQL("") if keys.key_of == "new" else sql.SQL(" using {} as {}").format(
+                _id(self.keys), sql.Identifier(keys.key_of)),
+            where=keys.where, nulls=nulls_exactly(key, shape),
             l_matches=shape_matches(self.spec, columns_of("l"), key, shape),
             w_matches=shape_matches(self.spec, columns_of("w"), key, shape),
-            beats=beats(self.spec.keep, columns_of("w"), columns_of("l")))
+            beats=beats(self.spec.keep, columns_of("w"), columns_of("l")),
+            unreferenced=sql.SQL("").join(sql.SQL(" and {}").format(r.unreferenced("l"))
+                                          for r in self.repointings))
+
+    def _lock_keys(self, verb: str, shape: KeyShape, keys: KeysOf) -> sql.Composed:
+        """Every live row of the keys, locked until the commit, before their rows that lose
+        are re-pointed and removed: meanwhile no writer points a row at one, changes one, or
+        deletes the one kept."""
+        key = columns_of(keys.key_of)
+        return sql.SQL("{verb} 1 from {source}{live} as l where {where} and {nulls} and"
+                       " {l_matches} for update of l").format(
+            verb=sql.SQL(verb), source=keys.source, live=_id(self.live), where=keys.where,
+            nulls=nulls_exactly(key, shape),
+            l_matches=shape_matches(self.spec, columns_of("l"), key, shape))
+
+    def _repoint_and_remove(self, verb: str, shape: KeyShape, keys: KeysOf
+                            ) -> list[sql.Composed]:
+        """The losing rows of the keys, re-pointed where foreign keys point at them, then
+        moved to the archive."""
+        if not self.repointings:
+            return [self._remove_losers(shape, keys)]
+        return [self._lock_keys(verb, shape, keys),
+                *(r.move(shape, keys) for r in self.repointings),
+                self._remove_losers(shape, keys)]
 
     def _equal_copies(self, kept: str, removed: str) -> sql.Composable:
         """Under keep: any, a copy leaves only for one equal to it in every column (as text, as
@@ -132,7 +173,9 @@ class InPlace:
         # the ETL's own writes in the same transaction are logged before and after.
         branches = [sql.SQL("if {} then {}; {}; {}; end if;").format(
             nulls_exactly(columns_of("new"), shape), _removing("perform", "on"),
-            self._remove_losers(shape, "new", sql.SQL("true")), _removing("perform", "off"))
+            sql.SQL("; ").join(self._repoint_and_remove("perform", shape,
+                                                        self._keys_of("new"))),
+            _removing("perform", "off"))
             for shape in self.shapes]
         key = sql.SQL(", ").join(key_terms(self.spec, columns_of("new")))
         body = sql.SQL(
@@ -192,12 +235,23 @@ class InPlace:
     def batches(self) -> sql.Composed:
         return sql.SQL("select coalesce(max(dedup_batch) + 1, 0) from {}").format(_id(self.keys))
 
-    def remove_batch(self) -> list[sql.Composed]:
-        """One batch of keys, `%(batch)s`, one statement per shape of key, its deletes left out
-        of the capture's log."""
-        return [_removing("select", "on"), *(
-            self._remove_losers(shape, "k", sql.SQL("k.dedup_batch = {}").format(
-                sql.Placeholder("batch"))) for shape in self.shapes)]
+    def remove_batch(self) -> list[tuple[str, sql.Composed, bool]]:
+        """One batch of keys, `%(batch)s`, as (why, statement, whether it checks): per shape of
+        key, its losing rows re-pointed where foreign keys point at them, checked to be
+        pointed at no more, and moved to the archive, the deletes left out of the capture's
+        log."""
+        keys = self._keys_of("k")
+        why = "the batch's rows that a live row of their key beats move to the archive"
+        steps = [(why, _removing("select", "on"), False)]
+        for shape in self.shapes:
+            *repointed, removed = self._repoint_and_remove("select", shape, keys)
+            steps += [("the batch's keys' rows, locked, and the rows that point at those that "
+                       "lose, moved to the kept row of their key", statement, False)
+                      for statement in repointed]
+            steps += [(why_not, check, True) for why_not, check in (
+                r.still_pointing(shape, keys) for r in self.repointings)]
+            steps.append((why, removed, False))
+        return steps
 
     def archive_proven(self, log: Relation) -> list[tuple[str, sql.Composed]]:
         """Checks before the cut-over, each true or the run stops: no archived row is live
@@ -263,4 +317,8 @@ class InPlace:
         return [sql.SQL("drop trigger if exists {} on {}").format(
                     sql.Identifier(GUARD_TRIGGER), _id(self.live)),
                 sql.SQL("drop function if exists {}()").format(_id(self.guard)),
+                *(statement for r in self.repointings for statement in r.undo()),
+                # `runner capture` logs what the ETL writes into them for a swap to read.
+                *(statement for r in self.repointings for statement in repoint.capture_remove(
+                    repoint.ReferenceCapture.of(r.reference, self.archive.schema))),
                 sql.SQL("drop table if exists {}").format(_id(self.keys))]

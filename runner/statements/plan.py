@@ -216,17 +216,25 @@ def refuse_unsupported(live: LiveTable, in_place: bool = False) -> None:
 
 def refuse_references(spec: DedupSpec, live: LiveTable, swapped: set[Relation],
                       captured: set[str],
-                      server_version: int = PARTITIONED_NOT_VALID_VERSION) -> None:
-    """Whether the rows that point at the duplicates the swap removes can be moved to the kept
+                      server_version: int = PARTITIONED_NOT_VALID_VERSION,
+                      in_place: bool = False) -> None:
+    """Whether the rows that point at the duplicates the run removes can be moved to the kept
     rows: stop before changing anything if not. `swapped`: the tables this run replaces;
-    `captured`: the foreign keys whose written values `runner capture` logs."""
+    `captured`: the foreign keys whose written values `runner capture` logs, which only a swap
+    reads; `in_place`: the table stays, and so do its foreign keys."""
     if not live.references:
         return
+    doing = "deduplicate" if in_place else "replace"
     if spec.references == "refuse":
-        raise RunnerError(f"runner swap does not replace {live.relation}: foreign keys point at "
+        raise RunnerError(f"runner swap does not {doing} {live.relation}: foreign keys point at "
                           f"it ({', '.join(live.referenced_by)}) and its meta.dedup says "
                           "references: refuse; set references: repoint to move their rows to "
                           "the kept rows, or leave it out with --exclude")
+    if spec.any_copy:
+        raise RunnerError(f"foreign keys point at {live.relation} ({', '.join(live.referenced_by)}"
+                          "), so its rows differ in the columns they point at, and keep: any "
+                          "removes only copies equal in every column: declare keep with a "
+                          "tie-breaker instead")
     for reference in live.references:
         columns = ", ".join(reference.columns)
         if reference.table in swapped:
@@ -235,15 +243,17 @@ def refuse_references(spec: DedupSpec, live: LiveTable, swapped: set[Relation],
                               f"swap {live.relation} first, then {reference.table} (--select)")
         if not reference.indexed:
             raise RunnerError(f"{reference.shown} points at {live.relation}, and no index of "
-                              f"{reference.table} starts with ({columns}), without which each "
-                              "row re-pointed under the lock is a scan: create one (create "
-                              f"index concurrently on {reference.table} ({columns})), then run "
-                              "`runner swap` again")
+                              f"{reference.table} starts with ({columns}), without which "
+                              "finding the rows that point at each removed row is a scan: "
+                              "create one (create index concurrently on "
+                              f"{reference.table} ({columns})), then run `runner swap` again")
         if not reference.row_key:
             raise RunnerError(f"{reference.shown} points at {live.relation}, and "
                               f"{reference.table} has no primary key, by which a rollback would "
                               "put back the rows it re-points: add one, or set references: "
                               f"refuse for {live.relation}")
+        if in_place:
+            continue
         if reference.partitioned and server_version < PARTITIONED_NOT_VALID_VERSION:
             raise RunnerError(f"{reference.table}, whose foreign key {reference.constraint} "
                               f"points at {live.relation}, is partitioned, and before "
@@ -539,8 +549,8 @@ def plan_table(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp:
     strategy, why = choose_strategy(target.spec, counts, live, in_place_started,
                                     kept_rows_copied)
     refuse_unsupported(live, in_place=strategy == "in_place")
-    if strategy == "swap":
-        refuse_references(target.spec, live, swapped, references_captured, server_version)
+    refuse_references(target.spec, live, swapped, references_captured, server_version,
+                      in_place=strategy == "in_place")
     if captured is None:
         raise RunnerError(f"{live.relation} has no change capture: run `runner capture`, then "
                           "`dbt build`, then `runner swap`, so that no write between the build "
@@ -569,26 +579,19 @@ def choose_strategy(spec: DedupSpec, counts: BuildCounts, live: LiveTable,
                               "`runner swap` to finish it, then swap if you still want to")
         return "in_place", "an in-place run stopped before it finished: this one finishes it"
     if live.partitioned or live.is_partition:
-        refuse_in_place(live)
         return "in_place", f"{_partitioning(live)}, which only in place keeps as it is"
     if spec.any_copy:
-        refuse_in_place(live)
         return "in_place", ("its meta.dedup says keep: any, whose equal copies only their place "
                             "in the table tells apart, which only in place keeps")
     if spec.strategy == "in_place":
-        refuse_in_place(live)
         return "in_place", "its meta.dedup says strategy: in_place"
     if not kept_rows_copied:
-        refuse_in_place(live)
         return "in_place", ("runner build chose it, and built the kept rows as a view, not a "
                             "copy")
     if spec.strategy == "swap":
         return "swap", "its meta.dedup says strategy: swap"
     if spec.nulls == "backfill":
         return "swap", "nulls: backfill gives kept rows new keys, which only a swap does"
-    if live.references:
-        return "swap", (f"foreign keys point at it ({', '.join(live.referenced_by)}), whose rows "
-                        "only a swap re-points")
     share = counts.duplicates / counts.rows
     if share <= IN_PLACE_UP_TO:
         return "in_place", (f"{share:.1%} of its rows are duplicates, at most "
@@ -598,14 +601,6 @@ def choose_strategy(spec: DedupSpec, counts: BuildCounts, live: LiveTable,
                     "copying the kept rows costs less than removing the rest")
 
 
-def refuse_in_place(live: LiveTable) -> None:
-    if live.references:
-        raise RunnerError(f"runner swap does not yet deduplicate {live.relation} in place: "
-                          f"foreign keys point at it ({', '.join(live.referenced_by)}), and a "
-                          "delete of a row they point at would fail or cascade; set strategy: "
-                          "swap, which re-points them, or auto")
-
-
 def _in_place(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: datetime,
               archive_schema: str, captured: capture.Capture, server_version: int,
               lookup_left: Index | None) -> TablePlan:
@@ -613,6 +608,7 @@ def _in_place(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: 
     the table gets its constraint as one without duplicates does; it is never replaced."""
     work = InPlace.of(live, target.spec, archive_schema)
     archive = Relation(archive_schema, archive_name(live.relation.name, stamp))
+    records = {r: r.dated(archive) for r in work.repointings}
     live_id = sql.Identifier(live.relation.schema, live.relation.name)
     concurrent, built = _unique_index_concurrently(target, live, server_version)
     plan = TablePlan(target, "in_place", counts, archive=archive,
@@ -649,6 +645,9 @@ def _in_place(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: 
              sql.SQL("alter table {} rename to {}").format(
                  sql.Identifier(work.archive.schema, work.archive.name),
                  sql.Identifier(archive.name))),
+        *(Step(f"the rows of {r.reference.table} moved to kept rows are recorded with the "
+               "archive's date", statement) for r, (_, renames) in records.items()
+          for statement in renames),
         Step(f"record the deduplication of {live.relation} in place, with its rows at commit",
              swap_log.entry(
                  archive_schema=archive_schema, live=live.relation, action="in_place",
@@ -657,7 +656,9 @@ def _in_place(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: 
                  rows_after=rows_after, tiebreaker=target.spec.tiebreaker, backfilled=[],
                  foreign_keys=[], triggers=[], sequences_not_owned=_sequences_not_owned(live),
                  bytes_before=sql.SQL("pg_total_relation_size({}::regclass)").format(
-                     sql.Literal(live_id.as_string())))),
+                     sql.Literal(live_id.as_string())),
+                 repointed=[swap_log.Repointed(r.reference, record.name)
+                            for r, (record, _) in records.items()])),
         *_end_capture(captured),
     ]
     return plan

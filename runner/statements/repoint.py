@@ -380,8 +380,8 @@ def nothing_left(r: Repointing) -> sql.Composed:
                    " union all select from {}) as waiting").format(r.queue, r.changed)
 
 
-def moved_rows(r: Repointing) -> sql.Composed:
-    return sql.SQL("select count(*) from {}").format(_id(r.record))
+def moved_rows(record: Relation) -> sql.Composed:
+    return sql.SQL("select count(*) from {}").format(_id(record))
 
 
 def cutover(r: Repointing, drop: bool) -> list[sql.Composed]:

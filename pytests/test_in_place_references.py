@@ -1,0 +1,374 @@
+"""A table that other tables reference, deduplicated in place (#15): the rows that point at a
+removed duplicate move to the kept row of its key before it leaves, every foreign key stays the
+one it was (same OID, enforced throughout, whatever its ON DELETE says), and a rollback puts
+back both the removed rows and where each moved row pointed."""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import Database, project_of_ones_own
+from test_in_place import kill_after_each_step_then_rerun, live_and_archived
+
+from runner.errors import RunnerError
+from runner.jobs import swap
+from runner.statements import in_place
+
+STAYS = '"Guest Book"."Stays"'
+CHARGES = '"Guest Book".charges'
+NOTES = '"Guest Book"."stay notes"'
+# 240 stays (guest, night) loaded one to three times, later copies later; charges point at
+# copies by id (ON DELETE CASCADE: a delete of a copy they point at would take them along),
+# notes by a code of their own (ON DELETE SET NULL: it would cut them loose), both at copies
+# that leave and copies that stay.
+TABLES = f"""
+create schema "Guest Book";
+create table {STAYS} (
+    id bigint generated always as identity primary key,
+    guest text not null,
+    night date not null,
+    loaded_at timestamptz not null,
+    code text not null unique
+);
+insert into {STAYS} (guest, night, loaded_at, code)
+select 'guest ' || g, date '2025-03-01' + n, timestamptz '2025-04-01' + copy * interval '1 day',
+       format('S-%s-%s-%s', g, n, copy)
+from generate_series(1, 40) as g, generate_series(1, 6) as n,
+     generate_series(1, 1 + (g * n) % 3) as copy
+order by copy, g, n;
+create table {CHARGES} (
+    id integer primary key,
+    stay_id bigint references {STAYS} (id) on delete cascade,
+    amount integer not null
+);
+create index on {CHARGES} (stay_id);
+insert into {CHARGES} select s.id, s.id, s.id * 10 from {STAYS} as s where s.id % 2 = 0;
+create table {NOTES} (
+    note_id integer primary key,
+    stay_code text references {STAYS} (code) on delete set null,
+    body text
+);
+create index on {NOTES} (stay_code);
+insert into {NOTES} select s.id, s.code, 'note on ' || s.code from {STAYS} as s
+where s.id % 3 = 0;
+"""
+ADD = ["add", "Guest Book.Stays", "--key", "guest,night", "--keep", "loaded_at:desc,id:desc",
+       "--strategy", "in_place", "--name", "stays"]
+
+
+def _rows(conn: psycopg.Connection, table: str) -> Counter:
+    return Counter(row for (row,) in conn.execute(f"select row(t.*)::text from {table} as t"))
+
+
+def _pointed(conn: psycopg.Connection) -> dict[str, tuple]:
+    """Each charge and note, with the key (guest, night) of the stay it points at: what must
+    not change, wherever it points."""
+    return {
+        **{f"charge {i}": key for i, *key in conn.execute(
+            f"select c.id, s.guest, s.night from {CHARGES} as c join {STAYS} as s"
+            " on s.id = c.stay_id")},
+        **{f"note {i}": key for i, *key in conn.execute(
+            f"select n.note_id, s.guest, s.night from {NOTES} as n join {STAYS} as s"
+            " on s.code = n.stay_code")}}
+
+
+def _kept(conn: psycopg.Connection) -> set[int]:
+    """The id of each key's latest copy."""
+    return {i for (i,) in conn.execute(f"select distinct on (guest, night) id from {STAYS}"
+                                       " order by guest, night, loaded_at desc, id desc")}
+
+
+def _foreign_keys(conn: psycopg.Connection) -> list[tuple]:
+    return conn.execute("select oid, conname, convalidated from pg_constraint"
+                        f" where confrelid = '{STAYS}'::regclass order by conname").fetchall()
+
+
+def _leftovers(conn: psycopg.Connection) -> list[str]:
+    """The in-place run's triggers: the guard's, and the redirects of the tables that point."""
+    return [name for (name,) in conn.execute(
+        "select tgname from pg_trigger where tgname like 'dedup\\_in\\_place\\_%' and tgrelid in"
+        f" ('{STAYS}'::regclass, '{CHARGES}'::regclass, '{NOTES}'::regclass)")]
+
+
+@pytest.fixture
+def guests(server, tmp_path: Path, request) -> Iterator[tuple[Database, tuple[str, str]]]:
+    with project_of_ones_own(server, tmp_path, f"guests_{request.node.name[-24:].lower()}",
+                             TABLES, ADD) as (database, project):
+        yield database, ("--project-dir", str(project))
+
+
+def test_rows_that_point_at_removed_copies_follow_them_to_the_kept_row_and_come_back(
+        guests) -> None:
+    database, project = guests
+    with database.connect() as conn:
+        stays, charges, notes = (_rows(conn, t) for t in (STAYS, CHARGES, NOTES))
+        pointed, kept, keys = _pointed(conn), _kept(conn), _foreign_keys(conn)
+        oid = conn.execute(f"select '{STAYS}'::regclass::oid").fetchone()[0]
+        pointing_at_copies = conn.execute(
+            f"select count(*) from {CHARGES} where not stay_id = any(%s)", (list(kept),)
+        ).fetchone()[0]
+    assert pointing_at_copies > 50
+
+    built = database.runner("build", *project)
+    assert built.exit_code == 0, built.output
+    planned = database.runner("swap", "--dry-run", *project)
+    assert planned.exit_code == 0, planned.output
+    assert "-- Guest Book.Stays: in place, because its meta.dedup says strategy: in_place" in (
+        planned.output)
+    assert 'create trigger "dedup_in_place_redirect__charges_stay_id_fkey" before insert' in (
+        planned.output)
+    swapped = database.runner("swap", *project)
+    assert swapped.exit_code == 0, swapped.output
+    assert (f"Re-pointed {pointing_at_copies:,} rows of Guest Book.charges (foreign key "
+            "charges_stay_id_fkey) at the kept rows of Guest Book.Stays") in swapped.output
+    with database.connect() as conn:
+        # Nothing of the referencing tables was lost, cut loose or replaced, and each row
+        # points at the kept row of the key it pointed at.
+        assert _foreign_keys(conn) == keys
+        assert conn.execute(f"select '{STAYS}'::regclass::oid").fetchone()[0] == oid
+        assert _pointed(conn) == pointed
+        assert {i for (i,) in conn.execute(f"select id from {STAYS}")} == kept
+        assert sum(_rows(conn, CHARGES).values()) == sum(charges.values())
+        assert conn.execute(f"select count(*) from {NOTES} where stay_code is null"
+                            ).fetchone()[0] == 0
+        assert _rows(conn, NOTES).keys() != notes.keys()
+        assert live_and_archived(conn, STAYS) == stays
+        assert _leftovers(conn) == []
+        # The archive, and the record of the charges and of the notes moved, with its date.
+        assert sorted(re.sub(r"__\d{14}", "__<date>", name) for (name,) in conn.execute(
+            "select relname from pg_class where relkind = 'r'"
+            " and relnamespace = 'dedup_archive'::regnamespace and relname like 'Stays__%'")
+        ) == ["Stays__<date>", "Stays__<date>__charges__charges_stay_id_fkey",
+              "Stays__<date>__stay notes__stay notes_stay_code_fkey"]
+    verified = database.runner("verify", *project)
+    assert verified.exit_code == 0, verified.output
+
+    rolled = database.runner("rollback", *project)
+    assert rolled.exit_code == 0, rolled.output
+    with database.connect() as conn:
+        assert (_rows(conn, STAYS), _rows(conn, CHARGES), _rows(conn, NOTES)) == (
+            stays, charges, notes)
+        assert _foreign_keys(conn) == keys
+    cleaned = database.runner("cleanup", "--older-than", "0s", *project)
+    assert cleaned.exit_code == 0, cleaned.output
+    with database.connect() as conn:
+        assert conn.execute("select count(*) from pg_class where relname like 'Stays\\_\\_%'"
+                            " and relnamespace = 'dedup_archive'::regnamespace").fetchone()[0] == 0
+
+
+def test_what_the_etl_writes_meanwhile_points_at_the_kept_rows_and_nothing_is_lost(
+        guests, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After every step the ETL sends a stay again as a later copy (ON CONFLICT DO NOTHING),
+    with a charge on the copy it just wrote, which the guard takes away at once as a later copy
+    wins, and a charge on an older copy whose id it read before the run. Until the guard goes
+    every charge lands, on the key's kept row; once it is gone, a charge on a removed copy is
+    refused by the foreign key, as after any deduplication."""
+    database, project = guests
+    monkeypatch.setattr(in_place, "BATCH_ROWS", 40)
+    built = database.runner("build", *project)
+    assert built.exit_code == 0, built.output
+    with database.connect() as conn:
+        stays = _rows(conn, STAYS)
+        older = {(guest, str(night)): i for guest, night, i in conn.execute(
+            f"select distinct on (guest, night) guest, night, id from {STAYS}"
+            " order by guest, night, loaded_at, id")}
+        charges_before = sum(_rows(conn, CHARGES).values())
+    landed: list[tuple[int, str, str]] = []
+    refused: list[str] = []
+    guarded = True
+
+    def write_meanwhile(label: str) -> None:
+        nonlocal guarded
+        guarded = guarded and not label.startswith("guard dropped")
+        if label in ("lock", "cutover", "commit"):
+            return
+        n = len(landed) + len(refused) + 1
+        guest, night = f"guest {n}", f"2025-03-0{2 + n % 6}"
+        with database.connect() as conn:
+            sent = conn.execute(
+                f"insert into {STAYS} (guest, night, loaded_at, code) values"
+                " (%s, %s, timestamptz '2025-06-01' + %s * interval '1 hour', %s)"
+                " on conflict do nothing returning id",
+                (guest, night, n, f"S-sent-{n}")).fetchone()
+            if sent is not None:
+                conn.execute(f"insert into {CHARGES} values (%s, %s, 1)", (100_000 + n, sent[0]))
+            try:
+                conn.execute(f"insert into {CHARGES} values (%s, %s, 2)",
+                             (200_000 + n, older[guest, night]))
+            except psycopg.errors.ForeignKeyViolation:
+                assert not guarded, label
+                refused.append(label)
+                return
+        landed.append((n, guest, night))
+
+    options = swap.SwapOptions(target_dir=database.target_dir)
+    with database.connect() as conn:
+        swap.execute(conn, swap.make_plans(conn, options), options, after_step=write_meanwhile)
+    assert len(landed) > 8
+    assert refused
+    with database.connect() as conn:
+        sent_rows = _rows(conn, f"(select * from {STAYS} where code like 'S-sent-%')")
+        sent_charges = conn.execute(f"select count(*) from {CHARGES} where id between 100000"
+                                    " and 199999").fetchone()[0]
+        assert conn.execute(f"select count(*) from {CHARGES}").fetchone()[0] == (
+            charges_before + len(landed) + sent_charges)
+        # Each key keeps its latest copy; every charge written points at it.
+        for n, guest, night in landed:
+            latest = conn.execute(f"select id from {STAYS} where guest = %s and night = %s",
+                                  (guest, night)).fetchall()
+            assert len(latest) == 1
+            assert conn.execute(
+                f"select distinct stay_id from {CHARGES} where id in (%s, %s)",
+                (100_000 + n, 200_000 + n)).fetchall() == latest
+        assert live_and_archived(conn, STAYS) == stays + sent_rows
+        assert _leftovers(conn) == []
+
+
+def test_a_writer_pointing_at_copies_while_batches_remove_them_never_fails_or_dangles(
+        guests, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer of its own, from the guard until the unique index is valid, sends stays again
+    and charges on them, and charges on copies by ids it read before the run, as the batches
+    remove those copies (a few keys a batch): not one write fails, and every charge lands on
+    the kept row of its key."""
+    database, project = guests
+    monkeypatch.setattr(in_place, "BATCH_ROWS", 12)
+    built = database.runner("build", *project)
+    assert built.exit_code == 0, built.output
+    with database.connect() as conn:
+        stays = conn.execute(f"select id, guest, night from {STAYS} order by id").fetchall()
+        charges_before = conn.execute(f"select count(*) from {CHARGES}").fetchone()[0]
+    intended: dict[int, tuple[str, object]] = {}
+    failures: list[BaseException] = []
+    writing, stop = threading.Event(), threading.Event()
+
+    def write() -> None:
+        chosen = random.Random(15)
+        try:
+            with database.connect() as conn:
+                conn.autocommit = True
+                writing.wait()
+                while not stop.is_set():
+                    n = 300_000 + len(intended)
+                    stay_id, guest, night = chosen.choice(stays)
+                    if n % 4 == 0:
+                        stay_id = conn.execute(
+                            f"insert into {STAYS} (guest, night, loaded_at, code) values"
+                            " (%s, %s, timestamptz '2025-07-01' + %s * interval '1 second',"
+                            " %s) on conflict do nothing returning id",
+                            (guest, night, n, f"S-writer-{n}")).fetchone()[0]
+                    conn.execute(f"insert into {CHARGES} values (%s, %s, 3)", (n, stay_id))
+                    intended[n] = (guest, night)
+        except BaseException as error:  # reported by the test, in its own thread
+            failures.append(error)
+
+    def pace(label: str) -> None:
+        if label.startswith("guard of"):
+            writing.set()
+        if label.startswith("batch"):
+            time.sleep(0.05)
+        if label.startswith("concurrent index of"):
+            stop.set()
+            writer.join()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    options = swap.SwapOptions(target_dir=database.target_dir)
+    try:
+        with database.connect() as conn:
+            swap.execute(conn, swap.make_plans(conn, options), options, after_step=pace)
+    finally:
+        writing.set()
+        stop.set()
+        writer.join()
+    assert failures == []
+    assert len(intended) > 20
+    with database.connect() as conn:
+        assert conn.execute(f"select count(*) from {CHARGES}").fetchone()[0] == (
+            charges_before + len(intended))
+        landed = {i: (guest, night) for i, guest, night in conn.execute(
+            f"select c.id, s.guest, s.night from {CHARGES} as c join {STAYS} as s"
+            " on s.id = c.stay_id where c.id >= 300000")}
+        assert landed == intended
+        assert conn.execute(f"select count(*) from {STAYS}").fetchone()[0] == len(
+            {(guest, night) for _, guest, night in stays})
+
+
+def test_a_kill_after_any_step_leaves_every_row_pointing_at_its_key_and_a_rerun_finishes(
+        server, guests, monkeypatch: pytest.MonkeyPatch) -> None:
+    database, project = guests
+    monkeypatch.setattr(in_place, "BATCH_ROWS", 120)
+    built = database.runner("build", *project)
+    assert built.exit_code == 0, built.output
+    with database.connect() as conn:
+        stays, pointed, kept = _rows(conn, STAYS), _pointed(conn), _kept(conn)
+
+    def killed(conn: psycopg.Connection, label: str) -> None:
+        assert live_and_archived(conn, STAYS) == stays, f"killed after {label!r}"
+        assert _pointed(conn) == pointed, f"killed after {label!r}"
+
+    def rerun(conn: psycopg.Connection, label: str) -> None:
+        assert {i for (i,) in conn.execute(f"select id from {STAYS}")} == kept, label
+        assert _pointed(conn) == pointed, f"rerun after {label!r}"
+        assert _leftovers(conn) == []
+
+    labels = kill_after_each_step_then_rerun(
+        server, database, swap.SwapOptions(target_dir=database.target_dir), killed, rerun)
+    assert len([label for label in labels if label.startswith("batch")]) > 1
+
+
+def test_a_row_that_cannot_move_stops_the_batch_and_nothing_is_cut_loose(guests) -> None:
+    """A trigger of the referencing table that keeps its rows from changing: the batch stops,
+    says why, and no charge is deleted by the cascade."""
+    database, project = guests
+    with database.connect() as conn:
+        conn.execute(f"""create function "Guest Book".frozen() returns trigger language plpgsql
+                     as 'begin return null; end';
+                     create trigger frozen before update on {CHARGES} for each row
+                     execute function "Guest Book".frozen()""")
+        charges = _rows(conn, CHARGES)
+    built = database.runner("build", *project)
+    assert built.exit_code == 0, built.output
+    options = swap.SwapOptions(target_dir=database.target_dir)
+    with database.connect() as conn, pytest.raises(RunnerError) as stopped:
+        swap.execute(conn, swap.make_plans(conn, options), options)
+    assert str(stopped.value).startswith(
+        'check failed, nothing was changed: no row of "Guest Book".charges.charges_stay_id_fkey '
+
+        "points at a duplicate of the batch still (a trigger or row security policy of Guest "
+        "Book.charges would keep one from moving")
+    with database.connect() as conn:
+        assert _rows(conn, CHARGES) == charges
+
+
+@pytest.mark.parametrize(("prepare", "refusal"), [
+    ("drop index \"Guest Book\".charges_stay_id_idx",
+     '"Guest Book".charges.charges_stay_id_fkey points at Guest Book.Stays, and no index of '
+
+     "Guest Book.charges starts with (stay_id)"),
+    (f"alter table {NOTES} drop constraint \"stay notes_pkey\"",
+     '"Guest Book"."stay notes"."stay notes_stay_code_fkey" points at Guest Book.Stays, and '
+
+     "Guest Book.stay notes has no primary key"),
+], ids=["unindexed", "without_primary_key"])
+def test_a_reference_that_cannot_be_followed_is_refused_before_anything_changes(
+        guests, prepare: str, refusal: str) -> None:
+    database, project = guests
+    with database.connect() as conn:
+        conn.execute(prepare)
+        before = [_rows(conn, t) for t in (STAYS, CHARGES, NOTES)]
+    built = database.runner("build", *project)
+    assert built.exit_code == 0, built.output
+    refused = database.runner("swap", *project)
+    assert refused.exit_code == 4, refused.output
+    assert refusal in refused.output
+    with database.connect() as conn:
+        assert [_rows(conn, t) for t in (STAYS, CHARGES, NOTES)] == before
+        assert _leftovers(conn) == []
