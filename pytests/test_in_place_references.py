@@ -16,9 +16,12 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import Database, project_of_ones_own
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg import sql
 from test_in_place import kill_after_each_step_then_rerun, live_and_archived
 
-from runner.errors import RunnerError
+from runner.errors import ConnectionLost, RunnerError
 from runner.jobs import swap
 from runner.statements import in_place
 
@@ -372,3 +375,154 @@ def test_a_reference_that_cannot_be_followed_is_refused_before_anything_changes(
     with database.connect() as conn:
         assert [_rows(conn, t) for t in (STAYS, CHARGES, NOTES)] == before
         assert _leftovers(conn) == []
+
+
+# What the ETL may do around any step of a run, and after which step: send a stay again later
+# (it wins) or earlier (it loses at once) and charge it; charge, or move a charge to, a stay by an
+# id read before the run; delete a charge; note a stay by its code.
+WRITES = st.lists(st.tuples(
+    st.sampled_from(["send later", "send earlier", "charge", "move charge", "delete charge",
+                     "note"]),
+    st.integers(0, 10_000), st.integers(0, 24)), min_size=4, max_size=30)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(writes=WRITES, kill_after=st.one_of(st.none(), st.integers(1, 24)))
+def test_histories_of_writes_around_the_steps_leave_every_reference_on_its_key(
+        server, guests, writes: list, kill_after: int | None) -> None:
+    """Hypothesis draws the ETL's writes and the step after which each comes (one past the
+    run's last step comes after it), and a step after which the run is killed and run again.
+    Every write lands, or is refused by the foreign key only where the stay it names is gone
+    and no redirect is in place; at the end each key has one stay, every stay ever written is
+    live or archived, and each charge and note points at the key it was written for."""
+    database, project = guests
+    if not (database.target_dir / "manifest.json").exists():
+        built = database.runner("build", *project)
+        assert built.exit_code == 0, built.output
+    copy = Database({**database.env, "PGDATABASE": f"{database.name}_history"},
+                    database.target_dir)
+    with psycopg.connect(autocommit=True, **server.conninfo) as admin:
+        admin.execute(sql.SQL("drop database if exists {} with (force)").format(
+            sql.Identifier(copy.name)))
+        admin.execute(sql.SQL("create database {} template {}").format(
+            sql.Identifier(copy.name), sql.Identifier(database.name)))
+    history = _History(copy, writes)
+    steps = 0
+
+    def step_done(label: str) -> None:
+        nonlocal steps
+        steps += 1
+        if label not in ("lock", "cutover", "commit"):
+            history.write(up_to=steps)
+        if steps == kill_after:
+            with copy.connect() as other:
+                other.execute("select pg_terminate_backend(pid) from pg_stat_activity"
+                              " where application_name = 'runner-under-test'")
+
+    options = swap.SwapOptions(target_dir=copy.target_dir)
+    try:
+        try:
+            with copy.connect() as conn:
+                conn.execute("set application_name = 'runner-under-test'")
+                swap.execute(conn, swap.make_plans(conn, options), options, after_step=step_done)
+        except (ConnectionLost, psycopg.OperationalError):
+            assert kill_after is not None
+            with copy.connect() as conn:
+                swap.execute(conn, swap.make_plans(conn, options), options,
+                             after_step=step_done)
+        history.write(up_to=len(writes) + 100)
+        history.check()
+    finally:
+        with psycopg.connect(autocommit=True, **server.conninfo) as admin:
+            admin.execute(sql.SQL("drop database {} with (force)").format(
+                sql.Identifier(copy.name)))
+
+
+class _History:
+    """The ETL's side of a history, and what it expects of the database."""
+
+    def __init__(self, database: Database, writes: list) -> None:
+        self.database = database
+        self.waiting = list(enumerate(writes))
+        with database.connect() as conn:
+            self.stays = conn.execute(f"select id, guest, night::text, code from {STAYS}"
+                                      " order by id").fetchall()
+            self.written = _rows(conn, STAYS)
+            self.charges = self._pointing_now(conn)[0]
+            self.notes = self._pointing_now(conn)[1]
+
+    def write(self, up_to: int) -> None:
+        now = [(number, write) for number, write in self.waiting if write[2] <= up_to]
+        self.waiting = [waiting for waiting in self.waiting if waiting not in now]
+        with self.database.connect() as conn:
+            for number, (what, pick, _) in now:
+                self._one(conn, 900_000 + number, what, pick)
+
+    def _one(self, conn: psycopg.Connection, n: int, what: str, pick: int) -> None:
+        stay_id, guest, night, code = self.stays[pick % len(self.stays)]
+        if what.startswith("send"):
+            loaded = ("timestamptz '2025-08-01' + %s * interval '1 minute'" if what == "send later"
+                      else "timestamptz '2025-01-01' - %s * interval '1 minute'")
+            code = f"S-history-{n}"
+            sent = conn.execute(
+                f"insert into {STAYS} as s (guest, night, loaded_at, code) values (%s, %s,"
+                f" {loaded}, %s) on conflict do nothing returning row(s.*)::text, id",
+                (guest, night, n, code)).fetchone()
+            if sent is None:
+                return
+            self.written[sent[0]] += 1
+            stay_id = sent[1]
+        key = (guest, night)
+        if what in ("send later", "send earlier", "charge"):
+            self._point(conn, stay_id, self.charges, n, key,
+                        f"insert into {CHARGES} values (%s, %s, 4)", (n, stay_id))
+        elif what == "move charge" and self.charges:
+            charge = sorted(self.charges)[pick % len(self.charges)]
+            self._point(conn, stay_id, self.charges, charge, key,
+                        f"update {CHARGES} set stay_id = %s where id = %s", (stay_id, charge))
+        elif what == "delete charge" and self.charges:
+            charge = sorted(self.charges)[pick % len(self.charges)]
+            conn.execute(f"delete from {CHARGES} where id = %s", (charge,))
+            del self.charges[charge]
+        elif what == "note":
+            self._point(conn, stay_id, self.notes, n, key,
+                        f"insert into {NOTES} values (%s, %s, 'history')", (n, code))
+
+    @staticmethod
+    def _point(conn: psycopg.Connection, stay_id: int, pointing: dict, row: int, key: tuple,
+               statement: str, params: tuple) -> None:
+        """A write that points at a stay: it lands, unless the stay is gone and nothing
+        redirects it."""
+        live = conn.execute(f"select count(*) from {STAYS} where id = %s", (stay_id,)
+                            ).fetchone()[0] == 1
+        redirecting = conn.execute(
+            "select count(*) from pg_trigger where tgname like 'dedup\\_in\\_place\\_redirect%%'"
+            f" and tgrelid = '{CHARGES}'::regclass").fetchone()[0] > 0
+        try:
+            with conn.transaction():
+                conn.execute(statement, params)
+        except psycopg.errors.ForeignKeyViolation:
+            assert not (live or redirecting), (statement, params)
+            return
+        assert live or redirecting, (statement, params)
+        pointing[row] = key
+
+    @staticmethod
+    def _pointing_now(conn: psycopg.Connection) -> tuple[dict, dict]:
+        return ({i: (guest, night) for i, guest, night in conn.execute(
+                    f"select c.id, s.guest, s.night::text from {CHARGES} as c join {STAYS} as s"
+                    " on s.id = c.stay_id")},
+                {i: (guest, night) for i, guest, night in conn.execute(
+                    f"select n.note_id, s.guest, s.night::text from {NOTES} as n"
+                    f" join {STAYS} as s on s.code = n.stay_code")})
+
+    def check(self) -> None:
+        with self.database.connect() as conn:
+            assert live_and_archived(conn, STAYS) == self.written
+            assert conn.execute(f"select count(*) from {STAYS}").fetchone()[0] == len(
+                {(guest, night) for _, guest, night, _ in self.stays})
+            assert self._pointing_now(conn) == (self.charges, self.notes)
+            assert conn.execute(f"select count(*) from {CHARGES}").fetchone()[0] == len(
+                self.charges)
+            assert _leftovers(conn) == []
