@@ -59,11 +59,12 @@ def start(conn: psycopg.Connection, targets: list[DedupTarget], options: LockOpt
                 if r.trigger is not None and r.log_exists}
     to_start = [t.live for t in targets if t.live not in in_place]
     already = [in_place[t.live] for t in targets if t.live in in_place]
-    # The values the ETL writes into the foreign keys that point at a table to be swapped, for
-    # the swap to re-point those that name a row it removes.
+    # The values the ETL writes into the foreign keys that point at a table that may be
+    # swapped, for the swap to re-point those that name a row it removes (in place, the rows
+    # move as the duplicates leave, and need no log).
     uncaptured_references = [
-        c for t in targets if t.spec.references == "repoint" and (
-            t.live in to_start or in_place[t.live].capture.since_swap_of is None)
+        c for t in targets if t.spec.references == "repoint" and t.spec.strategy != "in_place"
+        and (t.live in to_start or in_place[t.live].capture.since_swap_of is None)
         for c in (repoint.ReferenceCapture.of(r, options.archive_schema)
                   for r in lives[t.live].references)
         if not reference_captured(conn, c)]
