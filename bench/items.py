@@ -18,3 +18,13 @@ def create(conn: psycopg.Connection, rows: int, share: float) -> int:
                  " timestamptz '2025-01-01' + (i / %(keys)s) * interval '1 hour'"
                  " from generate_series(0, %(last)s) as i", {"keys": keys, "last": rows - 1})
     return keys
+
+
+def add_notes(conn: psycopg.Connection, every: int) -> None:
+    """public.item_notes, a note on every `every`-th item (copies included), by its id: a table
+    that references the items, with the index on its foreign key that re-pointing needs."""
+    conn.execute("create table public.item_notes (id bigserial primary key,"
+                 " item_id bigint not null references public.items (id), body text not null)")
+    conn.execute("insert into public.item_notes (item_id, body) select id, 'note ' || id"
+                 " from public.items where id %% %(every)s = 0", {"every": every})
+    conn.execute("create index on public.item_notes (item_id)")

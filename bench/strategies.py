@@ -2,11 +2,13 @@
 
     python bench/strategies.py                                  # 2 million rows, 1% and 99.7%
     python bench/strategies.py --rows 4000000 --share 0.01 --share 0.25 --share 0.5
+    python bench/strategies.py --share 0.01 --share 0.15 --referenced 10
 
 For each share of duplicate rows, a table of that many rows (an id, a key, a 256-byte text and a
 load time; a key's copies loaded later, the latest kept) in a project of its own made with
-`runner init` and `runner add`; then on a fresh copy of it each, from a cold cache where the
-machine allows it (root on the embedded server), else warm and marked so:
+`runner init` and `runner add` (with --referenced N, a table of notes points at every N-th row,
+copies included, for both strategies to re-point); then on a fresh copy of it each, from a cold
+cache where the machine allows it (root on the embedded server), else warm and marked so:
   floor     one sequential scan of the table;
   swap      `runner build` (capture, then dbt build) and `runner swap` with strategy: swap,
             each also timed on its own;
@@ -49,8 +51,9 @@ COPY = "bench_strategies"
 STRATEGIES = ("swap", "in_place", "auto")
 
 
-def load(rows: int, share: float) -> int:
-    """The source database with public.items; returns its unique keys."""
+def load(rows: int, share: float, referenced: int | None) -> int:
+    """The source database with public.items (and public.item_notes pointing at every
+    `referenced`-th item); returns its unique keys."""
     with connect_to("postgres") as admin:
         for name in (COPY, SOURCE):
             admin.execute(sql.SQL("drop database if exists {} with (force)").format(
@@ -58,7 +61,9 @@ def load(rows: int, share: float) -> int:
         admin.execute(sql.SQL("create database {}").format(sql.Identifier(SOURCE)))
     with connect_to(SOURCE) as conn:
         keys = items.create(conn, rows, share)
-        conn.execute("vacuum analyze public.items")
+        if referenced:
+            items.add_notes(conn, referenced)
+        conn.execute("vacuum analyze")
     return keys
 
 
@@ -183,6 +188,8 @@ def main() -> None:
                         help="share of duplicate rows (repeatable) [default: 0.01 and 0.997]")
     parser.add_argument("--strategy", action="append", dest="strategies", choices=STRATEGIES,
                         help="only these (repeatable) [default: all three]")
+    parser.add_argument("--referenced", type=int, metavar="N",
+                        help="a table of notes points at every N-th row [default: none]")
     args = parser.parse_args()
     shares = args.shares or [0.01, 0.997]
     strategies = args.strategies or list(STRATEGIES)
@@ -193,7 +200,7 @@ def main() -> None:
     try:
         make_project(project)
         for share in shares:
-            keys = load(args.rows, share)
+            keys = load(args.rows, share, args.referenced)
             for strategy in strategies:
                 with connect_to("postgres") as admin:
                     admin.execute(sql.SQL("drop database if exists {} with (force)").format(
@@ -203,6 +210,7 @@ def main() -> None:
                 server.empty_caches()
                 floor = floor_scan()
                 measured.append({"rows": args.rows, "share": share, "keys": keys,
+                                 "referenced_every": args.referenced,
                                  "strategy": strategy, "floor": floor,
                                  **job(server, project, strategy)})
                 print(json.dumps(measured[-1]), flush=True)
@@ -215,7 +223,8 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
     cache = "cold" if server.cold else "WARM (not root or not embedded: caches not emptied)"
-    print(f"\n{args.rows:,} rows, {cache} cache")
+    notes = f", notes on every {args.referenced}-th row" if args.referenced else ""
+    print(f"\n{args.rows:,} rows{notes}, {cache} cache")
     print(f"{'share':>7} {'strategy':<9}{'chose':<9}{'seconds':>8}{'x floor':>8}{'x best':>7}"
           f"{'build':>6}{'swap':>6}{'peak MB':>8}{'after MB':>9}{'WAL MB':>8}{'lock ms':>8}"
           f"{'p99 ms':>7}{'worst':>7}")

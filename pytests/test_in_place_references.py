@@ -119,6 +119,10 @@ def test_rows_that_point_at_removed_copies_follow_them_to_the_kept_row_and_come_
             f"select count(*) from {CHARGES} where not stay_id = any(%s)", (list(kept),)
         ).fetchone()[0]
     assert pointing_at_copies > 50
+    previewed = database.runner("plan", *project)
+    assert previewed.exit_code == 0, previewed.output
+    assert (f"--   re-points {pointing_at_copies:,} of the {sum(charges.values()):,} rows of "
+            "Guest Book.charges (foreign key charges_stay_id_fkey)") in previewed.output
 
     built = database.runner("build", *project)
     assert built.exit_code == 0, built.output
@@ -386,7 +390,7 @@ WRITES = st.lists(st.tuples(
     st.integers(0, 10_000), st.integers(0, 24)), min_size=4, max_size=30)
 
 
-@settings(max_examples=10, deadline=None, derandomize=True,
+@settings(max_examples=20, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(writes=WRITES, kill_after=st.one_of(st.none(), st.integers(1, 24)))
 def test_histories_of_writes_around_the_steps_leave_every_reference_on_its_key(
