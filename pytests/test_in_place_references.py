@@ -155,8 +155,9 @@ def test_rows_that_point_at_removed_copies_follow_them_to_the_kept_row_and_come_
             " and relnamespace = 'dedup_archive'::regnamespace and relname like 'Stays__%'")
         ) == ["Stays__<date>", "Stays__<date>__charges__charges_stay_id_fkey",
               "Stays__<date>__stay notes__stay notes_stay_code_fkey"]
-    verified = database.runner("verify", *project)
+    verified = database.runner("verify", "--format", "json", *project)
     assert verified.exit_code == 0, verified.output
+    assert "where the rows it re-pointed pointed, which a rollback puts back" in verified.output
 
     rolled = database.runner("rollback", *project)
     assert rolled.exit_code == 0, rolled.output
@@ -169,6 +170,28 @@ def test_rows_that_point_at_removed_copies_follow_them_to_the_kept_row_and_come_
     with database.connect() as conn:
         assert conn.execute("select count(*) from pg_class where relname like 'Stays\\_\\_%'"
                             " and relnamespace = 'dedup_archive'::regnamespace").fetchone()[0] == 0
+
+
+def test_without_its_record_a_rollback_is_refused_and_verify_says_why(guests) -> None:
+    database, project = guests
+    assert database.runner("build", *project).exit_code == 0
+    swapped = database.runner("swap", *project)
+    assert swapped.exit_code == 0, swapped.output
+    with database.connect() as conn:
+        (record,) = conn.execute(
+            "select relname from pg_class where relnamespace = 'dedup_archive'::regnamespace"
+            " and relname like 'Stays\\_\\_%%\\_\\_charges\\_\\_%%'").fetchone()
+        conn.execute(sql.SQL("drop table {}").format(sql.Identifier("dedup_archive", record)))
+        stays, charges = _rows(conn, STAYS), _rows(conn, CHARGES)
+    verified = database.runner("verify", "--format", "json", *project)
+    assert verified.exit_code == 1
+    assert f"dedup_archive.{record} is missing, which recorded where the rows" in verified.output
+    refused = database.runner("rollback", *project)
+    assert refused.exit_code == 4, refused.output
+    assert (f"cannot roll back Guest Book.Stays: nothing was changed; {record}, where the rows "
+            "the run re-pointed pointed before it, is missing") in refused.output
+    with database.connect() as conn:
+        assert (_rows(conn, STAYS), _rows(conn, CHARGES)) == (stays, charges)
 
 
 def test_what_the_etl_writes_meanwhile_points_at_the_kept_rows_and_nothing_is_lost(

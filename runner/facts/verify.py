@@ -274,8 +274,16 @@ def check_archive(conn: psycopg.Connection, swap: LogEntry | None,
         return False, (f"{swap.archive} is missing, and with it the original rows: it was "
                        "dropped by hand; restore it from a backup if you need them")
     if swap.action == "in_place":
+        records = [Relation(swap.archive_schema, r.record) for r in swap.repointed]
+        missing = [str(record) for record in records if not catalog.exists(conn, record)]
+        if missing:
+            return False, (f"{', '.join(missing)} is missing, which recorded where the rows the "
+                           "run re-pointed pointed before: it was dropped by hand, and a "
+                           "rollback would leave them on the kept rows")
+        recorded = (f", and {', '.join(map(str, records))} where the rows it re-pointed "
+                    "pointed" if records else "")
         return True, (f"{swap.archive} holds the {swap.rows_before - swap.rows_after:,} rows "
-                      "removed in place, which a rollback puts back")
+                      f"removed in place{recorded}, which a rollback puts back")
     archive = catalog.read_live_table(conn, swap.archive)
     problems = []
     if archive.foreign_keys:

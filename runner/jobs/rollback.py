@@ -485,6 +485,13 @@ def make_plans(conn: psycopg.Connection, options: RollbackOptions,
                               "missing (dropped by hand?); nothing was changed; restore it or "
                               "leave the table out with --select")
         if entry.action == "in_place":
+            missing = [r.record for r in entry.repointed
+                       if not catalog.exists(conn, Relation(options.archive_schema, r.record))]
+            if missing:
+                raise RunnerError(f"cannot roll back {entry.live}: nothing was changed; "
+                                  f"{', '.join(missing)}, where the rows the run re-pointed "
+                                  "pointed before it, is missing (dropped by hand?): restore "
+                                  "it, or leave the table out with --select")
             plans.append(plan_in_place(entry, catalog.read_live_table(conn, entry.live),
                                        options.archive_schema))
             continue
