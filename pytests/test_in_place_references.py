@@ -194,6 +194,58 @@ def test_without_its_record_a_rollback_is_refused_and_verify_says_why(guests) ->
         assert (_rows(conn, STAYS), _rows(conn, CHARGES)) == (stays, charges)
 
 
+TAGS = '"Guest Book"."stay tags"'
+
+
+def test_link_rows_keyed_by_what_they_point_at_move_or_say_which_would_collide(guests) -> None:
+    """Tags keyed by (stay, tag): two copies of a stay tagged alike cannot both move to the
+    kept one, and the batch says so, changing nothing; once one is deleted the run finishes,
+    a tag the ETL writes on a removed copy lands on the kept one under the key it has there,
+    and a rollback puts every tag back where it was written."""
+    database, project = guests
+    with database.connect() as conn:
+        conn.execute(f"""create table {TAGS} (stay_id bigint references {STAYS} (id),
+                     tag text, primary key (stay_id, tag));
+                     insert into {TAGS} select id, 'late ' || id from {STAYS} where id % 5 = 0""")
+        older, kept = conn.execute(
+            f"select min(id), max(id) from {STAYS} group by guest, night having count(*) = 3"
+            " order by 1 limit 1").fetchone()
+        conn.execute(f"insert into {TAGS} values (%s, 'vip'), (%s, 'vip')", (older, kept))
+        stays, tags = _rows(conn, STAYS), _rows(conn, TAGS)
+    assert database.runner("build", *project).exit_code == 0
+    refused = database.runner("swap", *project)
+    assert refused.exit_code == 4, refused.output
+    assert ("the rows that point at duplicates of Guest Book.Stays cannot all move to the kept "
+            "rows: Guest Book.stay tags would hold two rows with one key (Key (stay_id, tag)="
+            f"({kept}, vip) already exists: stay tags_pkey); nothing of this batch was "
+            "changed") in refused.output
+    with database.connect() as conn:
+        assert live_and_archived(conn, STAYS) == stays
+        assert _rows(conn, TAGS) == tags
+        conn.execute(f"delete from {TAGS} where stay_id = %s and tag = 'vip'", (older,))
+        tags = _rows(conn, TAGS)
+
+    def tag_a_removed_copy(label: str) -> None:
+        if label.startswith("concurrent index of"):
+            with database.connect() as conn:
+                conn.execute(f"insert into {TAGS} values (%s, 'written meanwhile')", (older,))
+
+    options = swap.SwapOptions(target_dir=database.target_dir)
+    with database.connect() as conn:
+        swap.execute(conn, swap.make_plans(conn, options), options,
+                     after_step=tag_a_removed_copy)
+    with database.connect() as conn:
+        assert conn.execute(f"select stay_id from {TAGS} where tag = 'written meanwhile'"
+                            ).fetchall() == [(kept,)]
+        assert conn.execute(f"select count(*) from {TAGS} as t where not exists (select from"
+                            f" {STAYS} as s where s.id = t.stay_id)").fetchone()[0] == 0
+    rolled = database.runner("rollback", *project)
+    assert rolled.exit_code == 0, rolled.output
+    with database.connect() as conn:
+        assert _rows(conn, STAYS) == stays
+        assert _rows(conn, TAGS) == tags + Counter({f"({older},\"written meanwhile\")": 1})
+
+
 def test_what_the_etl_writes_meanwhile_points_at_the_kept_rows_and_nothing_is_lost(
         guests, monkeypatch: pytest.MonkeyPatch) -> None:
     """After every step the ETL sends a stay again as a later copy (ON CONFLICT DO NOTHING),

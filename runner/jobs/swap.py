@@ -598,7 +598,10 @@ def _remove_in_place(conn: psycopg.Connection, plan: TablePlan, options: SwapOpt
     step_done(f"keys of {live}")
     for batch in range(batches):
         def attempt(batch: int = batch) -> None:
-            run_steps(conn, _remove_steps(plan, options), {"batch": batch})
+            try:
+                run_steps(conn, _remove_steps(plan, options), {"batch": batch})
+            except psycopg.errors.UniqueViolation as error:
+                raise RunnerError(_moved_into_a_duplicate(live, error)) from error
         locking.retry_until(
             conn, attempt, wait_s=options.lock_wait_s,
             gave_up=lambda tries, error: (
@@ -607,6 +610,18 @@ def _remove_in_place(conn: psycopg.Connection, plan: TablePlan, options: SwapOpt
                 f"({error.diag.message_primary}); what was removed is in {work.archive} and "
                 "the guard keeps the keys written meanwhile: run `runner swap` again"))
         step_done(f"batch {batch + 1} of {batches} of {live}")
+
+
+def _moved_into_a_duplicate(live: Relation, error: psycopg.errors.UniqueViolation) -> str:
+    """A row of a referencing table that, moved to the kept row, would have the key of another
+    row of that table: the two are duplicates of their own, which the run does not settle."""
+    diag = error.diag
+    return (f"the rows that point at duplicates of {live} cannot all move to the kept rows: "
+            f"{diag.schema_name}.{diag.table_name} would hold two rows with one key "
+            f"({(diag.message_detail or '').rstrip('.')}: {diag.constraint_name}); nothing of "
+            "this batch was "
+            f"changed: deduplicate {diag.schema_name}.{diag.table_name} first, or delete one of "
+            "the two, then run `runner swap` again")
 
 
 @contextlib.contextmanager

@@ -181,15 +181,17 @@ class InPlaceRepointing:
             " if not found then return new; end if;"
             " {found_kept}"
             " if not found_kept then return new; end if;"
-            " insert into {record} values ({row_key}, {was}, {kept})"
-            " on conflict ({key}) do update set {again};"
-            " {assign} return new; end"
+            # Pointed first, so that a primary key holding the foreign key is recorded as the
+            # row has it; where it pointed is the removed row's.
+            " {assign} insert into {record} values ({row_key}, {was}, {kept})"
+            " on conflict ({key}) do update set {again}; return new; end"
         ).format(
             any_null=sql.SQL(" or ").join(sql.SQL("{} is null").format(n) for n in new),
             live=_id(self.live), live_row=_equal(self._pointed("l"), new),
             archive=_id(self.archive), archived=_equal(self._pointed("a"), new),
             found_kept=sql.SQL(" ").join(found_kept), record=_id(self.record),
-            row_key=_list(_terms(_of("new"), r.row_key)), was=_list(new), kept=_list(kept),
+            row_key=_list(_terms(_of("new"), r.row_key)), was=_list(self._pointed("gone")),
+            kept=_list(kept),
             key=_names(self._row_key()),
             # What the ETL wrote last is what a rollback puts back.
             again=_list([sql.SQL("{n} = excluded.{n}").format(n=sql.Identifier(n))
