@@ -331,6 +331,9 @@ def move(r: Repointing) -> list[sql.Composed]:
                 " insert into {queue} select distinct {written} from taken where {present}").format(
             log=_id(r.capture.log), queue=r.queue, written=_list(written),
             present=sql.SQL(" and ").join(sql.SQL("{} is not null").format(w) for w in written)),
+        # The queue held every value to move at first: without fresh statistics the planner
+        # would take its few left under the lock for as many, and scan the tables for them.
+        sql.SQL("analyze {}").format(r.queue),
         sql.SQL("drop table if exists {}").format(r.survivors),
         _survivors(r),
         # A row moved twice (its new target was replaced in turn) keeps the value it first had.
@@ -348,14 +351,16 @@ def move(r: Repointing) -> list[sql.Composed]:
             record=_id(r.record), key=_names(r.numbered_key()),
             later=_list([sql.SQL("{n} = excluded.{n}").format(n=sql.Identifier(n))
                          for n in now])),
+        # Two statements, not one with OR: an OR of sublinks is planned as hashed subplans,
+        # each a scan of a whole table.
+        sql.SQL("delete from {queue} as q using {survivors} as m where {moved}").format(
+            queue=r.queue, survivors=r.survivors, moved=_equal(r.referenced("q"), was)),
         sql.SQL(
-            "delete from {queue} as q where exists (select from {survivors} as m where {moved})"
-            " or not exists (select from {live} as t where {pointed} and not exists"
-            " (select from {shadow} as k where k.{tb} = t.{tb}))"
+            "delete from {queue} as q where not exists (select from {live} as t where {pointed}"
+            " and not exists (select from {shadow} as k where k.{tb} = t.{tb}))"
         ).format(
-            queue=r.queue, survivors=r.survivors,
-            moved=_equal(r.referenced("q"), was),
-            live=_id(r.live), pointed=_equal(r.referenced("t"), r.referenced("q")),
+            queue=r.queue, live=_id(r.live),
+            pointed=_equal(r.referenced("t"), r.referenced("q")),
             shadow=_id(r.shadow), tb=sql.Identifier(r.spec.tiebreaker)),
     ]
 
