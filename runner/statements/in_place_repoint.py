@@ -29,6 +29,14 @@ from runner.declaration.artifacts import DedupSpec, Relation
 from runner.declaration.names import pg_name
 from runner.server.catalog import Reference
 from runner.statements.keys import KeyShape, beats, keep_order, nulls_exactly, shape_matches
+from runner.statements.repoint import (
+    all_equal,
+    column_of,
+    comma_list,
+    names_list,
+    numbered,
+    renamed,
+)
 
 REDIRECT_TRIGGER = "dedup_in_place_redirect"
 
@@ -37,32 +45,9 @@ def _id(relation: Relation) -> sql.Identifier:
     return sql.Identifier(relation.schema, relation.name)
 
 
-def _of(alias: str) -> Callable[[str], sql.Composed]:
-    return lambda name: sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(name))
-
-
 def _terms(of: Callable[[str], sql.Composed], names: tuple[str, ...] | list[str]
            ) -> list[sql.Composed]:
     return [of(n) for n in names]
-
-
-def _equal(left: list[sql.Composed], right: list[sql.Composed]) -> sql.Composed:
-    return sql.SQL(" and ").join(sql.SQL("{} = {}").format(a, b)
-                                 for a, b in zip(left, right, strict=True))
-
-
-def _list(terms: list[sql.Composed]) -> sql.Composed:
-    return sql.SQL(", ").join(terms)
-
-
-def _names(names: list[str]) -> sql.Composed:
-    return _list([sql.Identifier(n) for n in names])
-
-
-def numbered(prefix: str, columns: tuple[str, ...]) -> list[str]:
-    """The record's names: `row_key_1`, ... for the referencing table's primary key; `was_1`,
-    `now_1`, ... for the foreign key's columns (as a swap's record names them)."""
-    return [f"{prefix}_{n}" for n in range(1, len(columns) + 1)]
 
 
 @dataclass(frozen=True)
@@ -114,10 +99,10 @@ class InPlaceRepointing:
                 pg_name(archive.name, self.reference.constraint, "pointed_at"))
 
     def _pointing(self, alias: str) -> list[sql.Composed]:
-        return _terms(_of(alias), self.reference.columns)
+        return _terms(column_of(alias), self.reference.columns)
 
     def _pointed(self, alias: str) -> list[sql.Composed]:
-        return _terms(_of(alias), self.reference.referenced)
+        return _terms(column_of(alias), self.reference.referenced)
 
     def _row_key(self) -> list[str]:
         return numbered("row_key", self.reference.row_key)
@@ -134,16 +119,13 @@ class InPlaceRepointing:
             sql.SQL("create table if not exists {record} as select {row_key}, {was}, {now}"
                     " from {table} as r with no data").format(
                 record=_id(self.record), table=table,
-                row_key=_list([sql.SQL("{} as {}").format(t, sql.Identifier(n)) for t, n in zip(
-                    _terms(_of("r"), r.row_key), self._row_key(), strict=True)]),
-                was=_list([sql.SQL("{} as {}").format(t, sql.Identifier(n)) for t, n in zip(
-                    self._pointing("r"), numbered("was", r.columns), strict=True)]),
-                now=_list([sql.SQL("{} as {}").format(t, sql.Identifier(n)) for t, n in zip(
-                    self._pointing("r"), numbered("now", r.columns), strict=True)])),
+                row_key=renamed(_terms(column_of("r"), r.row_key), self._row_key()),
+                was=renamed(self._pointing("r"), numbered("was", r.columns)),
+                now=renamed(self._pointing("r"), numbered("now", r.columns))),
             sql.SQL("create unique index if not exists {} on {} ({})").format(
-                sql.Identifier(row_key_index), _id(self.record), _names(self._row_key())),
+                sql.Identifier(row_key_index), _id(self.record), names_list(self._row_key())),
             sql.SQL("create index if not exists {} on {} ({})").format(
-                sql.Identifier(pointed_index), _id(self.archive), _names(list(r.referenced))),
+                sql.Identifier(pointed_index), _id(self.archive), names_list(list(r.referenced))),
             # SECURITY DEFINER, as the guard: the ETL's role needs no right in the archive
             # schema, and the fixed search_path keeps it from running anything a path offers.
             sql.SQL("create or replace function {}() returns trigger language plpgsql"
@@ -152,7 +134,7 @@ class InPlaceRepointing:
             sql.SQL("drop trigger if exists {} on {}").format(self.trigger, table),
             sql.SQL("create trigger {} before insert or update of {} on {} for each row"
                     " execute function {}()").format(
-                self.trigger, _names(list(r.columns)), table, _id(self.redirect)),
+                self.trigger, names_list(list(r.columns)), table, _id(self.redirect)),
         ]
 
     def _redirect_body(self) -> sql.Composed:
@@ -161,13 +143,13 @@ class InPlaceRepointing:
         is, for the foreign key to judge."""
         r = self.reference
         new = self._pointing("new")
-        kept = _terms(_of("kept"), r.referenced)
+        kept = _terms(column_of("kept"), r.referenced)
         found_kept = [sql.SQL(
             "if {shape} then select {pointed} into kept from {live} as w where {same_key}"
             " order by {keep} limit 1 for key share; found_kept := found; end if;").format(
-                shape=nulls_exactly(_of("gone"), shape), pointed=_names(list(r.referenced)),
-                live=_id(self.live), same_key=shape_matches(self.spec, _of("w"), _of("gone"),
-                                                            shape),
+                shape=nulls_exactly(column_of("gone"), shape),
+                pointed=names_list(list(r.referenced)), live=_id(self.live),
+                same_key=shape_matches(self.spec, column_of("w"), column_of("gone"), shape),
                 keep=keep_order(self.spec))
             for shape in self.shapes]
         return sql.SQL(
@@ -187,14 +169,15 @@ class InPlaceRepointing:
             " on conflict ({key}) do update set {again}; return new; end"
         ).format(
             any_null=sql.SQL(" or ").join(sql.SQL("{} is null").format(n) for n in new),
-            live=_id(self.live), live_row=_equal(self._pointed("l"), new),
-            archive=_id(self.archive), archived=_equal(self._pointed("a"), new),
+            live=_id(self.live), live_row=all_equal(self._pointed("l"), new),
+            archive=_id(self.archive), archived=all_equal(self._pointed("a"), new),
             found_kept=sql.SQL(" ").join(found_kept), record=_id(self.record),
-            row_key=_list(_terms(_of("new"), r.row_key)), was=_list(self._pointed("gone")),
-            kept=_list(kept),
-            key=_names(self._row_key()),
+            row_key=comma_list(_terms(column_of("new"), r.row_key)),
+            was=comma_list(self._pointed("gone")),
+            kept=comma_list(kept),
+            key=names_list(self._row_key()),
             # What the ETL wrote last is what a rollback puts back.
-            again=_list([sql.SQL("{n} = excluded.{n}").format(n=sql.Identifier(n))
+            again=comma_list([sql.SQL("{n} = excluded.{n}").format(n=sql.Identifier(n))
                          for n in (*numbered("was", r.columns), *numbered("now", r.columns))]),
             assign=sql.SQL(" ").join(sql.SQL("new.{} := {};").format(sql.Identifier(c), k)
                                      for c, k in zip(r.columns, kept, strict=True)))
@@ -203,16 +186,16 @@ class InPlaceRepointing:
         """The FROM list and conditions of the live rows `l` of the keys that lose to the key's
         kept row `w`."""
         live = _id(self.live)
-        key = _of(keys.key_of)
+        key = column_of(keys.key_of)
         return sql.SQL(
             "{source}{live} as l, lateral (select * from {live} as w where {w_same_key}"
             " order by {keep} limit 1) as w where {where} and {nulls} and {l_matches}"
             " and {beats}").format(
             source=keys.source, live=live,
-            w_same_key=shape_matches(self.spec, _of("w"), _of("l"), shape),
+            w_same_key=shape_matches(self.spec, column_of("w"), column_of("l"), shape),
             keep=keep_order(self.spec), where=keys.where, nulls=nulls_exactly(key, shape),
-            l_matches=shape_matches(self.spec, _of("l"), key, shape),
-            beats=beats(self.spec.keep, _of("w"), _of("l")))
+            l_matches=shape_matches(self.spec, column_of("l"), key, shape),
+            beats=beats(self.spec.keep, column_of("w"), column_of("l")))
 
     def move(self, shape: KeyShape, keys: KeysOf) -> sql.Composed:
         """The rows that point at a losing row of the keys point at the kept row of its key,
@@ -225,16 +208,18 @@ class InPlaceRepointing:
             " insert into {record} select * from moved on conflict ({key}) do update set {later}"
         ).format(
             table=_id(r.table),
-            assign=_list([sql.SQL("{} = {}").format(sql.Identifier(c), p)
+            assign=comma_list([sql.SQL("{} = {}").format(sql.Identifier(c), p)
                           for c, p in zip(r.columns, self._pointed("w"), strict=True)]),
             losing=self._losing(shape, keys),
-            points=_equal(self._pointing("r"), self._pointed("l")),
+            points=all_equal(self._pointing("r"), self._pointed("l")),
             kept_present=sql.SQL(" and ").join(sql.SQL("{} is not null").format(p)
                                                for p in self._pointed("w")),
-            row_key=_list(_terms(_of("r"), r.row_key)), was=_list(self._pointed("l")),
-            now=_list(self._pointed("w")), record=_id(self.record),
-            key=_names(self._row_key()),
-            later=_list([sql.SQL("{n} = excluded.{n}").format(n=sql.Identifier(n)) for n in now]))
+            row_key=comma_list(_terms(column_of("r"), r.row_key)),
+            was=comma_list(self._pointed("l")),
+            now=comma_list(self._pointed("w")), record=_id(self.record),
+            key=names_list(self._row_key()),
+            later=comma_list([sql.SQL("{n} = excluded.{n}").format(n=sql.Identifier(n))
+                              for n in now]))
 
     def still_pointing(self, shape: KeyShape, keys: KeysOf) -> tuple[str, sql.Composed]:
         """A check after the moves: no row points at a losing row still."""
@@ -244,13 +229,13 @@ class InPlaceRepointing:
                 sql.SQL("select count(*) = 0, count(*) as rows_pointing_at_duplicates"
                         " from {table} as r, {losing} and {points}").format(
                     table=_id(self.reference.table), losing=self._losing(shape, keys),
-                    points=_equal(self._pointing("r"), self._pointed("l"))))
+                    points=all_equal(self._pointing("r"), self._pointed("l"))))
 
     def unreferenced(self, alias: str) -> sql.Composed:
         """The live row `alias` is not pointed at by this key: it may leave without the
         foreign key acting."""
         return sql.SQL("not exists (select from {} as r where {})").format(
-            _id(self.reference.table), _equal(self._pointing("r"), self._pointed(alias)))
+            _id(self.reference.table), all_equal(self._pointing("r"), self._pointed(alias)))
 
     def undo(self) -> list[sql.Composed]:
         return [sql.SQL("drop trigger if exists {} on {}").format(self.trigger,

@@ -37,29 +37,29 @@ def _id(relation: Relation) -> sql.Identifier:
     return sql.Identifier(relation.schema, relation.name)
 
 
-def _columns(alias: str) -> Callable[[str], sql.Composed]:
+def column_of(alias: str) -> Callable[[str], sql.Composed]:
     return lambda name: sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(name))
 
 
-def _list(terms: list[sql.Composable]) -> sql.Composed:
+def comma_list(terms: list[sql.Composable]) -> sql.Composed:
     return sql.SQL(", ").join(terms)
 
 
-def _names(names: list[str]) -> sql.Composed:
-    return _list([sql.Identifier(n) for n in names])
+def names_list(names: list[str]) -> sql.Composed:
+    return comma_list([sql.Identifier(n) for n in names])
 
 
-def _renamed(terms: list[sql.Composable], names: list[str]) -> sql.Composed:
-    return _list([sql.SQL("{} as {}").format(t, sql.Identifier(n))
+def renamed(terms: list[sql.Composable], names: list[str]) -> sql.Composed:
+    return comma_list([sql.SQL("{} as {}").format(t, sql.Identifier(n))
                   for t, n in zip(terms, names, strict=True)])
 
 
-def _equal(left: list[sql.Composable], right: list[sql.Composable]) -> sql.Composed:
+def all_equal(left: list[sql.Composable], right: list[sql.Composable]) -> sql.Composed:
     return sql.SQL(" and ").join(sql.SQL("{} = {}").format(a, b)
                                  for a, b in zip(left, right, strict=True))
 
 
-def _numbered(prefix: str, columns: tuple[str, ...]) -> list[str]:
+def numbered(prefix: str, columns: tuple[str, ...]) -> list[str]:
     """The record's names for the columns of the foreign key (`was_1`, `now_1`, ...) and of the
     referencing table's primary key (`row_key_1`, ...)."""
     return [f"{prefix}_{n}" for n in range(1, len(columns) + 1)]
@@ -137,16 +137,16 @@ class Repointing:
         return self._temp("dedup_unkept")
 
     def referenced(self, alias: str) -> list[sql.Composed]:
-        return [_columns(alias)(c) for c in self.reference.referenced]
+        return [column_of(alias)(c) for c in self.reference.referenced]
 
     def pointing(self, alias: str) -> list[sql.Composed]:
-        return [_columns(alias)(c) for c in self.reference.columns]
+        return [column_of(alias)(c) for c in self.reference.columns]
 
     def numbered(self, prefix: str) -> list[str]:
-        return _numbered(prefix, self.reference.columns)
+        return numbered(prefix, self.reference.columns)
 
     def numbered_key(self) -> list[str]:
-        return _numbered("row_key", self.reference.row_key)
+        return numbered("row_key", self.reference.row_key)
 
 
 def capture_install(c: ReferenceCapture) -> list[sql.Composed]:
@@ -157,14 +157,14 @@ def capture_install(c: ReferenceCapture) -> list[sql.Composed]:
     the same."""
     table, log = _id(c.reference.table), _id(c.log)
     columns = list(c.reference.columns)
-    logged = _numbered("pointed", c.reference.columns)
+    logged = numbered("pointed", c.reference.columns)
     body = sql.SQL("begin insert into {} ({}) values ({}); return null; end").format(
-        log, _names(logged), _list([sql.SQL("new.{}").format(sql.Identifier(n))
+        log, names_list(logged), comma_list([sql.SQL("new.{}").format(sql.Identifier(n))
                                      for n in columns]))
     return [
         *capture_remove(c),
         sql.SQL("create table {} as select {} from {} as r with no data").format(
-            log, _renamed([_columns("r")(n) for n in columns], logged), table),
+            log, renamed([column_of("r")(n) for n in columns], logged), table),
         sql.SQL("alter table {} add column change_id bigint generated always as identity"
                 " primary key").format(log),
         # As the change capture's: the writers need no right in the archive schema.
@@ -173,7 +173,7 @@ def capture_install(c: ReferenceCapture) -> list[sql.Composed]:
                     _id(c.function), sql.Literal(body.as_string())),
         sql.SQL("create trigger {} after insert or update of {} on {} for each row"
                 " execute function {}()").format(
-                    sql.Identifier(c.trigger), _names(columns), table, _id(c.function)),
+                    sql.Identifier(c.trigger), names_list(columns), table, _id(c.function)),
         sql.SQL("alter table {} enable always trigger {}").format(table, sql.Identifier(c.trigger)),
     ]
 
@@ -193,8 +193,8 @@ def setup(r: Repointing) -> list[sql.Composed]:
     feeds it what leaves the new table, the record, and every value to move so far."""
     shadow = _id(r.shadow)
     body = sql.SQL("begin insert into {queue} select {values} from gone; return null; end").format(
-        queue=r.queue, values=_list(r.referenced("gone")))
-    referenced = _names(list(r.reference.referenced))
+        queue=r.queue, values=comma_list(r.referenced("gone")))
+    referenced = names_list(list(r.reference.referenced))
     return [
         *(sql.SQL("create temp table {} on commit drop as select {} from {} with no data").format(
             table, referenced, _id(r.live)) for table in (r.queue, r.changed)),
@@ -207,20 +207,20 @@ def setup(r: Repointing) -> list[sql.Composed]:
         sql.SQL("create table {record} as select {row_key}, {was}, {now} from {table} as r"
                 " with no data").format(
             record=_id(r.record),
-            row_key=_renamed([_columns("r")(k) for k in r.reference.row_key], r.numbered_key()),
-            was=_renamed(r.pointing("r"), r.numbered("was")),
-            now=_renamed(r.pointing("r"), r.numbered("now")),
+            row_key=renamed([column_of("r")(k) for k in r.reference.row_key], r.numbered_key()),
+            was=renamed(r.pointing("r"), r.numbered("was")),
+            now=renamed(r.pointing("r"), r.numbered("now")),
             table=_id(r.reference.table)),
         sql.SQL("alter table {} add primary key ({})").format(_id(r.record),
-                                                              _names(r.numbered_key())),
+                                                              names_list(r.numbered_key())),
         # The rows to move again are found by where they pointed and where they point.
-        *(sql.SQL("create index on {} ({})").format(_id(r.record), _names(r.numbered(prefix)))
+        *(sql.SQL("create index on {} ({})").format(_id(r.record), names_list(r.numbered(prefix)))
           for prefix in ("was", "now")),
         sql.SQL("insert into {queue} select distinct {values} from {live} as t"
                 " where exists (select from {table} as r where {points})"
                 " and not exists (select from {shadow} as k where k.{tb} = t.{tb})").format(
-            queue=r.queue, values=_list(r.referenced("t")), live=_id(r.live),
-            table=_id(r.reference.table), points=_equal(r.pointing("r"), r.referenced("t")),
+            queue=r.queue, values=comma_list(r.referenced("t")), live=_id(r.live),
+            table=_id(r.reference.table), points=all_equal(r.pointing("r"), r.referenced("t")),
             shadow=shadow, tb=sql.Identifier(r.spec.tiebreaker)),
     ]
 
@@ -230,7 +230,7 @@ def note_changed(r: Repointing, batch: sql.Identifier) -> sql.Composed:
     which may be a moved row's original or the kept row it was moved to, and may have a key of
     its own now."""
     def values(row: str) -> sql.Composed:
-        return _list([sql.SQL("({}).{}").format(sql.Identifier(row), sql.Identifier(c))
+        return comma_list([sql.SQL("({}).{}").format(sql.Identifier(row), sql.Identifier(c))
                       for c in r.reference.referenced])
     return sql.SQL("insert into {changed} select {old} from {batch} where op = 'U'"
                    " union select {new} from {batch} where op = 'U'").format(
@@ -244,8 +244,8 @@ def _per_shape(r: Repointing, template: str, **parts: sql.Composable) -> sql.Com
     not_null = {c.name for c in r.columns if c.not_null}
     return sql.SQL(" union all ").join(
         sql.SQL(template).format(
-            shape=nulls_exactly(_columns("t"), shape),
-            same_key=shape_matches(r.spec, _columns("s"), _columns("t"), shape), **parts)
+            shape=nulls_exactly(column_of("t"), shape),
+            same_key=shape_matches(r.spec, column_of("s"), column_of("t"), shape), **parts)
         for shape in key_shapes(r.spec, not_null))
 
 
@@ -256,7 +256,7 @@ def _move_again(r: Repointing) -> list[sql.Composed]:
     target = r.numbered("target")
     related = sql.SQL(" or ").join(
         sql.SQL("exists (select from {} as c where {})").format(
-            r.changed, _equal(r.referenced("c"), [_columns("m")(n) for n in names]))
+            r.changed, all_equal(r.referenced("c"), [column_of("m")(n) for n in names]))
         for names in (was, now))
     return [
         sql.SQL("drop table if exists {}").format(r.again),
@@ -265,12 +265,12 @@ def _move_again(r: Repointing) -> list[sql.Composed]:
                " exists (select from {live} as l where {kept_live}) as ready"
                " from {record} as m join {live} as t on {original}"
                " join {shadow} as s on {shape} and {same_key} where {related}",
-            row_key=_list([_columns("m")(n) for n in r.numbered_key()]),
-            was=_list([_columns("m")(n) for n in was]),
-            now=_list([_columns("m")(n) for n in now]),
-            target=_renamed(r.referenced("s"), target), live=_id(r.live),
-            kept_live=_equal(r.referenced("l"), r.referenced("s")), record=_id(r.record),
-            original=_equal(r.referenced("t"), [_columns("m")(n) for n in was]),
+            row_key=comma_list([column_of("m")(n) for n in r.numbered_key()]),
+            was=comma_list([column_of("m")(n) for n in was]),
+            now=comma_list([column_of("m")(n) for n in now]),
+            target=renamed(r.referenced("s"), target), live=_id(r.live),
+            kept_live=all_equal(r.referenced("l"), r.referenced("s")), record=_id(r.record),
+            original=all_equal(r.referenced("t"), [column_of("m")(n) for n in was]),
             shadow=_id(r.shadow), related=related)),
         sql.SQL(
             "with moved as (update {table} as r set {assign} from {again} as a"
@@ -279,26 +279,26 @@ def _move_again(r: Repointing) -> list[sql.Composed]:
             " update {record} as m set {record_now} from moved where {recorded}"
         ).format(
             table=_id(r.reference.table), again=r.again,
-            assign=_list([sql.SQL("{} = a.{}").format(sql.Identifier(c), sql.Identifier(t))
+            assign=comma_list([sql.SQL("{} = a.{}").format(sql.Identifier(c), sql.Identifier(t))
                           for c, t in zip(r.reference.columns, target, strict=True)]),
-            targets=_list([_columns("a")(t) for t in target]),
-            nows=_list([_columns("a")(n) for n in now]),
-            same_row=_equal([_columns("r")(k) for k in r.reference.row_key],
-                            [_columns("a")(n) for n in r.numbered_key()]),
-            still=_equal(r.pointing("r"), [_columns("a")(n) for n in now]),
-            row_key=_list([_columns("a")(n) for n in r.numbered_key()]),
-            moved_to=_list([_columns("a")(t) for t in target]), record=_id(r.record),
-            record_now=_list([sql.SQL("{} = moved.{}").format(sql.Identifier(n),
+            targets=comma_list([column_of("a")(t) for t in target]),
+            nows=comma_list([column_of("a")(n) for n in now]),
+            same_row=all_equal([column_of("r")(k) for k in r.reference.row_key],
+                            [column_of("a")(n) for n in r.numbered_key()]),
+            still=all_equal(r.pointing("r"), [column_of("a")(n) for n in now]),
+            row_key=comma_list([column_of("a")(n) for n in r.numbered_key()]),
+            moved_to=comma_list([column_of("a")(t) for t in target]), record=_id(r.record),
+            record_now=comma_list([sql.SQL("{} = moved.{}").format(sql.Identifier(n),
                                                               sql.Identifier(t))
                               for n, t in zip(now, target, strict=True)]),
-            recorded=_equal([_columns("m")(n) for n in r.numbered_key()],
-                            [_columns("moved")(n) for n in r.numbered_key()])),
+            recorded=all_equal([column_of("m")(n) for n in r.numbered_key()],
+                            [column_of("moved")(n) for n in r.numbered_key()])),
         # What waits for its kept row to reach the live table stays noted for the next round.
         sql.SQL("delete from {changed} as c where not exists (select from {again} as a"
                 " where not a.ready and ({was_match} or {now_match}))").format(
             changed=r.changed, again=r.again,
-            was_match=_equal(r.referenced("c"), [_columns("a")(n) for n in was]),
-            now_match=_equal(r.referenced("c"), [_columns("a")(n) for n in now])),
+            was_match=all_equal(r.referenced("c"), [column_of("a")(n) for n in was]),
+            now_match=all_equal(r.referenced("c"), [column_of("a")(n) for n in now])),
     ]
 
 
@@ -310,26 +310,26 @@ def _survivors(r: Repointing) -> sql.Composed:
            " join {live} as t on {pointed} join {shadow} as s on {shape} and {same_key}"
            " where not exists (select from {shadow} as k where k.{tb} = t.{tb})"
            " and exists (select from {live} as l where {survivor_live})",
-        old=_renamed(r.referenced("t"), r.numbered("was")),
-        new=_renamed(r.referenced("s"), r.numbered("now")),
+        old=renamed(r.referenced("t"), r.numbered("was")),
+        new=renamed(r.referenced("s"), r.numbered("now")),
         queue=r.queue, live=_id(r.live), shadow=_id(r.shadow),
-        pointed=_equal(r.referenced("t"), r.referenced("q")),
+        pointed=all_equal(r.referenced("t"), r.referenced("q")),
         tb=sql.Identifier(r.spec.tiebreaker),
-        survivor_live=_equal(r.referenced("l"), r.referenced("s"))))
+        survivor_live=all_equal(r.referenced("l"), r.referenced("s"))))
 
 
 def move(r: Repointing) -> list[sql.Composed]:
     """One round: the moved rows whose targets changed move again; then the values written
     since the last round are queued, and every queued value that can move is moved and
     recorded; what cannot move yet stays queued."""
-    written = [sql.Identifier(n) for n in _numbered("pointed", r.reference.columns)]
-    was = [_columns("m")(n) for n in r.numbered("was")]
+    written = [sql.Identifier(n) for n in numbered("pointed", r.reference.columns)]
+    was = [column_of("m")(n) for n in r.numbered("was")]
     now = r.numbered("now")
     return [
         *_move_again(r),
         sql.SQL("with taken as (delete from {log} returning {written})"
                 " insert into {queue} select distinct {written} from taken where {present}").format(
-            log=_id(r.capture.log), queue=r.queue, written=_list(written),
+            log=_id(r.capture.log), queue=r.queue, written=comma_list(written),
             present=sql.SQL(" and ").join(sql.SQL("{} is not null").format(w) for w in written)),
         # The queue held every value to move at first: without fresh statistics the planner
         # would take its few left under the lock for as many, and scan the tables for them.
@@ -343,24 +343,24 @@ def move(r: Repointing) -> list[sql.Composed]:
             " insert into {record} select * from moved on conflict ({key}) do update set {later}"
         ).format(
             table=_id(r.reference.table), survivors=r.survivors,
-            assign=_list([sql.SQL("{} = m.{}").format(sql.Identifier(c), sql.Identifier(n))
+            assign=comma_list([sql.SQL("{} = m.{}").format(sql.Identifier(c), sql.Identifier(n))
                           for c, n in zip(r.reference.columns, now, strict=True)]),
-            pointing=_equal(r.pointing("r"), was),
-            row_key=_list([_columns("r")(k) for k in r.reference.row_key]),
-            was=_list(was), now=_list([_columns("m")(n) for n in now]),
-            record=_id(r.record), key=_names(r.numbered_key()),
-            later=_list([sql.SQL("{n} = excluded.{n}").format(n=sql.Identifier(n))
+            pointing=all_equal(r.pointing("r"), was),
+            row_key=comma_list([column_of("r")(k) for k in r.reference.row_key]),
+            was=comma_list(was), now=comma_list([column_of("m")(n) for n in now]),
+            record=_id(r.record), key=names_list(r.numbered_key()),
+            later=comma_list([sql.SQL("{n} = excluded.{n}").format(n=sql.Identifier(n))
                          for n in now])),
         # Two statements, not one with OR: an OR of sublinks is planned as hashed subplans,
         # each a scan of a whole table.
         sql.SQL("delete from {queue} as q using {survivors} as m where {moved}").format(
-            queue=r.queue, survivors=r.survivors, moved=_equal(r.referenced("q"), was)),
+            queue=r.queue, survivors=r.survivors, moved=all_equal(r.referenced("q"), was)),
         sql.SQL(
             "delete from {queue} as q where not exists (select from {live} as t where {pointed}"
             " and not exists (select from {shadow} as k where k.{tb} = t.{tb}))"
         ).format(
             queue=r.queue, live=_id(r.live),
-            pointed=_equal(r.referenced("t"), r.referenced("q")),
+            pointed=all_equal(r.referenced("t"), r.referenced("q")),
             shadow=_id(r.shadow), tb=sql.Identifier(r.spec.tiebreaker)),
     ]
 
@@ -369,14 +369,14 @@ def all_moved(r: Repointing) -> sql.Composed:
     """A check after each round: no row points at a value the round moved, unless the ETL
     wrote that value again since (its next round moves it). A trigger of the referencing
     table that kept its row from changing, or a policy that hid it, would leave it dangling."""
-    pointed = [_columns("g")(n) for n in _numbered("pointed", r.reference.columns)]
+    pointed = [column_of("g")(n) for n in numbered("pointed", r.reference.columns)]
     return sql.SQL(
         "select count(*) = 0, count(*) as rows_left_pointing_at_removed_rows"
         " from {table} as r join {survivors} as m on {moved}"
         " where not exists (select from {log} as g where {written_again})"
     ).format(table=_id(r.reference.table), survivors=r.survivors,
-             moved=_equal(r.pointing("r"), [_columns("m")(n) for n in r.numbered("was")]),
-             log=_id(r.capture.log), written_again=_equal(pointed, r.pointing("r")))
+             moved=all_equal(r.pointing("r"), [column_of("m")(n) for n in r.numbered("was")]),
+             log=_id(r.capture.log), written_again=all_equal(pointed, r.pointing("r")))
 
 
 def nothing_left(r: Repointing) -> sql.Composed:
@@ -413,14 +413,14 @@ def add_again(reference: Reference) -> sql.Composed:
 def put_back(reference: Reference, record: Relation) -> sql.Composed:
     """For a rollback: each row a swap re-pointed, and nobody moved since, points where it
     pointed before the swap."""
-    was, now = _numbered("was", reference.columns), _numbered("now", reference.columns)
+    was, now = numbered("was", reference.columns), numbered("now", reference.columns)
     return sql.SQL("update {table} as r set {assign} from {record} as m where {same_row}"
                    " and {still}").format(
         table=_id(reference.table), record=_id(record),
-        assign=_list([sql.SQL("{} = m.{}").format(sql.Identifier(c), sql.Identifier(w))
+        assign=comma_list([sql.SQL("{} = m.{}").format(sql.Identifier(c), sql.Identifier(w))
                       for c, w in zip(reference.columns, was, strict=True)]),
-        same_row=_equal(
-            [_columns("r")(k) for k in reference.row_key],
-            [_columns("m")(n) for n in _numbered("row_key", reference.row_key)]),
-        still=_equal([_columns("r")(c) for c in reference.columns],
-                     [_columns("m")(n) for n in now]))
+        same_row=all_equal(
+            [column_of("r")(k) for k in reference.row_key],
+            [column_of("m")(n) for n in numbered("row_key", reference.row_key)]),
+        still=all_equal([column_of("r")(c) for c in reference.columns],
+                     [column_of("m")(n) for n in now]))
