@@ -246,6 +246,58 @@ def test_link_rows_keyed_by_what_they_point_at_move_or_say_which_would_collide(g
         assert _rows(conn, TAGS) == tags + Counter({f"({older},\"written meanwhile\")": 1})
 
 
+VISITS = '"Guest Book".visits'
+# Visits partitioned by night, pointing at stays by id: the moves and the redirect go through
+# the parent, the foreign key and its index are the partitions' too.
+PARTITIONED_VISITS = f"""
+create table {VISITS} (id integer, night date, stay_id bigint references {STAYS} (id),
+    primary key (id, night)) partition by range (night);
+create table "Guest Book".visits_early partition of {VISITS}
+    for values from ('2025-03-01') to ('2025-03-04');
+create table "Guest Book".visits_late partition of {VISITS}
+    for values from ('2025-03-04') to ('2025-04-01');
+create index on {VISITS} (stay_id);
+insert into {VISITS} select s.id, s.night, s.id from {STAYS} as s where s.id % 4 = 1"""
+
+
+def test_a_partitioned_table_that_points_at_it_is_followed_through_its_parent(
+        guests) -> None:
+    database, project = guests
+    with database.connect() as conn:
+        conn.execute(PARTITIONED_VISITS)
+        older, kept, guest, night = conn.execute(
+            f"select min(id), max(id), guest, night from {STAYS} group by guest, night"
+            " having count(*) = 3 order by 1 limit 1").fetchone()
+        visits = _rows(conn, VISITS)
+        pointed = _visited(conn)
+    assert database.runner("build", *project).exit_code == 0
+
+    def visit_a_removed_copy(label: str) -> None:
+        if label.startswith("concurrent index of"):
+            with database.connect() as conn:
+                conn.execute(f"insert into {VISITS} values (-1, %s, %s)", (night, older))
+
+    options = swap.SwapOptions(target_dir=database.target_dir)
+    with database.connect() as conn:
+        swap.execute(conn, swap.make_plans(conn, options), options,
+                     after_step=visit_a_removed_copy)
+    with database.connect() as conn:
+        assert _visited(conn) == {**pointed, -1: (guest, night)}
+        assert conn.execute(f"select stay_id from {VISITS} where id = -1").fetchone() == (kept,)
+        assert conn.execute(f"select count(*) from {VISITS} as v where not exists (select from"
+                            f" {STAYS} as s where s.id = v.stay_id)").fetchone()[0] == 0
+    rolled = database.runner("rollback", *project)
+    assert rolled.exit_code == 0, rolled.output
+    with database.connect() as conn:
+        assert _rows(conn, VISITS) == visits + Counter({f"(-1,{night},{older})": 1})
+
+
+def _visited(conn: psycopg.Connection) -> dict:
+    return {i: (guest, night) for i, guest, night in conn.execute(
+        f"select v.id, s.guest, s.night from {VISITS} as v join {STAYS} as s"
+        " on s.id = v.stay_id")}
+
+
 def test_what_the_etl_writes_meanwhile_points_at_the_kept_rows_and_nothing_is_lost(
         guests, monkeypatch: pytest.MonkeyPatch) -> None:
     """After every step the ETL sends a stay again as a later copy (ON CONFLICT DO NOTHING),

@@ -186,9 +186,9 @@ def test_a_partitioned_table_whole_row_copies_and_a_referenced_table_in_place_an
         server: EmbeddedPostgres, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """What in place reads and builds that versions could differ on (pg_partition_tree, a
     parent's constraint taking in its partitions', ctid, a referencing table's rows moved under
-    row locks and redirected by a BEFORE trigger): a project of one's own declares
+    row locks, a partitioned one's through its parent): a project of one's own declares
     test_partitioned's table, test_whole_row_copies' link table and the stays that
-    test_in_place_references' charges and notes point at."""
+    test_in_place_references' charges, notes and partitioned visits point at."""
     with psycopg.connect(autocommit=True, **server.conninfo) as conn:
         conn.execute("create database mine")
     database = Database({**server.environ(), "PGDATABASE": "mine"}, tmp_path / "target")
@@ -198,9 +198,12 @@ def test_a_partitioned_table_whole_row_copies_and_a_referenced_table_in_place_an
         conn.execute(test_partitioned.TABLE)
         conn.execute(test_whole_row_copies.TABLE)
         conn.execute(test_in_place_references.TABLES)
+        conn.execute(test_in_place_references.PARTITIONED_VISITS)
         pointed = test_in_place_references._pointed(conn)
+        visited = test_in_place_references._visited(conn)
         referencing = {table: test_partitioned._rows(conn, table) for table in (
-            test_in_place_references.CHARGES, test_in_place_references.NOTES)}
+            test_in_place_references.CHARGES, test_in_place_references.NOTES,
+            test_in_place_references.VISITS)}
     assert database.runner("init", str(project)).exit_code == 0
     for declared in (test_partitioned.ADD, test_whole_row_copies.ADD,
                      test_in_place_references.ADD):
@@ -226,6 +229,7 @@ def test_a_partitioned_table_whole_row_copies_and_a_referenced_table_in_place_an
         removed = {table: test_partitioned._rows(conn, archived[table]) for table in tables}
         assert len(test_partitioned._constraints(conn)) == 1 + 1 + len(test_partitioned.LEAVES)
         assert test_in_place_references._pointed(conn) == pointed
+        assert test_in_place_references._visited(conn) == visited
         assert {i for (i,) in conn.execute(
             f"select id from {test_in_place_references.STAYS}")} == stays_kept
     assert after[test_partitioned.VIEWS] == kept
