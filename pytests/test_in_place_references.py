@@ -306,7 +306,7 @@ def test_what_the_etl_writes_meanwhile_points_at_the_kept_rows_and_nothing_is_lo
     every charge lands, on the key's kept row; once it is gone, a charge on a removed copy is
     refused by the foreign key, as after any deduplication."""
     database, project = guests
-    monkeypatch.setattr(in_place, "BATCH_ROWS", 40)
+    monkeypatch.setattr(in_place, "BATCH_ROWS", 160)
     built = database.runner("build", *project)
     assert built.exit_code == 0, built.output
     with database.connect() as conn:
@@ -373,7 +373,7 @@ def test_a_writer_pointing_at_copies_while_batches_remove_them_never_fails_or_da
     remove those copies (a few keys a batch): not one write fails, and every charge lands on
     the kept row of its key."""
     database, project = guests
-    monkeypatch.setattr(in_place, "BATCH_ROWS", 12)
+    monkeypatch.setattr(in_place, "BATCH_ROWS", 48)
     built = database.runner("build", *project)
     assert built.exit_code == 0, built.output
     with database.connect() as conn:
@@ -438,7 +438,7 @@ def test_a_writer_pointing_at_copies_while_batches_remove_them_never_fails_or_da
 def test_a_kill_after_any_step_leaves_every_row_pointing_at_its_key_and_a_rerun_finishes(
         server, guests, monkeypatch: pytest.MonkeyPatch) -> None:
     database, project = guests
-    monkeypatch.setattr(in_place, "BATCH_ROWS", 120)
+    monkeypatch.setattr(in_place, "BATCH_ROWS", 480)
     built = database.runner("build", *project)
     assert built.exit_code == 0, built.output
     with database.connect() as conn:
