@@ -208,8 +208,7 @@ def plan_in_place(entry: LogEntry, live: LiveTable, archive_schema: str) -> Tabl
     moved to kept rows, and nobody moved since, point where they did."""
     columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in live.columns if not c.generated)
     plan = plan_constraint(entry, live, archive_schema)
-    pointing_now = {reference.named_by for reference in live.references}
-    plan.repointed = tuple(r for r in entry.repointed if r.reference.named_by in pointing_now)
+    plan.repointed = _still_pointing(entry, live)
     plan.cutover[-1:-1] = [
         Step(f"the rows the run removed go back into {entry.live}",
              sql.SQL("insert into {live} ({columns}){overriding} select {columns} from {archive}")
@@ -220,6 +219,12 @@ def plan_in_place(entry: LogEntry, live: LiveTable, archive_schema: str) -> Tabl
                "before it", repoint.put_back(r.reference, Relation(archive_schema, r.record)))
           for r in plan.repointed)]
     return plan
+
+
+def _still_pointing(entry: LogEntry, live: LiveTable) -> tuple[swap_log.Repointed, ...]:
+    """The foreign keys whose rows the run re-pointed that still point at the table."""
+    pointing_now = {reference.named_by for reference in live.references}
+    return tuple(r for r in entry.repointed if r.reference.named_by in pointing_now)
 
 
 def check_capture(entry: LogEntry, registered: Registered | None) -> None:
@@ -287,8 +292,7 @@ def plan_table(entry: LogEntry, live: LiveTable, archive: LiveTable, registered:
     ]
     plan.locked, revalidated = _foreign_keys_back(entry, archive_id)
     plan.validate = validate_steps(entry.live, revalidated)
-    pointing_now = {reference.named_by for reference in live.references}
-    plan.repointed = tuple(r for r in entry.repointed if r.reference.named_by in pointing_now)
+    plan.repointed = _still_pointing(entry, live)
     for r in plan.repointed:
         if r.reference.validated:
             plan.validate += validate_steps(r.reference.table, [r.reference.constraint])
