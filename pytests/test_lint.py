@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from runner.declaration import dbt
-from runner.server.connection import environment
+from conftest import Database
+from test_other_project import other_project_deps
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -68,9 +68,7 @@ def test_sqlfluff_lint_integration_tests_is_clean(pg_env: dict[str, str],
     """The integration tests' models, the package's macros as a user's project calls them."""
     integration_tests = PROJECT_DIR / "integration_tests"
     env = _lint_env(pg_env, tmp_path)
-    with environment(env):
-        assert dbt.invoke(["deps"], integration_tests, profiles_dir=PROJECT_DIR,
-                          quiet=True).success
+    other_project_deps(Database(env, tmp_path / "target"))
     _sqlfluff_lint(integration_tests / "models", env,
                    "--config", str((integration_tests / ".sqlfluff").relative_to(PROJECT_DIR)))
 

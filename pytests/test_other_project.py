@@ -3,6 +3,7 @@ on two columns and NULL keys forbidden, with this project installed as a dbt pac
 
 from __future__ import annotations
 
+import fcntl
 import re
 import shutil
 from collections import Counter
@@ -50,6 +51,15 @@ def run_other_dbt(database: Database, *args: str):
     return run_dbt_in(OTHER_PROJECT, database, *args)
 
 
+def other_project_deps(database: Database) -> None:
+    """`dbt deps` in the integration project, once for the whole run: each worker of the suite
+    builds in it, and a reinstall while another builds leaves that build without the package."""
+    with open(OTHER_PROJECT / "dbt_packages.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (OTHER_PROJECT / "dbt_packages" / "dedup").exists():
+            assert run_other_dbt(database, "deps").success
+
+
 @pytest.fixture
 def shop(server, tmp_path, request):
     name = f"shop_{request.node.name[-20:].lower()}"
@@ -57,7 +67,7 @@ def shop(server, tmp_path, request):
     database = Database({**server.environ(), "PGDATABASE": name}, tmp_path / "target")
     with database.connect() as conn:
         conn.execute(TABLE)
-    assert run_other_dbt(database, "deps").success
+    other_project_deps(database)
     yield database
     with psycopg.connect(autocommit=True, **server.conninfo) as admin:
         admin.execute(f'drop database "{name}" with (force)')
