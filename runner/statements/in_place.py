@@ -297,17 +297,21 @@ class InPlace:
                                                    columns_of("l")))
             not_archived = sql.SQL(" and not exists (select from {} as a where a.{} ="
                                    " (c.old_row).{})").format(archive, t, t)
+        # OFFSET 0 keeps each NOT EXISTS a probe per archived row, by the key's index: as an
+        # anti join the planner hashed the whole live table (0.9 s of 2 million rows, for
+        # 20,000 archived), so the check cost what the table holds, not what was removed.
         counts = [sql.SQL(
             "select count(*) from {archive} as l where {nulls} and not exists (select from"
-            " {live} as w where {w_matches}{wins}) and not exists (select from {log} as c"
-            " where c.op in ('D', 'U') and {c_matches}{not_archived})").format(
+            " {live} as w where {w_matches}{wins} offset 0) and not exists (select from {log}"
+            " as c where c.op in ('D', 'U') and {c_matches}{not_archived})").format(
                 archive=archive, live=live, log=_id(log), wins=wins, not_archived=not_archived,
                 nulls=nulls_exactly(columns_of("l"), shape),
                 w_matches=shape_matches(self.spec, columns_of("w"), columns_of("l"), shape),
                 c_matches=shape_matches(self.spec, fields_of("c.old_row"), columns_of("l"),
                                         shape))
             for shape in self.shapes]
-        return sql.SQL("select n = 0, n || {} from (select {} as n) as counted").format(
+        # OFFSET 0: the count once, not once for each column that reads it.
+        return sql.SQL("select n = 0, n || {} from (select {} as n offset 0) as counted").format(
             sql.Literal(f" {said}"), sql.SQL(" + ").join(sql.SQL("({})").format(c)
                                                          for c in counts))
 
