@@ -367,7 +367,8 @@ def test_declared_in_place_the_build_copies_no_kept_row(shop: Database,  # noqa:
 def test_runner_build_builds_a_view_where_auto_will_choose_in_place(shop: Database,  # noqa: F811
                                                                      tmp_path) -> None:
     """Under `auto`, `runner build` counts the duplicates first: 4.3% here, so the kept rows
-    are a view, never copied, and the swap follows the build's choice."""
+    are a view, never copied, and the swap follows the build's choice. The user's own --vars
+    reach dbt beside the runner's choice."""
     with shop.connect() as conn:
         conn.execute(LOADED_ONCE)
         before = _rows(conn)
@@ -378,13 +379,15 @@ def test_runner_build_builds_a_view_where_auto_will_choose_in_place(shop: Databa
                         "--keep", "updated_at:desc,uid:desc", "--nulls", "forbidden",
                         "--project-dir", str(project))
     assert added.exit_code == 0, added.output
-    built = shop.runner("build", "--project-dir", str(project))
+    built = shop.runner("build", "--vars", "{owner: mine}", "--project-dir", str(project))
     assert built.exit_code == 0, built.output
     assert ("shop.order_lines: deduplicated in place, because 4.3% of its rows are "
             "duplicates, at most 15%") in built.output
     with shop.connect() as conn:
         assert conn.execute("select relkind from pg_class where oid = 'dedup.order_lines'"
                             "::regclass").fetchone()[0] == "v"
+    ran = json.loads((shop.target_dir / "run_results.json").read_text())
+    assert ran["args"]["vars"] == {"owner": "mine", "dedup_in_place": ["shop.order_lines"]}
     planned = shop.runner("swap", "--dry-run", "--project-dir", str(project))
     assert ("-- Shop.Order Lines: in place, because runner build chose it, and built the kept "
             "rows as a view, not a copy") in planned.output

@@ -534,8 +534,11 @@ def build_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFla
                                   lock_wait.total_seconds())
     target_dir = _target_dir(project_dir, target_path)
     with database(project_dir, changes=True):
-        # Parsed afresh: the build must deduplicate the tables the YAML declares now.
-        run_dbt(["parse"], project_dir, target_dir=target_dir, flags=dbt_flags, quiet=True)
+        # Parsed afresh: the build must deduplicate the tables the YAML declares now. With
+        # the variables of a build that chooses nothing in place, so that dbt, seeing them
+        # unchanged, parses again only what changed, here and in the build.
+        run_dbt(["parse"], project_dir, target_dir=target_dir,
+                flags=dbt_flags.with_vars({scaffold.IN_PLACE_VAR: []}), quiet=True)
         targets = artifacts.select_targets(artifacts.load_targets(target_dir),
                                            list(select) or None, list(exclude))
         with connect() as conn:
@@ -543,8 +546,8 @@ def build_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFla
             in_place = _in_place_by_auto(conn, targets)
         chosen = (["--select", *(f"source:{t.source}+" for t in targets),
                    "--exclude", f"tag:{artifacts.GUARD_TAG}"] if select or exclude else [])
-        run_dbt(["build", *chosen, "--vars", json.dumps({scaffold.IN_PLACE_VAR: in_place})],
-                project_dir, target_dir=target_dir, flags=dbt_flags)
+        run_dbt(["build", *chosen], project_dir, target_dir=target_dir,
+                flags=dbt_flags.with_vars({scaffold.IN_PLACE_VAR: in_place}))
     click.echo("Built; now run `runner swap --dry-run` to read what the swap will do, then "
                "`runner swap`.")
 

@@ -9,9 +9,11 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from runner import progress
 from runner.errors import RunnerError
@@ -32,6 +34,19 @@ class DbtFlags:
     def args(self) -> list[str]:
         return [*(["--target", self.target] if self.target else []),
                 *(["--vars", self.vars] if self.vars else [])]
+
+    def with_vars(self, runner_vars: dict[str, Any]) -> DbtFlags:
+        """These flags with the runner's own variables beside the user's: dbt keeps only the
+        last --vars it is given, so the two are one."""
+        try:
+            given = yaml.safe_load(self.vars) if self.vars else None
+        except yaml.YAMLError:
+            given = self.vars
+        if given is not None and not isinstance(given, dict):
+            raise RunnerError(f"--vars {self.vars!r} is not a YAML dictionary: give the "
+                              "variables as dbt takes them, e.g. --vars '{name: value}'")
+        return replace(self, vars=yaml.safe_dump({**(given or {}), **runner_vars},
+                                                 default_flow_style=True).strip())
 
 
 def invoke(args: list[str], project_dir: Path, *, target_dir: Path | None = None,
