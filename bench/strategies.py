@@ -10,6 +10,8 @@ load time; a key's copies loaded later, the latest kept) in a project of its own
 copies included, for both strategies to re-point); then on a fresh copy of it each, from a cold
 cache where the machine allows it (root on the embedded server), else warm and marked so:
   floor     one sequential scan of the table;
+  index     CREATE UNIQUE INDEX CONCURRENTLY on the natural key of the table with its
+            duplicates deleted: the one step in place cannot do without, timed alone;
   swap      `runner build` (capture, then dbt build) and `runner swap` with strategy: swap,
             each also timed on its own;
   in_place  the same with strategy: in_place;
@@ -91,6 +93,31 @@ def floor_scan() -> float:
         return timed(lambda: conn.execute("select count(*) from public.items").fetchone())
 
 
+def unique_index_alone(server: Server) -> float:
+    """The natural key's unique index, built CONCURRENTLY on a copy without duplicates (the
+    latest row of each key kept), from a cold cache."""
+    fresh_copy()
+    with connect_to(COPY) as conn:
+        conn.execute("delete from public.items as a using public.items as b"
+                     " where a.k = b.k and a.id < b.id")
+        conn.commit()
+        conn.autocommit = True
+        conn.execute("vacuum analyze public.items")
+    server.empty_caches()
+    with connect_to(COPY) as conn:
+        conn.autocommit = True
+        return timed(lambda: conn.execute(
+            "create unique index concurrently items_k on public.items (k)"))
+
+
+def fresh_copy() -> None:
+    with connect_to("postgres") as admin:
+        admin.execute(sql.SQL("drop database if exists {} with (force)").format(
+            sql.Identifier(COPY)))
+        admin.execute(sql.SQL("create database {} template {}").format(
+            sql.Identifier(COPY), sql.Identifier(SOURCE)))
+
+
 def resend_copies(conninfo: dict, stop, results: str) -> None:
     """Copies of existing rows, ~500 a second; writes [start, seconds] of each to results."""
     writes = []
@@ -143,11 +170,7 @@ def wal_bytes() -> int:
 
 def job(server: Server, project: Path, strategy: str) -> dict:
     """Build and swap on a fresh copy, with the writer writing throughout."""
-    with connect_to("postgres") as admin:
-        admin.execute(sql.SQL("drop database if exists {} with (force)").format(
-            sql.Identifier(COPY)))
-        admin.execute(sql.SQL("create database {} template {}").format(
-            sql.Identifier(COPY), sql.Identifier(SOURCE)))
+    fresh_copy()
     os.environ["PGDATABASE"] = COPY
     declare(project, strategy)
     target = project / "target"
@@ -201,17 +224,14 @@ def main() -> None:
         make_project(project)
         for share in shares:
             keys = load(args.rows, share, args.referenced)
+            index = unique_index_alone(server)
             for strategy in strategies:
-                with connect_to("postgres") as admin:
-                    admin.execute(sql.SQL("drop database if exists {} with (force)").format(
-                        sql.Identifier(COPY)))
-                    admin.execute(sql.SQL("create database {} template {}").format(
-                        sql.Identifier(COPY), sql.Identifier(SOURCE)))
+                fresh_copy()
                 server.empty_caches()
                 floor = floor_scan()
                 measured.append({"rows": args.rows, "share": share, "keys": keys,
                                  "referenced_every": args.referenced,
-                                 "strategy": strategy, "floor": floor,
+                                 "strategy": strategy, "floor": floor, "index": index,
                                  **job(server, project, strategy)})
                 print(json.dumps(measured[-1]), flush=True)
     finally:
@@ -238,7 +258,9 @@ def main() -> None:
                   f"{m['peak_growth'] / 1e6:>8.0f}{m['growth_after'] / 1e6:>9.0f}"
                   f"{m['wal'] / 1e6:>8.0f}{m['lock_ms']:>8.0f}{m['writer_p99_ms']:>7.1f}"
                   f"{m['writer_worst_ms']:>7.0f}")
-        print(f"{'':>8}floor {rows[0]['floor']:.2f} s (one sequential scan)")
+        print(f"{'':>8}floor {rows[0]['floor']:.2f} s (one sequential scan); unique index "
+              f"alone {rows[0]['index']:.2f} s, {rows[0]['index'] / rows[0]['floor']:.1f}x "
+              "the floor (CREATE UNIQUE INDEX CONCURRENTLY without duplicates)")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     when = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS_DIR / f"strategies-{when}.json"
