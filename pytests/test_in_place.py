@@ -24,7 +24,7 @@ from test_other_project import (  # noqa: F401
     shop,
 )
 
-from runner.errors import ConnectionLost
+from runner.errors import ConnectionLost, RunnerError
 from runner.jobs import swap
 from runner.statements import in_place
 
@@ -227,6 +227,44 @@ def test_an_invalid_unique_index_left_behind_is_dropped_and_built_again(few: Dat
                             where indrelid = '{LINES}'::regclass and indisunique
                             and not indisprimary""").fetchall() == [
             ('"Shop"."Order Lines__natural_key"', True)]
+
+
+def _once_the_guard_goes(database: Database, statement: str):
+    """A step hook: `statement`, once the batches are done and the guard gone."""
+    def step_done(label: str) -> None:
+        if label == "guard dropped of Shop.Order Lines":
+            with database.connect() as conn:
+                conn.execute(statement)
+
+    return step_done
+
+
+def test_each_proof_of_the_archive_stops_the_run_before_the_cut_over(few: Database) -> None:
+    """Before the lock, every archived row must lose to a live row of its key, and none may be
+    live still: each made false, as a fault of the run would, stops it with nothing changed;
+    once the fault is gone a rerun finishes."""
+    archive = "dedup_archive.\"Shop__Order Lines__removing\""
+    lost = (f"insert into {archive} values (gen_random_uuid(), 'ORD-LOST', 1, now(),"
+            " 'no live row beats it')")
+    with pytest.raises(RunnerError, match="every archived row lost to a live row of its key "
+                                          r"\(archived_rows_no_live_row_beats=1\)"):
+        _swap(few, after_step=_once_the_guard_goes(few, lost))
+    key = "(\"Order ID\", line_no) = ('ORD-1', 1)"
+    with few.connect() as conn:
+        conn.execute(f"delete from {archive} where \"Order ID\" = 'ORD-LOST'")
+        kept = conn.execute(f"select uid from {LINES} where {key}").fetchone()[0]
+    with pytest.raises(RunnerError, match=r"no archived row is live still "
+                                          r"\(archived_rows_live_still=1\)"):
+        _swap(few, after_step=_once_the_guard_goes(
+            few, f"update {LINES} set uid = (select uid from {archive} where {key} limit 1)"
+                 f" where {key}"))
+    with few.connect() as conn:
+        assert conn.execute("select count(*) from dedup_archive.swap_log").fetchone()[0] == 0
+        conn.execute(f"update {LINES} set uid = %s where {key}", (kept,))
+    _swap(few)
+    with few.connect() as conn:
+        assert conn.execute("select action, rows_after from dedup_archive.swap_log"
+                            ).fetchall() == [("in_place", 1010)]
 
 
 def test_a_table_others_reference_is_deduplicated_in_place_by_auto_its_key_untouched(

@@ -273,18 +273,17 @@ class InPlace:
         place of beats."""
         if self.spec.any_copy:
             return [("every archived copy is equal to a live row of its key",
-                     self._unexplained(log, "archived copies have no live row of their key "
-                                            "equal to them"))]
+                     self._unexplained(log, "archived_copies_equal_to_no_live_row"))]
         tiebreaker = sql.Identifier(self.spec.tiebreaker)
         in_both = sql.SQL(
-            "select count(*) = 0, count(*) || ' archived rows are live still' from {archive}"
+            "select count(*) = 0, count(*) as archived_rows_live_still from {archive}"
             " as a where exists (select from {live} as l where l.{t} = a.{t})").format(
                 archive=_id(self.archive), live=_id(self.live), t=tiebreaker)
         return [("no archived row is live still", in_both),
                 ("every archived row lost to a live row of its key", self._unexplained(
-                    log, "archived rows have no live row of their key that beats them"))]
+                    log, "archived_rows_no_live_row_beats"))]
 
-    def _unexplained(self, log: Relation, said: str) -> sql.Composed:
+    def _unexplained(self, log: Relation, counted_as: str) -> sql.Composed:
         """True when every archived row has a live row of its key that wins over it (beats it;
         under keep: any, equals it), or the capture logged the ETL deleting or changing a row
         of that key (one the archive does not hold, where a tie-breaker tells rows apart)."""
@@ -311,9 +310,9 @@ class InPlace:
                                         shape))
             for shape in self.shapes]
         # OFFSET 0: the count once, not once for each column that reads it.
-        return sql.SQL("select n = 0, n || {} from (select {} as n offset 0) as counted").format(
-            sql.Literal(f" {said}"), sql.SQL(" + ").join(sql.SQL("({})").format(c)
-                                                         for c in counts))
+        return sql.SQL("select n = 0, n as {} from (select {} as n offset 0) as counted").format(
+            sql.Identifier(counted_as), sql.SQL(" + ").join(sql.SQL("({})").format(c)
+                                                            for c in counts))
 
     def count_removed(self) -> sql.Composed:
         """Before the lock, with the guard gone and the archive final: the rows it holds.
