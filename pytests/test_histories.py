@@ -61,7 +61,7 @@ from runner.server.connection import environment
 from runner.server.embedded import EmbeddedPostgres
 
 DATABASE = "histories"
-SUITE_HISTORIES = 20
+SUITE_HISTORIES = 14
 STEPS = 16
 DURING_BUILD = [None, "key groups", "kept rows"]
 KILLS = (None, None, "terminate", "sigkill", "crash")

@@ -520,7 +520,7 @@ WRITES = st.lists(st.tuples(
     st.integers(0, 10_000), st.integers(0, 24)), min_size=4, max_size=30)
 
 
-@settings(max_examples=20, deadline=None, derandomize=True,
+@settings(max_examples=12, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(writes=WRITES, kill_after=st.one_of(st.none(), st.integers(1, 24)))
 def test_histories_of_writes_around_the_steps_leave_every_reference_on_its_key(
