@@ -125,7 +125,29 @@ def choose(entries: list[LogEntry], select: list[str] | None, archive_schema: st
             raise RunnerError(f"nothing to roll back for {entry.live}: its latest swap, at "
                               f"{when(entry.swapped_at)}, was rolled back at "
                               f"{when(entry.rolled_back_at)}")
+    _refuse_to_leave_behind_a_later_swap(entries, chosen)
     return chosen
+
+
+def _refuse_to_leave_behind_a_later_swap(entries: list[LogEntry],
+                                         chosen: list[LogEntry]) -> None:
+    """A table swapped after one whose run re-pointed its rows may keep some of them in its
+    archive, where re-pointing back cannot reach them: it is rolled back first, or with it."""
+    for entry in chosen:
+        pointing = {r.reference.table for r in entry.repointed}
+        later = [e for e in entries if e.live in pointing and e.rolled_back_at is None
+                 and e.swapped_at > entry.swapped_at and e not in chosen]
+        if later:
+            raise RunnerError(
+                f"cannot roll back {entry.live} alone: {later[0].live} was deduplicated after "
+                f"it and may keep in its archive rows that {entry.live}'s run re-pointed; "
+                f"nothing was changed: roll back {later[0].live} first, or both together")
+
+
+def _undo_order(plans: list[TableRollback]) -> list[TableRollback]:
+    """The latest swap undone first: a table deduplicated after another whose run re-pointed
+    its rows puts back its archived rows before that one points them back where they were."""
+    return sorted(plans, key=lambda plan: plan.entry.swapped_at, reverse=True)
 
 
 def _signature(index: Index) -> tuple:
@@ -584,7 +606,8 @@ def render(conn: psycopg.Connection, plans: list[TableRollback],
         conn, before,
         lambda under_lock: [line for plan in _restoring(plans)
                             for line in _restore_lines(conn, plan, under_lock)],
-        [*locking_steps, *locked], [step for plan in plans for step in plan.cutover], validate)
+        [*locking_steps, *locked], [step for plan in _undo_order(plans) for step in plan.cutover],
+        validate)
     return "\n".join(lines)
 
 
@@ -682,7 +705,7 @@ def execute(conn: psycopg.Connection, plans: list[TableRollback], options: Rollb
         carry_all(under_lock=True)
         for plan in restoring:
             carried[plan.entry.live] = tuple(conn.execute(plan.restore.carried).fetchone())
-        run_batched(conn, [step for plan in plans for step in plan.cutover])
+        run_batched(conn, [step for plan in _undo_order(plans) for step in plan.cutover])
 
     with locking.one_runner(conn):
         result = executor.cut_over(conn, executor.CutOver(
