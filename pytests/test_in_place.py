@@ -426,6 +426,14 @@ def test_runner_build_builds_a_view_where_auto_will_choose_in_place(shop: Databa
                             "::regclass").fetchone()[0] == "v"
     ran = json.loads((shop.target_dir / "run_results.json").read_text())
     assert ran["args"]["vars"] == {"owner": "mine", "dedup_in_place": ["shop.order_lines"]}
+    # Built again, choosing alike: dbt finds every variable as it was, and parses nothing anew.
+    log = project / "logs" / "dbt.log"
+    logged_before = len(log.read_text())
+    again = shop.runner("build", "--vars", "{owner: mine}", "--project-dir", str(project))
+    assert again.exit_code == 0, again.output
+    logged = log.read_text()[logged_before:]
+    assert logged.count("Nothing changed, skipping partial parsing.") == 2
+    assert "Unable to do partial parsing" not in logged
     planned = shop.runner("swap", "--dry-run", "--project-dir", str(project))
     assert ("-- Shop.Order Lines: in place, because runner build chose it, and built the kept "
             "rows as a view, not a copy") in planned.output

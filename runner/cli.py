@@ -535,10 +535,12 @@ def build_command(project_dir: Path, target_path: Path | None, dbt_flags: DbtFla
     target_dir = _target_dir(project_dir, target_path)
     with database(project_dir, changes=True):
         # Parsed afresh: the build must deduplicate the tables the YAML declares now. With
-        # the variables of a build that chooses nothing in place, so that dbt, seeing them
-        # unchanged, parses again only what changed, here and in the build.
-        run_dbt(["parse"], project_dir, target_dir=target_dir,
-                flags=dbt_flags.with_vars({scaffold.IN_PLACE_VAR: []}), quiet=True)
+        # what the build before chose in place: dbt, finding its variables unchanged, then
+        # parses again only the files that changed, here and in a build that chooses alike.
+        chosen_before = artifacts.latest_var(target_dir, scaffold.IN_PLACE_VAR)
+        run_dbt(["parse"], project_dir, target_dir=target_dir, quiet=True,
+                flags=dbt_flags.with_vars({scaffold.IN_PLACE_VAR: chosen_before
+                                           if isinstance(chosen_before, list) else []}))
         targets = artifacts.select_targets(artifacts.load_targets(target_dir),
                                            list(select) or None, list(exclude))
         with connect() as conn:

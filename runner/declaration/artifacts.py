@@ -318,6 +318,15 @@ def built(target_dir: Path, targets: list[DedupTarget]) -> bool:
     return all(target.model_id in ran for target in targets)
 
 
+def latest_var(target_dir: Path, name: str) -> object:
+    """The dbt var `name` as the latest dbt run in `target_dir` had it (its run_results.json),
+    or None."""
+    try:
+        return json.loads((target_dir / "run_results.json").read_text())["args"]["vars"][name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_build(target_dir: Path, targets: list[DedupTarget]) -> None:
     """Refuse unless the latest dbt run built each target and passed every test that guards it.
 
