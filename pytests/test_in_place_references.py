@@ -675,11 +675,12 @@ def _live_and_archived_ids(conn: psycopg.Connection, table: str) -> Counter:
             sql.Identifier("Guest Book", table), sql.Identifier("dedup_archive", archive))))
 
 
-def test_a_table_that_points_at_it_deduplicated_in_place_in_the_same_run(guests) -> None:
-    """Minibar rows keyed by (stay, item), deduplicated in place in the same run: a row that
-    moves from a removed copy of a stay to the kept one can become a copy of a row there, and
-    the minibar's own keep rule then decides between them. Every row of both tables is live or
-    archived, and a rollback of both puts back each row as it was, where it pointed."""
+def test_a_table_that_points_at_it_deduplicated_after_it_and_both_rolled_back(guests) -> None:
+    """Minibar rows keyed by (stay, item), deduplicated in place too: in one run with the
+    stays refused, after them it goes. A row that moved from a removed copy of a stay to the
+    kept one can be a copy of a row there, which the minibar's own keep rule settles. Every
+    row of both tables is live or archived, the stays are not rolled back alone, and a
+    rollback of both puts back each row as it was, where it pointed."""
     database, project = guests
     with database.connect() as conn:
         conn.execute(f"""create table {MINIBAR} (id integer primary key,
