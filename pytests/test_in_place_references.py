@@ -701,8 +701,8 @@ def test_a_table_that_points_at_it_deduplicated_after_it_and_both_rolled_back(gu
     together = database.runner("swap", *project)
     assert together.exit_code == 4, together.output
     assert said(together)[-1] == (
-        "Error: Guest Book.minibar is swapped in the same run as Guest Book.Stays, whose rows "
-        "its foreign key minibar_stay_id_fkey re-points: swap Guest Book.Stays first, then "
+        "Error: Guest Book.minibar is deduplicated in the same run as Guest Book.Stays, whose "
+        "rows its foreign key minibar_stay_id_fkey re-points: swap Guest Book.Stays first, then "
         "Guest Book.minibar (--select)")
     for name in ("Stays", "minibar"):
         swapped = database.runner("swap", "--select", name, *project)

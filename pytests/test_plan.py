@@ -94,8 +94,9 @@ REFUNDS = Reference("refunds_line_fkey", Relation("shop", "refunds"), ("line",),
      "differ in the columns they point at, and keep: any removes only copies equal in every "
      "column: declare keep with a tie-breaker instead"),
     (REFUNDS, {}, {Relation("shop", "refunds")}, True,
-     "shop.refunds is swapped in the same run as shop.order lines, whose rows its foreign key "
-     "refunds_line_fkey re-points: swap shop.order lines first, then shop.refunds (--select)"),
+     "shop.refunds is deduplicated in the same run as shop.order lines, whose rows its foreign "
+     "key refunds_line_fkey re-points: swap shop.order lines first, then shop.refunds "
+     "(--select)"),
     (dataclasses.replace(REFUNDS, indexed=False), {}, set(), True,
      "shop.refunds.refunds_line_fkey points at shop.order lines, and no index of shop.refunds "
      "starts with (line), without which finding the rows that point at each removed row is a "

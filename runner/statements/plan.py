@@ -238,9 +238,10 @@ def refuse_references(spec: DedupSpec, live: LiveTable, swapped: set[Relation],
     for reference in live.references:
         columns = ", ".join(reference.columns)
         if reference.table in swapped:
-            raise RunnerError(f"{reference.table} is swapped in the same run as {live.relation}, "
-                              f"whose rows its foreign key {reference.constraint} re-points: "
-                              f"swap {live.relation} first, then {reference.table} (--select)")
+            raise RunnerError(f"{reference.table} is deduplicated in the same run as "
+                              f"{live.relation}, whose rows its foreign key "
+                              f"{reference.constraint} re-points: swap {live.relation} first, "
+                              f"then {reference.table} (--select)")
         if not reference.indexed:
             raise RunnerError(f"{reference.shown} points at {live.relation}, and no index of "
                               f"{reference.table} starts with ({columns}), without which "
