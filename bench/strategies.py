@@ -100,12 +100,9 @@ def unique_index_alone(server: Server) -> float:
     with connect_to(COPY) as conn:
         conn.execute("delete from public.items as a using public.items as b"
                      " where a.k = b.k and a.id < b.id")
-        conn.commit()
-        conn.autocommit = True
         conn.execute("vacuum analyze public.items")
     server.empty_caches()
     with connect_to(COPY) as conn:
-        conn.autocommit = True
         return timed(lambda: conn.execute(
             "create unique index concurrently items_k on public.items (k)"))
 
