@@ -619,9 +619,8 @@ def _moved_into_a_duplicate(live: Relation, error: psycopg.errors.UniqueViolatio
     return (f"the rows that point at duplicates of {live} cannot all move to the kept rows: "
             f"{diag.schema_name}.{diag.table_name} would hold two rows with one key "
             f"({(diag.message_detail or '').rstrip('.')}: {diag.constraint_name}); nothing of "
-            "this batch was "
-            f"changed: deduplicate {diag.schema_name}.{diag.table_name} first, or delete one of "
-            "the two, then run `runner swap` again")
+            f"this batch was changed: deduplicate {diag.schema_name}.{diag.table_name} first, "
+            "or delete one of the two, then run `runner swap` again")
 
 
 @contextlib.contextmanager
