@@ -12,6 +12,9 @@ cache where the machine allows it (root on the embedded server), else warm and m
   floor     one sequential scan of the table;
   index     CREATE UNIQUE INDEX CONCURRENTLY on the natural key of the table with its
             duplicates deleted: the one step in place cannot do without, timed alone;
+  by hand   in place as a DBA would run it by hand, bare: the removed rows archived and
+            deleted in one statement, that index, the constraint (no writer, guard or proof;
+            not with --referenced, whose notes would forbid the DELETE);
   swap      `runner build` (capture, then dbt build) and `runner swap` with strategy: swap,
             each also timed on its own;
   in_place  the same with strategy: in_place;
@@ -105,6 +108,23 @@ def unique_index_alone(server: Server) -> float:
     with connect_to(COPY) as conn:
         return timed(lambda: conn.execute(
             "create unique index concurrently items_k on public.items (k)"))
+
+
+def by_hand(server: Server) -> float:
+    """In place as a DBA would run it by hand, bare: no writer, no guard, no proof of the
+    archive, no re-pointing. The removed rows moved to an archive in one statement, then the
+    natural key's unique index built CONCURRENTLY and made the constraint; on a fresh copy,
+    from a cold cache."""
+    fresh_copy()
+    server.empty_caches()
+    with connect_to(COPY) as conn:
+        return timed(lambda: [conn.execute(statement) for statement in (
+            "create table public.items_removed (like public.items)",
+            "with removed as (delete from public.items as a where exists (select from"
+            " public.items as b where b.k = a.k and b.id > a.id) returning a.*)"
+            " insert into public.items_removed select * from removed",
+            "create unique index concurrently items_k on public.items (k)",
+            "alter table public.items add constraint items_k unique using index items_k")])
 
 
 def fresh_copy() -> None:
@@ -222,6 +242,8 @@ def main() -> None:
         for share in shares:
             keys = load(args.rows, share, args.referenced)
             index = unique_index_alone(server)
+            # By hand, a removed row that a note points at could not be deleted.
+            hand = None if args.referenced else by_hand(server)
             for strategy in strategies:
                 fresh_copy()
                 server.empty_caches()
@@ -229,6 +251,7 @@ def main() -> None:
                 measured.append({"rows": args.rows, "share": share, "keys": keys,
                                  "referenced_every": args.referenced,
                                  "strategy": strategy, "floor": floor, "index": index,
+                                 "by_hand": hand,
                                  **job(server, project, strategy)})
                 print(json.dumps(measured[-1]), flush=True)
     finally:
@@ -258,6 +281,11 @@ def main() -> None:
         print(f"{'':>8}floor {rows[0]['floor']:.2f} s (one sequential scan); unique index "
               f"alone {rows[0]['index']:.2f} s, {rows[0]['index'] / rows[0]['floor']:.1f}x "
               "the floor (CREATE UNIQUE INDEX CONCURRENTLY without duplicates)")
+        if rows[0]["by_hand"] is not None:
+            print(f"{'':>8}in place by hand {rows[0]['by_hand']:.2f} s, "
+                  f"{rows[0]['by_hand'] / rows[0]['floor']:.1f}x the floor (archive and "
+                  "DELETE the removed rows, the unique index CONCURRENTLY, the constraint: no "
+                  "writer, guard or proof)")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     when = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS_DIR / f"strategies-{when}.json"
