@@ -21,7 +21,7 @@
     {#- The same columns as select targets, one to a line. -#}
     {%- set quoted_keys = [] -%}
     {%- for column in spec.natural_key -%}
-        {%- do quoted_keys.append(adapter.quote(column)) -%}
+        {%- do quoted_keys.append(dedup.dedup_quote(column)) -%}
     {%- endfor -%}
     {%- for term in alternative_terms -%}
         {%- do quoted_keys.append(term ~ " as dedup_alternative_" ~ loop.index) -%}

@@ -22,7 +22,7 @@
     {%- if spec.any_copy -%}
         {{ return(dedup._dedup_copies_reconcile(model, dedup.dedup_rows_read(source_rows, spec), key_groups, spec)) }}
     {%- endif -%}
-    {%- set tiebreaker = adapter.quote(spec.tiebreaker) %}
+    {%- set tiebreaker = dedup.dedup_quote(spec.tiebreaker) %}
 
 with kept_rows as (
 
@@ -36,7 +36,7 @@ chosen as (
         dedup_kept as tiebreaker,
         true as dedup_is_chosen
         {%- for column in spec.natural_key %},
-        {{ adapter.quote(column) }}
+        {{ dedup.dedup_quote(column) }}
         {%- endfor %}
         {%- for term in dedup.dedup_alternative_terms(spec) %},
         dedup_alternative_{{ loop.index }}

@@ -11,7 +11,7 @@
 {% macro default__test_dedup_tiebreaker_unique(model) %}
     {%- set spec = dedup.dedup_spec_for_relation(model) if execute else {"tiebreaker": "parsing"} -%}
     {%- if spec.any_copy -%}{{ return(dedup._dedup_copies_differ(model, spec)) }}{%- endif -%}
-    {%- set tiebreaker = adapter.quote(spec.tiebreaker) %}
+    {%- set tiebreaker = dedup.dedup_quote(spec.tiebreaker) %}
     {#- Without a catalog to ask, look at the data. #}
 select {{ tiebreaker }} as tiebreaker, count(*) as rows_with_value
 from {{ model }}
@@ -79,10 +79,10 @@ problems as (
         (a scan, which only partitioned tables and partitions get). #}
     select 'keep order ends in {{ spec.tiebreaker | replace("'", "''") }}, whose values repeat or are NULL' as problem
     from (
-        select {{ adapter.quote(spec.tiebreaker) }}
+        select {{ dedup.dedup_quote(spec.tiebreaker) }}
         from {{ model }}
-        group by {{ adapter.quote(spec.tiebreaker) }}
-        having count(*) > 1 or {{ adapter.quote(spec.tiebreaker) }} is null
+        group by {{ dedup.dedup_quote(spec.tiebreaker) }}
+        having count(*) > 1 or {{ dedup.dedup_quote(spec.tiebreaker) }} is null
         limit 1
     ) as repeated
     where exists (select from partitioned)
@@ -102,7 +102,7 @@ select * from problems
     {%- set keys = [dedup.dedup_columns(spec.natural_key, "copies")] + alternative_terms -%}
     {%- set nulls = [] -%}
     {%- for column in spec.natural_key -%}
-        {%- do nulls.append("copies." ~ adapter.quote(column) ~ " is null") -%}
+        {%- do nulls.append("copies." ~ dedup.dedup_quote(column) ~ " is null") -%}
     {%- endfor %}
 
 select

@@ -14,7 +14,7 @@
     {%- if not execute -%}{{ return("select 1 as parsing") }}{%- endif -%}
     {%- set spec = dedup.dedup_spec_for_model(upstream) -%}
     {%- set relation = dedup.dedup_rows_read(relation, spec) -%}
-    {%- set tiebreaker = adapter.quote(spec.tiebreaker) %}
+    {%- set tiebreaker = dedup.dedup_quote(spec.tiebreaker) %}
 {#- The source is read under its own name, not through a CTE, so that its system column ctid,
     the tie-breaker of keep: any, is there to read. #}
 with kept_ids as (
@@ -29,9 +29,9 @@ kept_rows as (
     select
         {%- for column in adapter.get_columns_in_relation(relation) %}
         {% if column.name in spec.natural_key -%}
-        {{ dedup.dedup_backfilled_column(column, spec) }} as {{ adapter.quote(column.name) }}
+        {{ dedup.dedup_backfilled_column(column, spec) }} as {{ dedup.dedup_quote(column.name) }}
         {%- else -%}
-        source_rows.{{ adapter.quote(column.name) }}
+        source_rows.{{ dedup.dedup_quote(column.name) }}
         {%- endif %}{{ "," if not loop.last else "" }}
         {%- endfor %}
     {%- else %}

@@ -11,7 +11,7 @@
     {%- if spec.any_copy -%}
         {{ return(dedup._dedup_removed_copies(dedup.dedup_rows_read(relation, spec), spec)) }}
     {%- endif -%}
-    {%- set tiebreaker = adapter.quote(spec.tiebreaker) %}
+    {%- set tiebreaker = dedup.dedup_quote(spec.tiebreaker) %}
 {#- The anti-join is on the tie-breaker, unique and NOT NULL, never on the nullable natural key:
     NOT EXISTS on a key with NULLs would silently keep every NULL-key row. #}
 with source_rows as (
@@ -50,7 +50,7 @@ select * from removed_rows
     {%- endif -%}
     {%- set columns = [] -%}
     {%- for column in adapter.get_columns_in_relation(relation) -%}
-        {%- do columns.append(adapter.quote(column.name)) -%}
+        {%- do columns.append(dedup.dedup_quote(column.name)) -%}
     {%- endfor %}
 with numbered_copies as (
 

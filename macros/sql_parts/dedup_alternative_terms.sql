@@ -9,11 +9,11 @@
     {%- set qualifier = prefix ~ "." if prefix else "" -%}
     {%- set nulls = [] -%}
     {%- for column in spec.natural_key -%}
-        {%- do nulls.append(qualifier ~ adapter.quote(column) ~ " is null") -%}
+        {%- do nulls.append(qualifier ~ dedup.dedup_quote(column) ~ " is null") -%}
     {%- endfor -%}
     {%- set terms = [] -%}
     {%- for column in spec.get("told_apart_by", []) -%}
-        {%- do terms.append("case when " ~ nulls | join(" or ") ~ " then " ~ qualifier ~ adapter.quote(column) ~ " end") -%}
+        {%- do terms.append("case when " ~ nulls | join(" or ") ~ " then " ~ qualifier ~ dedup.dedup_quote(column) ~ " end") -%}
     {%- endfor -%}
     {{ return(terms) }}
 {% endmacro %}

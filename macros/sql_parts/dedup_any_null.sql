@@ -6,7 +6,7 @@
 {% macro default__dedup_any_null(columns) %}
     {%- set checks = [] -%}
     {%- for column in columns -%}
-        {%- do checks.append(adapter.quote(column) ~ " is null") -%}
+        {%- do checks.append(dedup.dedup_quote(column) ~ " is null") -%}
     {%- endfor -%}
     {{ return("(" ~ checks | join(" or ") ~ ")") }}
 {% endmacro %}

@@ -16,5 +16,5 @@
     {%- if not fits_uuid -%}
         {{ exceptions.raise_compiler_error("dedup: source " ~ spec.source ~ ": nulls: backfill fills NULL keys with gen_random_uuid(), but natural key column " ~ column.name ~ " is " ~ column.data_type ~ ", which cannot hold one; use nulls: distinct or forbidden") }}
     {%- endif -%}
-    {{ return("coalesce(" ~ adapter.quote(column.name) ~ ", cast(gen_random_uuid() as " ~ column.data_type ~ "))") }}
+    {{ return("coalesce(" ~ dedup.dedup_quote(column.name) ~ ", cast(gen_random_uuid() as " ~ column.data_type ~ "))") }}
 {% endmacro %}

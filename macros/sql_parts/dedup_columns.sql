@@ -6,7 +6,7 @@
 {% macro default__dedup_columns(columns, prefix) %}
     {%- set quoted = [] -%}
     {%- for column in columns -%}
-        {%- do quoted.append((prefix ~ "." if prefix else "") ~ adapter.quote(column)) -%}
+        {%- do quoted.append((prefix ~ "." if prefix else "") ~ dedup.dedup_quote(column)) -%}
     {%- endfor -%}
     {{ return(quoted | join(", ")) }}
 {% endmacro %}

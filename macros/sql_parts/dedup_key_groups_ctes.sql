@@ -19,7 +19,7 @@
 
     select
         {{ group_columns | join(",\n        ") }},
-        {{ adapter.quote(spec.tiebreaker) }} as dedup_kept,
+        {{ dedup.dedup_quote(spec.tiebreaker) }} as dedup_kept,
         row_number() over (
             partition by {{ group_columns | join(", ") }}
             order by {{ dedup._dedup_keep_order(spec) | join(", ") }}
@@ -60,7 +60,7 @@
 
     select distinct on ({{ group_columns | join(", ") }})
         {{ group_columns | join(",\n        ") }},
-        {{ adapter.quote(spec.tiebreaker) }} as dedup_kept,
+        {{ dedup.dedup_quote(spec.tiebreaker) }} as dedup_kept,
         count(*) over (partition by {{ group_columns | join(", ") }}) as dedup_rows
     from {{ prefix }}source_rows
     order by {{ (keep_order + dedup._dedup_keep_order(spec)) | join(", ") }}
@@ -76,10 +76,10 @@
 
     select
         {%- for column in spec.natural_key + keep_columns %}
-        {{ adapter.quote(column) }}{{ "," if not loop.last else "" }}
+        {{ dedup.dedup_quote(column) }}{{ "," if not loop.last else "" }}
         {%- endfor %}
         {%- if spec.nulls != "not_distinct" %},
-        case when {{ dedup.dedup_any_null(spec.natural_key) }} then {{ adapter.quote(spec.tiebreaker) }} end as dedup_null_row
+        case when {{ dedup.dedup_any_null(spec.natural_key) }} then {{ dedup.dedup_quote(spec.tiebreaker) }} end as dedup_null_row
         {%- endif %}
         {%- for term in dedup.dedup_alternative_terms(spec) %},
         {{ term }} as dedup_alternative_{{ loop.index }}
@@ -96,7 +96,7 @@
         natural key has a NULL (dedup_alternative_terms). -#}
     {%- set group_columns = [] -%}
     {%- for column in spec.natural_key -%}
-        {%- do group_columns.append(adapter.quote(column)) -%}
+        {%- do group_columns.append(dedup.dedup_quote(column)) -%}
     {%- endfor -%}
     {%- for term in dedup.dedup_alternative_terms(spec) -%}
         {%- do group_columns.append("dedup_alternative_" ~ loop.index) -%}
@@ -111,7 +111,7 @@
     {#- The keep rule as an order, its first row the one to keep. -#}
     {%- set keep_order = [] -%}
     {%- for entry in spec.keep -%}
-        {%- do keep_order.append(adapter.quote(entry.column) ~ " " ~ entry.order) -%}
+        {%- do keep_order.append(dedup.dedup_quote(entry.column) ~ " " ~ entry.order) -%}
     {%- endfor -%}
     {{ return(keep_order) }}
 {% endmacro %}
@@ -141,7 +141,7 @@
 
     select
         {{ group_columns | join(",\n        ") }},
-        {{ "max" if spec.keep[0].order == "desc" else "min" }}({{ adapter.quote(spec.tiebreaker) }}) as dedup_kept,
+        {{ "max" if spec.keep[0].order == "desc" else "min" }}({{ dedup.dedup_quote(spec.tiebreaker) }}) as dedup_kept,
         count(*) as dedup_rows
     from {{ prefix }}source_rows
     group by {{ group_columns | join(", ") }}

@@ -7,7 +7,7 @@
 {% macro default__dedup_same_key(columns, left, right) %}
     {%- set checks = [] -%}
     {%- for column in columns -%}
-        {%- do checks.append(left ~ "." ~ adapter.quote(column) ~ " is not distinct from " ~ right ~ "." ~ adapter.quote(column)) -%}
+        {%- do checks.append(left ~ "." ~ dedup.dedup_quote(column) ~ " is not distinct from " ~ right ~ "." ~ dedup.dedup_quote(column)) -%}
     {%- endfor -%}
     {{ return(checks | join(" and ")) }}
 {% endmacro %}
