@@ -229,6 +229,17 @@ def _why_skipped(manifest: dict, results: list[dict], node_id: str) -> str | Non
     return None
 
 
+def refuse_double_quotes(label: str, names: dict[str, str]) -> None:
+    """dbt writes a relation's database, schema and name between double quotes without doubling
+    one inside them: the SQL of every model of a table so named would break after the change
+    capture had started, so the runner refuses it first."""
+    for what, name in names.items():
+        if name and '"' in name:
+            raise RunnerError(f"source {label}: dbt writes names between double quotes without "
+                              f"doubling one inside, and the {what} {name!r} holds one: rename "
+                              f"the {what}")
+
+
 def _relation(node: dict) -> Relation:
     return Relation(node["schema"], node.get("alias") or node.get("identifier") or node["name"])
 
@@ -269,6 +280,12 @@ def load_targets(target_dir: Path) -> list[DedupTarget]:
         if len(key_groups) != 1:
             raise RunnerError(f"model {node['name']} must read exactly one model tagged "
                               f"{KEY_GROUPS_TAG}")
+        refuse_double_quotes(label, {
+            "database": source.get("database"), "schema": source["schema"],
+            "table": source.get("identifier") or source["name"],
+            "database dbt builds into": node.get("database"),
+            "schema dbt builds its kept rows into": node["schema"],
+            "schema dbt builds its key groups into": key_groups[0]["schema"]})
         targets.append(
             DedupTarget(
                 source=label,

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from runner.declaration import scaffold
-from runner.declaration.artifacts import Relation
+from runner.declaration.artifacts import Relation, refuse_double_quotes
 from runner.declaration.dbt import run_dbt
 from runner.declaration.project import bundled_project
 from runner.errors import RunnerError
@@ -45,6 +45,8 @@ def add(project: Path, relation: Relation, spec: dict, source: str | None = None
     source = scaffold.dbt_name(source or relation.schema)
     table = scaffold.dbt_name(name or relation.name)
     scaffold.checked_spec(f"{source}.{table}", spec)
+    refuse_double_quotes(f"{source}.{table}", {"schema": relation.schema,
+                                                "table": relation.name})
     path = project / scaffold.source_file(source)
     if path.is_file() and scaffold.written_by_hand(path.read_text()):
         raise RunnerError(f"{scaffold.source_file(source)} has comments or anchors, which "
