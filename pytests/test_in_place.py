@@ -9,7 +9,7 @@ from collections import Counter
 
 import psycopg
 import pytest
-from conftest import Database, _create_database
+from conftest import Database, _create_database, said
 from psycopg import sql
 from test_concurrency import (
     ETL_ROLE,
@@ -265,6 +265,37 @@ def test_each_proof_of_the_archive_stops_the_run_before_the_cut_over(few: Databa
     with few.connect() as conn:
         assert conn.execute("select action, rows_after from dedup_archive.swap_log"
                             ).fetchall() == [("in_place", 1010)]
+
+
+def test_a_trigger_that_keeps_rows_from_being_deleted_stops_the_run_and_loses_nothing(
+        few: Database) -> None:
+    """A BEFORE DELETE trigger that returns NULL keeps its row: the batch stops, naming the
+    cause, where the unique index would otherwise fail run after run."""
+    archive = "dedup_archive.\"Shop__Order Lines__removing\""
+    with few.connect() as conn:
+        before = _rows(conn)
+        conn.execute("create function public.keep_first_loads() returns trigger language plpgsql"
+                     " as $$begin if old.note = 'version 1' then return null; end if;"
+                     " return old; end$$")
+        conn.execute(f"create trigger keep_first_loads before delete on {LINES} for each row"
+                     " execute function public.keep_first_loads()")
+    stopped = few.runner("swap", *PROJECT)
+    assert stopped.exit_code == 4, stopped.output
+    assert said(stopped) == [
+        "Error: check failed, nothing was changed: every row of the batch's keys that a live "
+        "row beats was deleted (a trigger, rule or row security policy of Shop.Order Lines "
+        "keeps the rest: swap the table, strategy: swap, or disable it for the run) "
+        "(beaten_rows_not_deleted=15)"]
+    with few.connect() as conn:
+        assert _rows(conn) + _rows(conn, archive) == before
+        assert conn.execute("select count(*) from dedup_archive.swap_log").fetchone()[0] == 0
+        conn.execute(f"drop trigger keep_first_loads on {LINES}")
+    finished = few.runner("swap", *PROJECT)
+    assert finished.exit_code == 0, finished.output
+    with few.connect() as conn:
+        assert conn.execute("select action, rows_after from dedup_archive.swap_log"
+                            ).fetchall() == [("in_place", 1010)]
+        assert _rows(conn) + _rows(conn, _archive(conn)) == before
 
 
 def test_a_table_others_reference_is_deduplicated_in_place_by_auto_its_key_untouched(

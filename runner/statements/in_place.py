@@ -113,27 +113,47 @@ class InPlace:
                       sql.SQL("{}.dedup_batch = {}").format(sql.Identifier(key_of),
                                                             sql.Placeholder("batch")))
 
+    def _beaten(self, shape: KeyShape, keys: KeysOf, lock_beating: bool) -> sql.Composed:
+        """The live row `l`, of a key of `shape` read from `keys`, is beaten by another live
+        row `w` of the same key (under keep: any, equalled); `lock_beating`: `w` is
+        share-locked, so the ETL cannot delete it before the commit."""
+        key = columns_of(keys.key_of)
+        return sql.SQL(
+            "{nulls} and {l_matches} and exists (select from {live} as w where {w_matches} and"
+            " {beats}{equal}{lock})"
+        ).format(nulls=nulls_exactly(key, shape), live=_id(self.live),
+                 l_matches=shape_matches(self.spec, columns_of("l"), key, shape),
+                 w_matches=shape_matches(self.spec, columns_of("w"), key, shape),
+                 beats=beats(self.spec.keep, columns_of("w"), columns_of("l")),
+                 equal=self._equal_copies("w", "l"),
+                 lock=sql.SQL(" for key share of w") if lock_beating else sql.SQL(""))
+
     def _remove_losers(self, shape: KeyShape, keys: KeysOf) -> sql.Composed:
         """Every live row of a key of `shape` (the key read from `keys`) that another live
         row of the same key beats, moved to the archive in one statement; one a foreign key
         still points at stays. The beating row is share-locked, so the ETL cannot delete it
         before the commit: no key loses its last row to a run that saw two."""
-        live, key = _id(self.live), columns_of(keys.key_of)
         return sql.SQL(
-            "with removed as (delete from {live} as l{using} where {where} and {nulls} and"
-            " {l_matches} and exists (select from {live} as w where {w_matches} and {beats}{equal}"
-            " for key share of w){unreferenced} returning l.*)"
-            " insert into {archive} select * from removed"
-        ).format(equal=self._equal_copies("w", "l"),
-            live=live, archive=_id(self.archive),
+            "with removed as (delete from {live} as l{using} where {where} and {beaten}"
+            "{unreferenced} returning l.*) insert into {archive} select * from removed"
+        ).format(
+            live=_id(self.live), archive=_id(self.archive),
             using=sql.SQL("") if keys.key_of == "new" else sql.SQL(" using {} as {}").format(
                 _id(self.keys), sql.Identifier(keys.key_of)),
-            where=keys.where, nulls=nulls_exactly(key, shape),
-            l_matches=shape_matches(self.spec, columns_of("l"), key, shape),
-            w_matches=shape_matches(self.spec, columns_of("w"), key, shape),
-            beats=beats(self.spec.keep, columns_of("w"), columns_of("l")),
+            where=keys.where, beaten=self._beaten(shape, keys, lock_beating=True),
             unreferenced=sql.SQL("").join(sql.SQL(" and {}").format(r.unreferenced("l"))
                                           for r in self.repointings))
+
+    def _beaten_left(self, shape: KeyShape, keys: KeysOf) -> sql.Composed:
+        """A check after the move: no live row of the keys is beaten still. The DELETE skips
+        a row that a trigger (BEFORE DELETE, returning NULL), a rule or a row security policy
+        of the table keeps; its key would stay duplicated, and the unique index could never be
+        built."""
+        return sql.SQL(
+            "select count(*) = 0, count(*) as beaten_rows_not_deleted from {source}{live} as l"
+            " where {where} and {beaten}"
+        ).format(source=keys.source, live=_id(self.live), where=keys.where,
+                 beaten=self._beaten(shape, keys, lock_beating=False))
 
     def _lock_keys(self, verb: str, shape: KeyShape, keys: KeysOf) -> sql.Composed:
         """Every live row of the keys, locked until the commit, before their rows that lose
@@ -263,6 +283,10 @@ class InPlace:
             steps += [(why_not, check, True) for why_not, check in (
                 r.still_pointing(shape, keys) for r in self.repointings)]
             steps.append((why, removed, False))
+            steps.append((f"every row of the batch's keys that a live row beats was deleted (a "
+                          f"trigger, rule or row security policy of {self.live} keeps the rest: "
+                          f"swap the table, strategy: swap, or disable it for the run)",
+                          self._beaten_left(shape, keys), True))
         return steps
 
     def archive_proven(self, log: Relation) -> list[tuple[str, sql.Composed]]:
