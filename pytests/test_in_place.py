@@ -270,10 +270,17 @@ def test_each_proof_of_the_archive_stops_the_run_before_the_cut_over(few: Databa
 def test_a_trigger_that_keeps_rows_from_being_deleted_stops_the_run_and_loses_nothing(
         few: Database) -> None:
     """A BEFORE DELETE trigger that returns NULL keeps its row: the batch stops, naming the
-    cause, where the unique index would otherwise fail run after run."""
+    cause, where the unique index would otherwise fail run after run. The table's AFTER DELETE
+    triggers fire for each removed row, as for any DELETE."""
     archive = "dedup_archive.\"Shop__Order Lines__removing\""
     with few.connect() as conn:
         before = _rows(conn)
+        conn.execute("create table public.deleted_lines (uid uuid)")
+        conn.execute("create function public.log_deleted() returns trigger language plpgsql"
+                     " as $$begin insert into public.deleted_lines values (old.uid);"
+                     " return null; end$$")
+        conn.execute(f"create trigger log_deleted after delete on {LINES} for each row"
+                     " execute function public.log_deleted()")
         conn.execute("create function public.keep_first_loads() returns trigger language plpgsql"
                      " as $$begin if old.note = 'version 1' then return null; end if;"
                      " return old; end$$")
@@ -296,6 +303,8 @@ def test_a_trigger_that_keeps_rows_from_being_deleted_stops_the_run_and_loses_no
         assert conn.execute("select action, rows_after from dedup_archive.swap_log"
                             ).fetchall() == [("in_place", 1010)]
         assert _rows(conn) + _rows(conn, _archive(conn)) == before
+        assert Counter(conn.execute("select uid from public.deleted_lines")) == Counter(
+            conn.execute(f"select uid from {_archive(conn)}"))
 
 
 def test_a_table_others_reference_is_deduplicated_in_place_by_auto_its_key_untouched(
