@@ -268,12 +268,13 @@ def test_each_proof_of_the_archive_stops_the_run_before_the_cut_over(few: Databa
 
 
 def test_a_trigger_that_keeps_rows_from_being_deleted_stops_the_run_and_loses_nothing(
-        few: Database) -> None:
+        shop: Database) -> None:  # noqa: F811
     """A BEFORE DELETE trigger that returns NULL keeps its row: the batch stops, naming the
     cause, where the unique index would otherwise fail run after run. The table's AFTER DELETE
-    triggers fire for each removed row, as for any DELETE."""
+    triggers fire for each removed row, as for any DELETE; the plan says both fire."""
     archive = "dedup_archive.\"Shop__Order Lines__removing\""
-    with few.connect() as conn:
+    with shop.connect() as conn:
+        conn.execute(LOADED_ONCE)
         before = _rows(conn)
         conn.execute("create table public.deleted_lines (uid uuid)")
         conn.execute("create function public.log_deleted() returns trigger language plpgsql"
@@ -286,20 +287,30 @@ def test_a_trigger_that_keeps_rows_from_being_deleted_stops_the_run_and_loses_no
                      " return old; end$$")
         conn.execute(f"create trigger keep_first_loads before delete on {LINES} for each row"
                      " execute function public.keep_first_loads()")
-    stopped = few.runner("swap", *PROJECT)
+    fired = ("its own triggers keep_first_loads, log_deleted fire on DELETE, as in place "
+             "removes each duplicate (a swap fires none)")
+    assert run_other_dbt(shop, "parse").success
+    previewed = shop.runner("plan", *PROJECT)
+    assert f"--   {fired}\n" in previewed.output, previewed.output
+    assert shop.runner("capture", *PROJECT).exit_code == 0
+    assert run_other_dbt(shop, "build").success
+    planned = shop.runner("swap", "--dry-run", *PROJECT)
+    assert f"-- Shop.Order Lines: {fired}\n" in planned.output, planned.output
+
+    stopped = shop.runner("swap", *PROJECT)
     assert stopped.exit_code == 4, stopped.output
     assert said(stopped) == [
         "Error: check failed, nothing was changed: every row of the batch's keys that a live "
         "row beats was deleted (a trigger, rule or row security policy of Shop.Order Lines "
         "keeps the rest: swap the table, strategy: swap, or disable it for the run) "
         "(beaten_rows_not_deleted=15)"]
-    with few.connect() as conn:
+    with shop.connect() as conn:
         assert _rows(conn) + _rows(conn, archive) == before
         assert conn.execute("select count(*) from dedup_archive.swap_log").fetchone()[0] == 0
         conn.execute(f"drop trigger keep_first_loads on {LINES}")
-    finished = few.runner("swap", *PROJECT)
+    finished = shop.runner("swap", *PROJECT)
     assert finished.exit_code == 0, finished.output
-    with few.connect() as conn:
+    with shop.connect() as conn:
         assert conn.execute("select action, rows_after from dedup_archive.swap_log"
                             ).fetchall() == [("in_place", 1010)]
         assert _rows(conn) + _rows(conn, _archive(conn)) == before

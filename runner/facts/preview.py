@@ -22,6 +22,7 @@ from runner.server.references import ReferenceCount
 from runner.statements.plan import (
     BuildCounts,
     choose_strategy,
+    fired_by_deletes,
     refuse_partitioned,
     refuse_references,
     refuse_unsupported,
@@ -44,6 +45,8 @@ class Preview:
     """What the swap would refuse it with, as it would say it."""
     why: str = ""
     """Why it would be swapped or deduplicated in place."""
+    fired_by_deletes: tuple[str, ...] = ()
+    """In place: the table's own triggers that its DELETEs fire."""
 
     @property
     def references(self) -> tuple[ReferenceCount, ...]:
@@ -90,5 +93,6 @@ def preview(conn: psycopg.Connection, targets: list[DedupTarget]) -> list[Previe
             locked=(target.live, *repointed) if action != "nothing" else (),
             held_for_writes=tuple(dict.fromkeys(p for _, _, p in live.foreign_keys))
             if action == "swap" else (),
-            refused=refused, why=why))
+            refused=refused, why=why,
+            fired_by_deletes=fired_by_deletes(live) if action == "in_place" else ()))
     return found

@@ -42,6 +42,7 @@ from runner.statements.plan import (
     parents_lock_statement,
     plan_table,
     referencing,
+    said_of_deletes,
 )
 
 
@@ -571,6 +572,8 @@ def _in_place_lines(conn: psycopg.Connection, plan: TablePlan,
         return [line for step in steps for line in executor.explained(conn, step)]
 
     return [f"-- {plan.target.live}: in place, because {plan.why}",
+            *([f"-- {plan.target.live}: {said_of_deletes(plan.fired_by_deletes)}"]
+              if plan.fired_by_deletes else []),
             *(each(_concurrent_steps(plan.lookup, options)) if plan.lookup else []),
             "begin;", *each(_guard_steps(plan, options)), "commit;",
             "begin;", *each(_collect_steps(plan)), "commit;",

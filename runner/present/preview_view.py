@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from runner.facts.preview import Preview
+from runner.statements.plan import said_of_deletes
 
 
 def lines(previews: list[Preview], missing: str, size: Callable[[int], str]) -> list[str]:
@@ -35,7 +36,9 @@ def lines(previews: list[Preview], missing: str, size: Callable[[int], str]) -> 
                      f"{p.scan_seconds:.1f} s; then the removed rows are deleted a batch of keys "
                      "at a time, and the unique index is built CONCURRENTLY",
                      f"--   the cut-over locks ACCESS EXCLUSIVE on {live} for the milliseconds "
-                     "it takes to make the index the constraint", *_repointed(p)]
+                     "it takes to make the index the constraint", *_repointed(p),
+                     *([f"--   {said_of_deletes(p.fired_by_deletes)}"]
+                       if p.fired_by_deletes else [])]
             continue
         said += [
             f"{head}: swap, because {p.why}; every original row is kept, in the archive schema",

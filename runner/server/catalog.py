@@ -107,6 +107,8 @@ class Trigger:
     """pg_get_triggerdef: names the table, so run after the renames it builds the new one's."""
     enabled: str
     """pg_trigger.tgenabled: O origin (the default), D disabled, R replica, A always."""
+    fires_on_delete: bool
+    """Whether a DELETE fires it (for each row, or once for the statement)."""
 
 
 @dataclass(frozen=True)
@@ -464,7 +466,7 @@ order by 1
 """
 
 _TRIGGERS = """
-select tgname, pg_get_triggerdef(oid), tgenabled
+select tgname, pg_get_triggerdef(oid), tgenabled, (tgtype & 8) <> 0
 from pg_trigger where tgrelid = %s and not tgisinternal order by 1
 """
 

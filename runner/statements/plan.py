@@ -118,6 +118,8 @@ class TablePlan:
     before the unique index's build work with."""
     why: str = ""
     """Why the table gets its strategy."""
+    fired_by_deletes: tuple[str, ...] = ()
+    """For action in_place: the table's own triggers that its DELETEs fire."""
 
 
 def _grant(grant: Grant | ColumnGrant, table: sql.Composable, relation: Relation) -> Step:
@@ -614,7 +616,8 @@ def _in_place(target: DedupTarget, live: LiveTable, counts: BuildCounts, stamp: 
     concurrent, built = _unique_index_concurrently(target, live, server_version)
     plan = TablePlan(target, "in_place", counts, archive=archive,
                      constraint=constraint_name(live.relation.name), capture=captured,
-                     concurrent=concurrent, built_concurrently=built, in_place=work)
+                     concurrent=concurrent, built_concurrently=built, in_place=work,
+                     fired_by_deletes=fired_by_deletes(live))
     looked_up = live.key_lookup_index(target.spec) is not None
     if live.partitioned and not looked_up:
         # A partitioned table's indexes cannot be built CONCURRENTLY: each partition's is.
@@ -966,6 +969,19 @@ def validate_steps(table: Relation, foreign_keys: list[str]) -> list[Step]:
                  sql.SQL("alter table {} validate constraint {}").format(
                      sql.Identifier(table.schema, table.name), sql.Identifier(name)))
             for name in foreign_keys]
+
+
+def fired_by_deletes(live: LiveTable) -> tuple[str, ...]:
+    """The table's own triggers (not the capture's) that a DELETE in the runner's sessions
+    fires: in place removes the duplicates by DELETE, and each fires once for each."""
+    return tuple(t.name for t in live.triggers if t.fires_on_delete and t.enabled in ("O", "A")
+                 and t.name not in capture.TRIGGERS)
+
+
+def said_of_deletes(triggers: tuple[str, ...]) -> str:
+    return (f"its own trigger{'s' if len(triggers) > 1 else ''} {', '.join(triggers)} "
+            f"{'fire' if len(triggers) > 1 else 'fires'} on DELETE, as in place removes each "
+            "duplicate (a swap fires none)")
 
 
 def _firing_triggers(live: LiveTable) -> list[swap_log.ArchivedTrigger]:
