@@ -127,6 +127,40 @@ def test_few_duplicates_leave_in_place_and_a_rollback_puts_back_exactly_those(
         assert conn.execute("select to_regclass(%s)", (archive,)).fetchone()[0] is None
 
 
+def test_a_rollback_that_a_trigger_would_change_stops_and_changes_nothing(
+        few: Database) -> None:
+    """The rows put back go through the table's BEFORE INSERT triggers: one that changes them
+    would make the restore inexact, so the rollback checks what went in against the archive,
+    and stops; without the trigger it puts back exactly what was removed."""
+    with few.connect() as conn:
+        before = _rows(conn)
+    assert few.runner("swap", *PROJECT).exit_code == 0
+    with few.connect() as conn:
+        deduplicated = _rows(conn)
+        conn.execute("create function public.stamp_note() returns trigger language plpgsql"
+                     " as $$begin new.note := 'stamped'; return new; end$$")
+        conn.execute(f"create trigger stamp_note before insert on {LINES} for each row"
+                     " execute function public.stamp_note()")
+    stopped = few.runner("rollback", *PROJECT)
+    assert stopped.exit_code == 4, stopped.output
+    (line,) = [line for line in said(stopped) if line.startswith("Error:")]
+    assert line == (
+        "Error: check failed, nothing was changed: the rows the run removed go back into "
+        "Shop.Order Lines as the archive holds them, as many and with the same checksum (a "
+        "trigger of Shop.Order Lines that changes or skips a row put back would fail it: "
+        "disable it for the rollback) (archived_rows=45, rows_put_back=45, "
+        "same_checksum=False)")
+    with few.connect() as conn:
+        assert _rows(conn) == deduplicated
+        assert conn.execute("select rolled_back_at is null from dedup_archive.swap_log"
+                            ).fetchone()[0]
+        conn.execute(f"drop trigger stamp_note on {LINES}")
+    rolled = few.runner("rollback", *PROJECT)
+    assert rolled.exit_code == 0, rolled.output
+    with few.connect() as conn:
+        assert _rows(conn) == before
+
+
 def _database_like(server, template: Database, name: str) -> Database:
     _create_database(server, name, template=template.name)
     return Database({**template.env, "PGDATABASE": name}, template.target_dir)

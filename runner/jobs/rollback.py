@@ -232,15 +232,33 @@ def plan_in_place(entry: LogEntry, live: LiveTable, archive_schema: str) -> Tabl
     plan = plan_constraint(entry, live, archive_schema)
     plan.repointed = _still_pointing(entry, live)
     plan.cutover[-1:-1] = [
-        Step(f"the rows the run removed go back into {entry.live}",
-             sql.SQL("insert into {live} ({columns}){overriding} select {columns} from {archive}")
-             .format(live=_id(entry.live), columns=columns, archive=_id(entry.archive),
-                     overriding=sql.SQL(" overriding system value" if live.identity_sequences
-                                        else ""))),
+        Step(f"the rows the run removed go back into {entry.live} as the archive holds them, "
+             f"as many and with the same checksum (a trigger of {entry.live} that changes or "
+             "skips a row put back would fail it: disable it for the rollback)",
+             _put_back(entry, columns, bool(live.identity_sequences)), check=True),
         *(Step(f"the rows of {r.reference.table} the run re-pointed point where they did "
                "before it", repoint.put_back(r.reference, Relation(archive_schema, r.record)))
           for r in plan.repointed)]
     return plan
+
+
+def _put_back(entry: LogEntry, columns: sql.Composable, identity: bool) -> sql.Composed:
+    """The archived rows inserted into the live table, and checked as they went in (RETURNING
+    gives them after its BEFORE triggers): as many as the archive holds, and the same sum of
+    their hashes."""
+    def counted(rows: sql.Composable) -> sql.Composed:
+        return sql.SQL("select count(*) as rows, coalesce(sum(hashtextextended(row({})::text, 0)),"
+                       " 0) as checksum from {}").format(columns, rows)
+
+    return sql.SQL(
+        "with put_back as (insert into {live} ({columns}){overriding} select {columns} from"
+        " {archive} returning {columns}), inserted as ({inserted}), archived as ({archived})"
+        " select inserted.rows = archived.rows and inserted.checksum = archived.checksum,"
+        " archived.rows as archived_rows, inserted.rows as rows_put_back,"
+        " inserted.checksum = archived.checksum as same_checksum from inserted, archived"
+    ).format(live=_id(entry.live), columns=columns, archive=_id(entry.archive),
+             overriding=sql.SQL(" overriding system value" if identity else ""),
+             inserted=counted(sql.Identifier("put_back")), archived=counted(_id(entry.archive)))
 
 
 def _still_pointing(entry: LogEntry, live: LiveTable) -> tuple[swap_log.Repointed, ...]:
