@@ -17,6 +17,7 @@ from test_swap import schema_state
 
 from runner import demo
 from runner.errors import ConnectionLost
+from runner.execution.executor import FLUSH, run_steps
 from runner.jobs import swap
 
 TABLE = "task_photos"
@@ -161,3 +162,27 @@ def test_killing_the_runner_while_it_waits_for_the_lock(server, built) -> None:
         _swapped_correctly(database)
     finally:
         _drop(server, database)
+
+
+@pytest.mark.parametrize("session_default", ["on", "off"])
+def test_the_flush_after_a_cut_over_reaches_the_disk(server, session_default: str) -> None:
+    """A cut-over commits without waiting for the disk; the runner reports it only after a
+    commit of its own has flushed the log past it, whatever the session's synchronous_commit.
+    Read from the server's own flush position: a crash loses nothing before it."""
+    name = f"flush_{session_default}"
+    _create_database(server, name)
+    try:
+        with psycopg.connect(autocommit=True, **{**server.conninfo, "dbname": name}) as conn:
+            conn.execute("create table marks (n int)")
+            conn.execute(f"set synchronous_commit = {session_default}")
+            for n in range(5):
+                with conn.transaction():
+                    conn.execute("set local synchronous_commit = off")
+                    conn.execute("insert into marks values (%s)", (n,))
+                committed = conn.execute("select pg_current_wal_insert_lsn()").fetchone()[0]
+                run_steps(conn, [FLUSH])
+                assert conn.execute("select pg_current_wal_flush_lsn() >= %s::pg_lsn",
+                                    (committed,)).fetchone()[0], n
+    finally:
+        with psycopg.connect(autocommit=True, **server.conninfo) as admin:
+            admin.execute(sql.SQL("drop database {} with (force)").format(sql.Identifier(name)))

@@ -137,8 +137,10 @@ def test_dry_run_prints_every_statement_and_changes_nothing(fresh: Database) -> 
     assert result.output.count("set local synchronous_commit = off;") == 1
     # No JIT: it once compiled a statement under the lock for three quarters of it.
     assert result.output.count("set local jit = off;") == 1
-    flushed = ("commit;\n-- wait for the commit to reach the disk: this transaction's own "
-               "commit flushes the log up to it\nselect pg_current_xact_id();\n")
+    flushed = ("commit;\n-- wait for the commit to reach the disk: this transaction writes a "
+               "message to the log, and its own commit, synchronous whatever the session's "
+               "default, flushes the log up to it\nselect set_config('synchronous_commit', "
+               "'on', true), pg_logical_emit_message(true, 'dedup_runner', 'flush');\n")
     # Then, after the commit, each foreign key of a new table checked on its own.
     validations = result.output[result.output.index(flushed) + len(flushed):].splitlines()
     assert validations[1::2] == [

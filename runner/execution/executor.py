@@ -45,8 +45,14 @@ SMALL_ENOUGH = 200
 # More than this waiting once the lock is had, and the lock is given back: the ETL wrote
 # faster than the catch-up, and carrying it all over under the lock would hold the ETL up.
 MOST_UNDER_LOCK = 5 * SMALL_ENOUGH
-FLUSH = Step("wait for the commit to reach the disk: this transaction's own commit flushes "
-             "the log up to it", sql.SQL("select pg_current_xact_id()"))
+# A commit flushes the log only if its transaction wrote to it: one that merely took an id
+# (pg_current_xact_id()) writes nothing, and its commit waited for nothing. A transactional
+# message does write, anyone may emit one, and logical decoding passes it on only to a consumer
+# that asks for messages.
+FLUSH = Step("wait for the commit to reach the disk: this transaction writes a message to the "
+             "log, and its own commit, synchronous whatever the session's default, flushes the "
+             "log up to it", sql.SQL("select set_config('synchronous_commit', 'on', true),"
+                                     " pg_logical_emit_message(true, 'dedup_runner', 'flush')"))
 IDENTIFY = Step("the transaction's id: a runner that loses its connection asks the server by "
                 "it whether the change committed", sql.SQL("select pg_current_xact_id()"))
 
