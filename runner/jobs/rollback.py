@@ -40,6 +40,7 @@ from runner.statements.plan import (
     left_to_validate,
     materialized_views_read,
     not_valid,
+    own_triggers,
     recreate_materialized_views,
     recreate_view,
     validate_steps,
@@ -423,8 +424,7 @@ def _inert_steps(live: LiveTable) -> list[Step]:
         *(Step(f"trigger {trigger.name} of the deduplicated table fires no more",
                sql.SQL("alter table {} disable trigger {}").format(
                    live_id, sql.Identifier(trigger.name)))
-          for trigger in live.triggers
-          if trigger.name not in capture.TRIGGERS and trigger.enabled != "D"),
+          for trigger in own_triggers(live) if trigger.enabled != "D"),
         *(Step(f"publication {publication} stops publishing the deduplicated table",
                sql.SQL("alter publication {} drop table {}").format(
                    sql.Identifier(publication), live_id))

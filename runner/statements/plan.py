@@ -31,7 +31,7 @@ from runner.declaration.names import (
 )
 from runner.errors import RunnerError
 from runner.server import swap_log
-from runner.server.catalog import ColumnGrant, Grant, Index, LiveTable, View
+from runner.server.catalog import ColumnGrant, Grant, Index, LiveTable, Trigger, View
 from runner.statements import capture, repoint
 from runner.statements.in_place import InPlace
 from runner.statements.keys import NULLS_NOT_DISTINCT_VERSION, KeyShape, null_key_shapes
@@ -971,11 +971,16 @@ def validate_steps(table: Relation, foreign_keys: list[str]) -> list[Step]:
             for name in foreign_keys]
 
 
+def own_triggers(live: LiveTable) -> list[Trigger]:
+    """The live table's triggers but the change capture's."""
+    return [t for t in live.triggers if t.name not in capture.TRIGGERS]
+
+
 def fired_by_deletes(live: LiveTable) -> tuple[str, ...]:
-    """The table's own triggers (not the capture's) that a DELETE in the runner's sessions
-    fires: in place removes the duplicates by DELETE, and each fires once for each."""
-    return tuple(t.name for t in live.triggers if t.fires_on_delete and t.enabled in ("O", "A")
-                 and t.name not in capture.TRIGGERS)
+    """The table's own triggers that a DELETE in the runner's sessions fires: in place removes
+    the duplicates by DELETE, and each fires once for each."""
+    return tuple(t.name for t in own_triggers(live)
+                 if t.fires_on_delete and t.enabled in ("O", "A"))
 
 
 def said_of_deletes(triggers: tuple[str, ...]) -> str:
@@ -986,8 +991,7 @@ def said_of_deletes(triggers: tuple[str, ...]) -> str:
 
 def _firing_triggers(live: LiveTable) -> list[swap_log.ArchivedTrigger]:
     """The live table's own triggers (not the capture's), with how each is enabled."""
-    return [swap_log.ArchivedTrigger(t.name, t.enabled) for t in live.triggers
-            if t.name not in capture.TRIGGERS]
+    return [swap_log.ArchivedTrigger(t.name, t.enabled) for t in own_triggers(live)]
 
 
 def _archive_steps(live: LiveTable, shadow: Relation, archive: Relation) -> list[Step]:
@@ -1062,9 +1066,7 @@ def _takeover_steps(live: LiveTable) -> list[Step]:
             if policy.using else sql.SQL(""),
             check=sql.SQL(" with check ({})").format(sql.SQL(policy.with_check))
             if policy.with_check else sql.SQL(""))))
-    for trigger in live.triggers:
-        if trigger.name in capture.TRIGGERS:
-            continue
+    for trigger in own_triggers(live):
         # Created last, so that none fires while the runner copies and replays rows.
         steps.append(Step(f"trigger {trigger.name}", sql.SQL(trigger.definition)))
         enablement = {"D": "disable trigger", "R": "enable replica trigger",
