@@ -246,20 +246,21 @@ def plan_in_place(entry: LogEntry, live: LiveTable, archive_schema: str) -> Tabl
 def _put_back(entry: LogEntry, columns: sql.Composable, identity: bool) -> sql.Composed:
     """The archived rows inserted into the live table, and checked as they went in (RETURNING
     gives them after its BEFORE triggers): as many as the archive holds, and the same sum of
-    their hashes."""
-    def counted(rows: sql.Composable) -> sql.Composed:
+    their hashes. The archive is read once, under the lock, for both."""
+    def counted(rows: str) -> sql.Composed:
         return sql.SQL("select count(*) as rows, coalesce(sum(hashtextextended(row({})::text, 0)),"
-                       " 0) as checksum from {}").format(columns, rows)
+                       " 0) as checksum from {}").format(columns, sql.Identifier(rows))
 
     return sql.SQL(
-        "with put_back as (insert into {live} ({columns}){overriding} select {columns} from"
-        " {archive} returning {columns}), inserted as ({inserted}), archived as ({archived})"
+        "with removed as materialized (select {columns} from {archive}),"
+        " put_back as (insert into {live} ({columns}){overriding} select {columns} from removed"
+        " returning {columns}), inserted as ({inserted}), archived as ({archived})"
         " select inserted.rows = archived.rows and inserted.checksum = archived.checksum,"
         " archived.rows as archived_rows, inserted.rows as rows_put_back,"
         " inserted.checksum = archived.checksum as same_checksum from inserted, archived"
     ).format(live=_id(entry.live), columns=columns, archive=_id(entry.archive),
              overriding=sql.SQL(" overriding system value" if identity else ""),
-             inserted=counted(sql.Identifier("put_back")), archived=counted(_id(entry.archive)))
+             inserted=counted("put_back"), archived=counted("removed"))
 
 
 def _still_pointing(entry: LogEntry, live: LiveTable) -> tuple[swap_log.Repointed, ...]:
