@@ -229,7 +229,7 @@ def _why_skipped(manifest: dict, results: list[dict], node_id: str) -> str | Non
     return None
 
 
-def refuse_double_quotes(label: str, names: dict[str, str]) -> None:
+def refuse_double_quotes(label: str, names: dict[str, str | None]) -> None:
     """dbt writes a relation's database, schema and name between double quotes without doubling
     one inside them: the SQL of every model of a table so named would break after the change
     capture had started, so the runner refuses it first."""
